@@ -1,0 +1,438 @@
+//! The command line: `serve` runs the daemon; everything else talks to it over the REST API.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{Client, ClientError};
+use crate::config::{Config, ServeArgs};
+use crate::mac::Mac;
+
+/// provision: bare-metal provisioning from power-on to a registered node.
+#[derive(Parser, Debug)]
+#[command(name = "provision", version, about)]
+pub struct Cli {
+    /// The daemon's URL, for every command but serve.
+    #[arg(long, global = true, env = "PROVISION_URL", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// File holding the admin API token [default: DATA_DIR/admin-token].
+    #[arg(long, global = true, env = "PROVISION_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The admin API token itself (instead of a file).
+    #[arg(long, global = true, env = "PROVISION_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon.
+    Serve(ServeArgs),
+    /// Enroll a machine: its next network boot installs the profile.
+    Enroll(EnrollArgs),
+    /// List, show, change, delete or reprovision machines.
+    #[command(subcommand)]
+    Machines(MachinesCmd),
+    /// Show events: all, or one machine's timeline.
+    Events {
+        /// Only this machine.
+        mac: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Show at most this many (the newest).
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
+    },
+    /// Render an artifact for a machine as it would be served (install token redacted);
+    /// `ipxe` is its boot script.
+    Render {
+        /// The machine.
+        mac: String,
+        /// `ipxe`, or an artifact of its profile (user-data, preseed.cfg, config.ign, ...).
+        artifact: String,
+    },
+    /// List profiles, or show one.
+    Profiles {
+        /// Show this profile in full.
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reload profiles and templates in the running daemon.
+    Reload,
+}
+
+/// `provision enroll`.
+#[derive(clap::Args, Debug)]
+pub struct EnrollArgs {
+    /// MAC address (aa:bb:cc:dd:ee:ff, aa-bb-.., aabb.ccdd.eeff or aabbccddeeff).
+    pub mac: String,
+    /// Profile to install (`provision profiles` lists them).
+    #[arg(long, short)]
+    pub profile: String,
+    /// Hostname (RFC 1123).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Template variable NAME=VALUE (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    pub vars: Vec<String>,
+    /// Label NAME=VALUE (repeatable).
+    #[arg(long = "label", value_name = "NAME=VALUE")]
+    pub labels: Vec<String>,
+    /// SMBIOS UUID.
+    #[arg(long)]
+    pub uuid: Option<String>,
+    /// Serial number.
+    #[arg(long)]
+    pub serial: Option<String>,
+    /// Wait until the machine has installed (or failed).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "2h", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// `provision machines ...`.
+#[derive(Subcommand, Debug)]
+pub enum MachinesCmd {
+    /// List machines.
+    List {
+        /// Only machines in this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one machine with its recent events.
+    Show {
+        /// The machine.
+        mac: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change profile, hostname or vars.
+    Update {
+        /// The machine.
+        mac: String,
+        /// New profile.
+        #[arg(long)]
+        profile: Option<String>,
+        /// New hostname ("" clears it).
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Set a variable NAME=VALUE (repeatable).
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+        /// Remove a variable (repeatable).
+        #[arg(long = "unset-var", value_name = "NAME")]
+        unset: Vec<String>,
+    },
+    /// Delete a machine (its event history is kept).
+    Delete {
+        /// The machine.
+        mac: String,
+    },
+    /// Reinstall a machine at its next boot (new token, generation + 1).
+    Reprovision {
+        /// The machine.
+        mac: String,
+    },
+}
+
+/// A CLI failure: message and exit code (2 for bad input, 1 otherwise).
+struct Fail(String, u8);
+
+impl From<ClientError> for Fail {
+    fn from(e: ClientError) -> Self {
+        Fail(e.message, if e.bad_input { 2 } else { 1 })
+    }
+}
+
+fn bad(msg: impl Into<String>) -> Fail {
+    Fail(msg.into(), 2)
+}
+
+fn parse_mac(s: &str) -> Result<Mac, Fail> {
+    s.parse::<Mac>().map_err(|e| bad(e.to_string()))
+}
+
+fn parse_pairs(what: &str, pairs: &[String]) -> Result<BTreeMap<String, String>, Fail> {
+    let mut out = BTreeMap::new();
+    for p in pairs {
+        let Some((k, v)) = p.split_once('=') else {
+            return Err(bad(format!("{what} {p:?} must be NAME=VALUE")));
+        };
+        crate::validate::var_name(k).map_err(|e| bad(e.0))?;
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        cmd => {
+            let client = match Client::new(&cli.server, cli.token, cli.token_file) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("provision: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            command(&client, cmd)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(msg, code)) => {
+            eprintln!("provision: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), Fail> {
+    let cfg = Config::from_args(&args).map_err(|e| bad(format!("{e:#}")))?;
+    if args.check_config {
+        let summary = crate::daemon::check_config(&cfg).map_err(|e| bad(format!("{e:#}")))?;
+        print!("{summary}");
+        return Ok(());
+    }
+    let rt = tokio::runtime::Runtime::new().map_err(|e| Fail(e.to_string(), 1))?;
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing the SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = sd.cancelled() => {}
+            }
+            sd.cancel();
+        });
+        crate::daemon::run(cfg, shutdown).await
+    })
+    .map_err(|e| Fail(format!("{e:#}"), 1))
+}
+
+fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
+    match cmd {
+        Command::Serve(_) => unreachable!("handled in run"),
+        Command::Enroll(a) => enroll(c, a),
+        Command::Machines(m) => machines(c, m),
+        Command::Events { mac, json, limit } => {
+            let path = match &mac {
+                Some(m) => format!("/machines/{}/events?limit=10000", parse_mac(m)?),
+                None => "/events?limit=10000".to_string(),
+            };
+            let v = c.json("GET", &path, None)?;
+            let all = v.as_array().cloned().unwrap_or_default();
+            let tail = &all[all.len().saturating_sub(limit)..];
+            if json {
+                println!("{}", serde_json::to_string_pretty(tail).unwrap_or_default());
+            } else {
+                print_events(tail, mac.is_none());
+            }
+            Ok(())
+        }
+        Command::Render { mac, artifact } => {
+            let mac = parse_mac(&mac)?;
+            let body = c.call("GET", &format!("/machines/{mac}/render/{artifact}"), None)?;
+            print!("{body}");
+            Ok(())
+        }
+        Command::Profiles { name, json } => {
+            match name {
+                Some(n) => {
+                    let v = c.json("GET", &format!("/profiles/{n}"), None)?;
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                }
+                None => {
+                    let v = c.json("GET", "/profiles", None)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    } else {
+                        println!("{:<24} {:<11} DESCRIPTION", "PROFILE", "ROLE");
+                        for p in v.as_array().into_iter().flatten() {
+                            println!("{:<24} {:<11} {}", s(&p["name"]), s(&p["role"]), s(&p["description"]));
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Reload => {
+            let v = c.json("POST", "/reload", None)?;
+            println!("reloaded {} profiles", v["profiles"]);
+            Ok(())
+        }
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn time(v: &Value) -> String {
+    v.as_i64().map(crate::store::fmt_time).unwrap_or_else(|| "-".into())
+}
+
+fn print_events(events: &[Value], with_mac: bool) {
+    for e in events {
+        let states = match (e["from_state"].as_str(), e["to_state"].as_str()) {
+            (f, Some(t)) if f != Some(t) => format!(" {} → {}", f.unwrap_or("(new)"), t),
+            (Some(f), None) => format!(" {f} → (deleted)"),
+            _ => String::new(),
+        };
+        let mac = if with_mac { format!("{} ", s(&e["mac"])) } else { String::new() };
+        let detail = e["detail"].as_str().filter(|d| !d.is_empty()).map(|d| format!(": {d}")).unwrap_or_default();
+        println!("{} {mac}{}{states}{detail}", time(&e["at"]), s(&e["kind"]));
+    }
+}
+
+fn enroll(c: &Client, a: EnrollArgs) -> Result<(), Fail> {
+    let mac = parse_mac(&a.mac)?;
+    let body = json!({
+        "mac": mac.to_string(),
+        "profile": a.profile,
+        "hostname": a.hostname,
+        "uuid": a.uuid,
+        "serial": a.serial,
+        "vars": parse_pairs("--var", &a.vars)?,
+        "labels": parse_pairs("--label", &a.labels)?,
+    });
+    let m = c.json("POST", "/machines", Some(&body))?;
+    println!("enrolled {} with profile {}: its next network boot installs", s(&m["mac"]), s(&m["profile"]));
+    if !a.wait {
+        return Ok(());
+    }
+    wait_installed(c, mac, a.timeout)
+}
+
+/// Polls the machine until it is installed (or later), failed, or the timeout passes,
+/// printing each state change.
+fn wait_installed(c: &Client, mac: Mac, timeout: Duration) -> Result<(), Fail> {
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        let m = c.json("GET", &format!("/machines/{mac}"), None)?;
+        let state = s(&m["state"]);
+        if state != last {
+            println!("{mac}: {state}");
+            last = state.clone();
+        }
+        match state.as_str() {
+            "installed" | "registering" | "registered" | "handed_off" => return Ok(()),
+            "failed" => {
+                return Err(Fail(
+                    format!("{mac} failed at {}: {}", s(&m["failed_step"]), s(&m["failed_reason"])),
+                    1,
+                ))
+            }
+            _ => {}
+        }
+        if start.elapsed() > timeout {
+            return Err(Fail(format!("{mac} is still {state} after {}", humantime::format_duration(timeout)), 1));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
+    match cmd {
+        MachinesCmd::List { state, json } => {
+            let path = match state {
+                Some(st) => {
+                    st.parse::<crate::policy::State>().map_err(bad)?;
+                    format!("/machines?state={st}")
+                }
+                None => "/machines".into(),
+            };
+            let v = c.json("GET", &path, None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                return Ok(());
+            }
+            println!("{:<17} {:<12} {:<22} {:<24} UPDATED", "MAC", "STATE", "PROFILE", "HOSTNAME");
+            for m in v.as_array().into_iter().flatten() {
+                println!(
+                    "{:<17} {:<12} {:<22} {:<24} {}",
+                    s(&m["mac"]),
+                    s(&m["state"]),
+                    s(&m["profile"]),
+                    s(&m["hostname"]),
+                    time(&m["updated_at"])
+                );
+            }
+            Ok(())
+        }
+        MachinesCmd::Show { mac, json } => {
+            let mac = parse_mac(&mac)?;
+            let m = c.json("GET", &format!("/machines/{mac}"), None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
+                return Ok(());
+            }
+            for k in ["mac", "state", "profile", "hostname", "uuid", "serial", "generation", "arch", "platform", "last_ip"] {
+                println!("{k:<11} {}", s(&m[k]));
+            }
+            if m["state"] == "failed" {
+                println!("{:<11} {}: {}", "failed", s(&m["failed_step"]), s(&m["failed_reason"]));
+            }
+            for (k, v) in m["vars"].as_object().into_iter().flatten() {
+                println!("var        {k}={}", s(v));
+            }
+            for k in m["host_keys"].as_array().into_iter().flatten() {
+                println!("host key   {}", s(k));
+            }
+            let ev = c.json("GET", &format!("/machines/{mac}/events"), None)?;
+            let all = ev.as_array().cloned().unwrap_or_default();
+            println!("events:");
+            print_events(&all[all.len().saturating_sub(20)..], false);
+            Ok(())
+        }
+        MachinesCmd::Update { mac, profile, hostname, vars, unset } => {
+            let mac = parse_mac(&mac)?;
+            let body = json!({
+                "profile": profile,
+                "hostname": hostname,
+                "set_vars": parse_pairs("--var", &vars)?,
+                "unset_vars": unset,
+            });
+            let m = c.json("PATCH", &format!("/machines/{mac}"), Some(&body))?;
+            println!("updated {} ({})", s(&m["mac"]), s(&m["state"]));
+            Ok(())
+        }
+        MachinesCmd::Delete { mac } => {
+            let mac = parse_mac(&mac)?;
+            c.call("DELETE", &format!("/machines/{mac}"), None)?;
+            println!("deleted {mac}");
+            Ok(())
+        }
+        MachinesCmd::Reprovision { mac } => {
+            let mac = parse_mac(&mac)?;
+            let m = c.json("POST", &format!("/machines/{mac}/reprovision"), None)?;
+            println!("{} is {} (generation {}): its next network boot reinstalls", s(&m["mac"]), s(&m["state"]), m["generation"]);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Configuration: flags, `PROVISION_*` environment variables and an optional TOML file, merged
+//! into one validated [`Config`]. Reading configuration binds nothing and writes nothing;
+//! `provision serve --check-config` stops right after it.
+//!
+//! Precedence: a flag, then its environment variable (clap reads both), then the file, then
+//! the embedded default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use crate::policy::DiscoverAnswer;
+
+/// `provision serve` flags. Each may also come from `PROVISION_<NAME>` or the config file.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// TOML configuration file (keys as the flags, with underscores: data_dir, http, ...).
+    #[arg(long, env = "PROVISION_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory: SQLite database, admin token, SSH key, assets [default: /var/lib/provision as root, else ~/.local/share/provision].
+    #[arg(long, env = "PROVISION_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// HTTP listen address; port 0 picks a free port [default: 0.0.0.0:8080].
+    #[arg(long, env = "PROVISION_HTTP", value_name = "ADDR:PORT")]
+    pub http: Option<String>,
+    /// Base URL machines use to reach this daemon, e.g. http://10.0.0.1:8080 [default: taken from each request's Host header].
+    #[arg(long, env = "PROVISION_ADVERTISE", value_name = "URL")]
+    pub advertise: Option<String>,
+    /// Directory of templates and profiles/ overriding the built-in ones.
+    #[arg(long, env = "PROVISION_TEMPLATES_DIR")]
+    pub templates_dir: Option<PathBuf>,
+    /// Directory of iPXE scripts overriding the built-in ones.
+    #[arg(long, env = "PROVISION_IPXE_DIR")]
+    pub ipxe_dir: Option<PathBuf>,
+    /// Directory served at /assets/ (kernels, initrds) [default: DATA_DIR/assets].
+    #[arg(long, env = "PROVISION_ASSETS_DIR")]
+    pub assets_dir: Option<PathBuf>,
+    /// Lifetime of an install token, e.g. 6h, 90m [default: 6h].
+    #[arg(long, env = "PROVISION_INSTALL_TOKEN_TTL", value_name = "DURATION")]
+    pub install_token_ttl: Option<String>,
+    /// What unknown machines are told: local_boot or ignore [default: local_boot].
+    #[arg(long, env = "PROVISION_DISCOVER", value_name = "ANSWER")]
+    pub discover: Option<String>,
+    /// Validate the configuration, templates and profiles, print a summary, and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// The config file's keys: the same names as the flags. Unknown keys are errors, so a typo
+/// is caught instead of silently ignored.
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    http: Option<String>,
+    advertise: Option<String>,
+    templates_dir: Option<PathBuf>,
+    ipxe_dir: Option<PathBuf>,
+    assets_dir: Option<PathBuf>,
+    install_token_ttl: Option<String>,
+    discover: Option<String>,
+}
+
+/// Every `PROVISION_*` variable the program reads (serve flags and client settings).
+const KNOWN_ENV: &[&str] = &[
+    "PROVISION_CONFIG",
+    "PROVISION_DATA_DIR",
+    "PROVISION_HTTP",
+    "PROVISION_ADVERTISE",
+    "PROVISION_TEMPLATES_DIR",
+    "PROVISION_IPXE_DIR",
+    "PROVISION_ASSETS_DIR",
+    "PROVISION_INSTALL_TOKEN_TTL",
+    "PROVISION_DISCOVER",
+    "PROVISION_URL",
+    "PROVISION_TOKEN",
+    "PROVISION_TOKEN_FILE",
+    "PROVISION_LOG",
+];
+
+/// The validated configuration of `provision serve`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// HTTP listen address.
+    pub http: SocketAddr,
+    /// Advertised base URL (no trailing slash), if set.
+    pub advertise: Option<String>,
+    /// Templates override directory.
+    pub templates_dir: Option<PathBuf>,
+    /// iPXE scripts override directory.
+    pub ipxe_dir: Option<PathBuf>,
+    /// Directory served at /assets/.
+    pub assets_dir: PathBuf,
+    /// Install token lifetime.
+    pub install_token_ttl: Duration,
+    /// Discovery answer.
+    pub discover: DiscoverAnswer,
+}
+
+/// The default data directory: `/var/lib/provision` for root, else the XDG data directory.
+pub fn default_data_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return PathBuf::from("/var/lib/provision");
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("provision");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/provision"),
+        None => PathBuf::from("provision-data"),
+    }
+}
+
+/// Checks a base URL: `http://` or `https://`, a host, optional port and path, no query, and
+/// only characters that are safe on an iPXE line. Returns it without a trailing slash.
+pub fn check_base_url(u: &str) -> anyhow::Result<String> {
+    let rest = u
+        .strip_prefix("http://")
+        .or_else(|| u.strip_prefix("https://"))
+        .with_context(|| format!("advertise URL {u:?} must start with http:// or https://"))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        bail!("advertise URL {u:?} has no host");
+    }
+    if let Some(c) = u
+        .bytes()
+        .find(|b| !(b.is_ascii_alphanumeric() || b"._-:/[]~".contains(b)))
+    {
+        bail!(
+            "advertise URL {u:?} contains {:?}; use a plain http://HOST[:PORT][/PATH] URL",
+            c as char
+        );
+    }
+    Ok(u.trim_end_matches('/').to_string())
+}
+
+/// Parses `install_token_ttl` (humantime: "6h", "90m", "1h 30m").
+fn parse_ttl(s: &str) -> anyhow::Result<Duration> {
+    let d = humantime::parse_duration(s)
+        .with_context(|| format!("install_token_ttl {s:?} is not a duration such as 6h or 90m"))?;
+    if d < Duration::from_secs(60) {
+        bail!("install_token_ttl {s:?} is under a minute; an installer could not finish");
+    }
+    Ok(d)
+}
+
+fn parse_discover(s: &str) -> anyhow::Result<DiscoverAnswer> {
+    match s {
+        "local_boot" | "local-boot" => Ok(DiscoverAnswer::LocalBoot),
+        "ignore" => Ok(DiscoverAnswer::Ignore),
+        _ => bail!("discover {s:?} must be local_boot or ignore"),
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+impl Config {
+    /// Merges flags/env over the file over defaults, and validates the result.
+    pub fn from_args(args: &ServeArgs) -> anyhow::Result<Config> {
+        for (k, _) in std::env::vars_os() {
+            if let Some(k) = k.to_str() {
+                if k.starts_with("PROVISION_") && !KNOWN_ENV.contains(&k) {
+                    bail!(
+                        "unknown environment variable {k}; known ones are {}",
+                        KNOWN_ENV.join(", ")
+                    );
+                }
+            }
+        }
+        let file = match &args.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        let data_dir = args
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(default_data_dir);
+        let http_s = args
+            .http
+            .clone()
+            .or(file.http)
+            .unwrap_or_else(|| "0.0.0.0:8080".into());
+        let http: SocketAddr = http_s.parse().with_context(|| {
+            format!("http address {http_s:?} must be ADDR:PORT, e.g. 0.0.0.0:8080 or 127.0.0.1:0")
+        })?;
+        let advertise = args
+            .advertise
+            .clone()
+            .or(file.advertise)
+            .map(|u| check_base_url(&u))
+            .transpose()?;
+        let assets_dir = args
+            .assets_dir
+            .clone()
+            .or(file.assets_dir)
+            .unwrap_or_else(|| data_dir.join("assets"));
+        let install_token_ttl = parse_ttl(
+            &args
+                .install_token_ttl
+                .clone()
+                .or(file.install_token_ttl)
+                .unwrap_or_else(|| "6h".into()),
+        )?;
+        let discover = parse_discover(
+            &args
+                .discover
+                .clone()
+                .or(file.discover)
+                .unwrap_or_else(|| "local_boot".into()),
+        )?;
+        let templates_dir = args.templates_dir.clone().or(file.templates_dir);
+        let ipxe_dir = args.ipxe_dir.clone().or(file.ipxe_dir);
+        for (what, d) in [("templates_dir", &templates_dir), ("ipxe_dir", &ipxe_dir)] {
+            if let Some(d) = d {
+                if !d.is_dir() {
+                    bail!("{what} {} is not a directory", d.display());
+                }
+            }
+        }
+        Ok(Config {
+            data_dir,
+            http,
+            advertise,
+            templates_dir,
+            ipxe_dir,
+            assets_dir,
+            install_token_ttl,
+            discover,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("p.toml");
+        std::fs::write(&f, "http = \"127.0.0.1:9000\"\ninstall_token_ttl = \"2h\"\ndiscover = \"ignore\"\n").unwrap();
+        let mut args = ServeArgs {
+            config: Some(f.clone()),
+            data_dir: Some(d.path().into()),
+            ..Default::default()
+        };
+        let c = Config::from_args(&args).unwrap();
+        assert_eq!(c.http.to_string(), "127.0.0.1:9000");
+        assert_eq!(c.install_token_ttl, Duration::from_secs(7200));
+        assert_eq!(c.discover, DiscoverAnswer::Ignore);
+        assert_eq!(c.assets_dir, d.path().join("assets"));
+        args.http = Some("127.0.0.1:0".into());
+        assert_eq!(Config::from_args(&args).unwrap().http.port(), 0);
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("p.toml");
+        std::fs::write(&f, "htp = \"127.0.0.1:9000\"\n").unwrap();
+        let args = ServeArgs { config: Some(f), ..Default::default() };
+        let e = format!("{:#}", Config::from_args(&args).unwrap_err());
+        assert!(e.contains("unknown field `htp`"), "{e}");
+        for (args, want) in [
+            (ServeArgs { http: Some("nope".into()), ..Default::default() }, "ADDR:PORT"),
+            (ServeArgs { advertise: Some("10.0.0.1".into()), ..Default::default() }, "http://"),
+            (ServeArgs { advertise: Some("http://a b".into()), ..Default::default() }, "contains ' '"),
+            (ServeArgs { install_token_ttl: Some("soon".into()), ..Default::default() }, "duration"),
+            (ServeArgs { discover: Some("wipe".into()), ..Default::default() }, "local_boot or ignore"),
+        ] {
+            let e = format!("{:#}", Config::from_args(&args).unwrap_err());
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn base_urls() {
+        assert_eq!(check_base_url("http://10.0.0.1:8080/").unwrap(), "http://10.0.0.1:8080");
+        assert_eq!(check_base_url("http://[fd00::1]:8080/pxe").unwrap(), "http://[fd00::1]:8080/pxe");
+        assert!(check_base_url("http://x/${y}").is_err());
+        assert!(check_base_url("http://x/a?b=c").is_err());
+    }
+}

@@ -1,0 +1,166 @@
+//! `provision serve`: creates the data directory, opens the store, binds the sockets and runs
+//! the servers under one cancellation token. Every task it spawns lives in one `JoinSet` and
+//! is awaited before `run` returns.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::keys;
+use crate::provisioner::{Provisioner, Settings};
+use crate::render::{Catalog, Sources};
+use crate::store::Store;
+
+fn sources(cfg: &Config) -> Sources {
+    Sources {
+        templates_dir: cfg.templates_dir.clone(),
+        ipxe_dir: cfg.ipxe_dir.clone(),
+    }
+}
+
+/// `--check-config`: validates configuration, profiles and templates without touching the
+/// data directory or binding anything; returns a summary for the operator.
+pub fn check_config(cfg: &Config) -> anyhow::Result<String> {
+    let cat = Catalog::load(sources(cfg))?;
+    let names: Vec<_> = cat.profiles().keys().cloned().collect();
+    Ok(format!(
+        "configuration OK\n  data dir: {}\n  http: {}\n  advertise: {}\n  assets: {}\n  install token ttl: {}\n  discover: {:?}\n  profiles: {}\n",
+        cfg.data_dir.display(),
+        cfg.http,
+        cfg.advertise.as_deref().unwrap_or("(from each request's Host header)"),
+        cfg.assets_dir.display(),
+        humantime::format_duration(cfg.install_token_ttl),
+        cfg.discover,
+        names.join(", ")
+    ))
+}
+
+/// Binds a TCP listener; a permission error says what to do about it.
+async fn bind_tcp(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            anyhow::anyhow!(
+                "binding {what} on {addr}: permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE \
+                 (`sudo setcap cap_net_bind_service=+ep $(which provision)`), or choose another port with {flag}"
+            )
+        } else if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!("binding {what} on {addr}: address already in use; stop the other server or choose another port with {flag}")
+        } else {
+            anyhow::anyhow!("binding {what} on {addr}: {e}")
+        }
+    })
+}
+
+/// Runs the daemon until `shutdown` is cancelled.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let created = !cfg.data_dir.exists();
+    fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    if created {
+        // It holds the admin token and the SSH private key.
+        fs::set_permissions(&cfg.data_dir, fs::Permissions::from_mode(0o700))?;
+    }
+    fs::create_dir_all(&cfg.assets_dir)
+        .with_context(|| format!("creating assets directory {}", cfg.assets_dir.display()))?;
+    let db_path = cfg.data_dir.join("provision.db");
+    let store = Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
+    let token_path = cfg.data_dir.join("admin-token");
+    let (admin_token, new_token) = keys::admin_token(&token_path)?;
+    let ssh_public_key = keys::ssh_key(&cfg.data_dir.join("ssh"))?;
+    let settings = Settings {
+        install_token_ttl: cfg.install_token_ttl,
+        discover: cfg.discover,
+    };
+    let prov = Arc::new(Provisioner::new(store, sources(&cfg), settings, ssh_public_key)?);
+    tracing::info!(
+        data_dir = %cfg.data_dir.display(),
+        profiles = prov.catalog().profiles().len(),
+        "provision starting"
+    );
+    if new_token {
+        tracing::info!("generated the admin API token in {}", token_path.display());
+    } else {
+        tracing::info!("admin API token in {}", token_path.display());
+    }
+    // Restart resumes: an install whose token ran out while we were down is failed now.
+    for mac in prov.expire_installs().await? {
+        tracing::warn!(%mac, "install token expired before phone-home: machine failed");
+    }
+
+    let listener = bind_tcp(cfg.http, "HTTP", "--http").await?;
+    let http_addr = listener.local_addr()?;
+    tracing::info!("listening for HTTP on {http_addr}");
+
+    let state = AppState {
+        prov: prov.clone(),
+        admin_token: Arc::new(admin_token),
+        advertise: cfg.advertise.clone().map(Arc::new),
+    };
+    let app = http::router(state, &cfg.assets_dir);
+    let mut tasks = JoinSet::new();
+
+    let sd = shutdown.clone();
+    tasks.spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move { sd.cancelled().await })
+            .await
+            .context("HTTP server")
+    });
+
+    // Sweeper: no machine stays `installing` past its token's lifetime.
+    let (p, sd) = (prov.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = sd.cancelled() => return Ok(()),
+                _ = tick.tick() => match p.expire_installs().await {
+                    Ok(macs) => for mac in macs {
+                        tracing::warn!(%mac, "install token expired before phone-home: machine failed");
+                    },
+                    Err(e) => tracing::error!("expiring installs: {e}"),
+                },
+            }
+        }
+    });
+
+    // SIGHUP reloads profiles and templates, as the API's POST /reload does.
+    let (p, sd) = (prov.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = sd.cancelled() => return Ok(()),
+                _ = hup.recv() => match p.reload() {
+                    Ok(n) => tracing::info!("reloaded {n} profiles"),
+                    Err(e) => tracing::error!("reload failed, keeping the previous profiles: {e}"),
+                },
+            }
+        }
+    });
+
+    // The first task to end (normally or not) stops the others.
+    let mut first_err = None;
+    while let Some(res) = tasks.join_next().await {
+        shutdown.cancel();
+        let err = match res {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(e) => Some(anyhow::anyhow!("task failed: {e}")),
+        };
+        if first_err.is_none() {
+            first_err = err;
+        }
+    }
+    tracing::info!("provision stopped");
+    first_err.map_or(Ok(()), Err)
+}

@@ -1,0 +1,165 @@
+//! The admin REST API under `/api/v1`, behind the bearer token.
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use super::{base_url, AppError, AppState};
+use crate::mac::Mac;
+use crate::policy::State as MState;
+use crate::provisioner::{EnrollRequest, UpdateRequest};
+
+/// Requires `Authorization: Bearer <admin token>`, compared in constant time.
+pub async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(t) if bool::from(t.as_bytes().ct_eq(st.admin_token.as_bytes())) => next.run(req).await,
+        Some(_) => AppError::new(StatusCode::UNAUTHORIZED, "wrong admin token").into_response(),
+        None => {
+            let mut r = AppError::new(
+                StatusCode::UNAUTHORIZED,
+                "the admin API needs `Authorization: Bearer <token>`; the token is in the daemon's data directory (admin-token)",
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            r
+        }
+    }
+}
+
+/// Unknown API path.
+pub async fn not_found() -> AppError {
+    AppError::new(StatusCode::NOT_FOUND, "no such API endpoint; see docs/api.md")
+}
+
+fn parse_mac(s: &str) -> Result<Mac, AppError> {
+    s.parse()
+        .map_err(|e: crate::mac::MacError| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+}
+
+/// Rejects a JSON body that does not parse, with serde's message (which names the field).
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, AppError> {
+    serde_json::from_slice(body)
+        .map_err(|e| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("request body: {e}")))
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    state: Option<String>,
+}
+
+/// `GET /machines[?state=S]`.
+pub async fn list_machines(
+    State(st): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, AppError> {
+    let state = q
+        .state
+        .map(|s| s.parse::<MState>())
+        .transpose()
+        .map_err(|e| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    Ok(Json(st.prov.machines(state).await?).into_response())
+}
+
+/// `POST /machines`: enroll.
+pub async fn enroll(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Response, AppError> {
+    let req: EnrollRequest = json_body(&body)?;
+    let m = st.prov.enroll(req).await?;
+    Ok((StatusCode::CREATED, Json(m)).into_response())
+}
+
+/// `GET /machines/{mac}`.
+pub async fn get_machine(State(st): State<AppState>, Path(mac): Path<String>) -> Result<Response, AppError> {
+    Ok(Json(st.prov.machine(parse_mac(&mac)?).await?).into_response())
+}
+
+/// `PATCH /machines/{mac}`.
+pub async fn update_machine(
+    State(st): State<AppState>,
+    Path(mac): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, AppError> {
+    let mac = parse_mac(&mac)?;
+    let req: UpdateRequest = json_body(&body)?;
+    Ok(Json(st.prov.update(mac, req).await?).into_response())
+}
+
+/// `DELETE /machines/{mac}`.
+pub async fn delete_machine(State(st): State<AppState>, Path(mac): Path<String>) -> Result<Response, AppError> {
+    st.prov.delete(parse_mac(&mac)?).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /machines/{mac}/reprovision`.
+pub async fn reprovision(State(st): State<AppState>, Path(mac): Path<String>) -> Result<Response, AppError> {
+    Ok(Json(st.prov.reprovision(parse_mac(&mac)?).await?).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct EventsQuery {
+    mac: Option<String>,
+    #[serde(default)]
+    after: i64,
+    limit: Option<i64>,
+}
+
+/// `GET /events[?mac=&after=&limit=]`.
+pub async fn events(State(st): State<AppState>, Query(q): Query<EventsQuery>) -> Result<Response, AppError> {
+    let mac = q.mac.as_deref().map(parse_mac).transpose()?;
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    Ok(Json(st.prov.events(mac, q.after, limit).await?).into_response())
+}
+
+/// `GET /machines/{mac}/events`.
+pub async fn machine_events(
+    State(st): State<AppState>,
+    Path(mac): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, AppError> {
+    // No existence check: a deleted machine's history stays readable.
+    let mac = parse_mac(&mac)?;
+    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    Ok(Json(st.prov.events(Some(mac), q.after, limit).await?).into_response())
+}
+
+/// `GET /machines/{mac}/render/{artifact}`: preview with the install token redacted.
+pub async fn render(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path((mac, artifact)): Path<(String, String)>,
+) -> Result<Response, AppError> {
+    let mac = parse_mac(&mac)?;
+    let base = base_url(&st, &headers)?;
+    let (kind, body) = st.prov.preview(mac, &artifact, &base).await?;
+    Ok(([(header::CONTENT_TYPE, kind.content_type())], body).into_response())
+}
+
+/// `GET /profiles`.
+pub async fn profiles(State(st): State<AppState>) -> Response {
+    let cat = st.prov.catalog();
+    let list: Vec<_> = cat.profiles().values().cloned().collect();
+    Json(list).into_response()
+}
+
+/// `GET /profiles/{name}`.
+pub async fn profile(State(st): State<AppState>, Path(name): Path<String>) -> Result<Response, AppError> {
+    let cat = st.prov.catalog();
+    let p = cat.profile(&name).map_err(crate::provisioner::Error::from)?;
+    Ok(Json(p.clone()).into_response())
+}
+
+/// `POST /reload`: re-read profiles and templates; the old ones stay on error.
+pub async fn reload(State(st): State<AppState>) -> Result<Response, AppError> {
+    let n = st.prov.reload().map_err(crate::provisioner::Error::from)?;
+    Ok(Json(serde_json::json!({ "profiles": n })).into_response())
+}

@@ -1,0 +1,134 @@
+//! Machine-facing routes: the iPXE chain, configs by install token, phone-home.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::{base_url, AppError, AppState};
+use crate::mac::Mac;
+use crate::policy::{BootRequest, Platform};
+use crate::store::Sighting;
+
+fn ipxe_response(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+/// `GET /boot.ipxe`: the static script that chains to `/ipxe` with the machine's details.
+pub async fn boot_ipxe(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, AppError> {
+    let base = base_url(&st, &headers).map_err(AppError::text)?;
+    let body = st.prov.boot_ipxe(&base).map_err(|e| AppError::from(e).text())?;
+    Ok(ipxe_response(body))
+}
+
+/// The query iPXE sends from `boot.ipxe`.
+#[derive(Deserialize)]
+pub struct IpxeQuery {
+    mac: Option<String>,
+    #[serde(default)]
+    uuid: Option<String>,
+    #[serde(default)]
+    arch: Option<String>,
+    #[serde(default)]
+    platform: Option<String>,
+}
+
+/// Keeps a firmware-reported field only if it is short printable ASCII: these are claims from
+/// the network, stored for the operator, never trusted.
+fn claim(v: Option<String>, max: usize) -> Option<String> {
+    v.filter(|s| !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic()))
+}
+
+/// `GET /ipxe?mac=..&uuid=..&arch=..&platform=..`: this machine's script.
+pub async fn ipxe(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<IpxeQuery>,
+) -> Result<Response, AppError> {
+    let base = base_url(&st, &headers).map_err(AppError::text)?;
+    let Some(mac) = q.mac.as_deref() else {
+        return Err(AppError::new(
+            StatusCode::BAD_REQUEST,
+            "missing mac parameter; chain to /boot.ipxe, which sends mac=${mac:hexhyp}",
+        )
+        .text());
+    };
+    let mac: Mac = mac
+        .parse()
+        .map_err(|e: crate::mac::MacError| AppError::new(StatusCode::BAD_REQUEST, e.to_string()).text())?;
+    let platform_claim = claim(q.platform, 16);
+    let uuid = claim(q.uuid, 64)
+        .filter(|u| crate::validate::uuid(u).is_ok())
+        .map(|u| u.to_lowercase());
+    let req = BootRequest {
+        platform: Platform::from_ipxe(platform_claim.as_deref().unwrap_or("")),
+        arch: claim(q.arch.clone(), 16),
+    };
+    let sighting = Sighting {
+        uuid,
+        arch: claim(q.arch, 16),
+        platform: platform_claim,
+        ip: Some(peer.ip().to_string()),
+    };
+    match st.prov.boot(mac, req, sighting, &base).await {
+        Ok(Some(script)) => Ok(ipxe_response(script)),
+        // "Ignore" over HTTP: iPXE is already running, so hand control back to the firmware.
+        Ok(None) => Ok(ipxe_response("#!ipxe\nexit\n".into())),
+        Err(e) => Err(AppError::from(e).text()),
+    }
+}
+
+/// `GET /config/{token}/{artifact}`: a rendered config, only with a live install token.
+pub async fn config(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path((token, artifact)): Path<(String, String)>,
+) -> Result<Response, AppError> {
+    let base = base_url(&st, &headers).map_err(AppError::text)?;
+    let (kind, body) = st
+        .prov
+        .config(&token, &artifact, &base)
+        .await
+        .map_err(|e| AppError::from(e).text())?;
+    Ok(([(header::CONTENT_TYPE, kind.content_type())], body).into_response())
+}
+
+/// `POST /phone-home/{token}`: the installed OS reports its SSH host public keys, either as
+/// the text of `/etc/ssh/ssh_host_*_key.pub` or as cloud-init's phone_home module form
+/// (`pub_key_rsa`, `pub_key_ecdsa`, `pub_key_ed25519`, ...).
+pub async fn phone_home(
+    State(st): State<AppState>,
+    Path(token): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, AppError> {
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| AppError::new(StatusCode::BAD_REQUEST, "phone-home body is not UTF-8").text())?;
+    let form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let lines: Vec<String> = if form {
+        let fields: BTreeMap<String, String> = serde_urlencoded::from_str(text).map_err(|e| {
+            AppError::new(StatusCode::BAD_REQUEST, format!("phone-home form does not parse: {e}")).text()
+        })?;
+        fields
+            .into_iter()
+            .filter(|(k, v)| k.starts_with("pub_key_") && !v.trim().is_empty() && v.trim() != "N/A")
+            .map(|(_, v)| v)
+            .collect()
+    } else {
+        text.lines().map(str::to_string).collect()
+    };
+    let m = st.prov.phone_home(&token, lines).await.map_err(|e| AppError::from(e).text())?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("provision: {} is {}; {} host key(s) pinned\n", m.mac, m.state, m.host_keys.len()),
+    )
+        .into_response())
+}

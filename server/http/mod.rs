@@ -1,0 +1,146 @@
+//! HTTP: the machine-facing boot chain and the admin REST API, one flat route table.
+//!
+//! Machine-facing routes are unauthenticated (a MAC is a claim, not a credential) except for
+//! the install token in config and phone-home URLs; `/api/v1` needs the admin bearer token.
+
+mod api;
+mod boot;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tower_http::services::ServeDir;
+
+use crate::provisioner::{Error, Provisioner};
+use crate::store::{StoreError, TokenProblem};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The provisioner.
+    pub prov: Arc<Provisioner>,
+    /// The admin API bearer token.
+    pub admin_token: Arc<String>,
+    /// The configured base URL, if any; otherwise derived from each request's Host.
+    pub advertise: Option<Arc<String>>,
+}
+
+/// The whole route table.
+pub fn router(state: AppState, assets_dir: &std::path::Path) -> Router {
+    let api = Router::new()
+        .route("/machines", get(api::list_machines).post(api::enroll))
+        .route(
+            "/machines/{mac}",
+            get(api::get_machine).patch(api::update_machine).delete(api::delete_machine),
+        )
+        .route("/machines/{mac}/reprovision", post(api::reprovision))
+        .route("/machines/{mac}/events", get(api::machine_events))
+        .route("/machines/{mac}/render/{artifact}", get(api::render))
+        .route("/events", get(api::events))
+        .route("/profiles", get(api::profiles))
+        .route("/profiles/{name}", get(api::profile))
+        .route("/reload", post(api::reload))
+        .fallback(api::not_found)
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), api::auth));
+    Router::new()
+        .route("/boot.ipxe", get(boot::boot_ipxe))
+        .route("/ipxe", get(boot::ipxe))
+        .route("/config/{token}/{artifact}", get(boot::config))
+        .route("/phone-home/{token}", post(boot::phone_home))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .nest_service("/assets", ServeDir::new(assets_dir))
+        .nest("/api/v1", api)
+        .with_state(state)
+}
+
+/// Errors mapped to status codes in one place. Machine-facing routes answer in plain text
+/// (iPXE and installers show it); the API answers JSON `{"error": "..."}`.
+pub struct AppError {
+    status: StatusCode,
+    message: String,
+    json: bool,
+}
+
+impl AppError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        AppError { status, message: message.into(), json: true }
+    }
+
+    fn text(mut self) -> Self {
+        self.json = false;
+        self
+    }
+}
+
+impl From<Error> for AppError {
+    fn from(e: Error) -> Self {
+        let status = match &e {
+            Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
+            Error::Store(StoreError::AlreadyEnrolled(..)) | Error::Store(StoreError::Illegal(_)) => {
+                StatusCode::CONFLICT
+            }
+            Error::Store(StoreError::Token(TokenProblem::Unknown, _)) => StatusCode::FORBIDDEN,
+            Error::Store(StoreError::Token(_, _)) => StatusCode::GONE,
+            Error::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Render(crate::render::RenderError::NoProfile(_))
+            | Error::Render(crate::render::RenderError::NoArtifact { .. }) => StatusCode::NOT_FOUND,
+            Error::Render(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!("{e}");
+        }
+        AppError::new(status, e.to_string())
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        if self.json {
+            (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+        } else {
+            (
+                self.status,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                format!("provision: {}\n", self.message),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// The base URL to put in scripts: the advertised one, or `http://` + the request's Host
+/// header. The Host header comes from the client, so it must be a plain host[:port] (letters,
+/// digits, `.`, `-`, `:`, brackets for IPv6) before it is placed in any script.
+fn base_url(state: &AppState, headers: &HeaderMap) -> Result<String, AppError> {
+    if let Some(a) = &state.advertise {
+        return Ok(a.to_string());
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .ok_or_else(|| {
+            AppError::new(
+                StatusCode::BAD_REQUEST,
+                "request has no Host header; set --advertise so provision knows its own URL",
+            )
+        })?;
+    let ok = !host.is_empty()
+        && host.len() <= 255
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+    if !ok {
+        return Err(AppError::new(
+            StatusCode::BAD_REQUEST,
+            format!("Host header {host:?} is not a plain host[:port]"),
+        ));
+    }
+    Ok(format!("http://{host}"))
+}

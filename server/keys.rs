@@ -1,0 +1,130 @@
+//! Secrets kept in the data directory: the admin API token, install tokens, and the daemon's
+//! own SSH key pair.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use sha2::{Digest, Sha256};
+
+/// 256 random bits as 64 lower-case hex digits: an install or admin token. Hex keeps it a
+/// single safe word in URLs, iPXE lines and kernel command lines.
+pub fn random_token() -> String {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).expect("the OS random source failed");
+    hex::encode(b)
+}
+
+/// The SHA-256 of a token, hex: the only form in which install tokens are stored.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Writes `contents` to a new file with mode 0600, refusing to replace an existing one.
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Refuses a secret file others can read: a leaked admin token or private key is not a
+/// warning-level problem.
+fn check_private(path: &Path) -> anyhow::Result<()> {
+    let mode = fs::metadata(path)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        bail!(
+            "{} is readable by other users (mode {:o}); run `chmod 600 {}`",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Reads the admin token from `path`, creating it (0600) on first start. Returns the token
+/// and whether it was created now.
+pub fn admin_token(path: &Path) -> anyhow::Result<(String, bool)> {
+    if path.exists() {
+        check_private(path)?;
+        let t = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let t = t.trim().to_string();
+        if t.len() < 32 {
+            bail!("{} holds a token shorter than 32 characters; delete it to generate a new one", path.display());
+        }
+        return Ok((t, false));
+    }
+    let t = random_token();
+    write_private(path, format!("{t}\n").as_bytes())?;
+    Ok((t, true))
+}
+
+/// Loads the daemon's SSH key pair from `dir/id_ed25519`, generating it on first start
+/// (private key 0600, OpenSSH format, so `ssh -i` and russh read the same file). Returns the
+/// public key line.
+pub fn ssh_key(dir: &Path) -> anyhow::Result<String> {
+    let private = dir.join("id_ed25519");
+    let public = dir.join("id_ed25519.pub");
+    if !private.exists() {
+        fs::create_dir_all(dir)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+        let key = ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)
+            .context("generating the SSH key")?;
+        let mut key = key;
+        key.set_comment("provision");
+        let pem = key
+            .to_openssh(ssh_key::LineEnding::LF)
+            .context("encoding the SSH key")?;
+        write_private(&private, pem.as_bytes())?;
+        let _ = fs::remove_file(&public);
+    }
+    check_private(&private)?;
+    let key = ssh_key::PrivateKey::read_openssh_file(&private)
+        .with_context(|| format!("reading {}", private.display()))?;
+    let line = key.public_key().to_openssh().context("encoding the public key")?;
+    if !public.exists() {
+        fs::write(&public, format!("{line}\n"))?;
+    }
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_256_bit_hex_and_hash_stably() {
+        let a = random_token();
+        assert_eq!(a.len(), 64);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(a, random_token());
+        assert_eq!(
+            token_hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn admin_token_and_ssh_key_are_private_and_stable() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("admin-token");
+        let (t, created) = admin_token(&p).unwrap();
+        assert!(created);
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(admin_token(&p).unwrap(), (t, false));
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(admin_token(&p).unwrap_err().to_string().contains("chmod 600"));
+
+        let k = ssh_key(&d.path().join("ssh")).unwrap();
+        assert!(k.starts_with("ssh-ed25519 "), "{k}");
+        assert_eq!(ssh_key(&d.path().join("ssh")).unwrap(), k);
+    }
+}

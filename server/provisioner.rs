@@ -1,0 +1,535 @@
+//! The one handle the protocol servers hold: boot decision, render, record.
+//!
+//! HTTP handlers (and, later, DHCP and TFTP) call methods here; this module asks `policy`
+//! what to do, records it through `store` (on a blocking thread: SQLite with
+//! `synchronous=FULL` waits for the disk), and renders through `render`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use minijinja::Value;
+use serde::Deserialize;
+
+use crate::keys;
+use crate::mac::Mac;
+use crate::policy::{self, BootDecision, BootRequest, DiscoverAnswer, LocalReason, MachineFacts, State};
+use crate::render::{ArtifactKind, Catalog, Profile, RenderError, Sources};
+use crate::store::{self, Event, Machine, MachinePatch, NewMachine, Sighting, Store, StoreError};
+use crate::validate;
+
+/// What went wrong, classified for the HTTP layer's status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// From the store (not found, illegal transition, token refused, database).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// From rendering.
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    /// Input that fails validation.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<validate::Invalid> for Error {
+    fn from(e: validate::Invalid) -> Self {
+        Error::Invalid(e.0)
+    }
+}
+
+/// Result type of the provisioner.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Behaviour settings from the configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How long an install token lives.
+    pub install_token_ttl: Duration,
+    /// What unknown machines are told.
+    pub discover: DiscoverAnswer,
+}
+
+/// An enroll request, as the API receives it.
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// MAC in any accepted form.
+    pub mac: String,
+    /// Profile name.
+    pub profile: String,
+    /// Hostname (RFC 1123).
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// SMBIOS UUID.
+    #[serde(default)]
+    pub uuid: Option<String>,
+    /// Serial.
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// Variables.
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A change to a machine, as the API receives it.
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRequest {
+    /// New profile.
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// New hostname; an empty string clears it.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// Replaces all variables.
+    #[serde(default)]
+    pub vars: Option<BTreeMap<String, String>>,
+    /// Variables to set, keeping the others.
+    #[serde(default)]
+    pub set_vars: Option<BTreeMap<String, String>>,
+    /// Variable names to remove.
+    #[serde(default)]
+    pub unset_vars: Option<Vec<String>>,
+    /// Replaces all labels.
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// The daemon's shared state and logic.
+pub struct Provisioner {
+    store: Store,
+    catalog: RwLock<Arc<Catalog>>,
+    sources: Sources,
+    settings: Settings,
+    ssh_public_key: String,
+}
+
+/// The token text placed in previews instead of a live install token.
+pub const REDACTED_TOKEN: &str = "REDACTED-INSTALL-TOKEN";
+
+impl Provisioner {
+    /// Builds the provisioner, loading profiles and templates from `sources`.
+    pub fn new(
+        store: Store,
+        sources: Sources,
+        settings: Settings,
+        ssh_public_key: String,
+    ) -> Result<Provisioner, RenderError> {
+        let catalog = Catalog::load(sources.clone())?;
+        Ok(Provisioner {
+            store,
+            catalog: RwLock::new(Arc::new(catalog)),
+            sources,
+            settings,
+            ssh_public_key,
+        })
+    }
+
+    /// The current catalog snapshot.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Reloads profiles and templates from disk; on error the old catalog stays in service.
+    /// Returns the number of profiles.
+    pub fn reload(&self) -> Result<usize, RenderError> {
+        let new = Catalog::load(self.sources.clone())?;
+        let n = new.profiles().len();
+        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        Ok(n)
+    }
+
+    /// The daemon's SSH public key (rendered into installs).
+    pub fn ssh_public_key(&self) -> &str {
+        &self.ssh_public_key
+    }
+
+    async fn db<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| Error::Invalid(format!("internal error: {e}")))?
+            .map_err(Error::from)
+    }
+
+    /// Records an event; a failure to record is logged, never turned into a failed boot.
+    async fn note(&self, mac: Option<Mac>, kind: &'static str, detail: String) {
+        let d = detail.clone();
+        if let Err(e) = self.db(move |s| s.event(mac, kind, &d, store::now_ms())).await {
+            tracing::error!(?mac, kind, %detail, "recording event failed: {e}");
+        }
+    }
+
+    /// The template context for a machine: its inventory data, the profile's default vars
+    /// overridden by the machine's, and the daemon's URLs with `token` in them.
+    fn context(
+        &self,
+        m: &Machine,
+        profile: Option<&Profile>,
+        base_url: &str,
+        token: &str,
+    ) -> BTreeMap<&'static str, Value> {
+        let mut vars = profile.map(|p| p.vars.clone()).unwrap_or_default();
+        vars.extend(m.vars.clone());
+        let bare = m.mac.to_string().replace(':', "");
+        let hostname = m.hostname.clone().unwrap_or_else(|| format!("node-{bare}"));
+        let mut keys = vec![self.ssh_public_key.clone()];
+        if let Some(k) = m.vars.get("ssh_authorized_key") {
+            keys.push(k.clone());
+        }
+        let config_url = format!("{base_url}/config/{token}");
+        let opt = |v: &Option<String>| v.clone().map(Value::from).unwrap_or(Value::from(()));
+        BTreeMap::from([
+            ("mac", Value::from(m.mac.to_string())),
+            ("mac_hyphen", Value::from(m.mac.hyphenated())),
+            ("mac_bare", Value::from(bare.clone())),
+            ("hostname", Value::from(hostname)),
+            ("uuid", opt(&m.uuid)),
+            ("serial", opt(&m.serial)),
+            ("profile", Value::from(m.profile.clone().unwrap_or_default())),
+            ("role", Value::from(profile.map(|p| format!("{:?}", p.role).to_lowercase()).unwrap_or_else(|| "none".into()))),
+            ("generation", Value::from(m.generation)),
+            ("instance_id", Value::from(format!("provision-{bare}-{}", m.generation))),
+            ("vars", Value::from_serialize(&vars)),
+            ("labels", Value::from_serialize(&m.labels)),
+            // Plain (not "safe") strings: JSON/YAML templates escape them, and iPXE lines
+            // check them like any other value.
+            ("base_url", Value::from(base_url.to_string())),
+            ("assets_url", Value::from(format!("{base_url}/assets"))),
+            ("config_url", Value::from(config_url)),
+            ("phone_home_url", Value::from(format!("{base_url}/phone-home/{token}"))),
+            ("ssh_public_key", Value::from(self.ssh_public_key.clone())),
+            ("ssh_authorized_keys", Value::from_serialize(&keys)),
+        ])
+    }
+
+    /// Renders the whole install script for `m` (boot files + install.ipxe) with `token`.
+    fn install_script(&self, cat: &Catalog, m: &Machine, profile: &str, base_url: &str, token: &str) -> Result<String> {
+        let p = cat.profile(profile)?;
+        let mut ctx = self.context(m, Some(p), base_url, token);
+        let files = cat.render_boot_files(profile, &Value::from(ctx.clone()))?;
+        let boot = BTreeMap::from([
+            ("kernel", Value::from_safe_string(files.kernel)),
+            ("initrds", Value::from(files.initrds.into_iter().map(Value::from_safe_string).collect::<Vec<_>>())),
+            ("cmdline", Value::from_safe_string(files.cmdline)),
+        ]);
+        ctx.insert("boot", Value::from(boot));
+        Ok(cat.render_ipxe("install.ipxe", &Value::from(ctx))?)
+    }
+
+    fn local_script(&self, cat: &Catalog, mac: Mac, platform: policy::Platform, reason: &str, base_url: &str) -> Result<String> {
+        let ctx = minijinja::context! {
+            mac => mac.to_string(),
+            platform => match platform { policy::Platform::Efi => "efi", policy::Platform::Pcbios => "pcbios" },
+            reason => reason,
+            base_url => base_url,
+        };
+        Ok(cat.render_ipxe("local.ipxe", &ctx)?)
+    }
+
+    /// The static first script (`/boot.ipxe`).
+    pub fn boot_ipxe(&self, base_url: &str) -> Result<String> {
+        let ctx = minijinja::context! { base_url => base_url };
+        Ok(self.catalog().render_ipxe("boot.ipxe", &ctx)?)
+    }
+
+    /// Answers `/ipxe` for one machine: records the sighting (an unknown MAC becomes
+    /// `discovered`), decides, and returns the script; an install mints a new install token
+    /// and moves the machine to `installing` only once the script has rendered.
+    /// `Ok(None)` means "ignore this machine".
+    pub async fn boot(
+        &self,
+        mac: Mac,
+        req: BootRequest,
+        sighting: Sighting,
+        base_url: &str,
+    ) -> Result<Option<String>> {
+        let now = store::now_ms();
+        let m = self.db(move |s| s.sighted(mac, &sighting, now)).await?;
+        let facts = MachineFacts {
+            state: m.state,
+            profile: m.profile.as_deref(),
+        };
+        let decision = policy::decide(Some(&facts), &req, self.settings.discover);
+        let cat = self.catalog();
+        match decision {
+            BootDecision::Ignore => {
+                self.note(Some(mac), "ipxe_ignored", "discovery answer is ignore".into()).await;
+                Ok(None)
+            }
+            BootDecision::LocalBoot { platform, reason } => {
+                let word = match reason {
+                    LocalReason::Discovered => "discovered",
+                    LocalReason::Installed => "installed",
+                    LocalReason::Failed => "failed",
+                };
+                let script = self.local_script(&cat, mac, platform, word, base_url);
+                match &script {
+                    Ok(_) => {
+                        self.note(Some(mac), "ipxe_served", format!("local boot ({word}, {platform:?})")).await
+                    }
+                    Err(e) => self.note(Some(mac), "render_failed", format!("local.ipxe: {e}")).await,
+                }
+                script.map(Some)
+            }
+            BootDecision::Install { profile } => {
+                let token = keys::random_token();
+                let script = match self.install_script(&cat, &m, &profile, base_url, &token) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.note(Some(mac), "render_failed", format!("install script for profile {profile}: {e}")).await;
+                        return Err(e);
+                    }
+                };
+                let hash = keys::token_hash(&token);
+                let expires = now + self.settings.install_token_ttl.as_millis() as i64;
+                self.db(move |s| s.start_install(mac, &hash, expires, now)).await?;
+                Ok(Some(script))
+            }
+        }
+    }
+
+    /// Serves a profile artifact to the installer holding a live install token.
+    pub async fn config(&self, token: &str, artifact: &str, base_url: &str) -> Result<(ArtifactKind, String)> {
+        let hash = keys::token_hash(token);
+        let now = store::now_ms();
+        let m = match self.db(move |s| s.machine_by_token(&hash, now)).await {
+            Ok(m) => m,
+            Err(Error::Store(StoreError::Token(problem, Some(mac)))) => {
+                self.note(Some(mac), "config_refused", format!("{artifact}: {problem}")).await;
+                return Err(Error::Store(StoreError::Token(problem, Some(mac))));
+            }
+            Err(e) => return Err(e),
+        };
+        let cat = self.catalog();
+        let profile = m.profile.clone().unwrap_or_default();
+        let result = cat
+            .profile(&profile)
+            .map(|p| self.context(&m, Some(p), base_url, token))
+            .and_then(|ctx| cat.render_artifact(&profile, artifact, &Value::from(ctx)));
+        match &result {
+            Ok((kind, body)) => {
+                self.note(Some(m.mac), "config_served", format!("{artifact} ({kind:?}, {} bytes)", body.len())).await
+            }
+            Err(e) => self.note(Some(m.mac), "render_failed", format!("{artifact}: {e}")).await,
+        }
+        Ok(result?)
+    }
+
+    /// Phone-home: pins the posted SSH host keys and moves the machine to `installed`,
+    /// burning its token. `key_lines` are OpenSSH public key lines; each must parse.
+    pub async fn phone_home(&self, token: &str, key_lines: Vec<String>) -> Result<Machine> {
+        let mut keys = Vec::new();
+        for line in key_lines.iter().map(|l| l.trim()).filter(|l| !l.is_empty()) {
+            let k = ssh_key::PublicKey::from_openssh(line).map_err(|e| {
+                Error::Invalid(format!("phone-home: {:?} is not an OpenSSH public key: {e}", truncate(line, 60)))
+            })?;
+            let alg = k.algorithm().as_str().to_string();
+            let mut k = k;
+            k.set_comment("");
+            let text = k.to_openssh().map_err(|e| Error::Invalid(e.to_string()))?;
+            keys.push((alg, text));
+        }
+        if keys.is_empty() {
+            return Err(Error::Invalid(
+                "phone-home carried no SSH host public key: post the lines of /etc/ssh/ssh_host_*_key.pub (text/plain) or cloud-init's pub_key_* form fields".into(),
+            ));
+        }
+        let algs: Vec<_> = keys.iter().map(|(a, _)| a.clone()).collect();
+        let detail = format!("{} SSH host key(s) pinned: {}", keys.len(), algs.join(", "));
+        let hash = keys::token_hash(token);
+        let now = store::now_ms();
+        match self.db(move |s| s.phone_home(&hash, &keys, &detail, now)).await {
+            Err(Error::Store(StoreError::Token(problem, Some(mac)))) => {
+                self.note(Some(mac), "phone_home_refused", problem.to_string()).await;
+                Err(Error::Store(StoreError::Token(problem, Some(mac))))
+            }
+            other => other,
+        }
+    }
+
+    fn check_renders(&self, m: &Machine) -> Result<()> {
+        let cat = self.catalog();
+        let profile = m.profile.clone().unwrap_or_default();
+        let p = cat.profile(&profile)?;
+        let ctx = self.context(m, Some(p), "http://provision.invalid", REDACTED_TOKEN);
+        self.install_script(&cat, m, &profile, "http://provision.invalid", REDACTED_TOKEN)?;
+        for a in p.artifacts.keys() {
+            cat.render_artifact(&profile, a, &Value::from(ctx.clone()))?;
+        }
+        Ok(())
+    }
+
+    /// Enrolls a machine after validating every field and proving that every artifact of
+    /// its profile renders with its data; a value that cannot be placed safely is refused
+    /// here, at the API, rather than at boot.
+    pub async fn enroll(&self, req: EnrollRequest) -> Result<Machine> {
+        let mac: Mac = req.mac.parse().map_err(|e: crate::mac::MacError| Error::Invalid(e.to_string()))?;
+        validate::profile_name(&req.profile)?;
+        self.catalog().profile(&req.profile)?;
+        if let Some(h) = &req.hostname {
+            validate::hostname(h)?;
+        }
+        if let Some(u) = &req.uuid {
+            validate::uuid(u)?;
+        }
+        if let Some(s) = &req.serial {
+            validate::text("serial", s)?;
+        }
+        validate::vars(&req.vars)?;
+        validate::vars(&req.labels)?;
+        let new = NewMachine {
+            mac: Some(mac),
+            profile: req.profile,
+            hostname: req.hostname,
+            uuid: req.uuid.map(|u| u.to_lowercase()),
+            serial: req.serial,
+            vars: req.vars,
+            labels: req.labels,
+        };
+        let probe = Machine {
+            mac,
+            uuid: new.uuid.clone(),
+            serial: new.serial.clone(),
+            hostname: new.hostname.clone(),
+            profile: Some(new.profile.clone()),
+            state: State::Enrolled,
+            vars: new.vars.clone(),
+            labels: new.labels.clone(),
+            generation: 0,
+            arch: None,
+            platform: None,
+            last_ip: None,
+            failed_step: None,
+            failed_reason: None,
+            host_keys: vec![],
+            created_at: 0,
+            updated_at: 0,
+        };
+        self.check_renders(&probe)?;
+        let now = store::now_ms();
+        self.db(move |s| s.enroll(&new, now)).await
+    }
+
+    /// Changes a machine's profile, hostname, vars or labels, with the same checks as enroll.
+    pub async fn update(&self, mac: Mac, req: UpdateRequest) -> Result<Machine> {
+        let current = self.machine(mac).await?;
+        let mut patch = MachinePatch::default();
+        if let Some(p) = req.profile {
+            validate::profile_name(&p)?;
+            self.catalog().profile(&p)?;
+            patch.profile = Some(p);
+        }
+        if let Some(h) = req.hostname {
+            if h.is_empty() {
+                patch.hostname = Some(None);
+            } else {
+                validate::hostname(&h)?;
+                patch.hostname = Some(Some(h));
+            }
+        }
+        let mut vars = req.vars.unwrap_or_else(|| current.vars.clone());
+        vars.extend(req.set_vars.unwrap_or_default());
+        for k in req.unset_vars.unwrap_or_default() {
+            vars.remove(&k);
+        }
+        validate::vars(&vars)?;
+        if vars != current.vars {
+            patch.vars = Some(vars);
+        }
+        if let Some(l) = req.labels {
+            validate::vars(&l)?;
+            patch.labels = Some(l);
+        }
+        let mut probe = current.clone();
+        if let Some(p) = &patch.profile {
+            probe.profile = Some(p.clone());
+        }
+        if let Some(h) = &patch.hostname {
+            probe.hostname = h.clone();
+        }
+        if let Some(v) = &patch.vars {
+            probe.vars = v.clone();
+        }
+        if probe.profile.is_some() {
+            self.check_renders(&probe)?;
+        }
+        let now = store::now_ms();
+        self.db(move |s| s.update(mac, &patch, now)).await
+    }
+
+    /// One machine, or NotFound.
+    pub async fn machine(&self, mac: Mac) -> Result<Machine> {
+        self.db(move |s| s.machine(mac)?.ok_or(StoreError::NotFound(mac))).await
+    }
+
+    /// All machines, optionally in one state.
+    pub async fn machines(&self, state: Option<State>) -> Result<Vec<Machine>> {
+        self.db(move |s| s.machines(state)).await
+    }
+
+    /// Deletes a machine (its events stay).
+    pub async fn delete(&self, mac: Mac) -> Result<()> {
+        let now = store::now_ms();
+        self.db(move |s| s.delete(mac, now)).await
+    }
+
+    /// Reprovision: back to `enrolled` with a new generation; the next boot reinstalls.
+    pub async fn reprovision(&self, mac: Mac) -> Result<Machine> {
+        let now = store::now_ms();
+        self.db(move |s| s.reprovision(mac, now)).await
+    }
+
+    /// Events, oldest first.
+    pub async fn events(&self, mac: Option<Mac>, after: i64, limit: i64) -> Result<Vec<Event>> {
+        self.db(move |s| s.events(mac, after, limit)).await
+    }
+
+    /// Renders what a machine would be served now, with the install token redacted and
+    /// nothing recorded. `artifact` is `ipxe` (its `/ipxe` script) or a profile artifact.
+    pub async fn preview(&self, mac: Mac, artifact: &str, base_url: &str) -> Result<(ArtifactKind, String)> {
+        let m = self.machine(mac).await?;
+        let cat = self.catalog();
+        if artifact == "ipxe" {
+            let facts = MachineFacts { state: m.state, profile: m.profile.as_deref() };
+            let platform = policy::Platform::from_ipxe(m.platform.as_deref().unwrap_or(""));
+            let req = BootRequest { platform, arch: m.arch.clone() };
+            let body = match policy::decide(Some(&facts), &req, self.settings.discover) {
+                BootDecision::Install { profile } => self.install_script(&cat, &m, &profile, base_url, REDACTED_TOKEN)?,
+                BootDecision::LocalBoot { platform, reason } => {
+                    let word = format!("{reason:?}").to_lowercase();
+                    self.local_script(&cat, mac, platform, &word, base_url)?
+                }
+                BootDecision::Ignore => "#!ipxe\n# provision: this machine is ignored (no answer)\n".to_string(),
+            };
+            return Ok((ArtifactKind::Ipxe, body));
+        }
+        let Some(profile) = m.profile.clone() else {
+            return Err(Error::Invalid(format!("machine {mac} has no profile; enroll it first")));
+        };
+        let p = cat.profile(&profile)?;
+        let ctx = self.context(&m, Some(p), base_url, REDACTED_TOKEN);
+        Ok(cat.render_artifact(&profile, artifact, &Value::from(ctx))?)
+    }
+
+    /// Fails machines whose install token expired before they phoned home.
+    pub async fn expire_installs(&self) -> Result<Vec<Mac>> {
+        let now = store::now_ms();
+        self.db(move |s| s.expire_installs(now)).await
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n).collect::<String>())
+    }
+}

@@ -1,0 +1,463 @@
+//! Profiles and templates: the only module that knows minijinja.
+//!
+//! Templates come from two layers: directories named in the configuration (an operator's git
+//! checkout), and the built-in `templates/` and `ipxe/` trees embedded in the binary. A file in
+//! the configured directory replaces the built-in file of the same name, so an operator can
+//! override one template without copying the rest. Profiles are TOML files under
+//! `profiles/`. Undefined variables are errors (strict mode): a typo in a template fails the
+//! render instead of installing a machine with an empty value.
+//!
+//! Every `{{ }}` in an `.ipxe` template (and in a profile's kernel, initrd and cmdline
+//! strings) must be a single safe word (`filters::check_ipxe_word`); `.json` and `.yaml`
+//! templates get JSON escaping, which is also valid YAML; preseed and shell contexts use the
+//! `preseed` and `shell` filters. Every render is then checked (`check`) before it is served.
+
+pub mod check;
+pub mod filters;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use include_dir::{include_dir, Dir};
+use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value};
+use serde::{Deserialize, Serialize};
+
+static BUILTIN_TEMPLATES: Dir = include_dir!("$CARGO_MANIFEST_DIR/templates");
+static BUILTIN_IPXE: Dir = include_dir!("$CARGO_MANIFEST_DIR/ipxe");
+
+/// A render or profile problem, in words for the operator.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RenderError {
+    /// A profile name that does not exist.
+    #[error("no profile named {0:?}; `provision profiles` lists them")]
+    NoProfile(String),
+    /// An artifact the profile does not have.
+    #[error("profile {profile} has no artifact {artifact:?}; it has: {have}")]
+    NoArtifact {
+        /// The profile.
+        profile: String,
+        /// What was asked for.
+        artifact: String,
+        /// What exists.
+        have: String,
+    },
+    /// A profile file that does not parse or refers to missing templates.
+    #[error("profile {file}: {message}")]
+    BadProfile {
+        /// The file.
+        file: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The template engine failed (syntax, undefined variable, a value refused by a filter).
+    #[error("rendering {what} failed: {message}")]
+    Template {
+        /// Which template or profile field.
+        what: String,
+        /// What went wrong, with the line.
+        message: String,
+    },
+    /// The render succeeded but the result is not a valid artifact of its kind.
+    #[error("rendered {what} is not valid: {message}")]
+    Invalid {
+        /// Which artifact.
+        what: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// How a rendered artifact is checked and served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ArtifactKind {
+    /// An iPXE script.
+    Ipxe,
+    /// cloud-init user-data starting with `#cloud-config` (also CoreOS cloud-config).
+    CloudConfig,
+    /// Ubuntu autoinstall user-data: cloud-config with `autoinstall: {version: 1}`.
+    Autoinstall,
+    /// NoCloud meta-data: YAML with an instance-id.
+    MetaData,
+    /// Any YAML document (vendor-data).
+    Yaml,
+    /// Ignition v3 JSON.
+    Ignition,
+    /// debconf preseed.
+    Preseed,
+    /// Plain text, not checked.
+    Text,
+}
+
+impl ArtifactKind {
+    /// The Content-Type the artifact is served with.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            ArtifactKind::Ignition => "application/json",
+            ArtifactKind::CloudConfig
+            | ArtifactKind::Autoinstall
+            | ArtifactKind::MetaData
+            | ArtifactKind::Yaml => "text/yaml; charset=utf-8",
+            _ => "text/plain; charset=utf-8",
+        }
+    }
+}
+
+/// What the registrar does after install (the registration issue builds on this).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// No registration.
+    #[default]
+    None,
+    /// An OVS hypervisor (transport node).
+    Hypervisor,
+    /// An OVS gateway.
+    Gateway,
+    /// A service node.
+    Service,
+}
+
+/// One rendered file a profile offers to its installer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    /// Template path, relative to the templates root.
+    pub template: String,
+    /// How it is checked and served.
+    pub kind: ArtifactKind,
+}
+
+/// What to install: a TOML file under `templates/profiles/`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// The file name without `.toml`.
+    #[serde(skip_deserializing)]
+    pub name: String,
+    /// One line for `provision profiles`.
+    pub description: String,
+    /// Kernel URL (a template; `{{ assets_url }}` points at the daemon's `/assets/`).
+    pub kernel: String,
+    /// Initrd URLs (templates), loaded in order.
+    #[serde(default)]
+    pub initrds: Vec<String>,
+    /// Kernel command line (a template; `{{ config_url }}` is the token-bearing config base).
+    #[serde(default)]
+    pub cmdline: String,
+    /// Registration role.
+    #[serde(default)]
+    pub role: Role,
+    /// Default variables; a machine's own vars override them.
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    /// Artifacts by name, served at `/config/{token}/{name}`.
+    #[serde(default)]
+    pub artifacts: BTreeMap<String, Artifact>,
+}
+
+/// Where templates come from, besides the built-in ones.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    /// Operator's templates directory (profiles/ and template files), overriding built-ins.
+    pub templates_dir: Option<PathBuf>,
+    /// Operator's iPXE scripts directory, overriding built-ins.
+    pub ipxe_dir: Option<PathBuf>,
+}
+
+impl Sources {
+    /// Reads a template by name: `ipxe/NAME` from the iPXE layer, anything else from the
+    /// templates layer; the operator's directory first, then the built-in tree. Names are
+    /// relative paths and never leave their root.
+    fn read(&self, name: &str) -> Option<String> {
+        let (dir, builtin, rel) = match name.strip_prefix("ipxe/") {
+            Some(rel) => (&self.ipxe_dir, &BUILTIN_IPXE, rel),
+            None => (&self.templates_dir, &BUILTIN_TEMPLATES, name),
+        };
+        let rel_path = Path::new(rel);
+        if !rel_path.components().all(|c| matches!(c, Component::Normal(_))) {
+            return None;
+        }
+        if let Some(d) = dir {
+            if let Ok(s) = std::fs::read_to_string(d.join(rel_path)) {
+                return Some(s);
+            }
+        }
+        builtin
+            .get_file(rel_path)
+            .and_then(|f| f.contents_utf8())
+            .map(str::to_string)
+    }
+
+    /// Profile files: built-in ones, then the operator's, which replace same-named ones.
+    fn profile_files(&self) -> Result<BTreeMap<String, (String, String)>, RenderError> {
+        let mut out = BTreeMap::new();
+        if let Some(dir) = BUILTIN_TEMPLATES.get_dir("profiles") {
+            for f in dir.files() {
+                if let (Some(stem), Some(text)) = (
+                    f.path().file_stem().and_then(|s| s.to_str()),
+                    f.contents_utf8(),
+                ) {
+                    if f.path().extension().is_some_and(|e| e == "toml") {
+                        out.insert(
+                            stem.to_string(),
+                            (format!("(built-in) {}", f.path().display()), text.to_string()),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(dir) = &self.templates_dir {
+            let pdir = dir.join("profiles");
+            if pdir.is_dir() {
+                let entries = std::fs::read_dir(&pdir).map_err(|e| RenderError::BadProfile {
+                    file: pdir.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                for e in entries.flatten() {
+                    let p = e.path();
+                    if p.extension().is_some_and(|e| e == "toml") {
+                        let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+                        let text = std::fs::read_to_string(&p).map_err(|e| {
+                            RenderError::BadProfile {
+                                file: p.display().to_string(),
+                                message: e.to_string(),
+                            }
+                        })?;
+                        out.insert(stem.to_string(), (p.display().to_string(), text));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Profiles plus a template environment: loaded at start and on reload, then shared.
+pub struct Catalog {
+    profiles: BTreeMap<String, Profile>,
+    env: Environment<'static>,
+}
+
+fn template_error(what: &str, e: minijinja::Error) -> RenderError {
+    let mut message = e.to_string();
+    if let Some(d) = e.detail() {
+        if !message.contains(d) {
+            message = format!("{message}: {d}");
+        }
+    }
+    if let Some(line) = e.line() {
+        if !message.contains("line") {
+            message.push_str(&format!(" (line {line})"));
+        }
+    }
+    RenderError::Template {
+        what: what.to_string(),
+        message,
+    }
+}
+
+fn new_env(sources: Sources) -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_keep_trailing_newline(true);
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_loader(move |name| Ok(sources.read(name)));
+    env.set_auto_escape_callback(|name| {
+        if name.ends_with(".ipxe") || name.ends_with(".cmdline") {
+            AutoEscape::Custom("ipxe")
+        } else if name.ends_with(".json") || name.ends_with(".yaml") || name.ends_with(".yml") {
+            AutoEscape::Json
+        } else {
+            AutoEscape::None
+        }
+    });
+    env.set_formatter(|out, state, value| {
+        if let AutoEscape::Custom("ipxe") = state.auto_escape() {
+            if value.is_safe() {
+                write!(out, "{value}").map_err(minijinja::Error::from)?;
+                return Ok(());
+            }
+            if value.is_none() || value.is_undefined() {
+                return Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    "a missing (none) value cannot be placed in an iPXE script or kernel command line",
+                ));
+            }
+            let s = value.to_string();
+            filters::check_ipxe_word(&s)?;
+            write!(out, "{s}").map_err(minijinja::Error::from)?;
+            Ok(())
+        } else {
+            minijinja::escape_formatter(out, state, value)
+        }
+    });
+    env.add_filter("ipxe", filters::ipxe);
+    env.add_filter("cmdline", filters::cmdline);
+    env.add_filter("preseed", filters::preseed);
+    env.add_filter("shell", filters::shell);
+    env
+}
+
+/// The parts of an install iPXE script that come from the profile.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BootFiles {
+    /// Kernel URL.
+    pub kernel: String,
+    /// Initrd URLs.
+    pub initrds: Vec<String>,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+impl Catalog {
+    /// Loads every profile and compiles every template they name; any problem is an error
+    /// naming the file, so a bad edit is caught at start or reload, not at a machine's boot.
+    pub fn load(sources: Sources) -> Result<Catalog, RenderError> {
+        let files = sources.profile_files()?;
+        let env = new_env(sources);
+        let mut profiles = BTreeMap::new();
+        for (name, (file, text)) in files {
+            let bad = |message: String| RenderError::BadProfile {
+                file: file.clone(),
+                message,
+            };
+            crate::validate::profile_name(&name).map_err(|e| bad(e.0))?;
+            let mut p: Profile = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            p.name = name.clone();
+            crate::validate::vars(&p.vars).map_err(|e| bad(e.0))?;
+            for (aname, a) in &p.artifacts {
+                crate::validate::profile_name(aname)
+                    .map_err(|_| bad(format!("artifact name {aname:?} must be a plain file name")))?;
+                env.get_template(&a.template)
+                    .map_err(|e| bad(format!("artifact {aname}: template {}: {e}", a.template)))?;
+            }
+            for (field, src) in p.boot_strings() {
+                env.template_from_named_str("check.cmdline", src)
+                    .map_err(|e| bad(format!("{field}: {e}")))?;
+            }
+            profiles.insert(name, p);
+        }
+        for t in ["ipxe/boot.ipxe", "ipxe/install.ipxe", "ipxe/local.ipxe"] {
+            env.get_template(t)
+                .map_err(|e| RenderError::BadProfile {
+                    file: t.to_string(),
+                    message: e.to_string(),
+                })?;
+        }
+        Ok(Catalog { profiles, env })
+    }
+
+    /// All profiles by name.
+    pub fn profiles(&self) -> &BTreeMap<String, Profile> {
+        &self.profiles
+    }
+
+    /// One profile.
+    pub fn profile(&self, name: &str) -> Result<&Profile, RenderError> {
+        self.profiles
+            .get(name)
+            .ok_or_else(|| RenderError::NoProfile(name.to_string()))
+    }
+
+    /// Renders a template file by name and checks the result as `kind`.
+    pub fn render_file(
+        &self,
+        name: &str,
+        kind: ArtifactKind,
+        ctx: &Value,
+    ) -> Result<String, RenderError> {
+        let body = self
+            .env
+            .get_template(name)
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| template_error(name, e))?;
+        check::check(kind, &body).map_err(|message| RenderError::Invalid {
+            what: name.to_string(),
+            message,
+        })?;
+        Ok(body)
+    }
+
+    /// Renders one of the iPXE scripts (`boot.ipxe`, `install.ipxe`, `local.ipxe`).
+    pub fn render_ipxe(&self, script: &str, ctx: &Value) -> Result<String, RenderError> {
+        self.render_file(&format!("ipxe/{script}"), ArtifactKind::Ipxe, ctx)
+    }
+
+    /// Renders a profile's artifact for a machine context.
+    pub fn render_artifact(
+        &self,
+        profile: &str,
+        artifact: &str,
+        ctx: &Value,
+    ) -> Result<(ArtifactKind, String), RenderError> {
+        let p = self.profile(profile)?;
+        let a = p.artifacts.get(artifact).ok_or_else(|| RenderError::NoArtifact {
+            profile: profile.to_string(),
+            artifact: artifact.to_string(),
+            have: p.artifacts.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+        let body = self.render_file(&a.template, a.kind, ctx)?;
+        Ok((a.kind, body))
+    }
+
+    /// Renders a profile's kernel, initrd and cmdline strings; each value in them must be a
+    /// safe word, and the results may not contain a control character or a `$` (which iPXE
+    /// would expand), so they can be placed on one iPXE line each.
+    pub fn render_boot_files(&self, profile: &str, ctx: &Value) -> Result<BootFiles, RenderError> {
+        let p = self.profile(profile)?;
+        let one = |field: &str, src: &str| -> Result<String, RenderError> {
+            let what = format!("profile {profile} {field}");
+            let s = self
+                .env
+                .render_named_str(&format!("{profile}.{field}.cmdline"), src, ctx)
+                .map_err(|e| template_error(&what, e))?;
+            let s = s.trim().to_string();
+            if let Some(c) = s.chars().find(|c| c.is_control() || *c == '$') {
+                return Err(RenderError::Invalid {
+                    what,
+                    message: format!("contains {c:?}, which cannot appear on an iPXE line"),
+                });
+            }
+            Ok(s)
+        };
+        let kernel = one("kernel", &p.kernel)?;
+        if kernel.is_empty() || kernel.contains(char::is_whitespace) {
+            return Err(RenderError::Invalid {
+                what: format!("profile {profile} kernel"),
+                message: format!("{kernel:?} must be one URL"),
+            });
+        }
+        let initrds = p
+            .initrds
+            .iter()
+            .enumerate()
+            .map(|(i, src)| one(&format!("initrds[{i}]"), src))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cmdline = one("cmdline", &p.cmdline)?;
+        Ok(BootFiles {
+            kernel,
+            initrds,
+            cmdline,
+        })
+    }
+}
+
+impl Profile {
+    fn boot_strings(&self) -> Vec<(String, &str)> {
+        let mut v = vec![("kernel".to_string(), self.kernel.as_str()), ("cmdline".to_string(), self.cmdline.as_str())];
+        for (i, s) in self.initrds.iter().enumerate() {
+            v.push((format!("initrds[{i}]"), s.as_str()));
+        }
+        v
+    }
+}
+
+/// The shared, swappable catalog: readers take an `Arc` snapshot; reload swaps it whole, so a
+/// render never sees half of an old and half of a new set of templates.
+pub type SharedCatalog = Arc<std::sync::RwLock<Arc<Catalog>>>;

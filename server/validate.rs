@@ -1,0 +1,158 @@
+//! Validation of inventory values at the API boundary.
+//!
+//! This is the first of two defences (design.md, "Security stance"): values are checked here
+//! when they enter the inventory, and escaped or refused again by the context filters in
+//! [`crate::render`] when they reach an output. Messages say what was wrong and what is allowed,
+//! because they are shown to the operator as they are.
+
+use std::collections::BTreeMap;
+
+/// A value that may not enter the inventory, with the reason in words for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+fn invalid(msg: impl Into<String>) -> Invalid {
+    Invalid(msg.into())
+}
+
+/// Checks a hostname against RFC 1123 section 2.1 (as refined by RFC 952): dot-separated
+/// labels of letters, digits and hyphens, 1-63 characters each, not starting or ending with a
+/// hyphen, 253 characters in all.
+pub fn hostname(h: &str) -> Result<(), Invalid> {
+    if h.is_empty() || h.len() > 253 {
+        return Err(invalid(format!(
+            "hostname {h:?} must be 1 to 253 characters long"
+        )));
+    }
+    for label in h.split('.') {
+        let ok_chars = label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if label.is_empty()
+            || label.len() > 63
+            || !ok_chars
+            || label.starts_with('-')
+            || label.ends_with('-')
+        {
+            return Err(invalid(format!(
+                "hostname {h:?} is not a valid RFC 1123 name: each dot-separated label must be 1-63 letters, digits or hyphens, not starting or ending with a hyphen"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a variable or label name: an identifier (`[A-Za-z_][A-Za-z0-9_]*`, at most 64
+/// characters), so it can be used as `vars.NAME` in a template and never needs quoting.
+pub fn var_name(k: &str) -> Result<(), Invalid> {
+    let mut bytes = k.bytes();
+    let first_ok = matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_');
+    if !first_ok || k.len() > 64 || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(invalid(format!(
+            "variable name {k:?} must start with a letter or underscore and contain only letters, digits and underscores (at most 64)"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks free text (a variable value, a label value, a serial): no control characters at all,
+/// so no value can add a line to any output, and at most 4096 bytes. Spaces, quotes and `$` are
+/// allowed here; each output context escapes them or refuses them when rendering.
+pub fn text(what: &str, v: &str) -> Result<(), Invalid> {
+    if v.len() > 4096 {
+        return Err(invalid(format!("{what} is longer than 4096 bytes")));
+    }
+    if let Some(c) = v.chars().find(|c| c.is_control()) {
+        return Err(invalid(format!(
+            "{what} {v:?} contains the control character {c:?}; newlines, tabs and other control characters are not allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a map of variables: every name an identifier, every value free text.
+pub fn vars(vars: &BTreeMap<String, String>) -> Result<(), Invalid> {
+    for (k, v) in vars {
+        var_name(k)?;
+        text(&format!("variable {k}"), v)?;
+    }
+    Ok(())
+}
+
+/// Checks a SMBIOS UUID as iPXE prints `${uuid}`: 8-4-4-4-12 hex digits.
+pub fn uuid(u: &str) -> Result<(), Invalid> {
+    let groups: Vec<&str> = u.split('-').collect();
+    let lens = [8, 4, 4, 4, 12];
+    let ok = groups.len() == 5
+        && groups
+            .iter()
+            .zip(lens)
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !ok {
+        return Err(invalid(format!(
+            "UUID {u:?} must look like 8-4-4-4-12 hex digits, e.g. 4c4c4544-0038-4410-8051-b4c04f4d4e32"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a profile name: letters, digits, `.`, `_` and `-`, as used for file names.
+pub fn profile_name(p: &str) -> Result<(), Invalid> {
+    if p.is_empty()
+        || p.len() > 64
+        || !p
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        || p.starts_with('.')
+    {
+        return Err(invalid(format!(
+            "profile name {p:?} must be 1-64 letters, digits, '.', '_' or '-', not starting with '.'"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostnames() {
+        for ok in ["node1", "node-1.lab.example", "a", "1host", &"a".repeat(63)] {
+            hostname(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "-node",
+            "node-",
+            "no_de",
+            "a..b",
+            "node 1",
+            "node\n1",
+            "n${x}",
+            "node\"",
+            &"a".repeat(64),
+        ] {
+            assert!(hostname(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn var_names_and_text() {
+        var_name("ntp_server").unwrap();
+        var_name("_x1").unwrap();
+        for bad in ["", "1x", "a-b", "a b", "a.b", "${x}"] {
+            assert!(var_name(bad).is_err(), "{bad:?}");
+        }
+        text("v", "a b 'c' \"d\" ${e}").unwrap();
+        for bad in ["a\nb", "a\rb", "a\tb", "\u{0}", "\u{7f}", "a\u{85}b"] {
+            assert!(text("v", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn uuids() {
+        uuid("4c4c4544-0038-4410-8051-b4c04f4d4e32").unwrap();
+        assert!(uuid("4c4c4544003844108051b4c04f4d4e32").is_err());
+        assert!(uuid("4c4c4544-0038-4410-8051-b4c04f4d4e3z").is_err());
+    }
+}
