@@ -533,3 +533,7 @@ fn truncate(s: &str, n: usize) -> String {
         format!("{}…", s.chars().take(n).collect::<String>())
     }
 }
+
+#[cfg(test)]
+#[path = "provisioner_tests.rs"]
+mod tests;

@@ -251,7 +251,7 @@ fn template_error(what: &str, e: minijinja::Error) -> RenderError {
         }
     }
     if let Some(line) = e.line() {
-        if !message.contains("line") {
+        if !message.contains(&format!(":{line})")) {
             message.push_str(&format!(" (line {line})"));
         }
     }
