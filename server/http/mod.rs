@@ -47,7 +47,7 @@ pub fn router(state: AppState, assets_dir: &std::path::Path) -> Router {
         .route("/profiles/{name}", get(api::profile))
         .route("/reload", post(api::reload))
         .fallback(api::not_found)
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), api::auth));
+        .layer(axum::middleware::from_fn_with_state(state.clone(), api::auth));
     Router::new()
         .route("/boot.ipxe", get(boot::boot_ipxe))
         .route("/ipxe", get(boot::ipxe))
