@@ -227,7 +227,7 @@ impl Provisioner {
     fn local_script(&self, cat: &Catalog, mac: Mac, platform: policy::Platform, reason: &str, base_url: &str) -> Result<String> {
         let ctx = minijinja::context! {
             mac => mac.to_string(),
-            platform => match platform { policy::Platform::Efi => "efi", policy::Platform::Pcbios => "pcbios" },
+            platform => platform.as_str(),
             reason => reason,
             base_url => base_url,
         };
@@ -273,7 +273,7 @@ impl Provisioner {
                 let script = self.local_script(&cat, mac, platform, word, base_url);
                 match &script {
                     Ok(_) => {
-                        self.note(Some(mac), "ipxe_served", format!("local boot ({word}, {platform:?})")).await
+                        self.note(Some(mac), "ipxe_served", format!("local boot ({word}, {})", platform.as_str())).await
                     }
                     Err(e) => self.note(Some(mac), "render_failed", format!("local.ipxe: {e}")).await,
                 }
@@ -316,7 +316,7 @@ impl Provisioner {
             .and_then(|ctx| cat.render_artifact(&profile, artifact, &Value::from(ctx)));
         match &result {
             Ok((kind, body)) => {
-                self.note(Some(m.mac), "config_served", format!("{artifact} ({kind:?}, {} bytes)", body.len())).await
+                self.note(Some(m.mac), "config_served", format!("{artifact} ({}, {} bytes)", kind.as_str(), body.len())).await
             }
             Err(e) => self.note(Some(m.mac), "render_failed", format!("{artifact}: {e}")).await,
         }

@@ -216,6 +216,14 @@ pub enum Platform {
 }
 
 impl Platform {
+    /// iPXE's name for the platform.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Pcbios => "pcbios",
+            Platform::Efi => "efi",
+        }
+    }
+
     /// Reads iPXE's `${platform}`; anything unknown or empty is treated as BIOS, which is
     /// what iPXE builds without the setting (pre-2012) are.
     pub fn from_ipxe(s: &str) -> Platform {

@@ -94,6 +94,20 @@ pub enum ArtifactKind {
 }
 
 impl ArtifactKind {
+    /// The name used in profile files and events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArtifactKind::Ipxe => "ipxe",
+            ArtifactKind::CloudConfig => "cloud-config",
+            ArtifactKind::Autoinstall => "autoinstall",
+            ArtifactKind::MetaData => "meta-data",
+            ArtifactKind::Yaml => "yaml",
+            ArtifactKind::Ignition => "ignition",
+            ArtifactKind::Preseed => "preseed",
+            ArtifactKind::Text => "text",
+        }
+    }
+
     /// The Content-Type the artifact is served with.
     pub fn content_type(self) -> &'static str {
         match self {

@@ -1,1 +1,9 @@
+//! Real-binary tests: `provision serve` on port 0 in a temp data dir, driven through its CLI
+//! and HTTP, with rendered configs checked by the real validators (cloud-init, Ignition,
+//! debconf).
 
+mod support;
+
+mod cli;
+mod daemon;
+mod validators;

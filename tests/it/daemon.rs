@@ -1,0 +1,115 @@
+//! The daemon's life: configuration checks, first start, shutdown, crash, privileged ports.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use crate::support::{Daemon, BIN};
+
+#[test]
+fn first_start_creates_private_secrets() {
+    let d = Daemon::start();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&d.token_file()), 0o600);
+    assert_eq!(mode(&d.dir.path().join("ssh/id_ed25519")), 0o600);
+    assert!(d.dir.path().join("provision.db").exists());
+    assert!(d.dir.path().join("assets").is_dir());
+    let pubkey = std::fs::read_to_string(d.dir.path().join("ssh/id_ed25519.pub")).unwrap();
+    // The daemon's key is rendered into installs.
+    d.cli_ok(&["enroll", "52:54:00:00:00:01", "--profile", "ubuntu-24.04"]);
+    let ud = d.cli_ok(&["render", "52:54:00:00:00:01", "user-data"]);
+    assert!(ud.contains(pubkey.trim()), "{ud}");
+    // The API refuses requests without the token.
+    let (s, body) = d.get("/api/v1/machines");
+    assert_eq!(s, 401, "{body}");
+}
+
+#[test]
+fn check_config_validates_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("provision.toml");
+    std::fs::write(&cfg, "http = \"127.0.0.1:0\"\ninstall_token_ttl = \"2h\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--check-config", "--config"])
+        .arg(&cfg)
+        .args(["--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("configuration OK") && stdout.contains("install token ttl: 2h"), "{stdout}");
+    assert!(!dir.path().join("data").exists(), "--check-config writes nothing");
+
+    std::fs::write(&cfg, "http = \"127.0.0.1:0\"\ntftp_port = 69\n").unwrap();
+    let out = Command::new(BIN).args(["serve", "--check-config", "--config"]).arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `tftp_port`"));
+
+    let out = Command::new(BIN)
+        .args(["serve", "--check-config"])
+        .env("PROVISION_HTPP", "x")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown environment variable PROVISION_HTPP"));
+
+    // A broken operator template is caught at check time, naming the file.
+    let tdir = dir.path().join("templates/profiles");
+    std::fs::create_dir_all(&tdir).unwrap();
+    std::fs::write(tdir.join("broken.toml"), "description = \"x\"\nkernel = \"{{ assets_url }\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--check-config", "--templates-dir"])
+        .arg(dir.path().join("templates"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("broken.toml") && err.contains("kernel"), "{err}");
+}
+
+#[test]
+fn sigterm_stops_gracefully() {
+    let d = Daemon::start();
+    let st = d.terminate();
+    assert!(st.success(), "{st:?}");
+}
+
+#[test]
+fn acknowledged_writes_survive_a_crash() {
+    let d = Daemon::start();
+    d.cli_ok(&["enroll", "52:54:00:00:00:07", "--profile", "flatcar", "--hostname", "n7"]);
+    let (_, script) = d.get("/ipxe?mac=52-54-00-00-00-07&platform=efi");
+    let token = crate::support::token_of(&script);
+    let dir = d.crash();
+    let d = Daemon::start_in(dir, &[]);
+    let show = d.cli_ok(&["machines", "show", "52:54:00:00:00:07"]);
+    assert!(show.contains("installing") && show.contains("n7"), "{show}");
+    // The token issued before the crash still works after it.
+    let (s, body) = d.get(&format!("/config/{token}/install.ign"));
+    assert_eq!(s, 200, "{body}");
+}
+
+#[test]
+fn privileged_port_without_permission_says_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let data = dir.path().join("data");
+    // As root, drop to nobody for this one command (setpriv from util-linux); otherwise the
+    // test user already lacks the permission.
+    let mut cmd = if unsafe { libc::geteuid() } == 0 {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+        c
+    } else {
+        Command::new(BIN)
+    };
+    let out = cmd
+        .args(["serve", "--http", "127.0.0.1:81", "--data-dir"])
+        .arg(&data)
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("permission denied") && err.contains("CAP_NET_BIND_SERVICE") && err.contains("--http"), "{err}");
+}

@@ -1,0 +1,169 @@
+//! A running daemon for one test, stopped by its own PID on drop.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_provision");
+
+/// A `provision serve` child process with its temp data dir.
+pub struct Daemon {
+    pub child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub log: mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    /// Starts the daemon on 127.0.0.1:0 with a fresh data dir.
+    pub fn start() -> Daemon {
+        Self::start_in(tempfile::tempdir().unwrap(), &[])
+    }
+
+    /// Starts the daemon with `dir` as its data dir and extra serve flags.
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Daemon {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--http", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .args(extra)
+            .env("PROVISION_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawning provision serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[daemon] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let port = loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the daemon did not log its HTTP address within 30 s");
+            if let Some(rest) = line.split("listening for HTTP on ").nth(1) {
+                let addr: std::net::SocketAddr = rest.trim().parse().expect("address in log line");
+                break addr.port();
+            }
+        };
+        Daemon { child, port, dir, log: rx }
+    }
+
+    /// The daemon's base URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The admin token file.
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.path().join("admin-token")
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("PROVISION_URL", self.url())
+            .env("PROVISION_TOKEN_FILE", self.token_file())
+            .env_remove("PROVISION_TOKEN")
+            .output()
+            .expect("running the CLI")
+    }
+
+    /// Runs the CLI and returns stdout, panicking with stderr on failure.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "provision {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// GET a machine-facing path; returns (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let mut res = agent().get(&format!("{}{path}", self.url())).call().unwrap();
+        (res.status().as_u16(), res.body_mut().read_to_string().unwrap())
+    }
+
+    /// POST a body to a machine-facing path; returns (status, body).
+    pub fn post(&self, path: &str, content_type: &str, body: &str) -> (u16, String) {
+        let mut res = agent()
+            .post(&format!("{}{path}", self.url()))
+            .header("Content-Type", content_type)
+            .send(body)
+            .unwrap();
+        (res.status().as_u16(), res.body_mut().read_to_string().unwrap())
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        for _ in 0..100 {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the daemon did not stop within 10 s of SIGTERM");
+    }
+
+    /// Kills the process (SIGKILL) and returns its data dir, as a crash would leave it.
+    pub fn crash(mut self) -> tempfile::TempDir {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub fn wait_log(&self, needle: &str) -> String {
+        loop {
+            let line = self
+                .log
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+}
+
+/// The install token in an install script's config URL.
+pub fn token_of(script: &str) -> String {
+    let i = script.find("/config/").expect("script has a config URL") + "/config/".len();
+    script[i..i + 64].to_string()
+}
+
+/// Path of a required external tool; a missing tool fails the test (install it with
+/// `make deps`), it never skips.
+pub fn tool(name: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} is not installed; run `make deps` (it installs the Debian packages the tests need)");
+}
