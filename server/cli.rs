@@ -18,7 +18,12 @@ use crate::mac::Mac;
 #[command(name = "provision", version, about)]
 pub struct Cli {
     /// The daemon's URL, for every command but serve.
-    #[arg(long, global = true, env = "PROVISION_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "PROVISION_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server: String,
     /// File holding the admin API token [default: DATA_DIR/admin-token].
     #[arg(long, global = true, env = "PROVISION_TOKEN_FILE")]
@@ -216,8 +221,9 @@ fn serve(args: ServeArgs) -> Result<(), Fail> {
         let shutdown = CancellationToken::new();
         let sd = shutdown.clone();
         tokio::spawn(async move {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing the SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing the SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
                 _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -269,7 +275,12 @@ fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
                     } else {
                         println!("{:<24} {:<11} DESCRIPTION", "PROFILE", "ROLE");
                         for p in v.as_array().into_iter().flatten() {
-                            println!("{:<24} {:<11} {}", s(&p["name"]), s(&p["role"]), s(&p["description"]));
+                            println!(
+                                "{:<24} {:<11} {}",
+                                s(&p["name"]),
+                                s(&p["role"]),
+                                s(&p["description"])
+                            );
                         }
                     }
                 }
@@ -293,7 +304,9 @@ fn s(v: &Value) -> String {
 }
 
 fn time(v: &Value) -> String {
-    v.as_i64().map(crate::store::fmt_time).unwrap_or_else(|| "-".into())
+    v.as_i64()
+        .map(crate::store::fmt_time)
+        .unwrap_or_else(|| "-".into())
 }
 
 fn print_events(events: &[Value], with_mac: bool) {
@@ -303,8 +316,16 @@ fn print_events(events: &[Value], with_mac: bool) {
             (Some(f), None) => format!(" {f} → (deleted)"),
             _ => String::new(),
         };
-        let mac = if with_mac { format!("{} ", s(&e["mac"])) } else { String::new() };
-        let detail = e["detail"].as_str().filter(|d| !d.is_empty()).map(|d| format!(": {d}")).unwrap_or_default();
+        let mac = if with_mac {
+            format!("{} ", s(&e["mac"]))
+        } else {
+            String::new()
+        };
+        let detail = e["detail"]
+            .as_str()
+            .filter(|d| !d.is_empty())
+            .map(|d| format!(": {d}"))
+            .unwrap_or_default();
         println!("{} {mac}{}{states}{detail}", time(&e["at"]), s(&e["kind"]));
     }
 }
@@ -321,7 +342,11 @@ fn enroll(c: &Client, a: EnrollArgs) -> Result<(), Fail> {
         "labels": parse_pairs("--label", &a.labels)?,
     });
     let m = c.json("POST", "/machines", Some(&body))?;
-    println!("enrolled {} with profile {}: its next network boot installs", s(&m["mac"]), s(&m["profile"]));
+    println!(
+        "enrolled {} with profile {}: its next network boot installs",
+        s(&m["mac"]),
+        s(&m["profile"])
+    );
     if !a.wait {
         return Ok(());
     }
@@ -344,14 +369,24 @@ fn wait_installed(c: &Client, mac: Mac, timeout: Duration) -> Result<(), Fail> {
             "installed" | "registering" | "registered" | "handed_off" => return Ok(()),
             "failed" => {
                 return Err(Fail(
-                    format!("{mac} failed at {}: {}", s(&m["failed_step"]), s(&m["failed_reason"])),
+                    format!(
+                        "{mac} failed at {}: {}",
+                        s(&m["failed_step"]),
+                        s(&m["failed_reason"])
+                    ),
                     1,
                 ))
             }
             _ => {}
         }
         if start.elapsed() > timeout {
-            return Err(Fail(format!("{mac} is still {state} after {}", humantime::format_duration(timeout)), 1));
+            return Err(Fail(
+                format!(
+                    "{mac} is still {state} after {}",
+                    humantime::format_duration(timeout)
+                ),
+                1,
+            ));
         }
         std::thread::sleep(Duration::from_secs(2));
     }
@@ -372,7 +407,10 @@ fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                 return Ok(());
             }
-            println!("{:<17} {:<12} {:<22} {:<24} UPDATED", "MAC", "STATE", "PROFILE", "HOSTNAME");
+            println!(
+                "{:<17} {:<12} {:<22} {:<24} UPDATED",
+                "MAC", "STATE", "PROFILE", "HOSTNAME"
+            );
             for m in v.as_array().into_iter().flatten() {
                 println!(
                     "{:<17} {:<12} {:<22} {:<24} {}",
@@ -392,11 +430,27 @@ fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
                 println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
                 return Ok(());
             }
-            for k in ["mac", "state", "profile", "hostname", "uuid", "serial", "generation", "arch", "platform", "last_ip"] {
+            for k in [
+                "mac",
+                "state",
+                "profile",
+                "hostname",
+                "uuid",
+                "serial",
+                "generation",
+                "arch",
+                "platform",
+                "last_ip",
+            ] {
                 println!("{k:<11} {}", s(&m[k]));
             }
             if m["state"] == "failed" {
-                println!("{:<11} {}: {}", "failed", s(&m["failed_step"]), s(&m["failed_reason"]));
+                println!(
+                    "{:<11} {}: {}",
+                    "failed",
+                    s(&m["failed_step"]),
+                    s(&m["failed_reason"])
+                );
             }
             for (k, v) in m["vars"].as_object().into_iter().flatten() {
                 println!("var        {k}={}", s(v));
@@ -410,7 +464,13 @@ fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
             print_events(&all[all.len().saturating_sub(20)..], false);
             Ok(())
         }
-        MachinesCmd::Update { mac, profile, hostname, vars, unset } => {
+        MachinesCmd::Update {
+            mac,
+            profile,
+            hostname,
+            vars,
+            unset,
+        } => {
             let mac = parse_mac(&mac)?;
             let body = json!({
                 "profile": profile,
@@ -431,7 +491,12 @@ fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
         MachinesCmd::Reprovision { mac } => {
             let mac = parse_mac(&mac)?;
             let m = c.json("POST", &format!("/machines/{mac}/reprovision"), None)?;
-            println!("{} is {} (generation {}): its next network boot reinstalls", s(&m["mac"]), s(&m["state"]), m["generation"]);
+            println!(
+                "{} is {} (generation {}): its next network boot reinstalls",
+                s(&m["mac"]),
+                s(&m["state"]),
+                m["generation"]
+            );
             Ok(())
         }
     }

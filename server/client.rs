@@ -29,11 +29,16 @@ impl std::fmt::Display for ClientError {
 impl Client {
     /// A client for `base` (e.g. `http://127.0.0.1:8080`). The token comes from `token`, or
     /// the file `token_file`, or the default data directory's `admin-token`.
-    pub fn new(base: &str, token: Option<String>, token_file: Option<PathBuf>) -> Result<Client, ClientError> {
+    pub fn new(
+        base: &str,
+        token: Option<String>,
+        token_file: Option<PathBuf>,
+    ) -> Result<Client, ClientError> {
         let token = match token.filter(|t| !t.trim().is_empty()) {
             Some(t) => t.trim().to_string(),
             None => {
-                let path = token_file.unwrap_or_else(|| crate::config::default_data_dir().join("admin-token"));
+                let path = token_file
+                    .unwrap_or_else(|| crate::config::default_data_dir().join("admin-token"));
                 std::fs::read_to_string(&path)
                     .map_err(|e| ClientError {
                         message: format!(
@@ -59,12 +64,21 @@ impl Client {
     }
 
     /// Calls the API; returns the response body (JSON or text) on 2xx.
-    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<String, ClientError> {
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<String, ClientError> {
         let url = format!("{}/api/v1{path}", self.base);
         let auth = format!("Bearer {}", self.token);
         let res = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
-            ("DELETE", _) => self.agent.delete(&url).header("Authorization", &auth).call(),
+            ("DELETE", _) => self
+                .agent
+                .delete(&url)
+                .header("Authorization", &auth)
+                .call(),
             (m, b) => {
                 let req = match m {
                     "PATCH" => self.agent.patch(&url),
@@ -102,7 +116,12 @@ impl Client {
     }
 
     /// Calls the API and parses JSON.
-    pub fn json(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
+    pub fn json(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
         let text = self.call(method, path, body)?;
         if text.is_empty() {
             return Ok(Value::Null);

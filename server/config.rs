@@ -249,7 +249,11 @@ mod tests {
     fn file_then_flags() {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("p.toml");
-        std::fs::write(&f, "http = \"127.0.0.1:9000\"\ninstall_token_ttl = \"2h\"\ndiscover = \"ignore\"\n").unwrap();
+        std::fs::write(
+            &f,
+            "http = \"127.0.0.1:9000\"\ninstall_token_ttl = \"2h\"\ndiscover = \"ignore\"\n",
+        )
+        .unwrap();
         let mut args = ServeArgs {
             config: Some(f.clone()),
             data_dir: Some(d.path().into()),
@@ -269,15 +273,48 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("p.toml");
         std::fs::write(&f, "htp = \"127.0.0.1:9000\"\n").unwrap();
-        let args = ServeArgs { config: Some(f), ..Default::default() };
+        let args = ServeArgs {
+            config: Some(f),
+            ..Default::default()
+        };
         let e = format!("{:#}", Config::from_args(&args).unwrap_err());
         assert!(e.contains("unknown field `htp`"), "{e}");
         for (args, want) in [
-            (ServeArgs { http: Some("nope".into()), ..Default::default() }, "ADDR:PORT"),
-            (ServeArgs { advertise: Some("10.0.0.1".into()), ..Default::default() }, "http://"),
-            (ServeArgs { advertise: Some("http://a b".into()), ..Default::default() }, "contains ' '"),
-            (ServeArgs { install_token_ttl: Some("soon".into()), ..Default::default() }, "duration"),
-            (ServeArgs { discover: Some("wipe".into()), ..Default::default() }, "local_boot or ignore"),
+            (
+                ServeArgs {
+                    http: Some("nope".into()),
+                    ..Default::default()
+                },
+                "ADDR:PORT",
+            ),
+            (
+                ServeArgs {
+                    advertise: Some("10.0.0.1".into()),
+                    ..Default::default()
+                },
+                "http://",
+            ),
+            (
+                ServeArgs {
+                    advertise: Some("http://a b".into()),
+                    ..Default::default()
+                },
+                "contains ' '",
+            ),
+            (
+                ServeArgs {
+                    install_token_ttl: Some("soon".into()),
+                    ..Default::default()
+                },
+                "duration",
+            ),
+            (
+                ServeArgs {
+                    discover: Some("wipe".into()),
+                    ..Default::default()
+                },
+                "local_boot or ignore",
+            ),
         ] {
             let e = format!("{:#}", Config::from_args(&args).unwrap_err());
             assert!(e.contains(want), "{e}");
@@ -286,8 +323,14 @@ mod tests {
 
     #[test]
     fn base_urls() {
-        assert_eq!(check_base_url("http://10.0.0.1:8080/").unwrap(), "http://10.0.0.1:8080");
-        assert_eq!(check_base_url("http://[fd00::1]:8080/pxe").unwrap(), "http://[fd00::1]:8080/pxe");
+        assert_eq!(
+            check_base_url("http://10.0.0.1:8080/").unwrap(),
+            "http://10.0.0.1:8080"
+        );
+        assert_eq!(
+            check_base_url("http://[fd00::1]:8080/pxe").unwrap(),
+            "http://[fd00::1]:8080/pxe"
+        );
         assert!(check_base_url("http://x/${y}").is_err());
         assert!(check_base_url("http://x/a?b=c").is_err());
     }

@@ -80,7 +80,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         install_token_ttl: cfg.install_token_ttl,
         discover: cfg.discover,
     };
-    let prov = Arc::new(Provisioner::new(store, sources(&cfg), settings, ssh_public_key)?);
+    let prov = Arc::new(Provisioner::new(
+        store,
+        sources(&cfg),
+        settings,
+        ssh_public_key,
+    )?);
     tracing::info!(
         data_dir = %cfg.data_dir.display(),
         profiles = prov.catalog().profiles().len(),
@@ -110,10 +115,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
 
     let sd = shutdown.clone();
     tasks.spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move { sd.cancelled().await })
-            .await
-            .context("HTTP server")
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { sd.cancelled().await })
+        .await
+        .context("HTTP server")
     });
 
     // Sweeper: no machine stays `installing` past its token's lifetime.

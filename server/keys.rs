@@ -58,7 +58,10 @@ pub fn admin_token(path: &Path) -> anyhow::Result<(String, bool)> {
         let t = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let t = t.trim().to_string();
         if t.len() < 32 {
-            bail!("{} holds a token shorter than 32 characters; delete it to generate a new one", path.display());
+            bail!(
+                "{} holds a token shorter than 32 characters; delete it to generate a new one",
+                path.display()
+            );
         }
         return Ok((t, false));
     }
@@ -76,8 +79,11 @@ pub fn ssh_key(dir: &Path) -> anyhow::Result<String> {
     if !private.exists() {
         fs::create_dir_all(dir)?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-        let key = ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)
-            .context("generating the SSH key")?;
+        let key = ssh_key::PrivateKey::random(
+            &mut ssh_key::rand_core::OsRng,
+            ssh_key::Algorithm::Ed25519,
+        )
+        .context("generating the SSH key")?;
         let mut key = key;
         key.set_comment("provision");
         let pem = key
@@ -89,7 +95,10 @@ pub fn ssh_key(dir: &Path) -> anyhow::Result<String> {
     check_private(&private)?;
     let key = ssh_key::PrivateKey::read_openssh_file(&private)
         .with_context(|| format!("reading {}", private.display()))?;
-    let line = key.public_key().to_openssh().context("encoding the public key")?;
+    let line = key
+        .public_key()
+        .to_openssh()
+        .context("encoding the public key")?;
     if !public.exists() {
         fs::write(&public, format!("{line}\n"))?;
     }
@@ -118,10 +127,16 @@ mod tests {
         let p = d.path().join("admin-token");
         let (t, created) = admin_token(&p).unwrap();
         assert!(created);
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(admin_token(&p).unwrap(), (t, false));
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(admin_token(&p).unwrap_err().to_string().contains("chmod 600"));
+        assert!(admin_token(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("chmod 600"));
 
         let k = ssh_key(&d.path().join("ssh")).unwrap();
         assert!(k.starts_with("ssh-ed25519 "), "{k}");

@@ -22,7 +22,9 @@ impl FromStr for Mac {
     /// (`aabb.ccdd.eeff`) and bare (`aabbccddeeff`) forms, in either case. Separators must be
     /// used consistently, so `aa:bb-cc...` is refused rather than guessed at.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || MacError { input: s.to_string() };
+        let err = || MacError {
+            input: s.to_string(),
+        };
         let t = s.trim();
         let hex: String = if t.len() == 17 {
             let sep = t.as_bytes()[2];
@@ -105,7 +107,11 @@ mod tests {
             "525400abcd01",
             " 52:54:00:ab:cd:01\n",
         ] {
-            assert_eq!(s.parse::<Mac>().unwrap().to_string(), "52:54:00:ab:cd:01", "{s}");
+            assert_eq!(
+                s.parse::<Mac>().unwrap().to_string(),
+                "52:54:00:ab:cd:01",
+                "{s}"
+            );
         }
     }
 

@@ -13,7 +13,9 @@ use serde::Deserialize;
 
 use crate::keys;
 use crate::mac::Mac;
-use crate::policy::{self, BootDecision, BootRequest, DiscoverAnswer, LocalReason, MachineFacts, State};
+use crate::policy::{
+    self, BootDecision, BootRequest, DiscoverAnswer, LocalReason, MachineFacts, State,
+};
 use crate::render::{ArtifactKind, Catalog, Profile, RenderError, Sources};
 use crate::store::{self, Event, Machine, MachinePatch, NewMachine, Sighting, Store, StoreError};
 use crate::validate;
@@ -131,7 +133,10 @@ impl Provisioner {
 
     /// The current catalog snapshot.
     pub fn catalog(&self) -> Arc<Catalog> {
-        self.catalog.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Reloads profiles and templates from disk; on error the old catalog stays in service.
@@ -162,7 +167,10 @@ impl Provisioner {
     /// Records an event; a failure to record is logged, never turned into a failed boot.
     async fn note(&self, mac: Option<Mac>, kind: &'static str, detail: String) {
         let d = detail.clone();
-        if let Err(e) = self.db(move |s| s.event(mac, kind, &d, store::now_ms())).await {
+        if let Err(e) = self
+            .db(move |s| s.event(mac, kind, &d, store::now_ms()))
+            .await
+        {
             tracing::error!(?mac, kind, %detail, "recording event failed: {e}");
         }
     }
@@ -193,10 +201,23 @@ impl Provisioner {
             ("hostname", Value::from(hostname)),
             ("uuid", opt(&m.uuid)),
             ("serial", opt(&m.serial)),
-            ("profile", Value::from(m.profile.clone().unwrap_or_default())),
-            ("role", Value::from(profile.map(|p| format!("{:?}", p.role).to_lowercase()).unwrap_or_else(|| "none".into()))),
+            (
+                "profile",
+                Value::from(m.profile.clone().unwrap_or_default()),
+            ),
+            (
+                "role",
+                Value::from(
+                    profile
+                        .map(|p| format!("{:?}", p.role).to_lowercase())
+                        .unwrap_or_else(|| "none".into()),
+                ),
+            ),
             ("generation", Value::from(m.generation)),
-            ("instance_id", Value::from(format!("provision-{bare}-{}", m.generation))),
+            (
+                "instance_id",
+                Value::from(format!("provision-{bare}-{}", m.generation)),
+            ),
             ("vars", Value::from_serialize(&vars)),
             ("labels", Value::from_serialize(&m.labels)),
             // Plain (not "safe") strings: JSON/YAML templates escape them, and iPXE lines
@@ -204,27 +225,53 @@ impl Provisioner {
             ("base_url", Value::from(base_url.to_string())),
             ("assets_url", Value::from(format!("{base_url}/assets"))),
             ("config_url", Value::from(config_url)),
-            ("phone_home_url", Value::from(format!("{base_url}/phone-home/{token}"))),
+            (
+                "phone_home_url",
+                Value::from(format!("{base_url}/phone-home/{token}")),
+            ),
             ("ssh_public_key", Value::from(self.ssh_public_key.clone())),
             ("ssh_authorized_keys", Value::from_serialize(&keys)),
         ])
     }
 
     /// Renders the whole install script for `m` (boot files + install.ipxe) with `token`.
-    fn install_script(&self, cat: &Catalog, m: &Machine, profile: &str, base_url: &str, token: &str) -> Result<String> {
+    fn install_script(
+        &self,
+        cat: &Catalog,
+        m: &Machine,
+        profile: &str,
+        base_url: &str,
+        token: &str,
+    ) -> Result<String> {
         let p = cat.profile(profile)?;
         let mut ctx = self.context(m, Some(p), base_url, token);
         let files = cat.render_boot_files(profile, &Value::from(ctx.clone()))?;
         let boot = BTreeMap::from([
             ("kernel", Value::from_safe_string(files.kernel)),
-            ("initrds", Value::from(files.initrds.into_iter().map(Value::from_safe_string).collect::<Vec<_>>())),
+            (
+                "initrds",
+                Value::from(
+                    files
+                        .initrds
+                        .into_iter()
+                        .map(Value::from_safe_string)
+                        .collect::<Vec<_>>(),
+                ),
+            ),
             ("cmdline", Value::from_safe_string(files.cmdline)),
         ]);
         ctx.insert("boot", Value::from(boot));
         Ok(cat.render_ipxe("install.ipxe", &Value::from(ctx))?)
     }
 
-    fn local_script(&self, cat: &Catalog, mac: Mac, platform: policy::Platform, reason: &str, base_url: &str) -> Result<String> {
+    fn local_script(
+        &self,
+        cat: &Catalog,
+        mac: Mac,
+        platform: policy::Platform,
+        reason: &str,
+        base_url: &str,
+    ) -> Result<String> {
         let ctx = minijinja::context! {
             mac => mac.to_string(),
             platform => platform.as_str(),
@@ -261,7 +308,12 @@ impl Provisioner {
         let cat = self.catalog();
         match decision {
             BootDecision::Ignore => {
-                self.note(Some(mac), "ipxe_ignored", "discovery answer is ignore".into()).await;
+                self.note(
+                    Some(mac),
+                    "ipxe_ignored",
+                    "discovery answer is ignore".into(),
+                )
+                .await;
                 Ok(None)
             }
             BootDecision::LocalBoot { platform, reason } => {
@@ -273,9 +325,17 @@ impl Provisioner {
                 let script = self.local_script(&cat, mac, platform, word, base_url);
                 match &script {
                     Ok(_) => {
-                        self.note(Some(mac), "ipxe_served", format!("local boot ({word}, {})", platform.as_str())).await
+                        self.note(
+                            Some(mac),
+                            "ipxe_served",
+                            format!("local boot ({word}, {})", platform.as_str()),
+                        )
+                        .await
                     }
-                    Err(e) => self.note(Some(mac), "render_failed", format!("local.ipxe: {e}")).await,
+                    Err(e) => {
+                        self.note(Some(mac), "render_failed", format!("local.ipxe: {e}"))
+                            .await
+                    }
                 }
                 script.map(Some)
             }
@@ -284,26 +344,42 @@ impl Provisioner {
                 let script = match self.install_script(&cat, &m, &profile, base_url, &token) {
                     Ok(s) => s,
                     Err(e) => {
-                        self.note(Some(mac), "render_failed", format!("install script for profile {profile}: {e}")).await;
+                        self.note(
+                            Some(mac),
+                            "render_failed",
+                            format!("install script for profile {profile}: {e}"),
+                        )
+                        .await;
                         return Err(e);
                     }
                 };
                 let hash = keys::token_hash(&token);
                 let expires = now + self.settings.install_token_ttl.as_millis() as i64;
-                self.db(move |s| s.start_install(mac, &hash, expires, now)).await?;
+                self.db(move |s| s.start_install(mac, &hash, expires, now))
+                    .await?;
                 Ok(Some(script))
             }
         }
     }
 
     /// Serves a profile artifact to the installer holding a live install token.
-    pub async fn config(&self, token: &str, artifact: &str, base_url: &str) -> Result<(ArtifactKind, String)> {
+    pub async fn config(
+        &self,
+        token: &str,
+        artifact: &str,
+        base_url: &str,
+    ) -> Result<(ArtifactKind, String)> {
         let hash = keys::token_hash(token);
         let now = store::now_ms();
         let m = match self.db(move |s| s.machine_by_token(&hash, now)).await {
             Ok(m) => m,
             Err(Error::Store(StoreError::Token(problem, Some(mac)))) => {
-                self.note(Some(mac), "config_refused", format!("{artifact}: {problem}")).await;
+                self.note(
+                    Some(mac),
+                    "config_refused",
+                    format!("{artifact}: {problem}"),
+                )
+                .await;
                 return Err(Error::Store(StoreError::Token(problem, Some(mac))));
             }
             Err(e) => return Err(e),
@@ -316,9 +392,17 @@ impl Provisioner {
             .and_then(|ctx| cat.render_artifact(&profile, artifact, &Value::from(ctx)));
         match &result {
             Ok((kind, body)) => {
-                self.note(Some(m.mac), "config_served", format!("{artifact} ({}, {} bytes)", kind.as_str(), body.len())).await
+                self.note(
+                    Some(m.mac),
+                    "config_served",
+                    format!("{artifact} ({}, {} bytes)", kind.as_str(), body.len()),
+                )
+                .await
             }
-            Err(e) => self.note(Some(m.mac), "render_failed", format!("{artifact}: {e}")).await,
+            Err(e) => {
+                self.note(Some(m.mac), "render_failed", format!("{artifact}: {e}"))
+                    .await
+            }
         }
         Ok(result?)
     }
@@ -329,7 +413,10 @@ impl Provisioner {
         let mut keys = Vec::new();
         for line in key_lines.iter().map(|l| l.trim()).filter(|l| !l.is_empty()) {
             let k = ssh_key::PublicKey::from_openssh(line).map_err(|e| {
-                Error::Invalid(format!("phone-home: {:?} is not an OpenSSH public key: {e}", truncate(line, 60)))
+                Error::Invalid(format!(
+                    "phone-home: {:?} is not an OpenSSH public key: {e}",
+                    truncate(line, 60)
+                ))
             })?;
             let alg = k.algorithm().as_str().to_string();
             let mut k = k;
@@ -346,9 +433,13 @@ impl Provisioner {
         let detail = format!("{} SSH host key(s) pinned: {}", keys.len(), algs.join(", "));
         let hash = keys::token_hash(token);
         let now = store::now_ms();
-        match self.db(move |s| s.phone_home(&hash, &keys, &detail, now)).await {
+        match self
+            .db(move |s| s.phone_home(&hash, &keys, &detail, now))
+            .await
+        {
             Err(Error::Store(StoreError::Token(problem, Some(mac)))) => {
-                self.note(Some(mac), "phone_home_refused", problem.to_string()).await;
+                self.note(Some(mac), "phone_home_refused", problem.to_string())
+                    .await;
                 Err(Error::Store(StoreError::Token(problem, Some(mac))))
             }
             other => other,
@@ -360,7 +451,13 @@ impl Provisioner {
         let profile = m.profile.clone().unwrap_or_default();
         let p = cat.profile(&profile)?;
         let ctx = self.context(m, Some(p), "http://provision.invalid", REDACTED_TOKEN);
-        self.install_script(&cat, m, &profile, "http://provision.invalid", REDACTED_TOKEN)?;
+        self.install_script(
+            &cat,
+            m,
+            &profile,
+            "http://provision.invalid",
+            REDACTED_TOKEN,
+        )?;
         for a in p.artifacts.keys() {
             cat.render_artifact(&profile, a, &Value::from(ctx.clone()))?;
         }
@@ -371,7 +468,10 @@ impl Provisioner {
     /// its profile renders with its data; a value that cannot be placed safely is refused
     /// here, at the API, rather than at boot.
     pub async fn enroll(&self, req: EnrollRequest) -> Result<Machine> {
-        let mac: Mac = req.mac.parse().map_err(|e: crate::mac::MacError| Error::Invalid(e.to_string()))?;
+        let mac: Mac = req
+            .mac
+            .parse()
+            .map_err(|e: crate::mac::MacError| Error::Invalid(e.to_string()))?;
         validate::profile_name(&req.profile)?;
         self.catalog().profile(&req.profile)?;
         if let Some(h) = &req.hostname {
@@ -467,7 +567,8 @@ impl Provisioner {
 
     /// One machine, or NotFound.
     pub async fn machine(&self, mac: Mac) -> Result<Machine> {
-        self.db(move |s| s.machine(mac)?.ok_or(StoreError::NotFound(mac))).await
+        self.db(move |s| s.machine(mac)?.ok_or(StoreError::NotFound(mac)))
+            .await
     }
 
     /// All machines, optionally in one state.
@@ -494,25 +595,42 @@ impl Provisioner {
 
     /// Renders what a machine would be served now, with the install token redacted and
     /// nothing recorded. `artifact` is `ipxe` (its `/ipxe` script) or a profile artifact.
-    pub async fn preview(&self, mac: Mac, artifact: &str, base_url: &str) -> Result<(ArtifactKind, String)> {
+    pub async fn preview(
+        &self,
+        mac: Mac,
+        artifact: &str,
+        base_url: &str,
+    ) -> Result<(ArtifactKind, String)> {
         let m = self.machine(mac).await?;
         let cat = self.catalog();
         if artifact == "ipxe" {
-            let facts = MachineFacts { state: m.state, profile: m.profile.as_deref() };
+            let facts = MachineFacts {
+                state: m.state,
+                profile: m.profile.as_deref(),
+            };
             let platform = policy::Platform::from_ipxe(m.platform.as_deref().unwrap_or(""));
-            let req = BootRequest { platform, arch: m.arch.clone() };
+            let req = BootRequest {
+                platform,
+                arch: m.arch.clone(),
+            };
             let body = match policy::decide(Some(&facts), &req, self.settings.discover) {
-                BootDecision::Install { profile } => self.install_script(&cat, &m, &profile, base_url, REDACTED_TOKEN)?,
+                BootDecision::Install { profile } => {
+                    self.install_script(&cat, &m, &profile, base_url, REDACTED_TOKEN)?
+                }
                 BootDecision::LocalBoot { platform, reason } => {
                     let word = format!("{reason:?}").to_lowercase();
                     self.local_script(&cat, mac, platform, &word, base_url)?
                 }
-                BootDecision::Ignore => "#!ipxe\n# provision: this machine is ignored (no answer)\n".to_string(),
+                BootDecision::Ignore => {
+                    "#!ipxe\n# provision: this machine is ignored (no answer)\n".to_string()
+                }
             };
             return Ok((ArtifactKind::Ipxe, body));
         }
         let Some(profile) = m.profile.clone() else {
-            return Err(Error::Invalid(format!("machine {mac} has no profile; enroll it first")));
+            return Err(Error::Invalid(format!(
+                "machine {mac} has no profile; enroll it first"
+            )));
         };
         let p = cat.profile(&profile)?;
         let ctx = self.context(&m, Some(p), base_url, REDACTED_TOKEN);

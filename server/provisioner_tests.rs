@@ -1,7 +1,8 @@
 use super::*;
 use crate::policy::Platform;
 
-const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 provision";
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 provision";
 const BASE: &str = "http://10.0.0.1:8080";
 
 fn prov() -> Provisioner {
@@ -27,7 +28,10 @@ fn enroll_req(mac: &str, profile: &str) -> EnrollRequest {
 }
 
 fn bios() -> BootRequest {
-    BootRequest { platform: Platform::Pcbios, arch: Some("x86_64".into()) }
+    BootRequest {
+        platform: Platform::Pcbios,
+        arch: Some("x86_64".into()),
+    }
 }
 
 fn token_of(script: &str) -> String {
@@ -50,8 +54,14 @@ async fn snapshots_of_every_builtin_render() {
                 req.uuid = Some("4C4C4544-0038-4410-8051-B4C04F4D4E32".into());
                 req.serial = Some("SN 1234".into());
                 req.vars = BTreeMap::from([
-                    ("ssh_authorized_key".to_string(), "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGxop op@example".to_string()),
-                    ("note".to_string(), "it's \"quoted\" and ${not} expanded".to_string()),
+                    (
+                        "ssh_authorized_key".to_string(),
+                        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGxop op@example".to_string(),
+                    ),
+                    (
+                        "note".to_string(),
+                        "it's \"quoted\" and ${not} expanded".to_string(),
+                    ),
                     ("timezone".to_string(), "Europe/Berlin".to_string()),
                 ]);
             } else {
@@ -59,15 +69,28 @@ async fn snapshots_of_every_builtin_render() {
             }
             let m = p.enroll(req).await.unwrap();
             let mut names = vec!["ipxe".to_string()];
-            names.extend(p.catalog().profile(profile).unwrap().artifacts.keys().cloned());
+            names.extend(
+                p.catalog()
+                    .profile(profile)
+                    .unwrap()
+                    .artifacts
+                    .keys()
+                    .cloned(),
+            );
             for a in names {
                 let (_, body) = p.preview(m.mac, &a, BASE).await.unwrap();
                 insta::assert_snapshot!(format!("{profile}__{fixture}__{a}"), body);
             }
         }
     }
-    let (_, local) = p.preview("52:54:00:00:00:00".parse().unwrap(), "ipxe", BASE).await.unwrap();
-    assert!(local.contains("kernel "), "enrolled machine previews an install");
+    let (_, local) = p
+        .preview("52:54:00:00:00:00".parse().unwrap(), "ipxe", BASE)
+        .await
+        .unwrap();
+    assert!(
+        local.contains("kernel "),
+        "enrolled machine previews an install"
+    );
     insta::assert_snapshot!("boot.ipxe", p.boot_ipxe(BASE).unwrap());
 }
 
@@ -75,10 +98,23 @@ async fn snapshots_of_every_builtin_render() {
 async fn install_then_phone_home_then_local_boot() {
     let p = prov();
     let mac: Mac = "52:54:00:aa:00:01".parse().unwrap();
-    p.enroll(enroll_req("52-54-00-aa-00-01", "debian-12")).await.unwrap();
-    let script = p.boot(mac, bios(), Sighting::default(), BASE).await.unwrap().unwrap();
-    assert!(script.contains(&format!("kernel {BASE}/assets/debian-12/linux initrd=initrd0 ")), "{script}");
-    assert!(script.contains(&format!("initrd --name initrd0 {BASE}/assets/debian-12/initrd.gz")));
+    p.enroll(enroll_req("52-54-00-aa-00-01", "debian-12"))
+        .await
+        .unwrap();
+    let script = p
+        .boot(mac, bios(), Sighting::default(), BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        script.contains(&format!(
+            "kernel {BASE}/assets/debian-12/linux initrd=initrd0 "
+        )),
+        "{script}"
+    );
+    assert!(script.contains(&format!(
+        "initrd --name initrd0 {BASE}/assets/debian-12/initrd.gz"
+    )));
     let token = token_of(&script);
     assert!(script.contains(&format!("url={BASE}/config/{token}/preseed.cfg")));
     assert_eq!(p.machine(mac).await.unwrap().state, State::Installing);
@@ -88,38 +124,86 @@ async fn install_then_phone_home_then_local_boot() {
     assert!(preseed.contains("d-i netcfg/get_hostname string node1"));
     assert!(preseed.contains(&format!("'{BASE}/phone-home/{token}'")));
     // Unknown artifact and unknown token are refused.
-    assert!(matches!(p.config(&token, "nope", BASE).await, Err(Error::Render(RenderError::NoArtifact { .. }))));
-    assert!(p.config(&"0".repeat(64), "preseed.cfg", BASE).await.is_err());
+    assert!(matches!(
+        p.config(&token, "nope", BASE).await,
+        Err(Error::Render(RenderError::NoArtifact { .. }))
+    ));
+    assert!(p
+        .config(&"0".repeat(64), "preseed.cfg", BASE)
+        .await
+        .is_err());
 
     // A phone-home without a key changes nothing.
-    assert!(matches!(p.phone_home(&token, vec!["garbage".into()]).await, Err(Error::Invalid(_))));
-    assert!(matches!(p.phone_home(&token, vec![]).await, Err(Error::Invalid(_))));
+    assert!(matches!(
+        p.phone_home(&token, vec!["garbage".into()]).await,
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        p.phone_home(&token, vec![]).await,
+        Err(Error::Invalid(_))
+    ));
     assert_eq!(p.machine(mac).await.unwrap().state, State::Installing);
 
-    let m = p.phone_home(&token, vec![format!("{KEY}\n"), String::new()]).await.unwrap();
+    let m = p
+        .phone_home(&token, vec![format!("{KEY}\n"), String::new()])
+        .await
+        .unwrap();
     assert_eq!(m.state, State::Installed);
     assert_eq!(m.host_keys.len(), 1);
-    assert!(!m.host_keys[0].ends_with("provision"), "comment stripped: {}", m.host_keys[0]);
+    assert!(
+        !m.host_keys[0].ends_with("provision"),
+        "comment stripped: {}",
+        m.host_keys[0]
+    );
     // The token is burnt: config and a second phone-home are refused.
     assert!(matches!(
         p.config(&token, "preseed.cfg", BASE).await,
-        Err(Error::Store(StoreError::Token(crate::store::TokenProblem::Used, _)))
+        Err(Error::Store(StoreError::Token(
+            crate::store::TokenProblem::Used,
+            _
+        )))
     ));
     assert!(p.phone_home(&token, vec![KEY.into()]).await.is_err());
 
     for platform in [Platform::Pcbios, Platform::Efi] {
-        let req = BootRequest { platform, arch: None };
-        let s = p.boot(mac, req, Sighting::default(), BASE).await.unwrap().unwrap();
+        let req = BootRequest {
+            platform,
+            arch: None,
+        };
+        let s = p
+            .boot(mac, req, Sighting::default(), BASE)
+            .await
+            .unwrap()
+            .unwrap();
         match platform {
             Platform::Pcbios => assert!(s.contains("sanboot --no-describe --drive 0x80"), "{s}"),
-            Platform::Efi => assert!(s.lines().any(|l| l == "exit") && !s.contains("sanboot"), "{s}"),
+            Platform::Efi => assert!(
+                s.lines().any(|l| l == "exit") && !s.contains("sanboot"),
+                "{s}"
+            ),
         }
         assert!(!s.contains("kernel"), "no reinstall: {s}");
     }
-    let kinds: Vec<String> = p.events(Some(mac), 0, 100).await.unwrap().into_iter().map(|e| e.kind).collect();
+    let kinds: Vec<String> = p
+        .events(Some(mac), 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
     assert_eq!(
         kinds,
-        ["enrolled", "install_started", "config_served", "render_failed", "phoned_home", "config_refused", "phone_home_refused", "ipxe_served", "ipxe_served"]
+        [
+            "enrolled",
+            "install_started",
+            "config_served",
+            "render_failed",
+            "phoned_home",
+            "config_refused",
+            "phone_home_refused",
+            "ipxe_served",
+            "ipxe_served"
+        ]
     );
 }
 
@@ -127,32 +211,63 @@ async fn install_then_phone_home_then_local_boot() {
 async fn unknown_machines_are_discovered_and_answered_per_config() {
     let p = prov();
     let mac: Mac = "52:54:00:aa:00:02".parse().unwrap();
-    let sighting = Sighting { ip: Some("10.0.0.9".into()), ..Default::default() };
+    let sighting = Sighting {
+        ip: Some("10.0.0.9".into()),
+        ..Default::default()
+    };
     let s = p.boot(mac, bios(), sighting, BASE).await.unwrap().unwrap();
     assert!(s.contains("sanboot"), "{s}");
     let m = p.machine(mac).await.unwrap();
-    assert_eq!((m.state, m.last_ip.as_deref()), (State::Discovered, Some("10.0.0.9")));
+    assert_eq!(
+        (m.state, m.last_ip.as_deref()),
+        (State::Discovered, Some("10.0.0.9"))
+    );
 
     let mut ignoring = prov();
     ignoring.settings.discover = DiscoverAnswer::Ignore;
-    assert_eq!(ignoring.boot(mac, bios(), Sighting::default(), BASE).await.unwrap(), None);
-    assert_eq!(ignoring.machine(mac).await.unwrap().state, State::Discovered);
+    assert_eq!(
+        ignoring
+            .boot(mac, bios(), Sighting::default(), BASE)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        ignoring.machine(mac).await.unwrap().state,
+        State::Discovered
+    );
 }
 
 #[tokio::test]
 async fn reboot_during_install_replaces_the_token_and_reprovision_reinstalls() {
     let p = prov();
     let mac: Mac = "52:54:00:aa:00:03".parse().unwrap();
-    p.enroll(enroll_req("525400aa0003", "fedora-coreos")).await.unwrap();
-    let t1 = token_of(&p.boot(mac, bios(), Sighting::default(), BASE).await.unwrap().unwrap());
-    let t2 = token_of(&p.boot(mac, bios(), Sighting::default(), BASE).await.unwrap().unwrap());
+    p.enroll(enroll_req("525400aa0003", "fedora-coreos"))
+        .await
+        .unwrap();
+    let t1 = token_of(
+        &p.boot(mac, bios(), Sighting::default(), BASE)
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let t2 = token_of(
+        &p.boot(mac, bios(), Sighting::default(), BASE)
+            .await
+            .unwrap()
+            .unwrap(),
+    );
     assert_ne!(t1, t2);
     assert!(p.config(&t1, "config.ign", BASE).await.is_err());
     p.config(&t2, "config.ign", BASE).await.unwrap();
     p.phone_home(&t2, vec![KEY.into()]).await.unwrap();
     let r = p.reprovision(mac).await.unwrap();
     assert_eq!((r.state, r.generation), (State::Enrolled, 1));
-    let s = p.boot(mac, bios(), Sighting::default(), BASE).await.unwrap().unwrap();
+    let s = p
+        .boot(mac, bios(), Sighting::default(), BASE)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(s.contains("coreos.inst.ignition_url="), "{s}");
     let t3 = token_of(&s);
     let (_, ign) = p.config(&t3, "config.ign", BASE).await.unwrap();
@@ -163,14 +278,41 @@ async fn reboot_during_install_replaces_the_token_and_reprovision_reinstalls() {
 async fn enroll_refuses_bad_input_and_values_no_output_can_hold() {
     let p = prov();
     let cases: Vec<(EnrollRequest, &str)> = vec![
-        (EnrollRequest { mac: "52:54:00:zz:00:01".into(), ..enroll_req("", "debian-12") }, "not a MAC"),
-        (enroll_req("52:54:00:aa:00:04", "nope"), "no profile named"),
-        (EnrollRequest { hostname: Some("a\nb".into()), ..enroll_req("52:54:00:aa:00:04", "debian-12") }, "RFC 1123"),
-        (EnrollRequest { hostname: Some("a b".into()), ..enroll_req("52:54:00:aa:00:04", "debian-12") }, "RFC 1123"),
-        (EnrollRequest { hostname: Some("${x}".into()), ..enroll_req("52:54:00:aa:00:04", "debian-12") }, "RFC 1123"),
         (
             EnrollRequest {
-                vars: BTreeMap::from([("domain".to_string(), "lab\nkernel http://evil".to_string())]),
+                mac: "52:54:00:zz:00:01".into(),
+                ..enroll_req("", "debian-12")
+            },
+            "not a MAC",
+        ),
+        (enroll_req("52:54:00:aa:00:04", "nope"), "no profile named"),
+        (
+            EnrollRequest {
+                hostname: Some("a\nb".into()),
+                ..enroll_req("52:54:00:aa:00:04", "debian-12")
+            },
+            "RFC 1123",
+        ),
+        (
+            EnrollRequest {
+                hostname: Some("a b".into()),
+                ..enroll_req("52:54:00:aa:00:04", "debian-12")
+            },
+            "RFC 1123",
+        ),
+        (
+            EnrollRequest {
+                hostname: Some("${x}".into()),
+                ..enroll_req("52:54:00:aa:00:04", "debian-12")
+            },
+            "RFC 1123",
+        ),
+        (
+            EnrollRequest {
+                vars: BTreeMap::from([(
+                    "domain".to_string(),
+                    "lab\nkernel http://evil".to_string(),
+                )]),
                 ..enroll_req("52:54:00:aa:00:04", "debian-12")
             },
             "control character",
@@ -198,13 +340,22 @@ async fn enroll_refuses_bad_input_and_values_no_output_can_hold() {
             },
             "variable name",
         ),
-        (EnrollRequest { uuid: Some("xyz".into()), ..enroll_req("52:54:00:aa:00:04", "debian-12") }, "UUID"),
+        (
+            EnrollRequest {
+                uuid: Some("xyz".into()),
+                ..enroll_req("52:54:00:aa:00:04", "debian-12")
+            },
+            "UUID",
+        ),
     ];
     for (req, want) in cases {
         let e = p.enroll(req.clone()).await.unwrap_err().to_string();
         assert!(e.contains(want), "{req:?}: {e}");
     }
-    assert!(p.machines(None).await.unwrap().is_empty(), "nothing was written");
+    assert!(
+        p.machines(None).await.unwrap().is_empty(),
+        "nothing was written"
+    );
 }
 
 #[tokio::test]
@@ -223,29 +374,59 @@ async fn hostile_vars_are_escaped_where_they_are_allowed() {
     assert!(!script.contains(hostile));
 
     let mut req = enroll_req("52:54:00:aa:00:06", "ubuntu-24.04");
-    req.vars = BTreeMap::from([("timezone".to_string(), hostile.to_string()), ("admin_user".to_string(), hostile.to_string())]);
+    req.vars = BTreeMap::from([
+        ("timezone".to_string(), hostile.to_string()),
+        ("admin_user".to_string(), hostile.to_string()),
+    ]);
     p.enroll(req).await.unwrap();
     let mac: Mac = "52:54:00:aa:00:06".parse().unwrap();
     let (_, ud) = p.preview(mac, "user-data", BASE).await.unwrap();
     let y: serde_norway::Value = serde_norway::from_str(&ud).unwrap();
-    assert_eq!(y["autoinstall"]["user-data"]["timezone"].as_str(), Some(hostile));
-    assert_eq!(y["autoinstall"]["user-data"]["users"][0]["name"].as_str(), Some(hostile));
+    assert_eq!(
+        y["autoinstall"]["user-data"]["timezone"].as_str(),
+        Some(hostile)
+    );
+    assert_eq!(
+        y["autoinstall"]["user-data"]["users"][0]["name"].as_str(),
+        Some(hostile)
+    );
 }
 
 #[tokio::test]
 async fn update_checks_like_enroll() {
     let p = prov();
     let mac: Mac = "52:54:00:aa:00:07".parse().unwrap();
-    p.enroll(enroll_req("52:54:00:aa:00:07", "debian-12")).await.unwrap();
-    let bad = UpdateRequest { set_vars: Some(BTreeMap::from([("domain".to_string(), "a b".to_string())])), ..Default::default() };
+    p.enroll(enroll_req("52:54:00:aa:00:07", "debian-12"))
+        .await
+        .unwrap();
+    let bad = UpdateRequest {
+        set_vars: Some(BTreeMap::from([("domain".to_string(), "a b".to_string())])),
+        ..Default::default()
+    };
     assert!(p.update(mac, bad).await.is_err());
     let good = UpdateRequest {
         hostname: Some("node7".into()),
-        set_vars: Some(BTreeMap::from([("domain".to_string(), "lab.example".to_string())])),
+        set_vars: Some(BTreeMap::from([(
+            "domain".to_string(),
+            "lab.example".to_string(),
+        )])),
         ..Default::default()
     };
     let m = p.update(mac, good).await.unwrap();
-    assert_eq!((m.hostname.as_deref(), m.vars["domain"].as_str()), (Some("node7"), "lab.example"));
-    let m = p.update(mac, UpdateRequest { unset_vars: Some(vec!["domain".into()]), hostname: Some(String::new()), ..Default::default() }).await.unwrap();
+    assert_eq!(
+        (m.hostname.as_deref(), m.vars["domain"].as_str()),
+        (Some("node7"), "lab.example")
+    );
+    let m = p
+        .update(
+            mac,
+            UpdateRequest {
+                unset_vars: Some(vec!["domain".into()]),
+                hostname: Some(String::new()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     assert!(m.vars.is_empty() && m.hostname.is_none());
 }

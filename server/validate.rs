@@ -26,7 +26,9 @@ pub fn hostname(h: &str) -> Result<(), Invalid> {
         )));
     }
     for label in h.split('.') {
-        let ok_chars = label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let ok_chars = label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
         if label.is_empty()
             || label.len() > 63
             || !ok_chars

@@ -30,8 +30,10 @@ pub async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Respo
                 "the admin API needs `Authorization: Bearer <token>`; the token is in the daemon's data directory (admin-token)",
             )
             .into_response();
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
             r
         }
     }
@@ -39,18 +41,26 @@ pub async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Respo
 
 /// Unknown API path.
 pub async fn not_found() -> AppError {
-    AppError::new(StatusCode::NOT_FOUND, "no such API endpoint; see docs/api.md")
+    AppError::new(
+        StatusCode::NOT_FOUND,
+        "no such API endpoint; see docs/api.md",
+    )
 }
 
 fn parse_mac(s: &str) -> Result<Mac, AppError> {
-    s.parse()
-        .map_err(|e: crate::mac::MacError| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
+    s.parse().map_err(|e: crate::mac::MacError| {
+        AppError::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+    })
 }
 
 /// Rejects a JSON body that does not parse, with serde's message (which names the field).
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, AppError> {
-    serde_json::from_slice(body)
-        .map_err(|e| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("request body: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        AppError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("request body: {e}"),
+        )
+    })
 }
 
 #[derive(Deserialize)]
@@ -72,14 +82,20 @@ pub async fn list_machines(
 }
 
 /// `POST /machines`: enroll.
-pub async fn enroll(State(st): State<AppState>, body: axum::body::Bytes) -> Result<Response, AppError> {
+pub async fn enroll(
+    State(st): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<Response, AppError> {
     let req: EnrollRequest = json_body(&body)?;
     let m = st.prov.enroll(req).await?;
     Ok((StatusCode::CREATED, Json(m)).into_response())
 }
 
 /// `GET /machines/{mac}`.
-pub async fn get_machine(State(st): State<AppState>, Path(mac): Path<String>) -> Result<Response, AppError> {
+pub async fn get_machine(
+    State(st): State<AppState>,
+    Path(mac): Path<String>,
+) -> Result<Response, AppError> {
     Ok(Json(st.prov.machine(parse_mac(&mac)?).await?).into_response())
 }
 
@@ -95,13 +111,19 @@ pub async fn update_machine(
 }
 
 /// `DELETE /machines/{mac}`.
-pub async fn delete_machine(State(st): State<AppState>, Path(mac): Path<String>) -> Result<Response, AppError> {
+pub async fn delete_machine(
+    State(st): State<AppState>,
+    Path(mac): Path<String>,
+) -> Result<Response, AppError> {
     st.prov.delete(parse_mac(&mac)?).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// `POST /machines/{mac}/reprovision`.
-pub async fn reprovision(State(st): State<AppState>, Path(mac): Path<String>) -> Result<Response, AppError> {
+pub async fn reprovision(
+    State(st): State<AppState>,
+    Path(mac): Path<String>,
+) -> Result<Response, AppError> {
     Ok(Json(st.prov.reprovision(parse_mac(&mac)?).await?).into_response())
 }
 
@@ -114,7 +136,10 @@ pub struct EventsQuery {
 }
 
 /// `GET /events[?mac=&after=&limit=]`.
-pub async fn events(State(st): State<AppState>, Query(q): Query<EventsQuery>) -> Result<Response, AppError> {
+pub async fn events(
+    State(st): State<AppState>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, AppError> {
     let mac = q.mac.as_deref().map(parse_mac).transpose()?;
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     Ok(Json(st.prov.events(mac, q.after, limit).await?).into_response())
@@ -152,9 +177,14 @@ pub async fn profiles(State(st): State<AppState>) -> Response {
 }
 
 /// `GET /profiles/{name}`.
-pub async fn profile(State(st): State<AppState>, Path(name): Path<String>) -> Result<Response, AppError> {
+pub async fn profile(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, AppError> {
     let cat = st.prov.catalog();
-    let p = cat.profile(&name).map_err(crate::provisioner::Error::from)?;
+    let p = cat
+        .profile(&name)
+        .map_err(crate::provisioner::Error::from)?;
     Ok(Json(p.clone()).into_response())
 }
 

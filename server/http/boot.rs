@@ -19,9 +19,15 @@ fn ipxe_response(body: String) -> Response {
 }
 
 /// `GET /boot.ipxe`: the static script that chains to `/ipxe` with the machine's details.
-pub async fn boot_ipxe(State(st): State<AppState>, headers: HeaderMap) -> Result<Response, AppError> {
+pub async fn boot_ipxe(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
     let base = base_url(&st, &headers).map_err(AppError::text)?;
-    let body = st.prov.boot_ipxe(&base).map_err(|e| AppError::from(e).text())?;
+    let body = st
+        .prov
+        .boot_ipxe(&base)
+        .map_err(|e| AppError::from(e).text())?;
     Ok(ipxe_response(body))
 }
 
@@ -58,9 +64,9 @@ pub async fn ipxe(
         )
         .text());
     };
-    let mac: Mac = mac
-        .parse()
-        .map_err(|e: crate::mac::MacError| AppError::new(StatusCode::BAD_REQUEST, e.to_string()).text())?;
+    let mac: Mac = mac.parse().map_err(|e: crate::mac::MacError| {
+        AppError::new(StatusCode::BAD_REQUEST, e.to_string()).text()
+    })?;
     let platform_claim = claim(q.platform, 16);
     let uuid = claim(q.uuid, 64)
         .filter(|u| crate::validate::uuid(u).is_ok())
@@ -107,15 +113,20 @@ pub async fn phone_home(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, AppError> {
-    let text = std::str::from_utf8(&body)
-        .map_err(|_| AppError::new(StatusCode::BAD_REQUEST, "phone-home body is not UTF-8").text())?;
+    let text = std::str::from_utf8(&body).map_err(|_| {
+        AppError::new(StatusCode::BAD_REQUEST, "phone-home body is not UTF-8").text()
+    })?;
     let form = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
     let lines: Vec<String> = if form {
         let fields: BTreeMap<String, String> = serde_urlencoded::from_str(text).map_err(|e| {
-            AppError::new(StatusCode::BAD_REQUEST, format!("phone-home form does not parse: {e}")).text()
+            AppError::new(
+                StatusCode::BAD_REQUEST,
+                format!("phone-home form does not parse: {e}"),
+            )
+            .text()
         })?;
         fields
             .into_iter()
@@ -125,10 +136,19 @@ pub async fn phone_home(
     } else {
         text.lines().map(str::to_string).collect()
     };
-    let m = st.prov.phone_home(&token, lines).await.map_err(|e| AppError::from(e).text())?;
+    let m = st
+        .prov
+        .phone_home(&token, lines)
+        .await
+        .map_err(|e| AppError::from(e).text())?;
     Ok((
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        format!("provision: {} is {}; {} host key(s) pinned\n", m.mac, m.state, m.host_keys.len()),
+        format!(
+            "provision: {} is {}; {} host key(s) pinned\n",
+            m.mac,
+            m.state,
+            m.host_keys.len()
+        ),
     )
         .into_response())
 }

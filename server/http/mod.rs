@@ -37,7 +37,9 @@ pub fn router(state: AppState, assets_dir: &std::path::Path) -> Router {
         .route("/machines", get(api::list_machines).post(api::enroll))
         .route(
             "/machines/{mac}",
-            get(api::get_machine).patch(api::update_machine).delete(api::delete_machine),
+            get(api::get_machine)
+                .patch(api::update_machine)
+                .delete(api::delete_machine),
         )
         .route("/machines/{mac}/reprovision", post(api::reprovision))
         .route("/machines/{mac}/events", get(api::machine_events))
@@ -47,7 +49,10 @@ pub fn router(state: AppState, assets_dir: &std::path::Path) -> Router {
         .route("/profiles/{name}", get(api::profile))
         .route("/reload", post(api::reload))
         .fallback(api::not_found)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), api::auth));
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::auth,
+        ));
     Router::new()
         .route("/boot.ipxe", get(boot::boot_ipxe))
         .route("/ipxe", get(boot::ipxe))
@@ -69,7 +74,11 @@ pub struct AppError {
 
 impl AppError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        AppError { status, message: message.into(), json: true }
+        AppError {
+            status,
+            message: message.into(),
+            json: true,
+        }
     }
 
     fn text(mut self) -> Self {
@@ -83,9 +92,8 @@ impl From<Error> for AppError {
         let status = match &e {
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
-            Error::Store(StoreError::AlreadyEnrolled(..)) | Error::Store(StoreError::Illegal(_)) => {
-                StatusCode::CONFLICT
-            }
+            Error::Store(StoreError::AlreadyEnrolled(..))
+            | Error::Store(StoreError::Illegal(_)) => StatusCode::CONFLICT,
             Error::Store(StoreError::Token(TokenProblem::Unknown, _)) => StatusCode::FORBIDDEN,
             Error::Store(StoreError::Token(_, _)) => StatusCode::GONE,
             Error::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -103,7 +111,11 @@ impl From<Error> for AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         if self.json {
-            (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+            (
+                self.status,
+                Json(serde_json::json!({ "error": self.message })),
+            )
+                .into_response()
         } else {
             (
                 self.status,

@@ -18,7 +18,8 @@ use crate::render::Sources;
 use crate::store::Store;
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef-admin";
-const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 host";
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 host";
 
 fn app(assets: &std::path::Path) -> Router {
     let prov = Provisioner::new(
@@ -28,7 +29,11 @@ fn app(assets: &std::path::Path) -> Router {
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 provision".into(),
     )
     .unwrap();
-    let state = AppState { prov: Arc::new(prov), admin_token: Arc::new(TOKEN.into()), advertise: None };
+    let state = AppState {
+        prov: Arc::new(prov),
+        admin_token: Arc::new(TOKEN.into()),
+        advertise: None,
+    };
     router(state, assets).layer(MockConnectInfo(SocketAddr::from(([10, 0, 0, 7], 5555))))
 }
 
@@ -40,7 +45,10 @@ async fn send(app: &Router, req: Request<Body>) -> (StatusCode, String) {
 }
 
 fn get(uri: &str) -> Request<Body> {
-    Request::get(uri).header(header::HOST, "10.0.0.1:8080").body(Body::empty()).unwrap()
+    Request::get(uri)
+        .header(header::HOST, "10.0.0.1:8080")
+        .body(Body::empty())
+        .unwrap()
 }
 
 fn api(method: &str, uri: &str, body: Option<serde_json::Value>) -> Request<Body> {
@@ -61,12 +69,24 @@ async fn admin_api_needs_the_token() {
     let (s, body) = send(&app, get("/api/v1/machines")).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(body.contains("Authorization: Bearer"), "{body}");
-    let wrong = Request::get("/api/v1/machines").header(header::AUTHORIZATION, "Bearer nope").body(Body::empty()).unwrap();
+    let wrong = Request::get("/api/v1/machines")
+        .header(header::AUTHORIZATION, "Bearer nope")
+        .body(Body::empty())
+        .unwrap();
     assert_eq!(send(&app, wrong).await.0, StatusCode::UNAUTHORIZED);
-    assert_eq!(send(&app, api("GET", "/api/v1/machines", None)).await, (StatusCode::OK, "[]".into()));
+    assert_eq!(
+        send(&app, api("GET", "/api/v1/machines", None)).await,
+        (StatusCode::OK, "[]".into())
+    );
     // Unknown API paths are 404 only after auth, so they reveal nothing.
-    assert_eq!(send(&app, get("/api/v1/nope")).await.0, StatusCode::UNAUTHORIZED);
-    assert_eq!(send(&app, api("GET", "/api/v1/nope", None)).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        send(&app, get("/api/v1/nope")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(&app, api("GET", "/api/v1/nope", None)).await.0,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
@@ -74,17 +94,68 @@ async fn api_errors_are_json_with_a_message() {
     let d = tempfile::tempdir().unwrap();
     let app = app(d.path());
     let cases = [
-        (api("POST", "/api/v1/machines", Some(serde_json::json!({"mac": "52:54:00:00:00:01"}))), StatusCode::UNPROCESSABLE_ENTITY, "missing field `profile`"),
-        (api("POST", "/api/v1/machines", Some(serde_json::json!({"mac": "x", "profile": "debian-12"}))), StatusCode::UNPROCESSABLE_ENTITY, "not a MAC address"),
-        (api("POST", "/api/v1/machines", Some(serde_json::json!({"mac": "52:54:00:00:00:01", "profile": "debian-12", "hostnme": "x"}))), StatusCode::UNPROCESSABLE_ENTITY, "unknown field `hostnme`"),
-        (api("POST", "/api/v1/machines", Some(serde_json::json!({"mac": "52:54:00:00:00:01", "profile": "nope"}))), StatusCode::NOT_FOUND, "no profile named"),
-        (api("GET", "/api/v1/machines/52:54:00:00:00:09", None), StatusCode::NOT_FOUND, "no machine with MAC 52:54:00:00:00:09"),
-        (api("GET", "/api/v1/machines?state=bogus", None), StatusCode::UNPROCESSABLE_ENTITY, "unknown state"),
-        (api("POST", "/api/v1/machines/52:54:00:00:00:09/reprovision", None), StatusCode::NOT_FOUND, "no machine"),
+        (
+            api(
+                "POST",
+                "/api/v1/machines",
+                Some(serde_json::json!({"mac": "52:54:00:00:00:01"})),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "missing field `profile`",
+        ),
+        (
+            api(
+                "POST",
+                "/api/v1/machines",
+                Some(serde_json::json!({"mac": "x", "profile": "debian-12"})),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not a MAC address",
+        ),
+        (
+            api(
+                "POST",
+                "/api/v1/machines",
+                Some(
+                    serde_json::json!({"mac": "52:54:00:00:00:01", "profile": "debian-12", "hostnme": "x"}),
+                ),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown field `hostnme`",
+        ),
+        (
+            api(
+                "POST",
+                "/api/v1/machines",
+                Some(serde_json::json!({"mac": "52:54:00:00:00:01", "profile": "nope"})),
+            ),
+            StatusCode::NOT_FOUND,
+            "no profile named",
+        ),
+        (
+            api("GET", "/api/v1/machines/52:54:00:00:00:09", None),
+            StatusCode::NOT_FOUND,
+            "no machine with MAC 52:54:00:00:00:09",
+        ),
+        (
+            api("GET", "/api/v1/machines?state=bogus", None),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown state",
+        ),
+        (
+            api(
+                "POST",
+                "/api/v1/machines/52:54:00:00:00:09/reprovision",
+                None,
+            ),
+            StatusCode::NOT_FOUND,
+            "no machine",
+        ),
     ];
     for (req, status, want) in cases {
         let (s, body) = send(&app, req).await;
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
         assert_eq!(s, status, "{body}");
         assert!(v["error"].as_str().unwrap().contains(want), "{body}");
     }
@@ -100,14 +171,26 @@ async fn enroll_chain_config_phone_home_local() {
     )
     .await;
     assert_eq!(s, StatusCode::CREATED, "{body}");
-    let (s, again) = send(&app, api("POST", "/api/v1/machines", Some(serde_json::json!({"mac": "52:54:00:00:00:01", "profile": "ubuntu-24.04"})))).await;
+    let (s, again) = send(
+        &app,
+        api(
+            "POST",
+            "/api/v1/machines",
+            Some(serde_json::json!({"mac": "52:54:00:00:00:01", "profile": "ubuntu-24.04"})),
+        ),
+    )
+    .await;
     assert_eq!(s, StatusCode::CONFLICT, "{again}");
 
     let (s, chain) = send(&app, get("/boot.ipxe")).await;
     assert_eq!(s, StatusCode::OK);
     assert!(chain.contains("chain --autofree http://10.0.0.1:8080/ipxe?mac=${mac:hexhyp}&uuid=${uuid}&arch=${buildarch}&platform=${platform}"), "{chain}");
 
-    let (s, script) = send(&app, get("/ipxe?mac=52-54-00-00-00-01&uuid=&arch=x86_64&platform=efi")).await;
+    let (s, script) = send(
+        &app,
+        get("/ipxe?mac=52-54-00-00-00-01&uuid=&arch=x86_64&platform=efi"),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{script}");
     let i = script.find("/config/").unwrap() + 8;
     let token = &script[i..i + 64];
@@ -121,7 +204,14 @@ async fn enroll_chain_config_phone_home_local() {
     let form = Request::post(format!("/phone-home/{token}"))
         .header(header::HOST, "10.0.0.1:8080")
         .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-        .body(Body::from(serde_urlencoded::to_string([("pub_key_ed25519", KEY), ("pub_key_rsa", "N/A"), ("instance_id", "i-1")]).unwrap()))
+        .body(Body::from(
+            serde_urlencoded::to_string([
+                ("pub_key_ed25519", KEY),
+                ("pub_key_rsa", "N/A"),
+                ("instance_id", "i-1"),
+            ])
+            .unwrap(),
+        ))
         .unwrap();
     let (s, body) = send(&app, form).await;
     assert_eq!(s, StatusCode::OK, "{body}");
@@ -130,19 +220,48 @@ async fn enroll_chain_config_phone_home_local() {
     assert_eq!(s, StatusCode::GONE);
 
     let (_, local) = send(&app, get("/ipxe?mac=52-54-00-00-00-01&platform=efi")).await;
-    assert!(local.contains("\nexit\n") && !local.contains("kernel"), "{local}");
+    assert!(
+        local.contains("\nexit\n") && !local.contains("kernel"),
+        "{local}"
+    );
 
     let (_, m) = send(&app, api("GET", "/api/v1/machines/525400000001", None)).await;
     let m: serde_json::Value = serde_json::from_str(&m).unwrap();
     assert_eq!(m["state"], "installed");
     assert_eq!(m["last_ip"], "10.0.0.7");
     assert_eq!(m["platform"], "efi");
-    let (_, ev) = send(&app, api("GET", "/api/v1/machines/52:54:00:00:00:01/events", None)).await;
-    let kinds: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&ev).unwrap().iter().map(|e| e["kind"].as_str().unwrap().to_string()).collect();
-    assert_eq!(kinds, ["enrolled", "install_started", "config_served", "phoned_home", "config_refused", "ipxe_served"]);
+    let (_, ev) = send(
+        &app,
+        api("GET", "/api/v1/machines/52:54:00:00:00:01/events", None),
+    )
+    .await;
+    let kinds: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&ev)
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "enrolled",
+            "install_started",
+            "config_served",
+            "phoned_home",
+            "config_refused",
+            "ipxe_served"
+        ]
+    );
 
     // Preview redacts the token.
-    let (s, preview) = send(&app, api("GET", "/api/v1/machines/52:54:00:00:00:01/render/user-data", None)).await;
+    let (s, preview) = send(
+        &app,
+        api(
+            "GET",
+            "/api/v1/machines/52:54:00:00:00:01/render/user-data",
+            None,
+        ),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK);
     assert!(preview.contains("REDACTED-INSTALL-TOKEN") && !preview.contains(token));
 }
@@ -151,23 +270,51 @@ async fn enroll_chain_config_phone_home_local() {
 async fn hostile_requests_are_refused() {
     let d = tempfile::tempdir().unwrap();
     let app = app(d.path());
-    for uri in ["/ipxe", "/ipxe?mac=zz", "/ipxe?mac=52-54-00-00-00-01%0Aexit"] {
+    for uri in [
+        "/ipxe",
+        "/ipxe?mac=zz",
+        "/ipxe?mac=52-54-00-00-00-01%0Aexit",
+    ] {
         let (s, body) = send(&app, get(uri)).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {body}");
     }
     // A Host header is a claim from the network; it must not reach a script unchecked.
-    let evil = Request::get("/boot.ipxe").header(header::HOST, "x\"$(y)").body(Body::empty()).unwrap();
+    let evil = Request::get("/boot.ipxe")
+        .header(header::HOST, "x\"$(y)")
+        .body(Body::empty())
+        .unwrap();
     assert_eq!(send(&app, evil).await.0, StatusCode::BAD_REQUEST);
-    let evil = Request::get("/boot.ipxe").header(header::HOST, "a b").body(Body::empty()).unwrap();
+    let evil = Request::get("/boot.ipxe")
+        .header(header::HOST, "a b")
+        .body(Body::empty())
+        .unwrap();
     assert_eq!(send(&app, evil).await.0, StatusCode::BAD_REQUEST);
     // Junk firmware claims are not stored.
-    let (s, _) = send(&app, get("/ipxe?mac=52-54-00-00-00-02&uuid=%22%3B&arch=x%20y&platform=efi")).await;
+    let (s, _) = send(
+        &app,
+        get("/ipxe?mac=52-54-00-00-00-02&uuid=%22%3B&arch=x%20y&platform=efi"),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK);
     let (_, m) = send(&app, api("GET", "/api/v1/machines/52:54:00:00:00:02", None)).await;
     let m: serde_json::Value = serde_json::from_str(&m).unwrap();
-    assert_eq!((m["uuid"].clone(), m["arch"].clone(), m["state"].clone()), (serde_json::Value::Null, serde_json::Value::Null, "discovered".into()));
+    assert_eq!(
+        (m["uuid"].clone(), m["arch"].clone(), m["state"].clone()),
+        (
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+            "discovered".into()
+        )
+    );
     // Phone-home with garbage is a 422 and changes nothing; with an unknown token a 403.
-    let (s, _) = send(&app, Request::post(format!("/phone-home/{}", "0".repeat(64))).header(header::HOST, "h").body(Body::from(KEY)).unwrap()).await;
+    let (s, _) = send(
+        &app,
+        Request::post(format!("/phone-home/{}", "0".repeat(64)))
+            .header(header::HOST, "h")
+            .body(Body::from(KEY))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 }
 
@@ -180,10 +327,22 @@ async fn assets_are_served_with_ranges_and_confined() {
     let app = app(d.path());
     let (s, body) = send(&app, get("/assets/debian-12/linux")).await;
     assert_eq!((s, body.as_str()), (StatusCode::OK, "0123456789"));
-    let ranged = Request::get("/assets/debian-12/linux").header(header::RANGE, "bytes=2-5").body(Body::empty()).unwrap();
-    assert_eq!(send(&app, ranged).await, (StatusCode::PARTIAL_CONTENT, "2345".into()));
-    assert_eq!(send(&app, get("/assets/../outside-secret")).await.0, StatusCode::NOT_FOUND);
-    assert_eq!(send(&app, get("/assets/%2e%2e/outside-secret")).await.0, StatusCode::NOT_FOUND);
+    let ranged = Request::get("/assets/debian-12/linux")
+        .header(header::RANGE, "bytes=2-5")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        send(&app, ranged).await,
+        (StatusCode::PARTIAL_CONTENT, "2345".into())
+    );
+    assert_eq!(
+        send(&app, get("/assets/../outside-secret")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        send(&app, get("/assets/%2e%2e/outside-secret")).await.0,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
@@ -194,11 +353,25 @@ async fn profiles_reload_and_preview() {
     assert_eq!(s, StatusCode::OK);
     let v: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
     let names: Vec<&str> = v.iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["coreos-cloud-config", "debian-12", "fedora-coreos", "flatcar", "ubuntu-24.04"]);
+    assert_eq!(
+        names,
+        [
+            "coreos-cloud-config",
+            "debian-12",
+            "fedora-coreos",
+            "flatcar",
+            "ubuntu-24.04"
+        ]
+    );
     let (s, body) = send(&app, api("GET", "/api/v1/profiles/flatcar", None)).await;
     assert_eq!(s, StatusCode::OK);
     assert!(body.contains("install.ign"));
-    assert_eq!(send(&app, api("GET", "/api/v1/profiles/none", None)).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        send(&app, api("GET", "/api/v1/profiles/none", None))
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
     let (s, body) = send(&app, api("POST", "/api/v1/reload", None)).await;
     assert_eq!((s, body.as_str()), (StatusCode::OK, r#"{"profiles":5}"#));
 }

@@ -133,7 +133,15 @@ impl Transition {
             Transition::FinishRegistration => (&[Registering], Registered),
             Transition::HandOff => (&[Installed, Registered], HandedOff),
             Transition::Reprovision => (
-                &[Enrolled, Installing, Installed, Registering, Registered, HandedOff, Failed],
+                &[
+                    Enrolled,
+                    Installing,
+                    Installed,
+                    Registering,
+                    Registered,
+                    HandedOff,
+                    Failed,
+                ],
                 Enrolled,
             ),
             Transition::Fail => (&[Enrolled, Installing, Registering, Registered], Failed),

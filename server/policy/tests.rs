@@ -94,7 +94,10 @@ fn decision_table() {
             decide(None, &r, DiscoverAnswer::LocalBoot),
             local(platform, LocalReason::Discovered)
         );
-        assert_eq!(decide(None, &r, DiscoverAnswer::Ignore), BootDecision::Ignore);
+        assert_eq!(
+            decide(None, &r, DiscoverAnswer::Ignore),
+            BootDecision::Ignore
+        );
         let table = [
             (Discovered, local(platform, LocalReason::Discovered)),
             (Enrolled, install.clone()),
@@ -110,7 +113,11 @@ fn decision_table() {
                 state,
                 profile: Some("p"),
             };
-            assert_eq!(decide(Some(&facts), &r, DiscoverAnswer::LocalBoot), want, "{state}");
+            assert_eq!(
+                decide(Some(&facts), &r, DiscoverAnswer::LocalBoot),
+                want,
+                "{state}"
+            );
         }
         let ignored = MachineFacts {
             state: Discovered,

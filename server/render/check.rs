@@ -37,7 +37,10 @@ fn yaml_doc(body: &str) -> Result<serde_norway::Value, String> {
 fn yaml_mapping(body: &str, what: &str) -> Result<serde_norway::Mapping, String> {
     match yaml_doc(body)? {
         serde_norway::Value::Mapping(m) => Ok(m),
-        other => Err(format!("{what} must be a YAML mapping, got {}", yaml_type(&other))),
+        other => Err(format!(
+            "{what} must be a YAML mapping, got {}",
+            yaml_type(&other)
+        )),
     }
 }
 
@@ -90,8 +93,16 @@ fn meta_data(body: &str) -> Result<(), String> {
 /// backslash continues the line.
 fn preseed(body: &str) -> Result<(), String> {
     const TYPES: &[&str] = &[
-        "string", "boolean", "select", "multiselect", "note", "password", "text", "title",
-        "error", "seen",
+        "string",
+        "boolean",
+        "select",
+        "multiselect",
+        "note",
+        "password",
+        "text",
+        "title",
+        "error",
+        "seen",
     ];
     let mut logical = String::new();
     for (n, line) in body.lines().enumerate() {
@@ -116,7 +127,10 @@ fn preseed(body: &str) -> Result<(), String> {
             ));
         }
         if fields[2] == "boolean" && !matches!(fields.get(3), Some(&"true") | Some(&"false")) {
-            return Err(format!("line {}: a boolean answer must be true or false", n + 1));
+            return Err(format!(
+                "line {}: a boolean answer must be true or false",
+                n + 1
+            ));
         }
     }
     if !logical.is_empty() {
@@ -322,21 +336,40 @@ fn ignition(body: &str) -> Result<(), String> {
     }
     let minor: u32 = parts[1].parse().unwrap_or(99);
     if minor > 5 || parts[2] != "0" {
-        return Err(format!("ignition.version {v:?} is not a released v3 spec version (3.0.0 to 3.5.0)"));
+        return Err(format!(
+            "ignition.version {v:?} is not a released v3 spec version (3.0.0 to 3.5.0)"
+        ));
     }
     for f in cfg.storage.iter().flat_map(|s| &s.files) {
         if !f.path.starts_with('/') {
             return Err(format!("storage file path {:?} must be absolute", f.path));
         }
         if let Some(src) = f.contents.as_ref().and_then(|c| c.source.as_deref()) {
-            let known = ["data:", "http://", "https://", "tftp://", "s3://", "gs://", "arn:"];
+            let known = [
+                "data:", "http://", "https://", "tftp://", "s3://", "gs://", "arn:",
+            ];
             if !known.iter().any(|p| src.starts_with(p)) {
-                return Err(format!("storage file {} has an unsupported source URL", f.path));
+                return Err(format!(
+                    "storage file {} has an unsupported source URL",
+                    f.path
+                ));
             }
         }
     }
     for u in cfg.systemd.iter().flat_map(|s| &s.units) {
-        let ok = [".service", ".socket", ".target", ".timer", ".mount", ".path", ".device", ".swap", ".slice", ".scope", ".automount"];
+        let ok = [
+            ".service",
+            ".socket",
+            ".target",
+            ".timer",
+            ".mount",
+            ".path",
+            ".device",
+            ".swap",
+            ".slice",
+            ".scope",
+            ".automount",
+        ];
         if !ok.iter().any(|s| u.name.ends_with(s)) {
             return Err(format!("systemd unit {:?} has no unit type suffix", u.name));
         }
@@ -350,7 +383,11 @@ mod tests {
 
     #[test]
     fn ignition_checks() {
-        check(ArtifactKind::Ignition, r#"{"ignition":{"version":"3.4.0"}}"#).unwrap();
+        check(
+            ArtifactKind::Ignition,
+            r#"{"ignition":{"version":"3.4.0"}}"#,
+        )
+        .unwrap();
         for bad in [
             r#"{"ignition":{"version":"2.2.0"}}"#,
             r#"{"ignition":{"version":"3.4.0"},"storage":{"files":[{"path":"etc/x"}]}}"#,
@@ -368,8 +405,16 @@ mod tests {
         check(ArtifactKind::CloudConfig, "#cloud-config\nhostname: x\n").unwrap();
         assert!(check(ArtifactKind::CloudConfig, "hostname: x\n").is_err());
         assert!(check(ArtifactKind::CloudConfig, "#cloud-config\n- a\n").is_err());
-        check(ArtifactKind::Autoinstall, "#cloud-config\nautoinstall:\n  version: 1\n").unwrap();
-        assert!(check(ArtifactKind::Autoinstall, "#cloud-config\nautoinstall:\n  version: 2\n").is_err());
+        check(
+            ArtifactKind::Autoinstall,
+            "#cloud-config\nautoinstall:\n  version: 1\n",
+        )
+        .unwrap();
+        assert!(check(
+            ArtifactKind::Autoinstall,
+            "#cloud-config\nautoinstall:\n  version: 2\n"
+        )
+        .is_err());
         check(ArtifactKind::MetaData, "instance-id: i-1\n").unwrap();
         assert!(check(ArtifactKind::MetaData, "local-hostname: x\n").is_err());
     }
@@ -381,7 +426,12 @@ mod tests {
             "# c\nd-i netcfg/get_hostname string node1\nd-i preseed/late_command string \\\n  echo hi\nd-i x/y boolean true\n",
         )
         .unwrap();
-        for bad in ["d-i netcfg/get_hostname\n", "d-i a/b strin x\n", "d-i a/b boolean yes\n", "d-i a/b string x \\"] {
+        for bad in [
+            "d-i netcfg/get_hostname\n",
+            "d-i a/b strin x\n",
+            "d-i a/b boolean yes\n",
+            "d-i a/b string x \\",
+        ] {
             assert!(check(ArtifactKind::Preseed, bad).is_err(), "{bad:?}");
         }
     }

@@ -41,7 +41,10 @@ pub fn check_ipxe_word(v: &str) -> Result<(), Error> {
 /// `{{ v | ipxe }}`: the value, if it is one safe word for an iPXE line; an error otherwise.
 /// In `.ipxe` templates this check also runs on every `{{ }}` without the filter.
 pub fn ipxe(v: &Value) -> Result<Value, Error> {
-    let s = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    let s = v
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string());
     check_ipxe_word(&s)?;
     Ok(Value::from_safe_string(s))
 }
@@ -58,7 +61,10 @@ pub fn cmdline(v: &Value) -> Result<Value, Error> {
 /// joins a line ending in a backslash with the next; so a value may hold spaces and quotes,
 /// but never a control character (a newline would start a new answer) or a trailing backslash.
 pub fn preseed(v: &Value) -> Result<Value, Error> {
-    let s = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    let s = v
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string());
     if let Some(c) = s.chars().find(|c| c.is_control()) {
         return Err(Error::new(
             ErrorKind::InvalidOperation,
@@ -80,7 +86,10 @@ pub fn preseed(v: &Value) -> Result<Value, Error> {
 /// Inside single quotes nothing is special except the closing quote (POSIX.1-2017 XCU
 /// 2.2.2), so `'` becomes `'\''`. NUL cannot be passed through a shell at all and is refused.
 pub fn shell(v: &Value) -> Result<Value, Error> {
-    let s = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    let s = v
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string());
     if s.contains('\0') {
         return Err(Error::new(
             ErrorKind::InvalidOperation,
@@ -101,17 +110,27 @@ mod tests {
 
     #[test]
     fn ipxe_accepts_words_refuses_the_rest() {
-        for ok in ["node1", "http://10.0.0.1:8080/a/b", "a=b,c+d@e%41~", "52-54-00-ab-cd-ef"] {
+        for ok in [
+            "node1",
+            "http://10.0.0.1:8080/a/b",
+            "a=b,c+d@e%41~",
+            "52-54-00-ab-cd-ef",
+        ] {
             assert_eq!(ipxe(&s(ok)).unwrap().as_str(), Some(ok));
         }
-        for bad in ["", "a b", "a\nb", "${x}", "a\"b", "a'b", "a;b", "&&", "a|b", "#", "a\\b", "a\tb"] {
+        for bad in [
+            "", "a b", "a\nb", "${x}", "a\"b", "a'b", "a;b", "&&", "a|b", "#", "a\\b", "a\tb",
+        ] {
             assert!(ipxe(&s(bad)).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn preseed_values() {
-        assert_eq!(preseed(&s("a b 'c' \"d\"")).unwrap().as_str(), Some("a b 'c' \"d\""));
+        assert_eq!(
+            preseed(&s("a b 'c' \"d\"")).unwrap().as_str(),
+            Some("a b 'c' \"d\"")
+        );
         for bad in ["a\nb", "a\rb", "ab\\"] {
             assert!(preseed(&s(bad)).is_err(), "{bad:?}");
         }
@@ -120,7 +139,10 @@ mod tests {
     #[test]
     fn shell_quotes() {
         assert_eq!(shell(&s("plain")).unwrap().as_str(), Some("'plain'"));
-        assert_eq!(shell(&s("it's $(x)")).unwrap().as_str(), Some(r"'it'\''s $(x)'"));
+        assert_eq!(
+            shell(&s("it's $(x)")).unwrap().as_str(),
+            Some(r"'it'\''s $(x)'")
+        );
         assert!(shell(&s("a\0b")).is_err());
     }
 }

@@ -193,7 +193,10 @@ impl Sources {
             None => (&self.templates_dir, &BUILTIN_TEMPLATES, name),
         };
         let rel_path = Path::new(rel);
-        if !rel_path.components().all(|c| matches!(c, Component::Normal(_))) {
+        if !rel_path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+        {
             return None;
         }
         if let Some(d) = dir {
@@ -219,7 +222,10 @@ impl Sources {
                     if f.path().extension().is_some_and(|e| e == "toml") {
                         out.insert(
                             stem.to_string(),
-                            (format!("(built-in) {}", f.path().display()), text.to_string()),
+                            (
+                                format!("(built-in) {}", f.path().display()),
+                                text.to_string(),
+                            ),
                         );
                     }
                 }
@@ -236,12 +242,11 @@ impl Sources {
                     let p = e.path();
                     if p.extension().is_some_and(|e| e == "toml") {
                         let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
-                        let text = std::fs::read_to_string(&p).map_err(|e| {
-                            RenderError::BadProfile {
+                        let text =
+                            std::fs::read_to_string(&p).map_err(|e| RenderError::BadProfile {
                                 file: p.display().to_string(),
                                 message: e.to_string(),
-                            }
-                        })?;
+                            })?;
                         out.insert(stem.to_string(), (p.display().to_string(), text));
                     }
                 }
@@ -346,8 +351,9 @@ impl Catalog {
             p.name = name.clone();
             crate::validate::vars(&p.vars).map_err(|e| bad(e.0))?;
             for (aname, a) in &p.artifacts {
-                crate::validate::profile_name(aname)
-                    .map_err(|_| bad(format!("artifact name {aname:?} must be a plain file name")))?;
+                crate::validate::profile_name(aname).map_err(|_| {
+                    bad(format!("artifact name {aname:?} must be a plain file name"))
+                })?;
                 env.get_template(&a.template)
                     .map_err(|e| bad(format!("artifact {aname}: template {}: {e}", a.template)))?;
             }
@@ -358,11 +364,10 @@ impl Catalog {
             profiles.insert(name, p);
         }
         for t in ["ipxe/boot.ipxe", "ipxe/install.ipxe", "ipxe/local.ipxe"] {
-            env.get_template(t)
-                .map_err(|e| RenderError::BadProfile {
-                    file: t.to_string(),
-                    message: e.to_string(),
-                })?;
+            env.get_template(t).map_err(|e| RenderError::BadProfile {
+                file: t.to_string(),
+                message: e.to_string(),
+            })?;
         }
         Ok(Catalog { profiles, env })
     }
@@ -411,11 +416,14 @@ impl Catalog {
         ctx: &Value,
     ) -> Result<(ArtifactKind, String), RenderError> {
         let p = self.profile(profile)?;
-        let a = p.artifacts.get(artifact).ok_or_else(|| RenderError::NoArtifact {
-            profile: profile.to_string(),
-            artifact: artifact.to_string(),
-            have: p.artifacts.keys().cloned().collect::<Vec<_>>().join(", "),
-        })?;
+        let a = p
+            .artifacts
+            .get(artifact)
+            .ok_or_else(|| RenderError::NoArtifact {
+                profile: profile.to_string(),
+                artifact: artifact.to_string(),
+                have: p.artifacts.keys().cloned().collect::<Vec<_>>().join(", "),
+            })?;
         let body = self.render_file(&a.template, a.kind, ctx)?;
         Ok((a.kind, body))
     }
@@ -464,7 +472,10 @@ impl Catalog {
 
 impl Profile {
     fn boot_strings(&self) -> Vec<(String, &str)> {
-        let mut v = vec![("kernel".to_string(), self.kernel.as_str()), ("cmdline".to_string(), self.cmdline.as_str())];
+        let mut v = vec![
+            ("kernel".to_string(), self.kernel.as_str()),
+            ("cmdline".to_string(), self.cmdline.as_str()),
+        ];
         for (i, s) in self.initrds.iter().enumerate() {
             v.push((format!("initrds[{i}]"), s.as_str()));
         }

@@ -189,7 +189,8 @@ pub struct Store {
     conn: Arc<Mutex<Connection>>,
 }
 
-const MACHINE_COLS: &str = "mac, uuid, serial, hostname, profile, state, vars, labels, generation, \
+const MACHINE_COLS: &str =
+    "mac, uuid, serial, hostname, profile, state, vars, labels, generation, \
      arch, platform, last_ip, failed_step, failed_reason, created_at, updated_at";
 
 fn json_map(col: &'static str, s: String) -> Result<BTreeMap<String, String>> {
@@ -209,7 +210,9 @@ fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<(Machine, String, String)
     };
     Ok((
         Machine {
-            mac: mac.parse().map_err(|e: crate::mac::MacError| conv(0, e.to_string()))?,
+            mac: mac
+                .parse()
+                .map_err(|e: crate::mac::MacError| conv(0, e.to_string()))?,
             uuid: row.get(1)?,
             serial: row.get(2)?,
             hostname: row.get(3)?,
@@ -301,7 +304,15 @@ fn apply(
         "UPDATE machines SET state = ?2, updated_at = ?3, failed_step = ?4, failed_reason = ?5 WHERE mac = ?1",
         params![m.mac.to_string(), to.as_str(), now, step, reason],
     )?;
-    insert_event(tx, now, Some(m.mac), t.event_kind(), Some(m.state), Some(to), detail)?;
+    insert_event(
+        tx,
+        now,
+        Some(m.mac),
+        t.event_kind(),
+        Some(m.state),
+        Some(to),
+        detail,
+    )?;
     Ok(to)
 }
 
@@ -359,7 +370,10 @@ impl Store {
         let parts: Vec<_> = stmt
             .query_map([state.map(State::as_str)], machine_from_row)?
             .collect::<rusqlite::Result<_>>()?;
-        parts.into_iter().map(|p| finish_machine(&conn, p)).collect()
+        parts
+            .into_iter()
+            .map(|p| finish_machine(&conn, p))
+            .collect()
     }
 
     /// Enrolls a machine: creates it, or moves a discovered one to `enrolled`.
@@ -424,23 +438,52 @@ impl Store {
             let m = must_load(tx, mac)?;
             let mut changed = Vec::new();
             if let Some(p) = &patch.profile {
-                tx.execute("UPDATE machines SET profile = ?2 WHERE mac = ?1", params![mac.to_string(), p])?;
+                tx.execute(
+                    "UPDATE machines SET profile = ?2 WHERE mac = ?1",
+                    params![mac.to_string(), p],
+                )?;
                 changed.push(format!("profile {p}"));
             }
             if let Some(h) = &patch.hostname {
-                tx.execute("UPDATE machines SET hostname = ?2 WHERE mac = ?1", params![mac.to_string(), h])?;
+                tx.execute(
+                    "UPDATE machines SET hostname = ?2 WHERE mac = ?1",
+                    params![mac.to_string(), h],
+                )?;
                 changed.push(format!("hostname {}", h.as_deref().unwrap_or("(none)")));
             }
             if let Some(v) = &patch.vars {
-                tx.execute("UPDATE machines SET vars = ?2 WHERE mac = ?1", params![mac.to_string(), map_json(v)])?;
-                changed.push(format!("vars {}", v.keys().cloned().collect::<Vec<_>>().join(",")));
+                tx.execute(
+                    "UPDATE machines SET vars = ?2 WHERE mac = ?1",
+                    params![mac.to_string(), map_json(v)],
+                )?;
+                changed.push(format!(
+                    "vars {}",
+                    v.keys().cloned().collect::<Vec<_>>().join(",")
+                ));
             }
             if let Some(l) = &patch.labels {
-                tx.execute("UPDATE machines SET labels = ?2 WHERE mac = ?1", params![mac.to_string(), map_json(l)])?;
-                changed.push(format!("labels {}", l.keys().cloned().collect::<Vec<_>>().join(",")));
+                tx.execute(
+                    "UPDATE machines SET labels = ?2 WHERE mac = ?1",
+                    params![mac.to_string(), map_json(l)],
+                )?;
+                changed.push(format!(
+                    "labels {}",
+                    l.keys().cloned().collect::<Vec<_>>().join(",")
+                ));
             }
-            tx.execute("UPDATE machines SET updated_at = ?2 WHERE mac = ?1", params![mac.to_string(), now])?;
-            insert_event(tx, now, Some(mac), "updated", Some(m.state), Some(m.state), &changed.join("; "))?;
+            tx.execute(
+                "UPDATE machines SET updated_at = ?2 WHERE mac = ?1",
+                params![mac.to_string(), now],
+            )?;
+            insert_event(
+                tx,
+                now,
+                Some(mac),
+                "updated",
+                Some(m.state),
+                Some(m.state),
+                &changed.join("; "),
+            )?;
             must_load(tx, mac)
         })
     }
@@ -499,7 +542,15 @@ impl Store {
                 crate::store::fmt_time(expires_at)
             );
             if m.state == State::Installing {
-                insert_event(tx, now, Some(mac), "install_restarted", Some(m.state), Some(m.state), &detail)?;
+                insert_event(
+                    tx,
+                    now,
+                    Some(mac),
+                    "install_restarted",
+                    Some(m.state),
+                    Some(m.state),
+                    &detail,
+                )?;
             } else {
                 apply(tx, now, &m, Transition::StartInstall, &detail)?;
             }
@@ -579,12 +630,21 @@ impl Store {
     pub fn reprovision(&self, mac: Mac, now: i64) -> Result<Machine> {
         self.write(|tx| {
             let m = must_load(tx, mac)?;
-            apply(tx, now, &m, Transition::Reprovision, &format!("generation {}", m.generation + 1))?;
+            apply(
+                tx,
+                now,
+                &m,
+                Transition::Reprovision,
+                &format!("generation {}", m.generation + 1),
+            )?;
             tx.execute(
                 "UPDATE machines SET generation = generation + 1 WHERE mac = ?1",
                 [mac.to_string()],
             )?;
-            tx.execute("DELETE FROM install_tokens WHERE mac = ?1", [mac.to_string()])?;
+            tx.execute(
+                "DELETE FROM install_tokens WHERE mac = ?1",
+                [mac.to_string()],
+            )?;
             tx.execute("DELETE FROM host_keys WHERE mac = ?1", [mac.to_string()])?;
             must_load(tx, mac)
         })
@@ -613,7 +673,9 @@ impl Store {
                 .collect::<rusqlite::Result<_>>()?;
             let mut out = Vec::new();
             for mac in macs {
-                let Ok(mac) = mac.parse::<Mac>() else { continue };
+                let Ok(mac) = mac.parse::<Mac>() else {
+                    continue;
+                };
                 let m = must_load(tx, mac)?;
                 apply(
                     tx,

@@ -30,7 +30,11 @@ fn enroll_creates_and_refuses_twice() {
     assert_eq!(m.state, State::Enrolled);
     assert_eq!(m.vars["ntp"], "pool.ntp.org");
     let err = s.enroll(&new("52:54:00:00:00:01"), 2).unwrap_err();
-    assert!(err.to_string().contains("already enrolled (state enrolled)"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("already enrolled (state enrolled)"),
+        "{err}"
+    );
     assert_eq!(kinds(&s, m.mac), ["enrolled"]);
 }
 
@@ -51,7 +55,10 @@ fn discovered_then_enrolled() {
     s.sighted(m, &sighting, 2).unwrap();
     let e = s.enroll(&new("52:54:00:00:00:02"), 3).unwrap();
     assert_eq!(e.state, State::Enrolled);
-    assert_eq!(e.uuid.as_deref(), Some("4c4c4544-0038-4410-8051-b4c04f4d4e32"));
+    assert_eq!(
+        e.uuid.as_deref(),
+        Some("4c4c4544-0038-4410-8051-b4c04f4d4e32")
+    );
     assert_eq!(e.platform.as_deref(), Some("efi"));
     let ev = s.events(Some(m), 0, 100).unwrap();
     assert_eq!(ev.len(), 2);
@@ -90,7 +97,12 @@ fn token_lifecycle() {
     ));
     assert_eq!(
         kinds(&s, m),
-        ["enrolled", "install_started", "install_restarted", "phoned_home"]
+        [
+            "enrolled",
+            "install_started",
+            "install_restarted",
+            "phoned_home"
+        ]
     );
 }
 
@@ -172,8 +184,14 @@ fn file_database_keeps_writes_across_reopen() {
     assert_eq!(all.len(), 1);
     assert!(s.machines(Some(State::Installed)).unwrap().is_empty());
     let conn = s.lock();
-    let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
-    let sync: i64 = conn.pragma_query_value(None, "synchronous", |r| r.get(0)).unwrap();
-    let fk: i64 = conn.pragma_query_value(None, "foreign_keys", |r| r.get(0)).unwrap();
+    let mode: String = conn
+        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+        .unwrap();
+    let sync: i64 = conn
+        .pragma_query_value(None, "synchronous", |r| r.get(0))
+        .unwrap();
+    let fk: i64 = conn
+        .pragma_query_value(None, "foreign_keys", |r| r.get(0))
+        .unwrap();
     assert_eq!((mode.as_str(), sync, fk), ("wal", 2, 1));
 }

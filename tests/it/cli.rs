@@ -2,28 +2,50 @@
 
 use crate::support::{token_of, Daemon};
 
-const HOST_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 root@node1";
+const HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 root@node1";
 
 #[test]
 fn walkthrough_enroll_install_phone_home_local_boot() {
     let d = Daemon::start();
     let out = d.cli_ok(&["profiles"]);
-    for p in ["ubuntu-24.04", "debian-12", "flatcar", "fedora-coreos", "coreos-cloud-config"] {
+    for p in [
+        "ubuntu-24.04",
+        "debian-12",
+        "flatcar",
+        "fedora-coreos",
+        "coreos-cloud-config",
+    ] {
         assert!(out.contains(p), "{out}");
     }
-    let out = d.cli_ok(&["enroll", "52-54-00-12-34-56", "--profile", "debian-12", "--hostname", "node1", "--var", "domain=lab.example"]);
+    let out = d.cli_ok(&[
+        "enroll",
+        "52-54-00-12-34-56",
+        "--profile",
+        "debian-12",
+        "--hostname",
+        "node1",
+        "--var",
+        "domain=lab.example",
+    ]);
     assert!(out.contains("enrolled 52:54:00:12:34:56"), "{out}");
 
     let (s, chain) = d.get("/boot.ipxe");
     assert_eq!(s, 200);
     assert!(chain.starts_with("#!ipxe\n"));
-    assert!(chain.contains(&format!("chain --autofree {}/ipxe?mac=${{mac:hexhyp}}", d.url())));
+    assert!(chain.contains(&format!(
+        "chain --autofree {}/ipxe?mac=${{mac:hexhyp}}",
+        d.url()
+    )));
 
     let (s, script) = d.get("/ipxe?mac=52-54-00-12-34-56&uuid=&arch=x86_64&platform=pcbios");
     assert_eq!(s, 200, "{script}");
     let token = token_of(&script);
     assert!(script.contains(&format!("kernel {}/assets/debian-12/linux initrd=initrd0 auto=true priority=critical url={}/config/{token}/preseed.cfg hostname=node1 domain=lab.example", d.url(), d.url())), "{script}");
-    assert!(script.contains(&format!("initrd --name initrd0 {}/assets/debian-12/initrd.gz", d.url())));
+    assert!(script.contains(&format!(
+        "initrd --name initrd0 {}/assets/debian-12/initrd.gz",
+        d.url()
+    )));
 
     let (s, preseed) = d.get(&format!("/config/{token}/preseed.cfg"));
     assert_eq!(s, 200);
@@ -34,25 +56,67 @@ fn walkthrough_enroll_install_phone_home_local_boot() {
     let show = d.cli_ok(&["machines", "show", "5254.0012.3456"]);
     assert!(show.contains("installing"), "{show}");
 
-    let (s, body) = d.post(&format!("/phone-home/{token}"), "text/plain", &format!("{HOST_KEY}\n"));
+    let (s, body) = d.post(
+        &format!("/phone-home/{token}"),
+        "text/plain",
+        &format!("{HOST_KEY}\n"),
+    );
     assert_eq!(s, 200, "{body}");
     let (s, local) = d.get("/ipxe?mac=52-54-00-12-34-56&platform=pcbios");
     assert_eq!(s, 200);
-    assert!(local.contains("sanboot --no-describe --drive 0x80") && !local.contains("kernel"), "{local}");
+    assert!(
+        local.contains("sanboot --no-describe --drive 0x80") && !local.contains("kernel"),
+        "{local}"
+    );
     let (s, _) = d.get(&format!("/config/{token}/preseed.cfg"));
     assert_eq!(s, 410, "burnt token");
 
     let list = d.cli_ok(&["machines", "list", "--state", "installed"]);
-    assert!(list.contains("52:54:00:12:34:56") && list.contains("node1"), "{list}");
+    assert!(
+        list.contains("52:54:00:12:34:56") && list.contains("node1"),
+        "{list}"
+    );
     let show = d.cli_ok(&["machines", "show", "525400123456"]);
-    assert!(show.contains("host key   ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs"), "{show}");
+    assert!(
+        show.contains("host key   ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs"),
+        "{show}"
+    );
 
     let events = d.cli_ok(&["events", "52:54:00:12:34:56"]);
-    let kinds: Vec<&str> = events.lines().map(|l| l.split_whitespace().nth(1).unwrap_or("").trim_end_matches(':')).collect();
-    assert_eq!(kinds, ["enrolled", "install_started", "config_served", "phoned_home", "ipxe_served", "config_refused"], "{events}");
-    assert!(events.contains("install_started enrolled → installing"), "{events}");
-    assert!(events.contains("phoned_home installing → installed: 1 SSH host key(s) pinned: ssh-ed25519"), "{events}");
-    assert!(events.contains("local boot (installed, pcbios)"), "{events}");
+    let kinds: Vec<&str> = events
+        .lines()
+        .map(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .unwrap_or("")
+                .trim_end_matches(':')
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "enrolled",
+            "install_started",
+            "config_served",
+            "phoned_home",
+            "ipxe_served",
+            "config_refused"
+        ],
+        "{events}"
+    );
+    assert!(
+        events.contains("install_started enrolled → installing"),
+        "{events}"
+    );
+    assert!(
+        events
+            .contains("phoned_home installing → installed: 1 SSH host key(s) pinned: ssh-ed25519"),
+        "{events}"
+    );
+    assert!(
+        events.contains("local boot (installed, pcbios)"),
+        "{events}"
+    );
 
     // Reprovision: the next boot installs again with a new token.
     let out = d.cli_ok(&["machines", "reprovision", "52:54:00:12:34:56"]);
@@ -64,7 +128,10 @@ fn walkthrough_enroll_install_phone_home_local_boot() {
     assert!(rendered.contains("REDACTED-INSTALL-TOKEN") && !rendered.contains(&token_of(&again)));
     d.cli_ok(&["machines", "delete", "52:54:00:12:34:56"]);
     let events = d.cli_ok(&["events", "52:54:00:12:34:56"]);
-    assert!(events.lines().last().unwrap().contains("deleted"), "{events}");
+    assert!(
+        events.lines().last().unwrap().contains("deleted"),
+        "{events}"
+    );
 }
 
 #[test]
@@ -73,7 +140,15 @@ fn enroll_wait_returns_when_installed() {
     let url = d.url();
     let token_file = d.token_file();
     let waiter = std::process::Command::new(crate::support::BIN)
-        .args(["enroll", "52:54:00:00:00:42", "--profile", "fedora-coreos", "--wait", "--timeout", "60s"])
+        .args([
+            "enroll",
+            "52:54:00:00:00:42",
+            "--profile",
+            "fedora-coreos",
+            "--wait",
+            "--timeout",
+            "60s",
+        ])
         .env("PROVISION_URL", &url)
         .env("PROVISION_TOKEN_FILE", &token_file)
         .stdout(std::process::Stdio::piped())
@@ -87,28 +162,97 @@ fn enroll_wait_returns_when_installed() {
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
-    let (s, _) = d.post(&format!("/phone-home/{}", token_of(&script)), "text/plain", HOST_KEY);
+    let (s, _) = d.post(
+        &format!("/phone-home/{}", token_of(&script)),
+        "text/plain",
+        HOST_KEY,
+    );
     assert_eq!(s, 200);
     let out = waiter.wait_with_output().unwrap();
     assert!(out.status.success());
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(stdout.trim_end().ends_with("52:54:00:00:00:42: installed"), "{stdout}");
+    assert!(
+        stdout.trim_end().ends_with("52:54:00:00:00:42: installed"),
+        "{stdout}"
+    );
 }
 
 #[test]
 fn bad_input_gets_a_message_and_exit_code_2() {
     let d = Daemon::start();
     let cases: &[(&[&str], &str)] = &[
-        (&["enroll", "52:54:00:zz:00:01", "--profile", "debian-12"], "is not a MAC address"),
-        (&["enroll", "52:54:00:00:00:01", "--profile", "debian-12", "--var", "novalue"], "must be NAME=VALUE"),
-        (&["enroll", "52:54:00:00:00:01", "--profile", "debian-12", "--var", "a-b=1"], "variable name"),
-        (&["enroll", "52:54:00:00:00:01", "--profile", "nope"], "no profile named \"nope\""),
-        (&["enroll", "52:54:00:00:00:01", "--profile", "debian-12", "--hostname", "bad\nname"], "RFC 1123"),
-        (&["enroll", "52:54:00:00:00:01", "--profile", "debian-12", "--var", "domain=a b"], "cannot be placed in an iPXE script"),
-        (&["enroll", "52:54:00:00:00:01", "--profile", "debian-12", "--var", "domain=${x}"], "cannot be placed in an iPXE script"),
-        (&["machines", "show", "52:54:00:00:00:99"], "no machine with MAC 52:54:00:00:00:99"),
+        (
+            &["enroll", "52:54:00:zz:00:01", "--profile", "debian-12"],
+            "is not a MAC address",
+        ),
+        (
+            &[
+                "enroll",
+                "52:54:00:00:00:01",
+                "--profile",
+                "debian-12",
+                "--var",
+                "novalue",
+            ],
+            "must be NAME=VALUE",
+        ),
+        (
+            &[
+                "enroll",
+                "52:54:00:00:00:01",
+                "--profile",
+                "debian-12",
+                "--var",
+                "a-b=1",
+            ],
+            "variable name",
+        ),
+        (
+            &["enroll", "52:54:00:00:00:01", "--profile", "nope"],
+            "no profile named \"nope\"",
+        ),
+        (
+            &[
+                "enroll",
+                "52:54:00:00:00:01",
+                "--profile",
+                "debian-12",
+                "--hostname",
+                "bad\nname",
+            ],
+            "RFC 1123",
+        ),
+        (
+            &[
+                "enroll",
+                "52:54:00:00:00:01",
+                "--profile",
+                "debian-12",
+                "--var",
+                "domain=a b",
+            ],
+            "cannot be placed in an iPXE script",
+        ),
+        (
+            &[
+                "enroll",
+                "52:54:00:00:00:01",
+                "--profile",
+                "debian-12",
+                "--var",
+                "domain=${x}",
+            ],
+            "cannot be placed in an iPXE script",
+        ),
+        (
+            &["machines", "show", "52:54:00:00:00:99"],
+            "no machine with MAC 52:54:00:00:00:99",
+        ),
         (&["machines", "list", "--state", "happy"], "unknown state"),
-        (&["machines", "reprovision", "52:54:00:00:00:99"], "no machine"),
+        (
+            &["machines", "reprovision", "52:54:00:00:00:99"],
+            "no machine",
+        ),
         (&["render", "52:54:00:00:00:99", "ipxe"], "no machine"),
         (&["enroll"], "required"),
     ];

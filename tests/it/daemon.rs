@@ -36,12 +36,26 @@ fn check_config_validates_and_exits() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("configuration OK") && stdout.contains("install token ttl: 2h"), "{stdout}");
-    assert!(!dir.path().join("data").exists(), "--check-config writes nothing");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("configuration OK") && stdout.contains("install token ttl: 2h"),
+        "{stdout}"
+    );
+    assert!(
+        !dir.path().join("data").exists(),
+        "--check-config writes nothing"
+    );
 
     std::fs::write(&cfg, "http = \"127.0.0.1:0\"\ntftp_port = 69\n").unwrap();
-    let out = Command::new(BIN).args(["serve", "--check-config", "--config"]).arg(&cfg).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `tftp_port`"));
 
@@ -51,12 +65,17 @@ fn check_config_validates_and_exits() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown environment variable PROVISION_HTPP"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("unknown environment variable PROVISION_HTPP"));
 
     // A broken operator template is caught at check time, naming the file.
     let tdir = dir.path().join("templates/profiles");
     std::fs::create_dir_all(&tdir).unwrap();
-    std::fs::write(tdir.join("broken.toml"), "description = \"x\"\nkernel = \"{{ assets_url }\"\n").unwrap();
+    std::fs::write(
+        tdir.join("broken.toml"),
+        "description = \"x\"\nkernel = \"{{ assets_url }\"\n",
+    )
+    .unwrap();
     let out = Command::new(BIN)
         .args(["serve", "--check-config", "--templates-dir"])
         .arg(dir.path().join("templates"))
@@ -64,20 +83,32 @@ fn check_config_validates_and_exits() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("broken.toml") && err.contains("kernel"), "{err}");
+    assert!(
+        err.contains("broken.toml") && err.contains("kernel"),
+        "{err}"
+    );
 }
 
 #[test]
 fn sigterm_stops_gracefully() {
-    let d = Daemon::start();
+    let mut d = Daemon::start();
     let st = d.terminate();
     assert!(st.success(), "{st:?}");
+    d.wait_log("SIGTERM: shutting down");
+    d.wait_log("provision stopped");
 }
 
 #[test]
 fn acknowledged_writes_survive_a_crash() {
     let d = Daemon::start();
-    d.cli_ok(&["enroll", "52:54:00:00:00:07", "--profile", "flatcar", "--hostname", "n7"]);
+    d.cli_ok(&[
+        "enroll",
+        "52:54:00:00:00:07",
+        "--profile",
+        "flatcar",
+        "--hostname",
+        "n7",
+    ]);
     let (_, script) = d.get("/ipxe?mac=52-54-00-00-00-07&platform=efi");
     let token = crate::support::token_of(&script);
     let dir = d.crash();
@@ -111,5 +142,10 @@ fn privileged_port_without_permission_says_what_to_do() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("permission denied") && err.contains("CAP_NET_BIND_SERVICE") && err.contains("--http"), "{err}");
+    assert!(
+        err.contains("permission denied")
+            && err.contains("CAP_NET_BIND_SERVICE")
+            && err.contains("--http"),
+        "{err}"
+    );
 }

@@ -53,7 +53,12 @@ impl Daemon {
                 break addr.port();
             }
         };
-        Daemon { child, port, dir, log: rx }
+        Daemon {
+            child,
+            port,
+            dir,
+            log: rx,
+        }
     }
 
     /// The daemon's base URL.
@@ -90,8 +95,14 @@ impl Daemon {
 
     /// GET a machine-facing path; returns (status, body).
     pub fn get(&self, path: &str) -> (u16, String) {
-        let mut res = agent().get(&format!("{}{path}", self.url())).call().unwrap();
-        (res.status().as_u16(), res.body_mut().read_to_string().unwrap())
+        let mut res = agent()
+            .get(&format!("{}{path}", self.url()))
+            .call()
+            .unwrap();
+        (
+            res.status().as_u16(),
+            res.body_mut().read_to_string().unwrap(),
+        )
     }
 
     /// POST a body to a machine-facing path; returns (status, body).
@@ -101,11 +112,14 @@ impl Daemon {
             .header("Content-Type", content_type)
             .send(body)
             .unwrap();
-        (res.status().as_u16(), res.body_mut().read_to_string().unwrap())
+        (
+            res.status().as_u16(),
+            res.body_mut().read_to_string().unwrap(),
+        )
     }
 
     /// Sends SIGTERM and waits for the exit status.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child's PID.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         for _ in 0..100 {
@@ -147,7 +161,10 @@ impl Drop for Daemon {
 }
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
 }
 
 /// The install token in an install script's config URL.
@@ -165,5 +182,7 @@ pub fn tool(name: &str) -> PathBuf {
             return p;
         }
     }
-    panic!("{name} is not installed; run `make deps` (it installs the Debian packages the tests need)");
+    panic!(
+        "{name} is not installed; run `make deps` (it installs the Debian packages the tests need)"
+    );
 }

@@ -6,7 +6,9 @@ use std::process::Command;
 use crate::support::{token_of, tool, Daemon};
 
 fn run_check(cmd: &mut Command, what: &str, body: &str) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{what} rejected by {cmd:?}:\n{}{}\n--- the file ---\n{body}",
@@ -29,8 +31,14 @@ fn every_builtin_artifact_passes_the_real_validator() {
         let name = p["name"].as_str().unwrap();
         let mac = format!("52:54:00:00:10:{i:02x}");
         d.cli_ok(&[
-            "enroll", &mac, "--profile", name, "--hostname", &format!("node{i}"),
-            "--var", "ssh_authorized_key=ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGxop op@example",
+            "enroll",
+            &mac,
+            "--profile",
+            name,
+            "--hostname",
+            &format!("node{i}"),
+            "--var",
+            "ssh_authorized_key=ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGxop op@example",
         ]);
         let (s, script) = d.get(&format!("/ipxe?mac={}&platform=efi", mac.replace(':', "-")));
         assert_eq!(s, 200, "{script}");
@@ -43,7 +51,9 @@ fn every_builtin_artifact_passes_the_real_validator() {
             let what = format!("{name}/{artifact}");
             match a["kind"].as_str().unwrap() {
                 "cloud-config" | "autoinstall" => run_check(
-                    Command::new(&cloud_init).args(["schema", "--config-file"]).arg(&file),
+                    Command::new(&cloud_init)
+                        .args(["schema", "--config-file"])
+                        .arg(&file),
                     &what,
                     &body,
                 ),
@@ -51,7 +61,10 @@ fn every_builtin_artifact_passes_the_real_validator() {
                 "preseed" => run_check(Command::new(&debconf).arg("-c").arg(&file), &what, &body),
                 "meta-data" => {
                     let v: serde_norway::Value = serde_norway::from_str(&body).unwrap();
-                    assert!(v["instance-id"].as_str().is_some_and(|s| !s.is_empty()), "{body}");
+                    assert!(
+                        v["instance-id"].as_str().is_some_and(|s| !s.is_empty()),
+                        "{body}"
+                    );
                 }
                 other => panic!("{what}: no validator for kind {other}"),
             }
@@ -67,11 +80,29 @@ fn validators_catch_a_broken_config() {
     let work = tempfile::tempdir().unwrap();
     let bad_cc = work.path().join("bad.yaml");
     std::fs::write(&bad_cc, "#cloud-config\nusers: 5\nruncmd: {}\n").unwrap();
-    assert!(!Command::new(tool("cloud-init")).args(["schema", "--config-file"]).arg(&bad_cc).status().unwrap().success());
+    assert!(!Command::new(tool("cloud-init"))
+        .args(["schema", "--config-file"])
+        .arg(&bad_cc)
+        .status()
+        .unwrap()
+        .success());
     let bad_ign = work.path().join("bad.ign");
-    std::fs::write(&bad_ign, r#"{"ignition":{"version":"3.3.0"},"storage":{"files":[{"path":"relative"}]}}"#).unwrap();
-    assert!(!Command::new(tool("ignition-validate")).arg(&bad_ign).status().unwrap().success());
+    std::fs::write(
+        &bad_ign,
+        r#"{"ignition":{"version":"3.3.0"},"storage":{"files":[{"path":"relative"}]}}"#,
+    )
+    .unwrap();
+    assert!(!Command::new(tool("ignition-validate"))
+        .arg(&bad_ign)
+        .status()
+        .unwrap()
+        .success());
     let bad_preseed = work.path().join("bad.cfg");
     std::fs::write(&bad_preseed, "d-i netcfg/get_hostname\n").unwrap();
-    assert!(!Command::new(tool("debconf-set-selections")).arg("-c").arg(&bad_preseed).status().unwrap().success());
+    assert!(!Command::new(tool("debconf-set-selections"))
+        .arg("-c")
+        .arg(&bad_preseed)
+        .status()
+        .unwrap()
+        .success());
 }
