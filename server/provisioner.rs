@@ -13,9 +13,7 @@ use serde::Deserialize;
 
 use crate::keys;
 use crate::mac::Mac;
-use crate::policy::{
-    self, BootDecision, BootRequest, DiscoverAnswer, LocalReason, MachineFacts, State,
-};
+use crate::policy::{self, BootDecision, BootRequest, DiscoverAnswer, MachineFacts, State};
 use crate::render::{ArtifactKind, Catalog, Profile, RenderError, Sources};
 use crate::store::{self, Event, Machine, MachinePatch, NewMachine, Sighting, Store, StoreError};
 use crate::validate;
@@ -32,6 +30,9 @@ pub enum Error {
     /// Input that fails validation.
     #[error("{0}")]
     Invalid(String),
+    /// A failure of the daemon itself (a panicked blocking task).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl From<validate::Invalid> for Error {
@@ -110,6 +111,10 @@ pub struct Provisioner {
     ssh_public_key: String,
 }
 
+/// The answer to an ignored machine that is already running iPXE: hand control back to the
+/// firmware, which tries its next boot device.
+pub const IGNORE_SCRIPT: &str = "#!ipxe\nexit\n";
+
 /// The token text placed in previews instead of a live install token.
 pub const REDACTED_TOKEN: &str = "REDACTED-INSTALL-TOKEN";
 
@@ -160,7 +165,7 @@ impl Provisioner {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || f(&store))
             .await
-            .map_err(|e| Error::Invalid(format!("internal error: {e}")))?
+            .map_err(|e| Error::Internal(e.to_string()))?
             .map_err(Error::from)
     }
 
@@ -189,7 +194,7 @@ impl Provisioner {
         let bare = m.mac.to_string().replace(':', "");
         let hostname = m.hostname.clone().unwrap_or_else(|| format!("node-{bare}"));
         let mut keys = vec![self.ssh_public_key.clone()];
-        if let Some(k) = m.vars.get("ssh_authorized_key") {
+        if let Some(k) = vars.get("ssh_authorized_key").filter(|k| !k.is_empty()) {
             keys.push(k.clone());
         }
         let config_url = format!("{base_url}/config/{token}");
@@ -303,6 +308,7 @@ impl Provisioner {
         let facts = MachineFacts {
             state: m.state,
             profile: m.profile.as_deref(),
+            installer_done: m.installer_done_at.is_some(),
         };
         let decision = policy::decide(Some(&facts), &req, self.settings.discover);
         let cat = self.catalog();
@@ -317,11 +323,7 @@ impl Provisioner {
                 Ok(None)
             }
             BootDecision::LocalBoot { platform, reason } => {
-                let word = match reason {
-                    LocalReason::Discovered => "discovered",
-                    LocalReason::Installed => "installed",
-                    LocalReason::Failed => "failed",
-                };
+                let word = reason.as_str();
                 let script = self.local_script(&cat, mac, platform, word, base_url);
                 match &script {
                     Ok(_) => {
@@ -397,7 +399,23 @@ impl Provisioner {
                     "config_served",
                     format!("{artifact} ({}, {} bytes)", kind.as_str(), body.len()),
                 )
-                .await
+                .await;
+                let last = cat
+                    .profile(&profile)
+                    .ok()
+                    .and_then(|p| p.local_boot_after.clone());
+                if last.as_deref() == Some(artifact) {
+                    let (mac, now) = (m.mac, store::now_ms());
+                    let detail = format!(
+                        "installer fetched {artifact}; network boots go to the local disk until it phones home"
+                    );
+                    self.db(move |s| s.installer_done(mac, &detail, now))
+                        .await?;
+                }
+            }
+            Err(e @ RenderError::NoArtifact { .. }) => {
+                self.note(Some(m.mac), "config_refused", e.to_string())
+                    .await
             }
             Err(e) => {
                 self.note(Some(m.mac), "render_failed", format!("{artifact}: {e}"))
@@ -512,6 +530,7 @@ impl Provisioner {
             host_keys: vec![],
             created_at: 0,
             updated_at: 0,
+            installer_done_at: None,
         };
         self.check_renders(&probe)?;
         let now = store::now_ms();
@@ -549,6 +568,9 @@ impl Provisioner {
             patch.labels = Some(l);
         }
         let mut probe = current.clone();
+        if let Some(l) = &patch.labels {
+            probe.labels = l.clone();
+        }
         if let Some(p) = &patch.profile {
             probe.profile = Some(p.clone());
         }
@@ -607,6 +629,7 @@ impl Provisioner {
             let facts = MachineFacts {
                 state: m.state,
                 profile: m.profile.as_deref(),
+                installer_done: m.installer_done_at.is_some(),
             };
             let platform = policy::Platform::from_ipxe(m.platform.as_deref().unwrap_or(""));
             let req = BootRequest {
@@ -618,12 +641,9 @@ impl Provisioner {
                     self.install_script(&cat, &m, &profile, base_url, REDACTED_TOKEN)?
                 }
                 BootDecision::LocalBoot { platform, reason } => {
-                    let word = format!("{reason:?}").to_lowercase();
-                    self.local_script(&cat, mac, platform, &word, base_url)?
+                    self.local_script(&cat, mac, platform, reason.as_str(), base_url)?
                 }
-                BootDecision::Ignore => {
-                    "#!ipxe\n# provision: this machine is ignored (no answer)\n".to_string()
-                }
+                BootDecision::Ignore => IGNORE_SCRIPT.to_string(),
             };
             return Ok((ArtifactKind::Ipxe, body));
         }

@@ -197,7 +197,7 @@ async fn install_then_phone_home_then_local_boot() {
             "enrolled",
             "install_started",
             "config_served",
-            "render_failed",
+            "config_refused",
             "phoned_home",
             "config_refused",
             "phone_home_refused",
@@ -260,7 +260,35 @@ async fn reboot_during_install_replaces_the_token_and_reprovision_reinstalls() {
     assert_ne!(t1, t2);
     assert!(p.config(&t1, "config.ign", BASE).await.is_err());
     p.config(&t2, "config.ign", BASE).await.unwrap();
+    // coreos-installer has the config and writes the disk; the installed system phones home
+    // from its first boot, so the reboot must boot that disk, not install again.
+    let s = p
+        .boot(mac, bios(), Sighting::default(), BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(s.contains("sanboot") && s.contains("installer-done"), "{s}");
+    assert_eq!(p.machine(mac).await.unwrap().state, State::Installing);
     p.phone_home(&t2, vec![KEY.into()]).await.unwrap();
+    let kinds: Vec<String> = p
+        .events(Some(mac), 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "enrolled",
+            "install_started",
+            "install_restarted",
+            "config_served",
+            "installer_done",
+            "ipxe_served",
+            "phoned_home"
+        ]
+    );
     let r = p.reprovision(mac).await.unwrap();
     assert_eq!((r.state, r.generation), (State::Enrolled, 1));
     let s = p
@@ -372,6 +400,15 @@ async fn hostile_vars_are_escaped_where_they_are_allowed() {
     assert!(preseed.contains(&format!("d-i passwd/username string {hostile}\n")));
     let (_, script) = p.preview(mac, "ipxe", BASE).await.unwrap();
     assert!(!script.contains(hostile));
+    // No iPXE script gains a line from inventory data: same shape as a plain machine's.
+    p.enroll(enroll_req("52:54:00:aa:00:15", "debian-12"))
+        .await
+        .unwrap();
+    let (_, plain) = p
+        .preview("52:54:00:aa:00:15".parse().unwrap(), "ipxe", BASE)
+        .await
+        .unwrap();
+    assert_eq!(script.lines().count(), plain.lines().count());
 
     let mut req = enroll_req("52:54:00:aa:00:06", "ubuntu-24.04");
     req.vars = BTreeMap::from([

@@ -46,7 +46,10 @@ CREATE TABLE install_tokens (
     generation  INTEGER NOT NULL,
     created_at  INTEGER NOT NULL,
     expires_at  INTEGER NOT NULL,
-    burnt_at    INTEGER
+    burnt_at    INTEGER,
+    -- when the installer fetched the profile's `local_boot_after` artifact: from then on the
+    -- machine's network boots go to its local disk while it finishes and phones home
+    handed_over_at INTEGER
 );
 
 -- SSH host public keys posted at phone-home, pinned for the registrar.

@@ -84,7 +84,7 @@ pub async fn ipxe(
     match st.prov.boot(mac, req, sighting, &base).await {
         Ok(Some(script)) => Ok(ipxe_response(script)),
         // "Ignore" over HTTP: iPXE is already running, so hand control back to the firmware.
-        Ok(None) => Ok(ipxe_response("#!ipxe\nexit\n".into())),
+        Ok(None) => Ok(ipxe_response(crate::provisioner::IGNORE_SCRIPT.into())),
         Err(e) => Err(AppError::from(e).text()),
     }
 }

@@ -100,6 +100,7 @@ impl From<Error> for AppError {
             Error::Render(crate::render::RenderError::NoProfile(_))
             | Error::Render(crate::render::RenderError::NoArtifact { .. }) => StatusCode::NOT_FOUND,
             Error::Render(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!("{e}");

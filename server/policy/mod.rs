@@ -270,6 +270,9 @@ pub struct MachineFacts<'a> {
     pub state: State,
     /// The profile it installs, if enrolled.
     pub profile: Option<&'a str>,
+    /// The installer has fetched everything it needs and is writing the disk (the profile's
+    /// `local_boot_after` artifact was served): the OS phones home from its own first boot.
+    pub installer_done: bool,
 }
 
 /// Why a machine boots its local disk; shown in events and as a comment in the script.
@@ -281,6 +284,21 @@ pub enum LocalReason {
     Installed,
     /// A step failed; the operator decides (reprovision), the machine is not wiped again.
     Failed,
+    /// Still `installing`, but the installer has written the disk; the installed OS will
+    /// phone home from its first boot.
+    InstallerDone,
+}
+
+impl LocalReason {
+    /// One word for events and scripts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalReason::Discovered => "discovered",
+            LocalReason::Installed => "installed",
+            LocalReason::Failed => "failed",
+            LocalReason::InstallerDone => "installer-done",
+        }
+    }
 }
 
 /// The answer to "this machine, this request: what should it boot?"
@@ -305,8 +323,10 @@ pub enum BootDecision {
 /// Decides what a machine boots, from its stored facts (or none: never seen) and the request.
 ///
 /// enrolled and installing → install (an installer that rebooted before phoning home gets a
-/// fresh token); installed and later → local boot, never a reinstall loop; failed → local boot
-/// until the operator reprovisions; unknown and discovered → the configured discovery answer.
+/// fresh token), except an installing machine whose installer is done, which boots the disk it
+/// wrote and phones home from there; installed and later → local boot, never a reinstall loop;
+/// failed → local boot until the operator reprovisions; unknown and discovered → the
+/// configured discovery answer.
 pub fn decide(
     machine: Option<&MachineFacts<'_>>,
     req: &BootRequest,
@@ -325,6 +345,7 @@ pub fn decide(
     };
     match m.state {
         State::Discovered => discovered(),
+        State::Installing if m.installer_done => local(LocalReason::InstallerDone),
         State::Enrolled | State::Installing => match m.profile {
             Some(p) => BootDecision::Install {
                 profile: p.to_string(),

@@ -112,6 +112,7 @@ fn decision_table() {
             let facts = MachineFacts {
                 state,
                 profile: Some("p"),
+                installer_done: false,
             };
             assert_eq!(
                 decide(Some(&facts), &r, DiscoverAnswer::LocalBoot),
@@ -122,7 +123,17 @@ fn decision_table() {
         let ignored = MachineFacts {
             state: Discovered,
             profile: None,
+            installer_done: false,
         };
+        let done = MachineFacts {
+            state: Installing,
+            profile: Some("p"),
+            installer_done: true,
+        };
+        assert_eq!(
+            decide(Some(&done), &r, DiscoverAnswer::LocalBoot),
+            local(platform, LocalReason::InstallerDone)
+        );
         assert_eq!(
             decide(Some(&ignored), &r, DiscoverAnswer::Ignore),
             BootDecision::Ignore
@@ -135,6 +146,7 @@ fn enrolled_without_profile_never_installs() {
     let facts = MachineFacts {
         state: Enrolled,
         profile: None,
+        installer_done: false,
     };
     assert!(matches!(
         decide(Some(&facts), &req(Platform::Efi), DiscoverAnswer::LocalBoot),

@@ -172,6 +172,11 @@ pub struct Profile {
     /// Artifacts by name, served at `/config/{token}/{name}`.
     #[serde(default)]
     pub artifacts: BTreeMap<String, Artifact>,
+    /// For installers whose OS phones home from its own first boot (the CoreOS family): once
+    /// the installer has fetched this artifact it is writing the disk, so the machine's next
+    /// network boot goes to that disk instead of installing again.
+    #[serde(default)]
+    pub local_boot_after: Option<String>,
 }
 
 /// Where templates come from, besides the built-in ones.
@@ -350,7 +355,21 @@ impl Catalog {
             let mut p: Profile = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
             p.name = name.clone();
             crate::validate::vars(&p.vars).map_err(|e| bad(e.0))?;
+            if let Some(a) = &p.local_boot_after {
+                if !p.artifacts.contains_key(a) {
+                    return Err(bad(format!(
+                        "local_boot_after names {a:?}, which is not one of its artifacts"
+                    )));
+                }
+            }
             for (aname, a) in &p.artifacts {
+                // Escaping follows the template's file name (minijinja's auto-escape), so an
+                // iPXE artifact must be named .ipxe to get the safe-word check.
+                if a.kind == ArtifactKind::Ipxe && !a.template.ends_with(".ipxe") {
+                    return Err(bad(format!(
+                        "artifact {aname}: an ipxe template's name must end in .ipxe"
+                    )));
+                }
                 crate::validate::profile_name(aname).map_err(|_| {
                     bad(format!("artifact name {aname:?} must be a plain file name"))
                 })?;

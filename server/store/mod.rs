@@ -113,6 +113,8 @@ pub struct Machine {
     pub failed_reason: Option<String>,
     /// SSH host public keys pinned at phone-home (OpenSSH one-line form).
     pub host_keys: Vec<String>,
+    /// When the installer fetched its profile's `local_boot_after` artifact (this install).
+    pub installer_done_at: Option<i64>,
     /// Creation time, Unix ms.
     pub created_at: i64,
     /// Last change, Unix ms.
@@ -191,7 +193,8 @@ pub struct Store {
 
 const MACHINE_COLS: &str =
     "mac, uuid, serial, hostname, profile, state, vars, labels, generation, \
-     arch, platform, last_ip, failed_step, failed_reason, created_at, updated_at";
+     arch, platform, last_ip, failed_step, failed_reason, created_at, updated_at, \
+     (SELECT t.handed_over_at FROM install_tokens t WHERE t.mac = machines.mac)";
 
 fn json_map(col: &'static str, s: String) -> Result<BTreeMap<String, String>> {
     serde_json::from_str(&s).map_err(|e| StoreError::Json(col, e))
@@ -229,6 +232,7 @@ fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<(Machine, String, String)
             host_keys: Vec::new(),
             created_at: row.get(14)?,
             updated_at: row.get(15)?,
+            installer_done_at: row.get(16)?,
         },
         row.get(6)?,
         row.get(7)?,
@@ -558,7 +562,7 @@ impl Store {
                 "INSERT INTO install_tokens (mac, hash, generation, created_at, expires_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (mac) DO UPDATE SET hash = ?2, generation = ?3, created_at = ?4,
-                 expires_at = ?5, burnt_at = NULL",
+                 expires_at = ?5, burnt_at = NULL, handed_over_at = NULL",
                 params![mac.to_string(), token_hash, m.generation, now, expires_at],
             )?;
             must_load(tx, mac)
@@ -622,6 +626,30 @@ impl Store {
             apply(tx, now, &m, Transition::PhoneHome, detail)?;
             tx.execute("UPDATE install_tokens SET burnt_at = ?2 WHERE mac = ?1", params![mac, now])?;
             must_load(tx, m.mac)
+        })
+    }
+
+    /// Records that the installer of an `installing` machine fetched its last artifact, so
+    /// its next network boots go to the disk it is writing. Returns true if this was news.
+    pub fn installer_done(&self, mac: Mac, detail: &str, now: i64) -> Result<bool> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE install_tokens SET handed_over_at = ?2
+                 WHERE mac = ?1 AND handed_over_at IS NULL AND burnt_at IS NULL",
+                params![mac.to_string(), now],
+            )?;
+            if n > 0 {
+                insert_event(
+                    tx,
+                    now,
+                    Some(mac),
+                    "installer_done",
+                    Some(State::Installing),
+                    Some(State::Installing),
+                    detail,
+                )?;
+            }
+            Ok(n > 0)
         })
     }
 
