@@ -5,7 +5,8 @@
 # ignition: `ignition-validate` checks rendered Ignition configs.
 # debconf: `debconf-set-selections -c` checks rendered preseeds.
 # util-linux: setpriv, to test the privileged-port message as an unprivileged user.
-DEBIAN_PACKAGES := cloud-init ignition debconf util-linux
+# tftp-hpa, atftp: real TFTP clients for the interop tests; ipxe: the binaries TFTP serves.
+DEBIAN_PACKAGES := cloud-init ignition debconf util-linux tftp-hpa atftp ipxe
 
 CARGO ?= cargo
 

@@ -26,6 +26,12 @@ pub struct ServeArgs {
     /// HTTP listen address; port 0 picks a free port [default: 0.0.0.0:8080].
     #[arg(long, env = "PROVISION_HTTP", value_name = "ADDR:PORT")]
     pub http: Option<String>,
+    /// TFTP listen address, or `off` [default: 0.0.0.0:69].
+    #[arg(long, env = "PROVISION_TFTP", value_name = "ADDR:PORT|off")]
+    pub tftp: Option<String>,
+    /// Directory TFTP serves iPXE binaries from [default: DATA_DIR/ipxe, then /usr/lib/ipxe].
+    #[arg(long, env = "PROVISION_TFTP_ROOT")]
+    pub tftp_root: Option<PathBuf>,
     /// Base URL machines use to reach this daemon, e.g. http://10.0.0.1:8080 [default: taken from each request's Host header].
     #[arg(long, env = "PROVISION_ADVERTISE", value_name = "URL")]
     pub advertise: Option<String>,
@@ -56,6 +62,8 @@ pub struct ServeArgs {
 struct FileConfig {
     data_dir: Option<PathBuf>,
     http: Option<String>,
+    tftp: Option<String>,
+    tftp_root: Option<PathBuf>,
     advertise: Option<String>,
     templates_dir: Option<PathBuf>,
     ipxe_dir: Option<PathBuf>,
@@ -69,6 +77,8 @@ const KNOWN_ENV: &[&str] = &[
     "PROVISION_CONFIG",
     "PROVISION_DATA_DIR",
     "PROVISION_HTTP",
+    "PROVISION_TFTP",
+    "PROVISION_TFTP_ROOT",
     "PROVISION_ADVERTISE",
     "PROVISION_TEMPLATES_DIR",
     "PROVISION_IPXE_DIR",
@@ -88,6 +98,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// HTTP listen address.
     pub http: SocketAddr,
+    /// TFTP listen address; `None` is off.
+    pub tftp: Option<SocketAddr>,
+    /// TFTP roots, searched in order.
+    pub tftp_roots: Vec<PathBuf>,
     /// Advertised base URL (no trailing slash), if set.
     pub advertise: Option<String>,
     /// Templates override directory.
@@ -194,6 +208,27 @@ impl Config {
         let http: SocketAddr = http_s.parse().with_context(|| {
             format!("http address {http_s:?} must be ADDR:PORT, e.g. 0.0.0.0:8080 or 127.0.0.1:0")
         })?;
+        let tftp_s = args
+            .tftp
+            .clone()
+            .or(file.tftp)
+            .unwrap_or_else(|| "0.0.0.0:69".into());
+        let tftp = match tftp_s.as_str() {
+            "off" => None,
+            s => Some(s.parse::<SocketAddr>().with_context(|| {
+                format!("tftp address {s:?} must be ADDR:PORT (e.g. 0.0.0.0:69) or off")
+            })?),
+        };
+        let tftp_roots = match args.tftp_root.clone().or(file.tftp_root) {
+            Some(r) => {
+                if !r.is_dir() {
+                    bail!("tftp_root {} is not a directory", r.display());
+                }
+                vec![r]
+            }
+            // The Debian `ipxe` package puts undionly.kpxe, ipxe.efi and snponly.efi here.
+            None => vec![data_dir.join("ipxe"), PathBuf::from("/usr/lib/ipxe")],
+        };
         let advertise = args
             .advertise
             .clone()
@@ -231,6 +266,8 @@ impl Config {
         Ok(Config {
             data_dir,
             http,
+            tftp,
+            tftp_roots,
             advertise,
             templates_dir,
             ipxe_dir,

@@ -33,9 +33,16 @@ pub fn check_config(cfg: &Config) -> anyhow::Result<String> {
     let cat = Catalog::load(sources(cfg))?;
     let names: Vec<_> = cat.profiles().keys().cloned().collect();
     Ok(format!(
-        "configuration OK\n  data dir: {}\n  http: {}\n  advertise: {}\n  assets: {}\n  install token ttl: {}\n  discover: {:?}\n  profiles: {}\n",
+        "configuration OK\n  data dir: {}\n  http: {}\n  tftp: {}\n  advertise: {}\n  assets: {}\n  install token ttl: {}\n  discover: {:?}\n  profiles: {}\n",
         cfg.data_dir.display(),
         cfg.http,
+        match cfg.tftp {
+            Some(a) => format!(
+                "{a}, serving {}",
+                cfg.tftp_roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(" then ")
+            ),
+            None => "off".into(),
+        },
         cfg.advertise.as_deref().unwrap_or("(from each request's Host header)"),
         cfg.assets_dir.display(),
         humantime::format_duration(cfg.install_token_ttl),
@@ -44,20 +51,25 @@ pub fn check_config(cfg: &Config) -> anyhow::Result<String> {
     ))
 }
 
-/// Binds a TCP listener; a permission error says what to do about it.
-async fn bind_tcp(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::PermissionDenied {
-            anyhow::anyhow!(
+/// Explains a bind failure: what happened and what to do about it.
+fn bind_error(e: std::io::Error, addr: SocketAddr, what: &str, flag: &str) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::PermissionDenied {
+        anyhow::anyhow!(
                 "binding {what} on {addr}: permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE \
                  (`sudo setcap cap_net_bind_service=+ep $(which provision)`), or choose another port with {flag}"
             )
-        } else if e.kind() == std::io::ErrorKind::AddrInUse {
-            anyhow::anyhow!("binding {what} on {addr}: address already in use; stop the other server or choose another port with {flag}")
-        } else {
-            anyhow::anyhow!("binding {what} on {addr}: {e}")
-        }
-    })
+    } else if e.kind() == std::io::ErrorKind::AddrInUse {
+        anyhow::anyhow!("binding {what} on {addr}: address already in use; stop the other server or choose another port with {flag}")
+    } else {
+        anyhow::anyhow!("binding {what} on {addr}: {e}")
+    }
+}
+
+/// Binds a TCP listener.
+async fn bind_tcp(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| bind_error(e, addr, what, flag))
 }
 
 /// Runs the daemon until `shutdown` is cancelled.
@@ -101,8 +113,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         tracing::warn!(%mac, "install token expired before phone-home: machine failed");
     }
 
+    // Bind everything before serving anything, so a port problem stops the start cleanly.
     let listener = bind_tcp(cfg.http, "HTTP", "--http").await?;
     let http_addr = listener.local_addr()?;
+    let tftp_socket = match cfg.tftp {
+        Some(addr) => Some(
+            std::net::UdpSocket::bind(addr)
+                .map_err(|e| bind_error(e, addr, "TFTP", "--tftp (or --tftp off)"))?,
+        ),
+        None => None,
+    };
     tracing::info!("listening for HTTP on {http_addr}");
 
     let state = AppState {
@@ -123,6 +143,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .await
         .context("HTTP server")
     });
+
+    if let Some(sock) = tftp_socket {
+        tracing::info!("listening for TFTP on {}", sock.local_addr()?);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (roots, sd) = (cfg.tftp_roots.clone(), shutdown.clone());
+        tasks.spawn(crate::tftp::run(sock, roots, tx, sd));
+        // Transfers become events; recording waits for the disk, the protocol never does.
+        let p = prov.clone();
+        tasks.spawn(async move {
+            while let Some(t) = rx.recv().await {
+                p.record_tftp(t).await;
+            }
+            Ok(())
+        });
+    }
 
     // Sweeper: no machine stays `installing` past its token's lifetime.
     let (p, sd) = (prov.clone(), shutdown.clone());

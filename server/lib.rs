@@ -9,6 +9,8 @@
 //!   [`policy`] what a machine should boot, records what happened through [`store`], and renders
 //!   scripts and configs through [`render`].
 //! * [`policy`] is pure: lifecycle states, legal transitions, and the boot decision. No IO.
+//! * [`tftp`] serves iPXE binaries to PXE firmware, read-only and confined to its roots;
+//!   [`neighbors`] maps a client IP to its MAC so transfers land on the machine's timeline.
 //! * [`store`] is the only module that speaks SQL (SQLite through rusqlite, schema in
 //!   `migrations/`).
 //! * [`render`] is the only module that knows minijinja: profiles, templates, context filters
@@ -24,8 +26,10 @@ pub mod daemon;
 pub mod http;
 pub mod keys;
 pub mod mac;
+pub mod neighbors;
 pub mod policy;
 pub mod provisioner;
 pub mod render;
 pub mod store;
+pub mod tftp;
 pub mod validate;

@@ -657,6 +657,29 @@ impl Provisioner {
         Ok(cat.render_artifact(&profile, artifact, &Value::from(ctx))?)
     }
 
+    /// Records a TFTP transfer as an event on the machine behind the client's IP address
+    /// (from the kernel's neighbour table), or as an unattributed event.
+    pub async fn record_tftp(&self, t: crate::tftp::Transfer) {
+        let mac = crate::neighbors::mac_of(t.peer.ip());
+        let (kind, detail) = match &t.outcome {
+            Ok(()) => (
+                "tftp_served",
+                format!("{} ({} bytes) to {}", t.file, t.size, t.peer.ip()),
+            ),
+            Err(why) => (
+                "tftp_failed",
+                format!("{} to {}: {why}", t.file, t.peer.ip()),
+            ),
+        };
+        match &t.outcome {
+            Ok(()) => {
+                tracing::info!(?mac, peer = %t.peer, file = %t.file, bytes = t.size, "TFTP served")
+            }
+            Err(why) => tracing::warn!(?mac, peer = %t.peer, file = %t.file, "TFTP failed: {why}"),
+        }
+        self.note(mac, kind, detail).await;
+    }
+
     /// Fails machines whose install token expired before they phoned home.
     pub async fn expire_installs(&self) -> Result<Vec<Mac>> {
         let now = store::now_ms();

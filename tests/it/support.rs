@@ -12,6 +12,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_provision");
 pub struct Daemon {
     pub child: Child,
     pub port: u16,
+    /// The TFTP port, when TFTP is on.
+    pub tftp_port: Option<u16>,
     pub dir: tempfile::TempDir,
     pub log: mpsc::Receiver<String>,
 }
@@ -23,10 +25,17 @@ impl Daemon {
     }
 
     /// Starts the daemon with `dir` as its data dir and extra serve flags.
+    /// TFTP listens on 127.0.0.1:0 unless `extra` says otherwise.
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Daemon {
+        let tftp_default: &[&str] = if extra.contains(&"--tftp") {
+            &[]
+        } else {
+            &["--tftp", "127.0.0.1:0"]
+        };
         let mut child = Command::new(BIN)
             .args(["serve", "--http", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())
+            .args(tftp_default)
             .args(extra)
             .env("PROVISION_LOG", "info")
             .env("NO_COLOR", "1")
@@ -44,18 +53,28 @@ impl Daemon {
                 }
             }
         });
-        let port = loop {
+        let want_tftp = !extra.windows(2).any(|w| w == ["--tftp", "off"]);
+        let (mut port, mut tftp_port) = (None, None);
+        while port.is_none() || (want_tftp && tftp_port.is_none()) {
             let line = rx
                 .recv_timeout(Duration::from_secs(30))
-                .expect("the daemon did not log its HTTP address within 30 s");
-            if let Some(rest) = line.split("listening for HTTP on ").nth(1) {
-                let addr: std::net::SocketAddr = rest.trim().parse().expect("address in log line");
-                break addr.port();
-            }
-        };
+                .expect("the daemon did not log its listening addresses within 30 s");
+            let addr = |proto: &str| {
+                line.split(&format!("listening for {proto} on "))
+                    .nth(1)
+                    .map(|rest| {
+                        let a: std::net::SocketAddr =
+                            rest.trim().parse().expect("address in log line");
+                        a.port()
+                    })
+            };
+            port = port.or(addr("HTTP"));
+            tftp_port = tftp_port.or(addr("TFTP"));
+        }
         Daemon {
             child,
-            port,
+            port: port.unwrap(),
+            tftp_port,
             dir,
             log: rx,
         }

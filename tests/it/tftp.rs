@@ -1,0 +1,223 @@
+//! TFTP interop with the real clients: tftp-hpa (`tftp`) and `atftp` with RFC 2347 options.
+
+use std::os::unix::fs::symlink;
+use std::process::Command;
+
+use crate::support::{tool, Daemon};
+
+struct Lab {
+    d: Daemon,
+    root: std::path::PathBuf,
+    _outside: tempfile::TempDir,
+    work: tempfile::TempDir,
+}
+
+fn lab() -> Lab {
+    let outside = tempfile::tempdir().unwrap();
+    let root = outside.path().join("tftproot");
+    std::fs::create_dir_all(root.join("efi")).unwrap();
+    // 1 MiB + 17 bytes of non-repeating data: many blocks, and a short last block.
+    let mut x: u32 = 0x1234_5678;
+    let data: Vec<u8> = (0..(1 << 20) + 17)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    std::fs::write(root.join("efi/ipxe.efi"), &data).unwrap();
+    // The exact multiple of 512 needs a final empty block (RFC 1350).
+    std::fs::write(root.join("undionly.kpxe"), vec![7u8; 512 * 40]).unwrap();
+    std::fs::write(outside.path().join("secret"), b"do not serve").unwrap();
+    symlink(outside.path().join("secret"), root.join("escape")).unwrap();
+    let root_s = root.to_str().unwrap().to_string();
+    let d = Daemon::start_in(tempfile::tempdir().unwrap(), &["--tftp-root", &root_s]);
+    Lab {
+        d,
+        root,
+        _outside: outside,
+        work: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Lab {
+    fn port(&self) -> String {
+        self.d.tftp_port.unwrap().to_string()
+    }
+
+    fn hpa_get(&self, remote: &str, local: &str) -> std::process::Output {
+        Command::new(tool("tftp"))
+            .args([
+                "-m",
+                "binary",
+                "127.0.0.1",
+                &self.port(),
+                "-c",
+                "get",
+                remote,
+            ])
+            .arg(self.work.path().join(local))
+            .output()
+            .unwrap()
+    }
+
+    fn atftp_get(&self, remote: &str, local: &str, opts: &[&str]) -> std::process::Output {
+        let mut c = Command::new(tool("atftp"));
+        for o in opts {
+            c.args(["--option", o]);
+        }
+        c.args(["-g", "-r", remote, "-l"])
+            .arg(self.work.path().join(local))
+            .args(["127.0.0.1", &self.port()])
+            .output()
+            .unwrap()
+    }
+
+    fn same(&self, remote: &str, local: &str) -> bool {
+        std::fs::read(self.root.join(remote)).unwrap()
+            == std::fs::read(self.work.path().join(local)).unwrap_or_default()
+    }
+}
+
+#[test]
+fn tftp_hpa_downloads_byte_identical() {
+    let l = lab();
+    for f in ["efi/ipxe.efi", "undionly.kpxe"] {
+        let out = l.hpa_get(f, "got");
+        assert!(out.status.success(), "{:?}", out);
+        assert!(l.same(f, "got"), "{f} differs");
+    }
+}
+
+#[test]
+fn atftp_negotiates_blksize_tsize_windowsize() {
+    let l = lab();
+    for opts in [
+        vec!["blksize 1468", "tsize 0", "windowsize 8"],
+        vec!["blksize 1468"],
+        vec!["tsize 0", "timeout 2"],
+        vec!["blksize 65464", "windowsize 1000"],
+    ] {
+        let out = l.atftp_get("efi/ipxe.efi", "got", &opts);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{opts:?}: {err}");
+        assert!(l.same("efi/ipxe.efi", "got"), "{opts:?}: file differs");
+        std::fs::remove_file(l.work.path().join("got")).unwrap();
+    }
+    // atftp --trace prints the OACK it got: the caps apply, and tsize is the file size.
+    let mut c = Command::new(tool("atftp"));
+    c.args([
+        "--trace",
+        "--option",
+        "blksize 65464",
+        "--option",
+        "windowsize 1000",
+        "--option",
+        "tsize 0",
+    ])
+    .args(["-g", "-r", "efi/ipxe.efi", "-l"])
+    .arg(l.work.path().join("v"))
+    .args(["127.0.0.1", &l.port()]);
+    let out = c.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let oack = text
+        .lines()
+        .find(|l| l.starts_with("received OACK"))
+        .unwrap_or_else(|| panic!("no OACK: {text}"));
+    assert!(
+        oack.contains(&format!("blksize: {}", provision::tftp::BLOCK_SIZE_LIMIT)),
+        "{oack}"
+    );
+    assert!(
+        oack.contains(&format!(
+            "windowsize: {}",
+            provision::tftp::WINDOW_SIZE_LIMIT
+        )),
+        "{oack}"
+    );
+    assert!(
+        oack.contains(&format!("tsize: {}", (1u64 << 20) + 17)),
+        "{oack}"
+    );
+    assert!(l.same("efi/ipxe.efi", "v"));
+}
+
+#[test]
+fn traversal_and_writes_are_refused() {
+    let l = lab();
+    for bad in [
+        "../secret",
+        "escape",
+        "/etc/passwd",
+        "efi/../../secret",
+        "..\\secret",
+        "missing.efi",
+    ] {
+        let out = l.atftp_get(bad, "bad", &[]);
+        let got = std::fs::read(l.work.path().join("bad")).unwrap_or_default();
+        assert!(!out.status.success(), "{bad} was served");
+        assert!(got.is_empty(), "{bad}: got {} bytes", got.len());
+    }
+    // Writes: the server is read-only.
+    std::fs::write(l.work.path().join("up"), b"x").unwrap();
+    let out = Command::new(tool("atftp"))
+        .args(["-p", "-l"])
+        .arg(l.work.path().join("up"))
+        .args(["-r", "up", "127.0.0.1", &l.port()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!l.root.join("up").exists());
+    // Every transfer is an event, refusals included.
+    let events = l.d.cli_ok(&["events"]);
+    assert!(
+        events.contains("tftp_failed: ../secret to 127.0.0.1"),
+        "{events}"
+    );
+    assert!(events.contains("leads outside the TFTP root"), "{events}");
+}
+
+#[test]
+fn transfers_are_events_and_garbage_does_not_stop_the_server() {
+    let l = lab();
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target = format!("127.0.0.1:{}", l.port());
+    for junk in [
+        &b""[..],
+        b"\x00",
+        b"\x00\x01",
+        b"\x00\x01no-terminator",
+        b"\x00\x09x\x00octet\x00",
+        b"\x00\x01a\x00octet\x00blksize\x00",
+        &[0xff; 600][..],
+    ] {
+        sock.send_to(junk, &target).unwrap();
+    }
+    let out = l.hpa_get("undionly.kpxe", "after-junk");
+    assert!(
+        out.status.success() && l.same("undionly.kpxe", "after-junk"),
+        "{out:?}"
+    );
+    // The transfer's event is recorded once the transfer ends.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let events = l.d.cli_ok(&["events"]);
+        if events.contains(&format!(
+            "tftp_served: undionly.kpxe ({} bytes) to 127.0.0.1",
+            512 * 40
+        )) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no tftp_served event: {events}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
