@@ -32,6 +32,19 @@ pub struct ServeArgs {
     /// Directory TFTP serves iPXE binaries from [default: DATA_DIR/ipxe, then /usr/lib/ipxe].
     #[arg(long, env = "PROVISION_TFTP_ROOT")]
     pub tftp_root: Option<PathBuf>,
+    /// ProxyDHCP listen address (UDP 67 and 4011), or `off` [default: 0.0.0.0].
+    #[arg(long, env = "PROVISION_DHCP", value_name = "ADDR|off")]
+    pub dhcp: Option<String>,
+    /// ProxyDHCP port [default: 67]; change it only for labs where 67 is taken.
+    #[arg(long, env = "PROVISION_DHCP_PORT")]
+    pub dhcp_port: Option<u16>,
+    /// PXE boot server port [default: 4011].
+    #[arg(long, env = "PROVISION_PXE_PORT")]
+    pub pxe_port: Option<u16>,
+    /// Boot file for x64 UEFI PXE clients: ipxe.efi (its own drivers) or snponly.efi (the
+    /// firmware's network driver) [default: ipxe.efi].
+    #[arg(long, env = "PROVISION_EFI_BOOT_FILE")]
+    pub efi_boot_file: Option<String>,
     /// Base URL machines use to reach this daemon, e.g. http://10.0.0.1:8080 [default: taken from each request's Host header].
     #[arg(long, env = "PROVISION_ADVERTISE", value_name = "URL")]
     pub advertise: Option<String>,
@@ -64,6 +77,10 @@ struct FileConfig {
     http: Option<String>,
     tftp: Option<String>,
     tftp_root: Option<PathBuf>,
+    dhcp: Option<String>,
+    dhcp_port: Option<u16>,
+    pxe_port: Option<u16>,
+    efi_boot_file: Option<String>,
     advertise: Option<String>,
     templates_dir: Option<PathBuf>,
     ipxe_dir: Option<PathBuf>,
@@ -79,6 +96,10 @@ const KNOWN_ENV: &[&str] = &[
     "PROVISION_HTTP",
     "PROVISION_TFTP",
     "PROVISION_TFTP_ROOT",
+    "PROVISION_DHCP",
+    "PROVISION_DHCP_PORT",
+    "PROVISION_PXE_PORT",
+    "PROVISION_EFI_BOOT_FILE",
     "PROVISION_ADVERTISE",
     "PROVISION_TEMPLATES_DIR",
     "PROVISION_IPXE_DIR",
@@ -102,6 +123,14 @@ pub struct Config {
     pub tftp: Option<SocketAddr>,
     /// TFTP roots, searched in order.
     pub tftp_roots: Vec<PathBuf>,
+    /// ProxyDHCP address; `None` is off.
+    pub dhcp: Option<std::net::Ipv4Addr>,
+    /// ProxyDHCP port.
+    pub dhcp_port: u16,
+    /// PXE boot server port.
+    pub pxe_port: u16,
+    /// Boot file names by firmware.
+    pub boot_files: crate::dhcp::packet::BootFiles,
     /// Advertised base URL (no trailing slash), if set.
     pub advertise: Option<String>,
     /// Templates override directory.
@@ -229,6 +258,26 @@ impl Config {
             // The Debian `ipxe` package puts undionly.kpxe, ipxe.efi and snponly.efi here.
             None => vec![data_dir.join("ipxe"), PathBuf::from("/usr/lib/ipxe")],
         };
+        let dhcp_s = args
+            .dhcp
+            .clone()
+            .or(file.dhcp)
+            .unwrap_or_else(|| "0.0.0.0".into());
+        let dhcp = match dhcp_s.as_str() {
+            "off" => None,
+            s => Some(s.parse::<std::net::Ipv4Addr>().with_context(|| {
+                format!("dhcp address {s:?} must be an IPv4 address (e.g. 0.0.0.0) or off")
+            })?),
+        };
+        let dhcp_port = args.dhcp_port.or(file.dhcp_port).unwrap_or(67);
+        let pxe_port = args.pxe_port.or(file.pxe_port).unwrap_or(4011);
+        let mut boot_files = crate::dhcp::packet::BootFiles::default();
+        if let Some(f) = args.efi_boot_file.clone().or(file.efi_boot_file) {
+            if crate::tftp::check_name(&f).is_err() || f.contains(char::is_whitespace) {
+                bail!("efi_boot_file {f:?} must be a file name relative to the TFTP root, such as snponly.efi");
+            }
+            boot_files.efi_x64 = f;
+        }
         let advertise = args
             .advertise
             .clone()
@@ -268,6 +317,10 @@ impl Config {
             http,
             tftp,
             tftp_roots,
+            dhcp,
+            dhcp_port,
+            pxe_port,
+            boot_files,
             advertise,
             templates_dir,
             ipxe_dir,

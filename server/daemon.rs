@@ -33,9 +33,13 @@ pub fn check_config(cfg: &Config) -> anyhow::Result<String> {
     let cat = Catalog::load(sources(cfg))?;
     let names: Vec<_> = cat.profiles().keys().cloned().collect();
     Ok(format!(
-        "configuration OK\n  data dir: {}\n  http: {}\n  tftp: {}\n  advertise: {}\n  assets: {}\n  install token ttl: {}\n  discover: {:?}\n  profiles: {}\n",
+        "configuration OK\n  data dir: {}\n  http: {}\n  dhcp: {}\n  tftp: {}\n  advertise: {}\n  assets: {}\n  install token ttl: {}\n  discover: {:?}\n  profiles: {}\n",
         cfg.data_dir.display(),
         cfg.http,
+        match cfg.dhcp {
+            Some(ip) => format!("proxy on {ip}:{} and {ip}:{}", cfg.dhcp_port, cfg.pxe_port),
+            None => "off".into(),
+        },
         match cfg.tftp {
             Some(a) => format!(
                 "{a}, serving {}",
@@ -123,12 +127,30 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         ),
         None => None,
     };
+    let dhcp_sockets = match cfg.dhcp {
+        Some(ip) => {
+            let bind = |port: u16, what: &str, flag: &str| {
+                let addr = std::net::SocketAddrV4::new(ip, port);
+                crate::dhcp::bind(addr).map_err(|e| bind_error(e, addr.into(), what, flag))
+            };
+            Some((
+                bind(cfg.dhcp_port, "ProxyDHCP", "--dhcp-port (or --dhcp off)")?,
+                bind(
+                    cfg.pxe_port,
+                    "PXE boot server",
+                    "--pxe-port (or --dhcp off)",
+                )?,
+            ))
+        }
+        None => None,
+    };
     tracing::info!("listening for HTTP on {http_addr}");
 
     let state = AppState {
         prov: prov.clone(),
         admin_token: Arc::new(admin_token),
         advertise: cfg.advertise.clone().map(Arc::new),
+        boot_roots: Arc::new(cfg.tftp_roots.clone()),
     };
     let app = http::router(state, &cfg.assets_dir);
     let mut tasks = JoinSet::new();
@@ -157,6 +179,23 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             }
             Ok(())
         });
+    }
+
+    if let Some((dhcp_sock, pxe_sock)) = dhcp_sockets {
+        tracing::info!("listening for DHCP on {}", dhcp_sock.local_addr()?);
+        tracing::info!("listening for PXE on {}", pxe_sock.local_addr()?);
+        let ctx = Arc::new(crate::dhcp::Context::new(
+            prov.clone(),
+            cfg.boot_files.clone(),
+            cfg.advertise.clone(),
+            http_addr.port(),
+        ));
+        for (sock, port) in [
+            (dhcp_sock, crate::dhcp::Port::Dhcp),
+            (pxe_sock, crate::dhcp::Port::Pxe),
+        ] {
+            tasks.spawn(crate::dhcp::run(sock, port, ctx.clone(), shutdown.clone()));
+        }
     }
 
     // Sweeper: no machine stays `installing` past its token's lifetime.

@@ -9,6 +9,8 @@
 //!   [`policy`] what a machine should boot, records what happened through [`store`], and renders
 //!   scripts and configs through [`render`].
 //! * [`policy`] is pure: lifecycle states, legal transitions, and the boot decision. No IO.
+//! * [`dhcp`] is ProxyDHCP on UDP 67 and 4011: it tells PXE firmware which iPXE binary to
+//!   load (or, to iPXE, the HTTP chain URL), beside the site's DHCP server.
 //! * [`tftp`] serves iPXE binaries to PXE firmware, read-only and confined to its roots;
 //!   [`neighbors`] maps a client IP to its MAC so transfers land on the machine's timeline.
 //! * [`store`] is the only module that speaks SQL (SQLite through rusqlite, schema in
@@ -23,6 +25,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod dhcp;
 pub mod http;
 pub mod keys;
 pub mod mac;

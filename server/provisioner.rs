@@ -104,6 +104,10 @@ pub struct UpdateRequest {
 
 /// The daemon's shared state and logic.
 pub struct Provisioner {
+    /// Client IPv4 addresses seen in DHCP (requested address, or the source on port 4011),
+    /// so a TFTP transfer, which carries only an IP, lands on the right machine. An
+    /// observation cache, not machine state: losing it on restart loses nothing.
+    client_ips: std::sync::Mutex<std::collections::HashMap<std::net::Ipv4Addr, Mac>>,
     store: Store,
     catalog: RwLock<Arc<Catalog>>,
     sources: Sources,
@@ -128,6 +132,7 @@ impl Provisioner {
     ) -> Result<Provisioner, RenderError> {
         let catalog = Catalog::load(sources.clone())?;
         Ok(Provisioner {
+            client_ips: Default::default(),
             store,
             catalog: RwLock::new(Arc::new(catalog)),
             sources,
@@ -657,10 +662,75 @@ impl Provisioner {
         Ok(cat.render_artifact(&profile, artifact, &Value::from(ctx))?)
     }
 
+    /// Remembers that `mac` uses (or is taking) `ip`, from DHCP.
+    pub fn client_ip(&self, ip: std::net::Ipv4Addr, mac: Mac) {
+        let mut map = self.client_ips.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= 65_536 {
+            map.clear();
+        }
+        map.insert(ip, mac);
+    }
+
+    fn mac_of_ip(&self, ip: std::net::IpAddr) -> Option<Mac> {
+        let seen = match ip {
+            std::net::IpAddr::V4(v4) => self
+                .client_ips
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&v4)
+                .copied(),
+            _ => None,
+        };
+        seen.or_else(|| crate::neighbors::mac_of(ip))
+    }
+
+    /// Asks policy whether a DHCP boot client gets an answer: the request is recorded (an
+    /// unknown MAC becomes `discovered`), and "ignore" means no reply at all.
+    pub async fn dhcp_answer(&self, mac: Mac, uuid: Option<String>, what: &str) -> bool {
+        let now = store::now_ms();
+        let sighting = Sighting {
+            uuid,
+            ..Default::default()
+        };
+        let m = match self.db(move |s| s.sighted(mac, &sighting, now)).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(%mac, "recording a DHCP request failed: {e}");
+                return false;
+            }
+        };
+        let facts = MachineFacts {
+            state: m.state,
+            profile: m.profile.as_deref(),
+            installer_done: m.installer_done_at.is_some(),
+        };
+        // The platform does not matter here: only "answer or not" is decided at DHCP time;
+        // what to boot is decided again when iPXE asks /ipxe.
+        let req = BootRequest {
+            platform: policy::Platform::Pcbios,
+            arch: None,
+        };
+        if policy::decide(Some(&facts), &req, self.settings.discover) == BootDecision::Ignore {
+            self.note(
+                Some(mac),
+                "dhcp_ignored",
+                format!("{what}: discovery answer is ignore"),
+            )
+            .await;
+            return false;
+        }
+        true
+    }
+
+    /// Records a DHCP event on a machine.
+    pub async fn dhcp_event(&self, mac: Mac, kind: &'static str, detail: String) {
+        self.note(Some(mac), kind, detail).await;
+    }
+
     /// Records a TFTP transfer as an event on the machine behind the client's IP address
-    /// (from the kernel's neighbour table), or as an unattributed event.
+    /// (seen in DHCP, or the kernel's neighbour table), or as an unattributed event.
     pub async fn record_tftp(&self, t: crate::tftp::Transfer) {
-        let mac = crate::neighbors::mac_of(t.peer.ip());
+        let mac = self.mac_of_ip(t.peer.ip());
         let (kind, detail) = match &t.outcome {
             Ok(()) => (
                 "tftp_served",

@@ -152,3 +152,27 @@ pub async fn phone_home(
     )
         .into_response())
 }
+
+/// `GET /boot/{file}`: an iPXE binary from the TFTP roots, for UEFI HTTP Boot clients (which
+/// fetch their first binary over HTTP instead of TFTP), with the same confinement as TFTP.
+pub async fn boot_file(
+    State(st): State<AppState>,
+    Path(file): Path<String>,
+) -> Result<Response, AppError> {
+    let roots = st.boot_roots.clone();
+    let f = file.clone();
+    let resolved = tokio::task::spawn_blocking(move || crate::tftp::resolve(&roots, &f))
+        .await
+        .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).text())?;
+    let path = match resolved {
+        Ok(p) => p,
+        Err(crate::tftp::Refusal::NotFound(_)) => {
+            return Err(AppError::new(StatusCode::NOT_FOUND, format!("{file:?} not found")).text())
+        }
+        Err(e) => return Err(AppError::new(StatusCode::FORBIDDEN, e.to_string()).text()),
+    };
+    let body = tokio::fs::read(&path)
+        .await
+        .map_err(|e| AppError::new(StatusCode::NOT_FOUND, format!("{file:?}: {e}")).text())?;
+    Ok(([(header::CONTENT_TYPE, "application/efi")], body).into_response())
+}

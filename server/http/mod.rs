@@ -29,6 +29,8 @@ pub struct AppState {
     pub admin_token: Arc<String>,
     /// The configured base URL, if any; otherwise derived from each request's Host.
     pub advertise: Option<Arc<String>>,
+    /// Where iPXE binaries live (the TFTP roots), served at `/boot/` for UEFI HTTP Boot.
+    pub boot_roots: Arc<Vec<std::path::PathBuf>>,
 }
 
 /// The whole route table.
@@ -58,6 +60,7 @@ pub fn router(state: AppState, assets_dir: &std::path::Path) -> Router {
         .route("/ipxe", get(boot::ipxe))
         .route("/config/{token}/{artifact}", get(boot::config))
         .route("/phone-home/{token}", post(boot::phone_home))
+        .route("/boot/{*file}", get(boot::boot_file))
         .route("/healthz", get(|| async { "ok\n" }))
         .nest_service("/assets", ServeDir::new(assets_dir))
         .nest("/api/v1", api)

@@ -33,6 +33,7 @@ fn app(assets: &std::path::Path) -> Router {
         prov: Arc::new(prov),
         admin_token: Arc::new(TOKEN.into()),
         advertise: None,
+        boot_roots: Arc::new(vec![assets.join("boot-root")]),
     };
     router(state, assets).layer(MockConnectInfo(SocketAddr::from(([10, 0, 0, 7], 5555))))
 }

@@ -71,17 +71,8 @@ impl Refusal {
 /// separator some firmware sends, which would otherwise be a file name character here), and
 /// symlinks whose target is outside the root. Returns the canonical path.
 pub fn resolve(roots: &[PathBuf], name: &str) -> Result<PathBuf, Refusal> {
-    let bad = || Refusal::BadPath(name.to_string());
-    if name.is_empty() || name.contains('\\') || name.contains('\0') {
-        return Err(bad());
-    }
+    check_name(name)?;
     let rel = Path::new(name);
-    if !rel
-        .components()
-        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
-    {
-        return Err(bad());
-    }
     for root in roots {
         let candidate = root.join(rel);
         if std::fs::symlink_metadata(&candidate).is_err() {
@@ -102,6 +93,18 @@ pub fn resolve(roots: &[PathBuf], name: &str) -> Result<PathBuf, Refusal> {
         return Ok(real);
     }
     Err(Refusal::NotFound(name.to_string()))
+}
+
+/// Checks that a requested name is a plain relative path: not empty, no `..`, no leading
+/// `/`, no backslash, no NUL.
+pub fn check_name(name: &str) -> Result<(), Refusal> {
+    let plain = Path::new(name)
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if name.is_empty() || name.contains('\\') || name.contains('\0') || !plain {
+        return Err(Refusal::BadPath(name.to_string()));
+    }
+    Ok(())
 }
 
 /// What happened to one transfer, for the event log.

@@ -32,10 +32,17 @@ impl Daemon {
         } else {
             &["--tftp", "127.0.0.1:0"]
         };
+        // ProxyDHCP binds fixed ports (67, 4011): off unless a test asks for it.
+        let dhcp_default: &[&str] = if extra.contains(&"--dhcp") {
+            &[]
+        } else {
+            &["--dhcp", "off"]
+        };
         let mut child = Command::new(BIN)
             .args(["serve", "--http", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())
             .args(tftp_default)
+            .args(dhcp_default)
             .args(extra)
             .env("PROVISION_LOG", "info")
             .env("NO_COLOR", "1")

@@ -1,0 +1,350 @@
+//! ProxyDHCP (PXE 2.1 specification, section 2.2.5): answers network-boot clients on UDP 67
+//! and 4011 with a boot file, beside the site's DHCP server, which hands out the addresses.
+//!
+//! One task per port. Each datagram is received with its arrival interface (IP_PKTINFO), so
+//! the reply names the address of that interface as the boot server (unless `--advertise`
+//! says otherwise) and leaves through it. A malformed packet is logged and dropped; a panic
+//! while handling one packet is caught and logged; neither ends the loop.
+
+pub mod packet;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dhcproto::v4::MessageType;
+use nix::sys::socket::{self, sockopt, ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use crate::provisioner::Provisioner;
+use packet::{BootFiles, ClientKind, Drop};
+
+/// The DHCP client port (RFC 2131 section 4.1).
+const CLIENT_PORT: u16 = 68;
+/// The DHCP server port.
+const SERVER_PORT: u16 = 67;
+
+/// Which ProxyDHCP port a socket serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    /// 67: broadcast DISCOVERs; answered with offers.
+    Dhcp,
+    /// 4011: PXE boot server requests (ProxyDHCPREQUEST); answered with acks.
+    Pxe,
+}
+
+/// What the DHCP tasks need.
+pub struct Context {
+    /// The provisioner (policy, events).
+    pub prov: Arc<Provisioner>,
+    /// Boot file names.
+    pub files: BootFiles,
+    /// A fixed boot server address from `--advertise`, if it names an IPv4 address.
+    pub advertise_ip: Option<Ipv4Addr>,
+    /// The HTTP base URL from `--advertise`, if set.
+    pub advertise_url: Option<String>,
+    /// The HTTP port, for the base URL when it is derived from the interface address.
+    pub http_port: u16,
+    limiter: Mutex<RateLimit>,
+}
+
+impl Context {
+    /// A context for the DHCP tasks.
+    pub fn new(
+        prov: Arc<Provisioner>,
+        files: BootFiles,
+        advertise_url: Option<String>,
+        http_port: u16,
+    ) -> Self {
+        let advertise_ip = advertise_url.as_deref().and_then(|u| {
+            let host = u.split("://").nth(1)?.split(['/', ':']).next()?;
+            host.parse().ok()
+        });
+        Context {
+            prov,
+            files,
+            advertise_ip,
+            advertise_url,
+            http_port,
+            limiter: Mutex::new(RateLimit::default()),
+        }
+    }
+}
+
+/// A per-client-MAC limit: at most `MAX` packets in `WINDOW`. PXE firmware retries a handful
+/// of times a minute; a flood from one MAC (or a spoofing loop) is dropped, not processed.
+#[derive(Default)]
+struct RateLimit {
+    seen: HashMap<[u8; 6], (Instant, u32)>,
+}
+
+impl RateLimit {
+    const WINDOW: Duration = Duration::from_secs(10);
+    const MAX: u32 = 40;
+
+    fn allow(&mut self, mac: [u8; 6], now: Instant) -> bool {
+        if self.seen.len() > 10_000 {
+            self.seen
+                .retain(|_, (t, _)| now.duration_since(*t) < Self::WINDOW);
+        }
+        let e = self.seen.entry(mac).or_insert((now, 0));
+        if now.duration_since(e.0) >= Self::WINDOW {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+        e.1 <= Self::MAX
+    }
+}
+
+/// Binds a ProxyDHCP socket: broadcast allowed (offers to clients without an address go to
+/// 255.255.255.255), IP_PKTINFO on (to learn the arrival interface), SO_REUSEADDR so a
+/// restart does not wait.
+pub fn bind(addr: SocketAddrV4) -> std::io::Result<std::net::UdpSocket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_broadcast(true)?;
+    s.bind(&SocketAddr::V4(addr).into())?;
+    socket::setsockopt(&s, sockopt::Ipv4PacketInfo, &true).map_err(std::io::Error::from)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// The first IPv4 address of the interface with index `ifindex`.
+fn interface_ip(ifindex: u32) -> Option<Ipv4Addr> {
+    let addrs = nix::ifaddrs::getifaddrs().ok()?;
+    for a in addrs {
+        let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) else {
+            continue;
+        };
+        if nix::net::if_::if_nametoindex(a.interface_name.as_str()).ok() == Some(ifindex) {
+            return Some(sin.ip());
+        }
+    }
+    None
+}
+
+struct Received {
+    len: usize,
+    from: SocketAddrV4,
+    ifindex: u32,
+    local: Ipv4Addr,
+}
+
+async fn recv(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Received> {
+    sock.async_io(Interest::READABLE, || {
+        let mut iov = [IoSliceMut::new(buf)];
+        let mut cmsg = nix::cmsg_space!(nix::libc::in_pktinfo);
+        let msg = socket::recvmsg::<SockaddrIn>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::empty(),
+        )
+        .map_err(std::io::Error::from)?;
+        let mut ifindex = 0;
+        let mut local = Ipv4Addr::UNSPECIFIED;
+        for c in msg.cmsgs().map_err(std::io::Error::from)? {
+            if let ControlMessageOwned::Ipv4PacketInfo(pi) = c {
+                ifindex = pi.ipi_ifindex as u32;
+                local = Ipv4Addr::from(u32::from_be(pi.ipi_spec_dst.s_addr));
+            }
+        }
+        let from = msg
+            .address
+            .map(|a| SocketAddrV4::new(a.ip(), a.port()))
+            .unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        Ok(Received {
+            len: msg.bytes,
+            from,
+            ifindex,
+            local,
+        })
+    })
+    .await
+}
+
+/// Sends `data` to `to`, out of interface `ifindex` when it is known (a broadcast would
+/// otherwise leave by the default route's interface).
+async fn send(
+    sock: &UdpSocket,
+    data: &[u8],
+    to: SocketAddrV4,
+    ifindex: u32,
+) -> std::io::Result<()> {
+    sock.async_io(Interest::WRITABLE, || {
+        let iov = [IoSlice::new(data)];
+        let dst = SockaddrIn::from(to);
+        let pi = nix::libc::in_pktinfo {
+            ipi_ifindex: ifindex as i32,
+            ipi_spec_dst: nix::libc::in_addr { s_addr: 0 },
+            ipi_addr: nix::libc::in_addr { s_addr: 0 },
+        };
+        let cmsgs = [ControlMessage::Ipv4PacketInfo(&pi)];
+        let c: &[ControlMessage] = if ifindex == 0 { &[] } else { &cmsgs };
+        socket::sendmsg(sock.as_raw_fd(), &iov, c, MsgFlags::empty(), Some(&dst))
+            .map(|_| ())
+            .map_err(std::io::Error::from)
+    })
+    .await
+}
+
+/// Where the reply goes (RFC 2131 section 4.1): to the relay if relayed; on port 4011 back
+/// to the sender; to a client that has an address at that address; otherwise broadcast.
+fn destination(port: Port, req: &packet::PxeRequest, from: SocketAddrV4) -> SocketAddrV4 {
+    if !req.giaddr.is_unspecified() {
+        return SocketAddrV4::new(req.giaddr, SERVER_PORT);
+    }
+    match port {
+        Port::Pxe => from,
+        Port::Dhcp if !req.ciaddr.is_unspecified() => SocketAddrV4::new(req.ciaddr, CLIENT_PORT),
+        Port::Dhcp => SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT),
+    }
+}
+
+/// Runs one ProxyDHCP port until `shutdown`.
+pub async fn run(
+    sock: std::net::UdpSocket,
+    port: Port,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let sock = UdpSocket::from_std(sock)?;
+    let mut buf = vec![0u8; 1500];
+    loop {
+        let r = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = recv(&sock, &mut buf) => r,
+        };
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                // A receive error (e.g. an ICMP error queued on the socket) is about one
+                // packet, not the server.
+                tracing::warn!("DHCP receive error: {e}");
+                continue;
+            }
+        };
+        let data = buf[..r.len].to_vec();
+        let handled = AssertUnwindSafe(handle(&ctx, port, &data, &r));
+        match futures_lite::FutureExt::catch_unwind(handled).await {
+            Ok(Some((reply, to))) => {
+                if let Err(e) = send(&sock, &reply, to, r.ifindex).await {
+                    tracing::warn!(%to, "DHCP send failed: {e}");
+                }
+            }
+            Ok(None) => {}
+            Err(_) => {
+                tracing::error!(from = %r.from, "panic while handling a DHCP packet; dropped it")
+            }
+        }
+    }
+}
+
+/// Handles one datagram: the reply and where to send it, or nothing.
+async fn handle(
+    ctx: &Context,
+    port: Port,
+    data: &[u8],
+    r: &Received,
+) -> Option<(Vec<u8>, SocketAddrV4)> {
+    let req = match packet::classify(data) {
+        Ok(req) => req,
+        Err(Drop::Malformed(why)) => {
+            tracing::warn!(from = %r.from, "dropped a malformed DHCP packet: {why}");
+            return None;
+        }
+        Err(e) => {
+            tracing::debug!(from = %r.from, "{e}");
+            return None;
+        }
+    };
+    let mac = req.mac;
+    if !ctx
+        .limiter
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .allow(mac.0, Instant::now())
+    {
+        tracing::warn!(%mac, "DHCP rate limit: dropping packets from this MAC for a while");
+        return None;
+    }
+    // Port 67 answers DISCOVERs only: a REQUEST there is addressed to the site's server.
+    // It still tells us which address the client is taking, for TFTP attribution.
+    if port == Port::Dhcp && req.msg_type != MessageType::Discover {
+        if let Some(ip) = req
+            .requested_ip
+            .or((!req.ciaddr.is_unspecified()).then_some(req.ciaddr))
+        {
+            ctx.prov.client_ip(ip, mac);
+        }
+        return None;
+    }
+    if port == Port::Pxe {
+        let ip = if req.ciaddr.is_unspecified() {
+            *r.from.ip()
+        } else {
+            req.ciaddr
+        };
+        ctx.prov.client_ip(ip, mac);
+    }
+    let server = ctx
+        .advertise_ip
+        .or_else(|| interface_ip(r.ifindex))
+        .or((!r.local.is_unspecified()).then_some(r.local))?;
+    let base_url = ctx
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{server}:{}", ctx.http_port));
+    let via = match port {
+        Port::Dhcp => "proxy offer",
+        Port::Pxe => "PXE boot server ack (port 4011)",
+    };
+    let what = format!(
+        "{} {}{}",
+        packet::arch_name(req.arch),
+        match req.kind {
+            ClientKind::Pxe => "PXE",
+            ClientKind::Http => "HTTP Boot",
+            ClientKind::Ipxe => "iPXE",
+        },
+        if req.giaddr.is_unspecified() {
+            String::new()
+        } else {
+            format!(", relayed by {}", req.giaddr)
+        }
+    );
+    let target = match packet::boot_target(&req, &ctx.files, &base_url) {
+        Ok(t) => t,
+        Err(e) => {
+            ctx.prov
+                .dhcp_event(mac, "dhcp_ignored", format!("{what}: {e}"))
+                .await;
+            return None;
+        }
+    };
+    if !ctx.prov.dhcp_answer(mac, req.uuid(), &what).await {
+        return None;
+    }
+    let reply = packet::reply(&req, server, &target);
+    ctx.prov
+        .dhcp_event(
+            mac,
+            "dhcp_offered",
+            format!("{} via {via} from {server} ({what})", target.file()),
+        )
+        .await;
+    Some((reply, destination(port, &req, r.from)))
+}

@@ -1,0 +1,379 @@
+//! Golden packets: classification, boot file choice and replies, and malformed input.
+
+use std::net::Ipv4Addr;
+
+use dhcproto::v4::{Architecture, DhcpOption, Message, MessageType, Opcode, OptionCode};
+use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+
+use super::packet::*;
+use super::*;
+
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const BASE: &str = "http://10.0.0.1:8080";
+
+fn guid() -> Vec<u8> {
+    let mut g = vec![0u8];
+    g.extend([
+        0x44, 0x45, 0x4c, 0x4c, 0x38, 0x00, 0x10, 0x44, 0x80, 0x51, 0xb4, 0xc0, 0x4f, 0x4d, 0x4e,
+        0x32,
+    ]);
+    g
+}
+
+/// A DISCOVER as PXE firmware sends it.
+fn discover(class: &str, arch: Option<u16>, extra: Vec<DhcpOption>) -> Vec<u8> {
+    let mut m = Message::new_with_id(
+        0xdead_beef,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &MAC,
+    );
+    m.set_flags(dhcproto::v4::Flags::default().set_broadcast());
+    let o = m.opts_mut();
+    o.insert(DhcpOption::MessageType(MessageType::Discover));
+    o.insert(DhcpOption::ClassIdentifier(class.as_bytes().to_vec()));
+    if let Some(a) = arch {
+        o.insert(DhcpOption::ClientSystemArchitecture(Architecture::from(a)));
+    }
+    for x in extra {
+        o.insert(x);
+    }
+    let mut buf = Vec::new();
+    m.encode(&mut Encoder::new(&mut buf)).unwrap();
+    buf
+}
+
+fn decode(b: &[u8]) -> Message {
+    Message::decode(&mut Decoder::new(b)).unwrap()
+}
+
+/// The file field up to its NUL (dhcproto 0.15 keeps the NUL when decoding).
+fn fname(m: &Message) -> String {
+    let f = m.fname().unwrap_or_default();
+    String::from_utf8(f.split(|b| *b == 0).next().unwrap().to_vec()).unwrap()
+}
+
+#[test]
+fn classifies_firmware_kinds_and_picks_boot_files() {
+    let files = BootFiles::default();
+    let cases: Vec<(Vec<u8>, ClientKind, u16, BootTarget)> = vec![
+        (
+            discover("PXEClient:Arch:00000:UNDI:002001", Some(0), vec![]),
+            ClientKind::Pxe,
+            0,
+            BootTarget::Tftp("undionly.kpxe".into()),
+        ),
+        (
+            discover("PXEClient:Arch:00007:UNDI:003016", Some(7), vec![]),
+            ClientKind::Pxe,
+            7,
+            BootTarget::Tftp("ipxe.efi".into()),
+        ),
+        (
+            discover("PXEClient:Arch:00009:UNDI:003016", Some(9), vec![]),
+            ClientKind::Pxe,
+            9,
+            BootTarget::Tftp("ipxe.efi".into()),
+        ),
+        (
+            discover("PXEClient:Arch:00011:UNDI:003000", Some(11), vec![]),
+            ClientKind::Pxe,
+            11,
+            BootTarget::Tftp("arm64/ipxe.efi".into()),
+        ),
+        // Option 93 missing: the architecture from option 60, else BIOS.
+        (
+            discover("PXEClient:Arch:00007:UNDI:003016", None, vec![]),
+            ClientKind::Pxe,
+            7,
+            BootTarget::Tftp("ipxe.efi".into()),
+        ),
+        (
+            discover("PXEClient", None, vec![]),
+            ClientKind::Pxe,
+            0,
+            BootTarget::Tftp("undionly.kpxe".into()),
+        ),
+        (
+            discover("HTTPClient:Arch:00016:UNDI:003001", Some(16), vec![]),
+            ClientKind::Http,
+            16,
+            BootTarget::Url(format!("{BASE}/boot/ipxe.efi")),
+        ),
+        (
+            discover("HTTPClient:Arch:00019:UNDI:003001", Some(19), vec![]),
+            ClientKind::Http,
+            19,
+            BootTarget::Url(format!("{BASE}/boot/arm64/ipxe.efi")),
+        ),
+        (
+            discover(
+                "PXEClient:Arch:00000:UNDI:002001",
+                Some(0),
+                vec![DhcpOption::UserClass(b"iPXE".to_vec())],
+            ),
+            ClientKind::Ipxe,
+            0,
+            BootTarget::Url(format!("{BASE}/boot.ipxe")),
+        ),
+        (
+            discover(
+                "PXEClient:Arch:00007:UNDI:003016",
+                Some(7),
+                vec![DhcpOption::Unknown(dhcproto::v4::UnknownOption::new(
+                    OptionCode::Unknown(175),
+                    vec![1, 1, 1],
+                ))],
+            ),
+            ClientKind::Ipxe,
+            7,
+            BootTarget::Url(format!("{BASE}/boot.ipxe")),
+        ),
+    ];
+    for (pkt, kind, arch, target) in cases {
+        let req = classify(&pkt).unwrap();
+        assert_eq!((req.kind, req.arch, req.mac.0), (kind, arch, MAC));
+        assert_eq!(boot_target(&req, &files, BASE).unwrap(), target, "{req:?}");
+    }
+    let req = classify(&discover(
+        "PXEClient:Arch:00010:UNDI:003000",
+        Some(10),
+        vec![],
+    ))
+    .unwrap();
+    assert!(matches!(
+        boot_target(&req, &files, BASE),
+        Err(Drop::Unsupported(_))
+    ));
+    let req = classify(&discover(
+        "HTTPClient:Arch:00015:UNDI:003000",
+        Some(15),
+        vec![],
+    ))
+    .unwrap();
+    assert!(matches!(
+        boot_target(&req, &files, BASE),
+        Err(Drop::Unsupported(_))
+    ));
+}
+
+#[test]
+fn non_boot_clients_are_not_answered() {
+    for class in ["", "MSFT 5.0", "android-dhcp-13", "udhcp 1.36.1"] {
+        let e = classify(&discover(class, None, vec![])).unwrap_err();
+        assert!(matches!(e, Drop::NotForUs(_)), "{class}: {e}");
+    }
+}
+
+#[test]
+fn bios_offer_bypasses_discovery_uefi_offer_sends_client_to_4011() {
+    let server = Ipv4Addr::new(10, 0, 0, 1);
+    let bios = classify(&discover(
+        "PXEClient:Arch:00000:UNDI:002001",
+        Some(0),
+        vec![DhcpOption::ClientMachineIdentifier(guid())],
+    ))
+    .unwrap();
+    let offer = decode(&reply(
+        &bios,
+        server,
+        &BootTarget::Tftp("undionly.kpxe".into()),
+    ));
+    assert_eq!(offer.opcode(), Opcode::BootReply);
+    assert_eq!(offer.xid(), 0xdead_beef);
+    assert_eq!(
+        offer.yiaddr(),
+        Ipv4Addr::UNSPECIFIED,
+        "a proxy never hands out an address"
+    );
+    assert_eq!(offer.siaddr(), server);
+    assert_eq!(fname(&offer), "undionly.kpxe");
+    assert!(offer.flags().broadcast());
+    assert_eq!(offer.chaddr()[..6], MAC);
+    let o = offer.opts();
+    assert_eq!(o.msg_type(), Some(MessageType::Offer));
+    assert_eq!(
+        o.get(OptionCode::ServerIdentifier),
+        Some(&DhcpOption::ServerIdentifier(server))
+    );
+    assert_eq!(
+        o.get(OptionCode::ClassIdentifier),
+        Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec()))
+    );
+    assert_eq!(
+        o.get(OptionCode::ClientMachineIdentifier),
+        Some(&DhcpOption::ClientMachineIdentifier(guid()))
+    );
+    assert_eq!(
+        o.get(OptionCode::VendorExtensions),
+        Some(&DhcpOption::VendorExtensions(vec![6, 1, 8, 255]))
+    );
+    assert_eq!(
+        bios.uuid().as_deref(),
+        Some("4c4c4544-0038-4410-8051-b4c04f4d4e32")
+    );
+
+    let efi = classify(&discover(
+        "PXEClient:Arch:00007:UNDI:003016",
+        Some(7),
+        vec![],
+    ))
+    .unwrap();
+    let offer = decode(&reply(&efi, server, &BootTarget::Tftp("ipxe.efi".into())));
+    assert!(
+        offer.opts().get(OptionCode::VendorExtensions).is_none(),
+        "no option 43 for UEFI"
+    );
+    assert!(
+        offer
+            .opts()
+            .get(OptionCode::ClientMachineIdentifier)
+            .is_none(),
+        "no GUID to echo"
+    );
+
+    // The port-4011 request is answered with an ACK.
+    let mut req = efi.clone();
+    req.msg_type = MessageType::Request;
+    req.ciaddr = Ipv4Addr::new(10, 0, 0, 50);
+    let ack = decode(&reply(&req, server, &BootTarget::Tftp("ipxe.efi".into())));
+    assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(ack.ciaddr(), Ipv4Addr::new(10, 0, 0, 50));
+
+    let http = classify(&discover(
+        "HTTPClient:Arch:00016:UNDI:003001",
+        Some(16),
+        vec![],
+    ))
+    .unwrap();
+    let offer = decode(&reply(
+        &http,
+        server,
+        &BootTarget::Url(format!("{BASE}/boot/ipxe.efi")),
+    ));
+    assert_eq!(
+        offer.opts().get(OptionCode::ClassIdentifier),
+        Some(&DhcpOption::ClassIdentifier(b"HTTPClient".to_vec()))
+    );
+    assert_eq!(fname(&offer), format!("{BASE}/boot/ipxe.efi"));
+    // The file field holds 128 bytes with its NUL: longer URLs are refused, not truncated.
+    let long = format!("http://{}/x", "a".repeat(130));
+    assert!(matches!(
+        boot_target(&http, &BootFiles::default(), &long),
+        Err(Drop::Unsupported(_))
+    ));
+}
+
+#[test]
+fn replies_go_to_the_relay_the_sender_or_broadcast() {
+    let from = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 50), 68);
+    let mut req = classify(&discover(
+        "PXEClient:Arch:00000:UNDI:002001",
+        Some(0),
+        vec![],
+    ))
+    .unwrap();
+    assert_eq!(
+        destination(Port::Dhcp, &req, from),
+        SocketAddrV4::new(Ipv4Addr::BROADCAST, 68)
+    );
+    assert_eq!(
+        destination(
+            Port::Pxe,
+            &req,
+            SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 50), 4011)
+        ),
+        SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 50), 4011)
+    );
+    req.giaddr = Ipv4Addr::new(10, 9, 0, 1);
+    assert_eq!(
+        destination(Port::Dhcp, &req, from),
+        SocketAddrV4::new(Ipv4Addr::new(10, 9, 0, 1), 67)
+    );
+    // The relay address survives into the reply.
+    let offer = decode(&reply(
+        &req,
+        Ipv4Addr::new(10, 0, 0, 1),
+        &BootTarget::Tftp("undionly.kpxe".into()),
+    ));
+    assert_eq!(offer.giaddr(), Ipv4Addr::new(10, 9, 0, 1));
+}
+
+#[test]
+fn malformed_packets_are_dropped_without_panic() {
+    let good = discover("PXEClient:Arch:00000:UNDI:002001", Some(0), vec![]);
+    classify(&good).unwrap();
+    let with = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = good.clone();
+        f(&mut b);
+        b
+    };
+    let mut cases: Vec<(String, Vec<u8>)> = vec![
+        ("empty".into(), vec![]),
+        ("short".into(), good[..100].to_vec()),
+        ("header only".into(), good[..240].to_vec()),
+        ("bad cookie".into(), with(&|b| b[236] = 0)),
+        ("reply op".into(), with(&|b| b[0] = 2)),
+        (
+            "no end option".into(),
+            with(&|b| {
+                b.pop();
+            }),
+        ),
+        (
+            "truncated option".into(),
+            with(&|b| {
+                let n = b.len();
+                b.truncate(n - 3);
+            }),
+        ),
+        (
+            "option past end".into(),
+            with(&|b| {
+                b.truncate(244);
+                b[241] = 200;
+            }),
+        ),
+        ("htype 6".into(), with(&|b| b[1] = 6)),
+    ];
+    for hlen in [0u8, 7, 16, 17, 255] {
+        cases.push((format!("hlen {hlen}"), with(&|b| b[2] = hlen)));
+    }
+    for (name, b) in cases {
+        let r = std::panic::catch_unwind(|| classify(&b));
+        match r {
+            Ok(Err(Drop::Malformed(_))) => {}
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // Random garbage of every length never panics.
+    let mut x: u32 = 7;
+    for len in 0..700 {
+        let b: Vec<u8> = (0..len)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                (x >> 16) as u8
+            })
+            .collect();
+        let _ = classify(&b);
+        let mut g = good.clone();
+        if len < g.len() {
+            g[len] ^= 0xff;
+            let _ = classify(&g);
+        }
+    }
+}
+
+#[test]
+fn rate_limit_per_mac() {
+    let mut rl = RateLimit::default();
+    let t = Instant::now();
+    for _ in 0..RateLimit::MAX {
+        assert!(rl.allow(MAC, t));
+    }
+    assert!(!rl.allow(MAC, t));
+    assert!(rl.allow([1; 6], t), "other MACs are unaffected");
+    assert!(rl.allow(MAC, t + RateLimit::WINDOW), "the window resets");
+}
