@@ -6,7 +6,10 @@
 # debconf: `debconf-set-selections -c` checks rendered preseeds.
 # util-linux: setpriv, to test the privileged-port message as an unprivileged user.
 # tftp-hpa, atftp: real TFTP clients for the interop tests; ipxe: the binaries TFTP serves.
-DEBIAN_PACKAGES := cloud-init ignition debconf util-linux tftp-hpa atftp ipxe
+# qemu-system-x86, ipxe-qemu, ovmf: BIOS and UEFI VMs that PXE-boot in the firmware lab;
+# dnsmasq-base: the site's DHCP server there; iproute2: namespaces, bridge, taps.
+DEBIAN_PACKAGES := cloud-init ignition debconf util-linux tftp-hpa atftp ipxe \
+	qemu-system-x86 ipxe-qemu ovmf dnsmasq-base iproute2
 
 CARGO ?= cargo
 

@@ -377,3 +377,108 @@ fn rate_limit_per_mac() {
     assert!(rl.allow([1; 6], t), "other MACs are unaffected");
     assert!(rl.allow(MAC, t + RateLimit::WINDOW), "the window resets");
 }
+
+/// DHCP requests captured from the QEMU VMs of the end-to-end lab (tests/it/lab.rs) with
+/// tcpdump: SeaBIOS running the iPXE NIC ROM, OVMF's own EDK2 PXE client (ports 67 and
+/// 4011), and the iPXE EFI driver OVMF loads from the same NIC ROM.
+fn golden(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/dhcp")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn golden_packets_from_real_firmware() {
+    let files = BootFiles::default();
+    let server = Ipv4Addr::new(10, 77, 0, 1);
+    let base = "http://10.77.0.1:8080";
+    let cases = [
+        (
+            "seabios-ipxe-discover-port67.bin",
+            MessageType::Discover,
+            ClientKind::Ipxe,
+            0,
+            format!("{base}/boot.ipxe"),
+        ),
+        (
+            "seabios-ipxe-request-port67.bin",
+            MessageType::Request,
+            ClientKind::Ipxe,
+            0,
+            format!("{base}/boot.ipxe"),
+        ),
+        (
+            "ovmf-pxe-discover-port67.bin",
+            MessageType::Discover,
+            ClientKind::Pxe,
+            7,
+            "ipxe.efi".to_string(),
+        ),
+        (
+            "ovmf-pxe-request-port67.bin",
+            MessageType::Request,
+            ClientKind::Pxe,
+            7,
+            "ipxe.efi".to_string(),
+        ),
+        (
+            "ovmf-pxe-request-port4011.bin",
+            MessageType::Request,
+            ClientKind::Pxe,
+            7,
+            "ipxe.efi".to_string(),
+        ),
+        (
+            "ovmf-ipxe-discover-port67.bin",
+            MessageType::Discover,
+            ClientKind::Ipxe,
+            7,
+            format!("{base}/boot.ipxe"),
+        ),
+        (
+            "ovmf-ipxe-request-port67.bin",
+            MessageType::Request,
+            ClientKind::Ipxe,
+            7,
+            format!("{base}/boot.ipxe"),
+        ),
+    ];
+    for (name, msg_type, kind, arch, file) in cases {
+        let pkt = golden(name);
+        let req = classify(&pkt).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            (req.msg_type, req.kind, req.arch),
+            (msg_type, kind, arch),
+            "{name}"
+        );
+        assert!(
+            req.mac.to_string().starts_with("52:54:00:77:00:0"),
+            "{name}: {}",
+            req.mac
+        );
+        // QEMU without -uuid reports an all-zero SMBIOS UUID: echoed, but not a UUID.
+        assert_eq!(req.guid.as_ref().map(|g| g.len()), Some(17), "{name}");
+        assert_eq!(req.uuid(), None);
+        let target = boot_target(&req, &files, base).unwrap();
+        assert_eq!(target.file(), file, "{name}");
+        let r = decode(&reply(&req, server, &target));
+        assert_eq!(r.xid(), req.xid);
+        assert_eq!(fname(&r), file);
+        assert_eq!(
+            r.opts().get(OptionCode::ClientMachineIdentifier),
+            Some(&DhcpOption::ClientMachineIdentifier(
+                req.guid.clone().unwrap()
+            ))
+        );
+        let want = if msg_type == MessageType::Discover {
+            MessageType::Offer
+        } else {
+            MessageType::Ack
+        };
+        assert_eq!(r.opts().msg_type(), Some(want), "{name}");
+    }
+    // The EDK2 request on 4011 comes from the address the site's server gave it.
+    let req = classify(&golden("ovmf-pxe-request-port4011.bin")).unwrap();
+    assert!(!req.ciaddr.is_unspecified());
+}

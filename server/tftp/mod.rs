@@ -84,7 +84,7 @@ pub fn resolve(roots: &[PathBuf], name: &str) -> Result<PathBuf, Refusal> {
         let real = candidate
             .canonicalize()
             .map_err(|_| Refusal::NotFound(name.to_string()))?;
-        if !real.starts_with(&real_root) {
+        if !real.starts_with(&real_root) && !package_link(root, rel, &real) {
             return Err(Refusal::Escapes(name.to_string()));
         }
         if !real.is_file() {
@@ -93,6 +93,24 @@ pub fn resolve(roots: &[PathBuf], name: &str) -> Result<PathBuf, Refusal> {
         return Ok(real);
     }
     Err(Refusal::NotFound(name.to_string()))
+}
+
+/// The directory the Debian `ipxe` package installs its binaries into.
+pub const SYSTEM_ROOT: &str = "/usr/lib/ipxe";
+
+/// The one exception to "symlinks may not leave the root": in the package-managed
+/// [`SYSTEM_ROOT`], Debian links `ipxe.efi` and `ipxe.lkrn` to `/boot/`. Those links are
+/// root-owned files put there by dpkg, not something a client or an operator's directory can
+/// plant; a name directly in that root whose link is owned by root may resolve to a
+/// root-owned regular file elsewhere.
+fn package_link(root: &Path, rel: &Path, real: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if root != Path::new(SYSTEM_ROOT) || rel.components().count() != 1 {
+        return false;
+    }
+    let link = std::fs::symlink_metadata(root.join(rel));
+    let target = std::fs::metadata(real);
+    matches!((link, target), (Ok(l), Ok(t)) if l.uid() == 0 && t.uid() == 0 && t.is_file())
 }
 
 /// Checks that a requested name is a plain relative path: not empty, no `..`, no leading
@@ -153,10 +171,13 @@ impl Drop for Tracked {
     fn drop(&mut self) {
         let mut info = self.info.clone();
         if !self.eof {
-            info.outcome = Err(format!(
-                "transfer ended after {} of {} bytes",
-                info.bytes, info.size
-            ));
+            info.outcome = Err(if info.bytes <= u64::from(BLOCK_SIZE_LIMIT) {
+                // EDK2 first sends an RRQ with tsize only to learn the size, and stops after
+                // the OACK; the download follows as a second transfer.
+                "the client stopped after the option acknowledgement (a size probe, as UEFI firmware does before downloading, or a client that gave up)".to_string()
+            } else {
+                format!("transfer ended after {} of {} bytes", info.bytes, info.size)
+            });
         }
         let _ = self.tx.send(info);
     }

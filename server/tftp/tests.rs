@@ -65,3 +65,19 @@ fn refuses_everything_that_leaves_the_root() {
         assert_eq!(resolve(&roots, name), Err(want), "{name:?}");
     }
 }
+
+#[test]
+fn debian_package_links_in_the_system_root_are_followed() {
+    // /usr/lib/ipxe/ipxe.efi -> /boot/ipxe.efi in the Debian ipxe package (installed by
+    // `make deps`).
+    let roots = vec![PathBuf::from(SYSTEM_ROOT)];
+    let p = resolve(&roots, "ipxe.efi").expect("the ipxe package is installed");
+    assert!(p.is_file());
+    assert!(resolve(&roots, "undionly.kpxe").is_ok());
+    // The exception is for that root only.
+    let (_d, root, _) = tree();
+    assert_eq!(
+        resolve(&[root], "escape"),
+        Err(Refusal::Escapes("escape".into()))
+    );
+}

@@ -6,5 +6,6 @@ mod support;
 
 mod cli;
 mod daemon;
+mod lab;
 mod tftp;
 mod validators;
