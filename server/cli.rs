@@ -39,7 +39,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Enroll a machine: its next network boot installs the profile.
     Enroll(EnrollArgs),
     /// List, show, change, delete or reprovision machines.
@@ -188,7 +188,7 @@ fn parse_pairs(what: &str, pairs: &[String]) -> Result<BTreeMap<String, String>,
 /// Runs the CLI; returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         cmd => {
             let client = match Client::new(&cli.server, cli.token, cli.token_file) {
                 Ok(c) => c,

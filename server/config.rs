@@ -35,6 +35,25 @@ pub struct ServeArgs {
     /// ProxyDHCP listen address (UDP 67 and 4011), or `off` [default: 0.0.0.0].
     #[arg(long, env = "PROVISION_DHCP", value_name = "ADDR|off")]
     pub dhcp: Option<String>,
+    /// proxy: boot instructions beside the site's DHCP server; full: also hand out addresses
+    /// from --dhcp-range (isolated labs with no other DHCP server) [default: proxy].
+    #[arg(long, env = "PROVISION_DHCP_MODE", value_name = "proxy|full")]
+    pub dhcp_mode: Option<String>,
+    /// Address pool for full mode, e.g. 10.0.0.100-10.0.0.200.
+    #[arg(long, env = "PROVISION_DHCP_RANGE", value_name = "START-END")]
+    pub dhcp_range: Option<String>,
+    /// Subnet mask handed out in full mode [default: 255.255.255.0].
+    #[arg(long, env = "PROVISION_DHCP_NETMASK")]
+    pub dhcp_netmask: Option<String>,
+    /// Default router handed out in full mode.
+    #[arg(long, env = "PROVISION_DHCP_ROUTER")]
+    pub dhcp_router: Option<String>,
+    /// DNS servers handed out in full mode, comma-separated.
+    #[arg(long, env = "PROVISION_DHCP_DNS")]
+    pub dhcp_dns: Option<String>,
+    /// Lease time in full mode [default: 1h].
+    #[arg(long, env = "PROVISION_DHCP_LEASE_TIME", value_name = "DURATION")]
+    pub dhcp_lease_time: Option<String>,
     /// ProxyDHCP port [default: 67]; change it only for labs where 67 is taken.
     #[arg(long, env = "PROVISION_DHCP_PORT")]
     pub dhcp_port: Option<u16>,
@@ -80,6 +99,12 @@ struct FileConfig {
     dhcp: Option<String>,
     dhcp_port: Option<u16>,
     pxe_port: Option<u16>,
+    dhcp_mode: Option<String>,
+    dhcp_range: Option<String>,
+    dhcp_netmask: Option<String>,
+    dhcp_router: Option<String>,
+    dhcp_dns: Option<String>,
+    dhcp_lease_time: Option<String>,
     efi_boot_file: Option<String>,
     advertise: Option<String>,
     templates_dir: Option<PathBuf>,
@@ -98,6 +123,12 @@ const KNOWN_ENV: &[&str] = &[
     "PROVISION_TFTP_ROOT",
     "PROVISION_DHCP",
     "PROVISION_DHCP_PORT",
+    "PROVISION_DHCP_MODE",
+    "PROVISION_DHCP_RANGE",
+    "PROVISION_DHCP_NETMASK",
+    "PROVISION_DHCP_ROUTER",
+    "PROVISION_DHCP_DNS",
+    "PROVISION_DHCP_LEASE_TIME",
     "PROVISION_PXE_PORT",
     "PROVISION_EFI_BOOT_FILE",
     "PROVISION_ADVERTISE",
@@ -129,6 +160,8 @@ pub struct Config {
     pub dhcp_port: u16,
     /// PXE boot server port.
     pub pxe_port: u16,
+    /// Proxy or address mode.
+    pub dhcp_mode: crate::dhcp::Mode,
     /// Boot file names by firmware.
     pub boot_files: crate::dhcp::packet::BootFiles,
     /// Advertised base URL (no trailing slash), if set.
@@ -198,6 +231,78 @@ fn parse_discover(s: &str) -> anyhow::Result<DiscoverAnswer> {
         "local_boot" | "local-boot" => Ok(DiscoverAnswer::LocalBoot),
         "ignore" => Ok(DiscoverAnswer::Ignore),
         _ => bail!("discover {s:?} must be local_boot or ignore"),
+    }
+}
+
+fn ipv4(what: &str, s: &str) -> anyhow::Result<std::net::Ipv4Addr> {
+    s.trim()
+        .parse()
+        .with_context(|| format!("{what} {s:?} is not an IPv4 address"))
+}
+
+/// Builds the DHCP mode from its settings; full mode needs a range inside one subnet.
+fn dhcp_mode(
+    mode: Option<String>,
+    range: Option<String>,
+    netmask: Option<String>,
+    router: Option<String>,
+    dns: Option<String>,
+    lease_time: Option<String>,
+) -> anyhow::Result<crate::dhcp::Mode> {
+    match mode.as_deref().unwrap_or("proxy") {
+        "proxy" => {
+            if range.is_some() {
+                bail!("dhcp_range is only used with dhcp_mode = \"full\"");
+            }
+            Ok(crate::dhcp::Mode::Proxy)
+        }
+        "full" => {
+            let range = range
+                .context("dhcp_mode = \"full\" needs dhcp_range, e.g. 10.0.0.100-10.0.0.200")?;
+            let (a, b) = range
+                .split_once('-')
+                .with_context(|| format!("dhcp_range {range:?} must be START-END"))?;
+            let (start, end) = (ipv4("dhcp_range start", a)?, ipv4("dhcp_range end", b)?);
+            let netmask = ipv4(
+                "dhcp_netmask",
+                netmask.as_deref().unwrap_or("255.255.255.0"),
+            )?;
+            let m = u32::from(netmask);
+            if m.leading_ones() + m.trailing_zeros() != 32 {
+                bail!("dhcp_netmask {netmask} is not a contiguous mask");
+            }
+            if u32::from(start) > u32::from(end) || (u32::from(start) & m) != (u32::from(end) & m) {
+                bail!("dhcp_range {range:?} must run from low to high within one {netmask} subnet");
+            }
+            let router = router
+                .as_deref()
+                .map(|r| ipv4("dhcp_router", r))
+                .transpose()?;
+            let dns = dns
+                .as_deref()
+                .map(|d| {
+                    d.split(',')
+                        .filter(|s| !s.trim().is_empty())
+                        .map(|s| ipv4("dhcp_dns", s))
+                        .collect()
+                })
+                .transpose()?
+                .unwrap_or_default();
+            let lease_time = humantime::parse_duration(lease_time.as_deref().unwrap_or("1h"))
+                .context("dhcp_lease_time must be a duration such as 1h")?;
+            if lease_time < std::time::Duration::from_secs(60) {
+                bail!("dhcp_lease_time must be at least a minute");
+            }
+            Ok(crate::dhcp::Mode::Full(crate::dhcp::AddressMode {
+                start,
+                end,
+                netmask,
+                router,
+                dns,
+                lease_time,
+            }))
+        }
+        other => bail!("dhcp_mode {other:?} must be proxy or full"),
     }
 }
 
@@ -271,6 +376,14 @@ impl Config {
         };
         let dhcp_port = args.dhcp_port.or(file.dhcp_port).unwrap_or(67);
         let pxe_port = args.pxe_port.or(file.pxe_port).unwrap_or(4011);
+        let dhcp_mode = dhcp_mode(
+            args.dhcp_mode.clone().or(file.dhcp_mode),
+            args.dhcp_range.clone().or(file.dhcp_range),
+            args.dhcp_netmask.clone().or(file.dhcp_netmask),
+            args.dhcp_router.clone().or(file.dhcp_router),
+            args.dhcp_dns.clone().or(file.dhcp_dns),
+            args.dhcp_lease_time.clone().or(file.dhcp_lease_time),
+        )?;
         let mut boot_files = crate::dhcp::packet::BootFiles::default();
         if let Some(f) = args.efi_boot_file.clone().or(file.efi_boot_file) {
             if crate::tftp::check_name(&f).is_err() || f.contains(char::is_whitespace) {
@@ -320,6 +433,7 @@ impl Config {
             dhcp,
             dhcp_port,
             pxe_port,
+            dhcp_mode,
             boot_files,
             advertise,
             templates_dir,

@@ -37,7 +37,13 @@ pub fn check_config(cfg: &Config) -> anyhow::Result<String> {
         cfg.data_dir.display(),
         cfg.http,
         match cfg.dhcp {
-            Some(ip) => format!("proxy on {ip}:{} and {ip}:{}", cfg.dhcp_port, cfg.pxe_port),
+                        Some(ip) => match &cfg.dhcp_mode {
+                crate::dhcp::Mode::Proxy => format!("proxy on {ip}:{} and {ip}:{}", cfg.dhcp_port, cfg.pxe_port),
+                crate::dhcp::Mode::Full(a) => format!(
+                    "full (addresses {}-{}) on {ip}:{} and {ip}:{}",
+                    a.start, a.end, cfg.dhcp_port, cfg.pxe_port
+                ),
+            },
             None => "off".into(),
         },
         match cfg.tftp {
@@ -186,6 +192,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         tracing::info!("listening for PXE on {}", pxe_sock.local_addr()?);
         let ctx = Arc::new(crate::dhcp::Context::new(
             prov.clone(),
+            cfg.dhcp_mode.clone(),
             cfg.boot_files.clone(),
             cfg.advertise.clone(),
             http_addr.port(),

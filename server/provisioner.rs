@@ -722,6 +722,143 @@ impl Provisioner {
         true
     }
 
+    /// The address reserved for `mac` (its `ip` variable) and the addresses reserved for
+    /// every other machine.
+    async fn reservations(
+        &self,
+        mac: Mac,
+    ) -> (
+        Option<std::net::Ipv4Addr>,
+        std::collections::HashSet<std::net::Ipv4Addr>,
+    ) {
+        let machines = self.machines(None).await.unwrap_or_default();
+        let mut mine = None;
+        let mut others = std::collections::HashSet::new();
+        for m in machines {
+            let Some(ip) = m.vars.get("ip").and_then(|v| v.parse().ok()) else {
+                continue;
+            };
+            if m.mac == mac {
+                mine = Some(ip);
+            } else {
+                others.insert(ip);
+            }
+        }
+        (mine, others)
+    }
+
+    async fn pool(
+        &self,
+        mac: Mac,
+        a: &crate::dhcp::AddressMode,
+    ) -> (Option<std::net::Ipv4Addr>, store::Pool) {
+        let (mine, others) = self.reservations(mac).await;
+        (
+            mine,
+            store::Pool {
+                start: a.start,
+                end: a.end,
+                reserved_for_others: others,
+            },
+        )
+    }
+
+    /// Address mode: the address to offer `mac`, held briefly until its REQUEST.
+    pub async fn lease_offer(
+        &self,
+        mac: Mac,
+        requested: Option<std::net::Ipv4Addr>,
+        a: &crate::dhcp::AddressMode,
+    ) -> Option<std::net::Ipv4Addr> {
+        let (mine, pool) = self.pool(mac, a).await;
+        let now = store::now_ms();
+        // RFC 2131 section 4.3.1: the server may reserve the offered address; a minute is
+        // plenty for the REQUEST that follows.
+        let hold = now + 60_000;
+        match self
+            .db(move |s| s.lease_offer(mac, mine, requested, &pool, hold, now))
+            .await
+        {
+            Ok(Some(ip)) => Some(ip),
+            Ok(None) => {
+                self.note(
+                    Some(mac),
+                    "dhcp_pool_exhausted",
+                    format!("no free address in {}-{}", a.start, a.end),
+                )
+                .await;
+                None
+            }
+            Err(e) => {
+                tracing::error!(%mac, "lease offer: {e}");
+                None
+            }
+        }
+    }
+
+    /// Address mode: binds `ip` to `mac` on REQUEST; false means NAK.
+    pub async fn lease_bind(
+        &self,
+        mac: Mac,
+        ip: std::net::Ipv4Addr,
+        a: &crate::dhcp::AddressMode,
+    ) -> bool {
+        let (mine, pool) = self.pool(mac, a).await;
+        let now = store::now_ms();
+        let until = now + a.lease_time.as_millis() as i64;
+        match self
+            .db(move |s| s.lease_bind(mac, ip, &pool, mine, until, now))
+            .await
+        {
+            Ok(true) => {
+                self.note(
+                    Some(mac),
+                    "dhcp_lease",
+                    format!("{ip} until {}", store::fmt_time(until)),
+                )
+                .await;
+                true
+            }
+            Ok(false) => {
+                self.note(
+                    Some(mac),
+                    "dhcp_nak",
+                    format!("{ip} is not this machine's to use"),
+                )
+                .await;
+                false
+            }
+            Err(e) => {
+                tracing::error!(%mac, "lease bind: {e}");
+                false
+            }
+        }
+    }
+
+    /// Address mode: a RELEASE (or a client that chose another server, `ip` None).
+    pub async fn lease_release(&self, mac: Mac, ip: Option<std::net::Ipv4Addr>) {
+        if let Err(e) = self.db(move |s| s.lease_release(mac, ip)).await {
+            tracing::error!(%mac, "lease release: {e}");
+        }
+    }
+
+    /// Address mode: a DECLINE quarantines the address for ten minutes.
+    pub async fn lease_decline(&self, mac: Mac, ip: std::net::Ipv4Addr) {
+        let now = store::now_ms();
+        if let Err(e) = self
+            .db(move |s| s.lease_decline(ip, now + 600_000, now))
+            .await
+        {
+            tracing::error!(%mac, "lease decline: {e}");
+        }
+        self.note(
+            Some(mac),
+            "dhcp_decline",
+            format!("{ip} is in use by someone else; quarantined for 10 minutes"),
+        )
+        .await;
+    }
+
     /// Records a DHCP event on a machine.
     pub async fn dhcp_event(&self, mac: Mac, kind: &'static str, detail: String) {
         self.note(Some(mac), kind, detail).await;

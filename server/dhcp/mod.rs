@@ -42,8 +42,36 @@ pub enum Port {
     Pxe,
 }
 
+/// Proxy (beside the site's DHCP server) or full (the only DHCP server, for isolated labs).
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// ProxyDHCP: boot instructions only, never an address.
+    Proxy,
+    /// A DHCP server handing out addresses from a pool, plus boot instructions.
+    Full(AddressMode),
+}
+
+/// The address pool and parameters of address mode.
+#[derive(Clone, Debug)]
+pub struct AddressMode {
+    /// First pool address.
+    pub start: Ipv4Addr,
+    /// Last pool address (inclusive).
+    pub end: Ipv4Addr,
+    /// Subnet mask.
+    pub netmask: Ipv4Addr,
+    /// Default router, if any.
+    pub router: Option<Ipv4Addr>,
+    /// DNS servers.
+    pub dns: Vec<Ipv4Addr>,
+    /// Lease time.
+    pub lease_time: Duration,
+}
+
 /// What the DHCP tasks need.
 pub struct Context {
+    /// Proxy or address mode.
+    pub mode: Mode,
     /// The provisioner (policy, events).
     pub prov: Arc<Provisioner>,
     /// Boot file names.
@@ -61,6 +89,7 @@ impl Context {
     /// A context for the DHCP tasks.
     pub fn new(
         prov: Arc<Provisioner>,
+        mode: Mode,
         files: BootFiles,
         advertise_url: Option<String>,
         http_port: u16,
@@ -70,6 +99,7 @@ impl Context {
             host.parse().ok()
         });
         Context {
+            mode,
             prov,
             files,
             advertise_ip,
@@ -260,7 +290,17 @@ async fn handle(
     data: &[u8],
     r: &Received,
 ) -> Option<(Vec<u8>, SocketAddrV4)> {
-    let req = match packet::classify(data) {
+    let full = match (&ctx.mode, port) {
+        (Mode::Full(a), Port::Dhcp) => Some(a),
+        _ => None,
+    };
+    // Address mode answers every client on port 67; ProxyDHCP only boot clients.
+    let parsed = if full.is_some() {
+        packet::parse(data)
+    } else {
+        packet::classify(data)
+    };
+    let req = match parsed {
         Ok(req) => req,
         Err(Drop::Malformed(why)) => {
             tracing::warn!(from = %r.from, "dropped a malformed DHCP packet: {why}");
@@ -281,9 +321,9 @@ async fn handle(
         tracing::warn!(%mac, "DHCP rate limit: dropping packets from this MAC for a while");
         return None;
     }
-    // Port 67 answers DISCOVERs only: a REQUEST there is addressed to the site's server.
-    // It still tells us which address the client is taking, for TFTP attribution.
-    if port == Port::Dhcp && req.msg_type != MessageType::Discover {
+    // ProxyDHCP answers DISCOVERs only on port 67: a REQUEST there is addressed to the site's
+    // server. It still tells us which address the client is taking, for TFTP attribution.
+    if full.is_none() && port == Port::Dhcp && req.msg_type != MessageType::Discover {
         if let Some(ip) = req
             .requested_ip
             .or((!req.ciaddr.is_unspecified()).then_some(req.ciaddr))
@@ -308,43 +348,125 @@ async fn handle(
         .advertise_url
         .clone()
         .unwrap_or_else(|| format!("http://{server}:{}", ctx.http_port));
-    let via = match port {
-        Port::Dhcp => "proxy offer",
-        Port::Pxe => "PXE boot server ack (port 4011)",
+    let what = describe(&req);
+    let via = match (port, full.is_some()) {
+        (Port::Dhcp, false) => "proxy offer",
+        (Port::Dhcp, true) => "DHCP offer/ack",
+        (Port::Pxe, _) => "PXE boot server ack (port 4011)",
     };
-    let what = format!(
+    // Boot instructions, for boot clients that policy answers.
+    let target = if req.kind == ClientKind::Other {
+        None
+    } else {
+        match packet::boot_target(&req, &ctx.files, &base_url) {
+            Ok(t) => {
+                if !ctx.prov.dhcp_answer(mac, req.uuid(), &what).await {
+                    // "Ignore" is no reply at all, in either mode.
+                    return None;
+                }
+                Some(t)
+            }
+            Err(e) => {
+                ctx.prov
+                    .dhcp_event(mac, "dhcp_ignored", format!("{what}: {e}"))
+                    .await;
+                                // Address mode still gives the client an address.
+                full?;
+                None
+            }
+        }
+    };
+    let reply = match full {
+        None => packet::reply(&req, server, target.as_ref()?),
+        Some(a) => address_mode(ctx, a, &req, server, target.as_ref()).await?,
+    };
+    if let Some(t) = &target {
+        if matches!(req.msg_type, MessageType::Discover) || port == Port::Pxe {
+            ctx.prov
+                .dhcp_event(
+                    mac,
+                    "dhcp_offered",
+                    format!("{} via {via} from {server} ({what})", t.file()),
+                )
+                .await;
+        }
+    }
+    Some((reply, destination(port, &req, r.from)))
+}
+
+fn describe(req: &packet::PxeRequest) -> String {
+    format!(
         "{} {}{}",
         packet::arch_name(req.arch),
         match req.kind {
             ClientKind::Pxe => "PXE",
             ClientKind::Http => "HTTP Boot",
             ClientKind::Ipxe => "iPXE",
+            ClientKind::Other => "DHCP client",
         },
         if req.giaddr.is_unspecified() {
             String::new()
         } else {
             format!(", relayed by {}", req.giaddr)
         }
-    );
-    let target = match packet::boot_target(&req, &ctx.files, &base_url) {
-        Ok(t) => t,
-        Err(e) => {
-            ctx.prov
-                .dhcp_event(mac, "dhcp_ignored", format!("{what}: {e}"))
-                .await;
-            return None;
-        }
+    )
+}
+
+/// RFC 2131 DORA for address mode: offers from the pool (or the machine's reservation),
+/// binds on REQUEST or answers NAK, handles RELEASE, DECLINE and INFORM. Leases live in
+/// SQLite, so they survive a restart.
+async fn address_mode(
+    ctx: &Context,
+    a: &AddressMode,
+    req: &packet::PxeRequest,
+    server: Ipv4Addr,
+    target: Option<&packet::BootTarget>,
+) -> Option<Vec<u8>> {
+    let mac = req.mac;
+    let params = |yiaddr| packet::LeaseParams {
+        yiaddr,
+        netmask: a.netmask,
+        router: a.router,
+        dns: a.dns.clone(),
+        lease_secs: a.lease_time.as_secs().min(u64::from(u32::MAX)) as u32,
     };
-    if !ctx.prov.dhcp_answer(mac, req.uuid(), &what).await {
-        return None;
+    match req.msg_type {
+        MessageType::Discover => {
+            let ip = ctx.prov.lease_offer(mac, req.requested_ip, a).await?;
+            Some(packet::reply_with(req, server, target, Some(&params(ip))))
+        }
+        MessageType::Request => {
+            if req.server_id.is_some_and(|s| s != server) {
+                // The client took another server's offer: free ours now.
+                ctx.prov.lease_release(mac, None).await;
+                return None;
+            }
+            let ip = req
+                .requested_ip
+                .or((!req.ciaddr.is_unspecified()).then_some(req.ciaddr))?;
+            if ctx.prov.lease_bind(mac, ip, a).await {
+                ctx.prov.client_ip(ip, mac);
+                Some(packet::reply_with(req, server, target, Some(&params(ip))))
+            } else {
+                Some(packet::nak(req, server))
+            }
+        }
+        MessageType::Inform => Some(packet::reply_with(
+            req,
+            server,
+            target,
+            Some(&params(Ipv4Addr::UNSPECIFIED)),
+        )),
+        MessageType::Release => {
+            ctx.prov.lease_release(mac, Some(req.ciaddr)).await;
+            None
+        }
+        MessageType::Decline => {
+            if let Some(ip) = req.requested_ip {
+                ctx.prov.lease_decline(mac, ip).await;
+            }
+            None
+        }
+        _ => None,
     }
-    let reply = packet::reply(&req, server, &target);
-    ctx.prov
-        .dhcp_event(
-            mac,
-            "dhcp_offered",
-            format!("{} via {via} from {server} ({what})", target.file()),
-        )
-        .await;
-    Some((reply, destination(port, &req, r.from)))
 }

@@ -82,6 +82,9 @@ pub enum ClientKind {
     Http,
     /// iPXE itself (option 77 user class `iPXE`, or option 175 present).
     Ipxe,
+    /// Any other DHCP client: answered only in address mode, with an address and no boot
+    /// file.
+    Other,
 }
 
 /// What a boot client asked, as far as ProxyDHCP cares.
@@ -101,6 +104,8 @@ pub struct PxeRequest {
     pub giaddr: Ipv4Addr,
     /// Requested address (option 50), if any.
     pub requested_ip: Option<Ipv4Addr>,
+    /// Server identifier (option 54): which server a REQUEST chose.
+    pub server_id: Option<Ipv4Addr>,
     /// Client kind.
     pub kind: ClientKind,
     /// RFC 4578 option 93 (client system architecture); 0 (BIOS) when missing, as PXE 2.1
@@ -137,8 +142,26 @@ impl PxeRequest {
     }
 }
 
-/// Parses and classifies a validated datagram.
+/// Parses and classifies a datagram from a network boot client; anything else is
+/// `NotForUs` (ProxyDHCP answers boot clients only).
 pub fn classify(b: &[u8]) -> Result<PxeRequest, Drop> {
+    let req = parse(b)?;
+    if req.kind == ClientKind::Other {
+        return Err(Drop::NotForUs(
+            "not a network boot client (no PXEClient/HTTPClient vendor class)".into(),
+        ));
+    }
+    if !matches!(
+        req.msg_type,
+        MessageType::Discover | MessageType::Request | MessageType::Inform
+    ) {
+        return Err(Drop::NotForUs(format!("message type {:?}", req.msg_type)));
+    }
+    Ok(req)
+}
+
+/// Parses any client's DHCP message (address mode answers every client).
+pub fn parse(b: &[u8]) -> Result<PxeRequest, Drop> {
     validate(b)?;
     let msg = Message::decode(&mut Decoder::new(b)).map_err(|e| malformed(e.to_string()))?;
     if msg.opcode() != Opcode::BootRequest {
@@ -152,7 +175,11 @@ pub fn classify(b: &[u8]) -> Result<PxeRequest, Drop> {
         .ok_or_else(|| Drop::NotForUs("BOOTP without a DHCP message type".into()))?;
     if !matches!(
         msg_type,
-        MessageType::Discover | MessageType::Request | MessageType::Inform
+        MessageType::Discover
+            | MessageType::Request
+            | MessageType::Inform
+            | MessageType::Release
+            | MessageType::Decline
     ) {
         return Err(Drop::NotForUs(format!("message type {msg_type:?}")));
     }
@@ -169,9 +196,7 @@ pub fn classify(b: &[u8]) -> Result<PxeRequest, Drop> {
     } else if class.starts_with(b"PXEClient") {
         ClientKind::Pxe
     } else {
-        return Err(Drop::NotForUs(
-            "not a network boot client (no PXEClient/HTTPClient vendor class)".into(),
-        ));
+        ClientKind::Other
     };
     let arch = match opts.get(OptionCode::ClientSystemArchitecture) {
         Some(DhcpOption::ClientSystemArchitecture(a)) => u16::from(*a),
@@ -185,6 +210,10 @@ pub fn classify(b: &[u8]) -> Result<PxeRequest, Drop> {
         Some(DhcpOption::RequestedIpAddress(ip)) => Some(*ip),
         _ => None,
     };
+    let server_id = match opts.get(OptionCode::ServerIdentifier) {
+        Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
+        _ => None,
+    };
     Ok(PxeRequest {
         msg_type,
         mac: Mac(mac),
@@ -193,6 +222,7 @@ pub fn classify(b: &[u8]) -> Result<PxeRequest, Drop> {
         ciaddr: msg.ciaddr(),
         giaddr: msg.giaddr(),
         requested_ip,
+        server_id,
         kind,
         arch,
         guid,
@@ -302,6 +332,7 @@ pub fn boot_target(
             11 => BootTarget::Tftp(files.efi_arm64.clone()),
             _ => return Err(unsupported()),
         },
+        ClientKind::Other => return Err(Drop::NotForUs("not a network boot client".into())),
     };
     // The BOOTP file field is 128 bytes including its terminating NUL (RFC 951).
     if target.file().len() > 127 {
@@ -313,18 +344,57 @@ pub fn boot_target(
     Ok(target)
 }
 
+/// An address and its parameters, for address mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseParams {
+    /// The client's address.
+    pub yiaddr: Ipv4Addr,
+    /// Subnet mask (option 1).
+    pub netmask: Ipv4Addr,
+    /// Default router (option 3).
+    pub router: Option<Ipv4Addr>,
+    /// DNS servers (option 6).
+    pub dns: Vec<Ipv4Addr>,
+    /// Lease time in seconds (option 51).
+    pub lease_secs: u32,
+}
+
 /// Builds the ProxyDHCP answer: a DHCPOFFER to a DISCOVER on port 67, a DHCPACK to a
 /// REQUEST/INFORM on port 4011. It never carries an address (yiaddr 0): the site's DHCP
 /// server does that.
 pub fn reply(req: &PxeRequest, server: Ipv4Addr, target: &BootTarget) -> Vec<u8> {
-    let mut m = Message::new_with_id(
-        req.xid,
-        req.ciaddr,
-        Ipv4Addr::UNSPECIFIED,
-        server,
-        req.giaddr,
-        &req.mac.0,
-    );
+    reply_with(req, server, Some(target), None)
+}
+
+/// A DHCPNAK (RFC 2131 section 4.3.2): the requested address is not the client's to use.
+pub fn nak(req: &PxeRequest, server: Ipv4Addr) -> Vec<u8> {
+    let u = Ipv4Addr::UNSPECIFIED;
+    let mut m = Message::new_with_id(req.xid, u, u, u, req.giaddr, &req.mac.0);
+    m.set_opcode(Opcode::BootReply);
+    m.set_flags(v4::Flags::default().set_broadcast());
+    m.opts_mut()
+        .insert(DhcpOption::MessageType(MessageType::Nak));
+    m.opts_mut().insert(DhcpOption::ServerIdentifier(server));
+    encode(&m)
+}
+
+fn encode(m: &Message) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(400);
+    m.encode(&mut Encoder::new(&mut buf))
+        .expect("encoding into a Vec cannot fail");
+    buf
+}
+
+/// Builds an OFFER (to a DISCOVER) or ACK (otherwise): with boot instructions when `target`
+/// is given, and with an address when `lease` is given (address mode).
+pub fn reply_with(
+    req: &PxeRequest,
+    server: Ipv4Addr,
+    target: Option<&BootTarget>,
+    lease: Option<&LeaseParams>,
+) -> Vec<u8> {
+    let yiaddr = lease.map_or(Ipv4Addr::UNSPECIFIED, |l| l.yiaddr);
+    let mut m = Message::new_with_id(req.xid, req.ciaddr, yiaddr, server, req.giaddr, &req.mac.0);
     m.set_opcode(Opcode::BootReply);
     if req.broadcast {
         m.set_flags(v4::Flags::default().set_broadcast());
@@ -334,10 +404,28 @@ pub fn reply(req: &PxeRequest, server: Ipv4Addr, target: &BootTarget) -> Vec<u8>
     } else {
         MessageType::Ack
     };
-    m.set_fname_str(target.file());
+    if let Some(t) = target {
+        m.set_fname_str(t.file());
+    }
     let o = m.opts_mut();
     o.insert(DhcpOption::MessageType(answer));
     o.insert(DhcpOption::ServerIdentifier(server));
+    if let Some(l) = lease {
+        o.insert(DhcpOption::SubnetMask(l.netmask));
+        if let Some(r) = l.router {
+            o.insert(DhcpOption::Router(vec![r]));
+        }
+        if !l.dns.is_empty() {
+            o.insert(DhcpOption::DomainNameServer(l.dns.clone()));
+        }
+        // An INFORM gets parameters but no lease (RFC 2131 section 3.4).
+        if req.msg_type != MessageType::Inform {
+            o.insert(DhcpOption::AddressLeaseTime(l.lease_secs));
+        }
+    }
+    if target.is_none() {
+        return encode(&m);
+    }
     // PXE 2.1 section 2.2.5: a ProxyDHCP reply identifies itself with vendor class
     // "PXEClient" (strange for a server, but that is what clients match); HTTP Boot clients
     // need "HTTPClient" echoed (UEFI spec, HTTP Boot, DHCP options).
@@ -357,8 +445,5 @@ pub fn reply(req: &PxeRequest, server: Ipv4Addr, target: &BootTarget) -> Vec<u8>
     if req.kind == ClientKind::Pxe && req.arch == 0 {
         o.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
     }
-    let mut buf = Vec::with_capacity(400);
-    m.encode(&mut Encoder::new(&mut buf))
-        .expect("encoding into a Vec cannot fail");
-    buf
+    encode(&m)
 }

@@ -482,3 +482,228 @@ fn golden_packets_from_real_firmware() {
     let req = classify(&golden("ovmf-pxe-request-port4011.bin")).unwrap();
     assert!(!req.ciaddr.is_unspecified());
 }
+
+mod address_mode {
+    use super::*;
+    use crate::policy::DiscoverAnswer;
+    use crate::provisioner::{EnrollRequest, Settings};
+    use crate::render::Sources;
+    use crate::store::Store;
+
+    const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+
+    fn ctx() -> Context {
+        let prov = Provisioner::new(
+            Store::open_in_memory().unwrap(),
+            Sources::default(),
+            Settings { install_token_ttl: Duration::from_secs(3600), discover: DiscoverAnswer::LocalBoot },
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 provision".into(),
+        )
+        .unwrap();
+        let mode = Mode::Full(AddressMode {
+            start: Ipv4Addr::new(10, 77, 0, 100),
+            end: Ipv4Addr::new(10, 77, 0, 101),
+            netmask: Ipv4Addr::new(255, 255, 255, 0),
+            router: Some(SERVER),
+            dns: vec![Ipv4Addr::new(10, 77, 0, 53)],
+            lease_time: Duration::from_secs(3600),
+        });
+        Context::new(
+            Arc::new(prov),
+            mode,
+            BootFiles::default(),
+            Some("http://10.77.0.1:8080".into()),
+            8080,
+        )
+    }
+
+    fn packet(mac: [u8; 6], t: MessageType, class: &str, extra: Vec<DhcpOption>) -> Vec<u8> {
+        let mut m = Message::new_with_id(
+            7,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            &mac,
+        );
+        let o = m.opts_mut();
+        o.insert(DhcpOption::MessageType(t));
+        if !class.is_empty() {
+            o.insert(DhcpOption::ClassIdentifier(class.as_bytes().to_vec()));
+            o.insert(DhcpOption::ClientSystemArchitecture(Architecture::from(0)));
+        }
+        for x in extra {
+            o.insert(x);
+        }
+        let mut buf = Vec::new();
+        m.encode(&mut Encoder::new(&mut buf)).unwrap();
+        buf
+    }
+
+    fn rx() -> Received {
+        Received {
+            len: 0,
+            from: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+            ifindex: 0,
+            local: SERVER,
+        }
+    }
+
+    async fn ask(c: &Context, pkt: Vec<u8>) -> Option<Message> {
+        handle(c, Port::Dhcp, &pkt, &rx())
+            .await
+            .map(|(b, _)| decode(&b))
+    }
+
+    #[tokio::test]
+    async fn dora_for_boot_and_plain_clients() {
+        let c = ctx();
+        let pxe = [0x52, 0x54, 0, 0x77, 0, 1];
+        let offer = ask(
+            &c,
+            packet(
+                pxe,
+                MessageType::Discover,
+                "PXEClient:Arch:00000:UNDI:002001",
+                vec![],
+            ),
+        )
+        .await
+        .unwrap();
+        assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+        assert_eq!(offer.yiaddr(), Ipv4Addr::new(10, 77, 0, 100));
+        assert_eq!(
+            fname(&offer),
+            "undionly.kpxe",
+            "boot instructions ride along"
+        );
+        assert_eq!(
+            offer.opts().get(OptionCode::SubnetMask),
+            Some(&DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0)))
+        );
+        assert_eq!(
+            offer.opts().get(OptionCode::Router),
+            Some(&DhcpOption::Router(vec![SERVER]))
+        );
+        assert_eq!(
+            offer.opts().get(OptionCode::AddressLeaseTime),
+            Some(&DhcpOption::AddressLeaseTime(3600))
+        );
+        let req = vec![
+            DhcpOption::RequestedIpAddress(offer.yiaddr()),
+            DhcpOption::ServerIdentifier(SERVER),
+        ];
+        let ack = ask(
+            &c,
+            packet(
+                pxe,
+                MessageType::Request,
+                "PXEClient:Arch:00000:UNDI:002001",
+                req,
+            ),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (ack.opts().msg_type(), ack.yiaddr()),
+            (Some(MessageType::Ack), Ipv4Addr::new(10, 77, 0, 100))
+        );
+
+        // A plain (non-PXE) client gets an address and no boot file.
+        let laptop = [0x02, 0, 0, 0, 0, 9];
+        let offer = ask(&c, packet(laptop, MessageType::Discover, "", vec![]))
+            .await
+            .unwrap();
+        assert_eq!(offer.yiaddr(), Ipv4Addr::new(10, 77, 0, 101));
+        assert_eq!(fname(&offer), "");
+        // It may not take the PXE machine's address: NAK.
+        let steal = vec![
+            DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 77, 0, 100)),
+            DhcpOption::ServerIdentifier(SERVER),
+        ];
+        let nak = ask(&c, packet(laptop, MessageType::Request, "", steal))
+            .await
+            .unwrap();
+        assert_eq!(nak.opts().msg_type(), Some(MessageType::Nak));
+        // The pool (two addresses) is exhausted for a third client: no answer.
+        assert!(ask(
+            &c,
+            packet([2, 0, 0, 0, 0, 10], MessageType::Discover, "", vec![])
+        )
+        .await
+        .is_none());
+        // A REQUEST naming another server releases our offer.
+        let elsewhere = vec![
+            DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 77, 0, 101)),
+            DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 77, 0, 2)),
+        ];
+        assert!(ask(&c, packet(laptop, MessageType::Request, "", elsewhere))
+            .await
+            .is_none());
+        let offer = ask(
+            &c,
+            packet([2, 0, 0, 0, 0, 10], MessageType::Discover, "", vec![]),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            offer.yiaddr(),
+            Ipv4Addr::new(10, 77, 0, 101),
+            "the released address is free again"
+        );
+        let events = c
+            .prov
+            .events(Some(crate::mac::Mac(pxe)), 0, 100)
+            .await
+            .unwrap();
+        assert!(
+            events
+                .iter()
+                .any(|e| e.kind == "dhcp_lease" && e.detail.starts_with("10.77.0.100 until")),
+            "{events:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn reservations_come_from_the_inventory() {
+        let c = ctx();
+        c.prov
+            .enroll(EnrollRequest {
+                mac: "52:54:00:77:00:05".into(),
+                profile: "debian-12".into(),
+                vars: [("ip".to_string(), "10.77.0.50".to_string())].into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let offer = ask(
+            &c,
+            packet(
+                [0x52, 0x54, 0, 0x77, 0, 5],
+                MessageType::Discover,
+                "PXEClient:Arch:00000:UNDI:002001",
+                vec![],
+            ),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            offer.yiaddr(),
+            Ipv4Addr::new(10, 77, 0, 50),
+            "reserved, even outside the pool"
+        );
+        // Nobody else is offered it.
+        let other = ask(
+            &c,
+            packet(
+                [2, 0, 0, 0, 0, 1],
+                MessageType::Discover,
+                "",
+                vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 77, 0, 50))],
+            ),
+        )
+        .await
+        .unwrap();
+        assert_ne!(other.yiaddr(), Ipv4Addr::new(10, 77, 0, 50));
+    }
+}

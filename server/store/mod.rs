@@ -22,8 +22,11 @@ use serde::Serialize;
 use crate::mac::Mac;
 use crate::policy::{self, IllegalTransition, State, Transition};
 
+mod leases;
 #[cfg(test)]
 mod tests;
+
+pub use leases::{Lease, Pool};
 
 static MIGRATIONS_DIR: Dir = include_dir!("$CARGO_MANIFEST_DIR/migrations");
 

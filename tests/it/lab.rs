@@ -35,33 +35,36 @@ fn ip(args: &[&str]) {
 }
 
 impl Lab {
-    fn new() -> Lab {
+    /// The lab; with `site`, a second namespace for the site's DHCP server.
+    fn new(tag: &str, site: bool) -> Lab {
         assert!(
             unsafe { libc::geteuid() } == 0,
             "the firmware lab needs root (network namespaces and tap devices)"
         );
         let id = std::process::id();
         let lab = Lab {
-            site: format!("pvs{id}"),
-            lab: format!("pvl{id}"),
+            site: format!("pv{tag}s{id}"),
+            lab: format!("pv{tag}l{id}"),
             children: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
         };
         let (s, l) = (lab.site.as_str(), lab.lab.as_str());
-        ip(&["netns", "add", s]);
         ip(&["netns", "add", l]);
         ip(&["-n", l, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", l, "addr", "add", "10.77.0.1/24", "dev", "br0"]);
         ip(&["-n", l, "link", "set", "br0", "up"]);
         ip(&["-n", l, "link", "set", "lo", "up"]);
-        ip(&["-n", s, "link", "set", "lo", "up"]);
-        ip(&[
-            "link", "add", "vs0", "netns", s, "type", "veth", "peer", "name", "vs1", "netns", l,
-        ]);
-        ip(&["-n", s, "addr", "add", "10.77.0.2/24", "dev", "vs0"]);
-        ip(&["-n", s, "link", "set", "vs0", "up"]);
-        ip(&["-n", l, "link", "set", "vs1", "master", "br0"]);
-        ip(&["-n", l, "link", "set", "vs1", "up"]);
+        if site {
+            ip(&["netns", "add", s]);
+            ip(&["-n", s, "link", "set", "lo", "up"]);
+            ip(&[
+                "link", "add", "vs0", "netns", s, "type", "veth", "peer", "name", "vs1", "netns", l,
+            ]);
+            ip(&["-n", s, "addr", "add", "10.77.0.2/24", "dev", "vs0"]);
+            ip(&["-n", s, "link", "set", "vs0", "up"]);
+            ip(&["-n", l, "link", "set", "vs1", "master", "br0"]);
+            ip(&["-n", l, "link", "set", "vs1", "up"]);
+        }
         for tap in ["tap0", "tap1"] {
             ip(&["-n", l, "tuntap", "add", tap, "mode", "tap"]);
             ip(&["-n", l, "link", "set", tap, "master", "br0"]);
@@ -129,6 +132,51 @@ impl Drop for Lab {
     }
 }
 
+/// Starts provision in the lab namespace and waits until all its listeners are up.
+fn start_provision(lab: &mut Lab, extra: &[&str]) {
+    let data = lab.path("data").to_str().unwrap().to_string();
+    let ns = lab.lab.clone();
+    let mut args = vec!["serve", "--data-dir", &data, "--http", "10.77.0.1:8080"];
+    args.extend_from_slice(extra);
+    lab.spawn(&ns, "provision.log", Path::new(BIN), &args);
+    let start = Instant::now();
+    while !lab.log("provision.log").contains("listening for PXE on") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "provision did not start: {}",
+            lab.log("provision.log")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// QEMU arguments for a SeaBIOS VM on `tap`.
+fn bios_vm(tap: &str, mac: &str) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "-accel",
+        "tcg",
+        "-display",
+        "none",
+        "-boot",
+        "n",
+        "-no-reboot",
+        "-m",
+        "256",
+        "-netdev",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push(format!("tap,id=n0,ifname={tap},script=no,downscript=no"));
+    v.push("-device".into());
+    v.push(format!("virtio-net-pci,netdev=n0,mac={mac}"));
+    v
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 /// The kinds of a machine's events, oldest first.
 fn kinds(events: &str) -> Vec<String> {
     events
@@ -140,7 +188,7 @@ fn kinds(events: &str) -> Vec<String> {
 
 #[test]
 fn bios_and_uefi_vms_pxe_boot_into_the_ipxe_chain() {
-    let mut lab = Lab::new();
+    let mut lab = Lab::new("p", true);
     let (site, ns) = (lab.site.clone(), lab.lab.clone());
     let leases = lab.path("leases").to_str().unwrap().to_string();
     lab.spawn(
@@ -214,9 +262,6 @@ fn bios_and_uefi_vms_pxe_boot_into_the_ipxe_chain() {
             format!("virtio-net-pci,netdev=n1,mac={UEFI_MAC}"),
         ])
         .collect();
-    fn refs(v: &[String]) -> Vec<&str> {
-        v.iter().map(String::as_str).collect()
-    }
     lab.spawn(&ns, "bios-vm.log", &qemu, &refs(&bios_args));
     lab.spawn(&ns, "uefi-vm.log", &qemu, &refs(&uefi_args));
 
@@ -294,5 +339,57 @@ fn bios_and_uefi_vms_pxe_boot_into_the_ipxe_chain() {
     assert!(
         m.contains("platform    efi") && m.contains("state       discovered"),
         "{m}"
+    );
+}
+
+#[test]
+fn address_mode_boots_a_vm_with_no_other_dhcp_server() {
+    let mut lab = Lab::new("a", false);
+    start_provision(
+        &mut lab,
+        &[
+            "--dhcp-mode",
+            "full",
+            "--dhcp-range",
+            "10.77.0.150-10.77.0.160",
+            "--dhcp-router",
+            "10.77.0.1",
+        ],
+    );
+    let (ns, qemu) = (lab.lab.clone(), tool("qemu-system-x86_64"));
+    lab.spawn(&ns, "bios-vm.log", &qemu, &refs(&bios_vm("tap0", BIOS_MAC)));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let events = loop {
+        let e = lab.cli(&["events", BIOS_MAC]);
+        if e.contains("ipxe_served") {
+            break e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM did not reach /ipxe:\n{e}\n{}",
+            lab.log("provision.log")
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    // provision gave the address (DORA) and the boot instructions in the same exchange.
+    let lease = events
+        .lines()
+        .position(|l| l.contains("dhcp_lease: 10.77.0.150 until"))
+        .unwrap_or_else(|| panic!("no lease:\n{events}"));
+    let offered = events
+        .lines()
+        .position(|l| {
+            l.contains("dhcp_offered: http://10.77.0.1:8080/boot.ipxe via DHCP offer/ack")
+        })
+        .unwrap_or_else(|| panic!("no offer:\n{events}"));
+    let served = events
+        .lines()
+        .position(|l| l.contains("ipxe_served: local boot (discovered, pcbios)"))
+        .unwrap();
+    assert!(offered < lease && lease < served, "{events}");
+    let m = lab.cli(&["machines", "show", BIOS_MAC]);
+    assert!(
+        m.contains("last_ip     10.77.0.150"),
+        "the VM used its leased address for HTTP: {m}"
     );
 }
