@@ -32,7 +32,8 @@ pub struct ServeArgs {
     /// Directory TFTP serves iPXE binaries from [default: DATA_DIR/ipxe, then /usr/lib/ipxe].
     #[arg(long, env = "PROVISION_TFTP_ROOT")]
     pub tftp_root: Option<PathBuf>,
-    /// ProxyDHCP listen address (UDP 67 and 4011), or `off` [default: 0.0.0.0].
+    /// DHCP: `0.0.0.0` answers on every interface; an interface address answers only on the
+    /// interface that holds it; `off` disables DHCP (UDP 67 and 4011) [default: 0.0.0.0].
     #[arg(long, env = "PROVISION_DHCP", value_name = "ADDR|off")]
     pub dhcp: Option<String>,
     /// proxy: boot instructions beside the site's DHCP server; full: also hand out addresses
@@ -54,10 +55,20 @@ pub struct ServeArgs {
     /// Lease time in full mode [default: 1h].
     #[arg(long, env = "PROVISION_DHCP_LEASE_TIME", value_name = "DURATION")]
     pub dhcp_lease_time: Option<String>,
-    /// ProxyDHCP port [default: 67]; change it only for labs where 67 is taken.
+    /// Answer DHCP only on this interface (repeatable); default: every interface.
+    #[arg(
+        long = "dhcp-interface",
+        env = "PROVISION_DHCP_INTERFACE",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub dhcp_interfaces: Vec<String>,
+    /// DHCP server port [default: 67]. Firmware and relays always send to 67; another value is
+    /// only useful for tests.
     #[arg(long, env = "PROVISION_DHCP_PORT")]
     pub dhcp_port: Option<u16>,
-    /// PXE boot server port [default: 4011].
+    /// PXE boot server port [default: 4011]. UEFI firmware always asks on 4011; another value is
+    /// only useful for tests.
     #[arg(long, env = "PROVISION_PXE_PORT")]
     pub pxe_port: Option<u16>,
     /// Boot file for x64 UEFI PXE clients: ipxe.efi (its own drivers) or snponly.efi (the
@@ -99,6 +110,7 @@ struct FileConfig {
     dhcp: Option<String>,
     dhcp_port: Option<u16>,
     pxe_port: Option<u16>,
+    dhcp_interfaces: Option<Vec<String>>,
     dhcp_mode: Option<String>,
     dhcp_range: Option<String>,
     dhcp_netmask: Option<String>,
@@ -123,6 +135,7 @@ const KNOWN_ENV: &[&str] = &[
     "PROVISION_TFTP_ROOT",
     "PROVISION_DHCP",
     "PROVISION_DHCP_PORT",
+    "PROVISION_DHCP_INTERFACE",
     "PROVISION_DHCP_MODE",
     "PROVISION_DHCP_RANGE",
     "PROVISION_DHCP_NETMASK",
@@ -162,6 +175,8 @@ pub struct Config {
     pub pxe_port: u16,
     /// Proxy or address mode.
     pub dhcp_mode: crate::dhcp::Mode,
+    /// Interfaces DHCP is limited to; empty means all.
+    pub dhcp_interfaces: Vec<String>,
     /// Boot file names by firmware.
     pub boot_files: crate::dhcp::packet::BootFiles,
     /// Advertised base URL (no trailing slash), if set.
@@ -375,6 +390,26 @@ impl Config {
             })?),
         };
         let dhcp_port = args.dhcp_port.or(file.dhcp_port).unwrap_or(67);
+        let mut dhcp_interfaces = if args.dhcp_interfaces.is_empty() {
+            file.dhcp_interfaces.unwrap_or_default()
+        } else {
+            args.dhcp_interfaces.clone()
+        };
+        if let Some(ip) = dhcp.filter(|ip| !ip.is_unspecified()) {
+            // A socket bound to an address never receives broadcasts; limit to the
+            // interface holding it instead.
+            let ifname = crate::dhcp::interface_with(ip).with_context(|| {
+                format!("dhcp address {ip} is not on any interface; use 0.0.0.0, an address of this host, or --dhcp-interface NAME")
+            })?;
+            if !dhcp_interfaces.contains(&ifname) {
+                dhcp_interfaces.push(ifname);
+            }
+        }
+        for name in &dhcp_interfaces {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+                bail!("dhcp interface {name:?} is not an interface name");
+            }
+        }
         let pxe_port = args.pxe_port.or(file.pxe_port).unwrap_or(4011);
         let dhcp_mode = dhcp_mode(
             args.dhcp_mode.clone().or(file.dhcp_mode),
@@ -434,6 +469,7 @@ impl Config {
             dhcp_port,
             pxe_port,
             dhcp_mode,
+            dhcp_interfaces,
             boot_files,
             advertise,
             templates_dir,

@@ -37,7 +37,15 @@ pub fn check_config(cfg: &Config) -> anyhow::Result<String> {
         cfg.data_dir.display(),
         cfg.http,
         match cfg.dhcp {
-                        Some(ip) => match &cfg.dhcp_mode {
+                        Some(_) if !cfg.dhcp_interfaces.is_empty() => format!(
+                "{} on interface(s) {}",
+                match &cfg.dhcp_mode {
+                    crate::dhcp::Mode::Proxy => "proxy".to_string(),
+                    crate::dhcp::Mode::Full(a) => format!("full (addresses {}-{})", a.start, a.end),
+                },
+                cfg.dhcp_interfaces.join(", ")
+            ),
+            Some(ip) => match &cfg.dhcp_mode {
                 crate::dhcp::Mode::Proxy => format!("proxy on {ip}:{} and {ip}:{}", cfg.dhcp_port, cfg.pxe_port),
                 crate::dhcp::Mode::Full(a) => format!(
                     "full (addresses {}-{}) on {ip}:{} and {ip}:{}",
@@ -133,23 +141,39 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         ),
         None => None,
     };
-    let dhcp_sockets = match cfg.dhcp {
-        Some(ip) => {
-            let bind = |port: u16, what: &str, flag: &str| {
-                let addr = std::net::SocketAddrV4::new(ip, port);
-                crate::dhcp::bind(addr).map_err(|e| bind_error(e, addr.into(), what, flag))
-            };
-            Some((
-                bind(cfg.dhcp_port, "ProxyDHCP", "--dhcp-port (or --dhcp off)")?,
-                bind(
+    // One socket per port, or per port and interface when DHCP is limited to interfaces.
+    let mut dhcp_sockets = Vec::new();
+    if cfg.dhcp.is_some() {
+        let devices: Vec<Option<&str>> = if cfg.dhcp_interfaces.is_empty() {
+            vec![None]
+        } else {
+            cfg.dhcp_interfaces
+                .iter()
+                .map(|d| Some(d.as_str()))
+                .collect()
+        };
+        for device in devices {
+            for (port, kind, what, flag) in [
+                (
+                    cfg.dhcp_port,
+                    crate::dhcp::Port::Dhcp,
+                    "DHCP",
+                    "--dhcp-port (or --dhcp off)",
+                ),
+                (
                     cfg.pxe_port,
-                    "PXE boot server",
+                    crate::dhcp::Port::Pxe,
+                    "PXE",
                     "--pxe-port (or --dhcp off)",
-                )?,
-            ))
+                ),
+            ] {
+                let addr = std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port);
+                let sock = crate::dhcp::bind(addr, device)
+                    .map_err(|e| bind_error(e, addr.into(), what, flag))?;
+                dhcp_sockets.push((sock, kind, what, device.map(str::to_string)));
+            }
         }
-        None => None,
-    };
+    }
     tracing::info!("listening for HTTP on {http_addr}");
 
     let state = AppState {
@@ -187,20 +211,20 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         });
     }
 
-    if let Some((dhcp_sock, pxe_sock)) = dhcp_sockets {
-        tracing::info!("listening for DHCP on {}", dhcp_sock.local_addr()?);
-        tracing::info!("listening for PXE on {}", pxe_sock.local_addr()?);
+    if !dhcp_sockets.is_empty() {
         let ctx = Arc::new(crate::dhcp::Context::new(
             prov.clone(),
             cfg.dhcp_mode.clone(),
             cfg.boot_files.clone(),
             cfg.advertise.clone(),
+            cfg.dhcp,
             http_addr.port(),
         ));
-        for (sock, port) in [
-            (dhcp_sock, crate::dhcp::Port::Dhcp),
-            (pxe_sock, crate::dhcp::Port::Pxe),
-        ] {
+        for (sock, port, what, device) in dhcp_sockets {
+            match &device {
+                Some(d) => tracing::info!("listening for {what} on {} ({d})", sock.local_addr()?),
+                None => tracing::info!("listening for {what} on {}", sock.local_addr()?),
+            }
             tasks.spawn(crate::dhcp::run(sock, port, ctx.clone(), shutdown.clone()));
         }
     }

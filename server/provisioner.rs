@@ -507,6 +507,7 @@ impl Provisioner {
             validate::text("serial", s)?;
         }
         validate::vars(&req.vars)?;
+        check_ip_var(&req.vars)?;
         validate::vars(&req.labels)?;
         let new = NewMachine {
             mac: Some(mac),
@@ -565,6 +566,7 @@ impl Provisioner {
             vars.remove(&k);
         }
         validate::vars(&vars)?;
+        check_ip_var(&vars)?;
         if vars != current.vars {
             patch.vars = Some(vars);
         }
@@ -864,6 +866,17 @@ impl Provisioner {
         self.note(Some(mac), kind, detail).await;
     }
 
+    /// Records an iPXE binary served over HTTP (UEFI HTTP Boot) on the machine behind `ip`.
+    pub async fn record_http_boot(&self, ip: std::net::IpAddr, file: &str, bytes: usize) {
+        let mac = self.mac_of_ip(ip);
+        self.note(
+            mac,
+            "http_boot_served",
+            format!("{file} ({bytes} bytes) to {ip}"),
+        )
+        .await;
+    }
+
     /// Records a TFTP transfer as an event on the machine behind the client's IP address
     /// (seen in DHCP, or the kernel's neighbour table), or as an unattributed event.
     pub async fn record_tftp(&self, t: crate::tftp::Transfer) {
@@ -892,6 +905,19 @@ impl Provisioner {
         let now = store::now_ms();
         self.db(move |s| s.expire_installs(now)).await
     }
+}
+
+/// The `ip` variable is the machine's DHCP reservation in address mode: it must be an IPv4
+/// address.
+fn check_ip_var(vars: &BTreeMap<String, String>) -> Result<()> {
+    if let Some(ip) = vars.get("ip") {
+        ip.parse::<std::net::Ipv4Addr>().map_err(|_| {
+            Error::Invalid(format!(
+                "variable ip {ip:?} must be an IPv4 address (it is the machine's DHCP reservation)"
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 fn truncate(s: &str, n: usize) -> String {

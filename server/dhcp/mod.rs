@@ -92,12 +92,16 @@ impl Context {
         mode: Mode,
         files: BootFiles,
         advertise_url: Option<String>,
+        dhcp_addr: Option<Ipv4Addr>,
         http_port: u16,
     ) -> Self {
-        let advertise_ip = advertise_url.as_deref().and_then(|u| {
-            let host = u.split("://").nth(1)?.split(['/', ':']).next()?;
-            host.parse().ok()
-        });
+        let advertise_ip = advertise_url
+            .as_deref()
+            .and_then(|u| {
+                let host = u.split("://").nth(1)?.split(['/', ':']).next()?;
+                host.parse().ok()
+            })
+            .or(dhcp_addr.filter(|a| !a.is_unspecified()));
         Context {
             mode,
             prov,
@@ -121,7 +125,9 @@ impl RateLimit {
     const WINDOW: Duration = Duration::from_secs(10);
     const MAX: u32 = 40;
 
-    fn allow(&mut self, mac: [u8; 6], now: Instant) -> bool {
+    /// Whether a packet from `mac` may be handled now; the second value is true for the
+    /// first refused packet of a window, so the log says it once, not per packet.
+    fn allow(&mut self, mac: [u8; 6], now: Instant) -> (bool, bool) {
         if self.seen.len() > 10_000 {
             self.seen
                 .retain(|_, (t, _)| now.duration_since(*t) < Self::WINDOW);
@@ -130,15 +136,18 @@ impl RateLimit {
         if now.duration_since(e.0) >= Self::WINDOW {
             *e = (now, 0);
         }
-        e.1 += 1;
-        e.1 <= Self::MAX
+        e.1 = e.1.saturating_add(1);
+        (e.1 <= Self::MAX, e.1 == Self::MAX + 1)
     }
 }
 
-/// Binds a ProxyDHCP socket: broadcast allowed (offers to clients without an address go to
+/// Binds a DHCP socket: broadcast allowed (offers to clients without an address go to
 /// 255.255.255.255), IP_PKTINFO on (to learn the arrival interface), SO_REUSEADDR so a
-/// restart does not wait.
-pub fn bind(addr: SocketAddrV4) -> std::io::Result<std::net::UdpSocket> {
+/// restart does not wait and so one socket per interface can share the port. With `device`,
+/// the socket is tied to that interface (SO_BINDTODEVICE): a socket bound to an interface
+/// *address* would never see the broadcast DISCOVERs, so this is how DHCP is limited to
+/// some interfaces.
+pub fn bind(addr: SocketAddrV4, device: Option<&str>) -> std::io::Result<std::net::UdpSocket> {
     let s = socket2::Socket::new(
         socket2::Domain::IPV4,
         socket2::Type::DGRAM,
@@ -146,10 +155,23 @@ pub fn bind(addr: SocketAddrV4) -> std::io::Result<std::net::UdpSocket> {
     )?;
     s.set_reuse_address(true)?;
     s.set_broadcast(true)?;
+    if let Some(d) = device {
+        s.bind_device(Some(d.as_bytes())).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("binding to interface {d:?}: {e}"))
+        })?;
+    }
     s.bind(&SocketAddr::V4(addr).into())?;
     socket::setsockopt(&s, sockopt::Ipv4PacketInfo, &true).map_err(std::io::Error::from)?;
     s.set_nonblocking(true)?;
     Ok(s.into())
+}
+
+/// The interface that holds `ip`, if any.
+pub fn interface_with(ip: Ipv4Addr) -> Option<String> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
+        let sin = a.address.as_ref()?.as_sockaddr_in()?;
+        (sin.ip() == ip).then(|| a.interface_name.clone())
+    })
 }
 
 /// The first IPv4 address of the interface with index `ifindex`.
@@ -312,13 +334,15 @@ async fn handle(
         }
     };
     let mac = req.mac;
-    if !ctx
+    let (allowed, first_refusal) = ctx
         .limiter
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .allow(mac.0, Instant::now())
-    {
-        tracing::warn!(%mac, "DHCP rate limit: dropping packets from this MAC for a while");
+        .allow(mac.0, Instant::now());
+    if !allowed {
+        if first_refusal {
+            tracing::warn!(%mac, "DHCP rate limit: more than {} packets in {:?}; dropping this MAC's packets for the rest of the window", RateLimit::MAX, RateLimit::WINDOW);
+        }
         return None;
     }
     // ProxyDHCP answers DISCOVERs only on port 67: a REQUEST there is addressed to the site's
@@ -370,7 +394,7 @@ async fn handle(
                 ctx.prov
                     .dhcp_event(mac, "dhcp_ignored", format!("{what}: {e}"))
                     .await;
-                                // Address mode still gives the client an address.
+                // Address mode still gives the client an address.
                 full?;
                 None
             }

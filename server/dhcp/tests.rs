@@ -371,11 +371,24 @@ fn rate_limit_per_mac() {
     let mut rl = RateLimit::default();
     let t = Instant::now();
     for _ in 0..RateLimit::MAX {
-        assert!(rl.allow(MAC, t));
+        assert_eq!(rl.allow(MAC, t), (true, false));
     }
-    assert!(!rl.allow(MAC, t));
-    assert!(rl.allow([1; 6], t), "other MACs are unaffected");
-    assert!(rl.allow(MAC, t + RateLimit::WINDOW), "the window resets");
+    assert_eq!(
+        rl.allow(MAC, t),
+        (false, true),
+        "the first refusal is reported"
+    );
+    assert_eq!(rl.allow(MAC, t), (false, false), "later ones are not");
+    assert_eq!(
+        rl.allow([1; 6], t),
+        (true, false),
+        "other MACs are unaffected"
+    );
+    assert_eq!(
+        rl.allow(MAC, t + RateLimit::WINDOW),
+        (true, false),
+        "the window resets"
+    );
 }
 
 /// DHCP requests captured from the QEMU VMs of the end-to-end lab (tests/it/lab.rs) with
@@ -513,6 +526,7 @@ mod address_mode {
             mode,
             BootFiles::default(),
             Some("http://10.77.0.1:8080".into()),
+            None,
             8080,
         )
     }

@@ -157,6 +157,7 @@ pub async fn phone_home(
 /// fetch their first binary over HTTP instead of TFTP), with the same confinement as TFTP.
 pub async fn boot_file(
     State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(file): Path<String>,
 ) -> Result<Response, AppError> {
     let roots = st.boot_roots.clone();
@@ -174,5 +175,6 @@ pub async fn boot_file(
     let body = tokio::fs::read(&path)
         .await
         .map_err(|e| AppError::new(StatusCode::NOT_FOUND, format!("{file:?}: {e}")).text())?;
+    st.prov.record_http_boot(peer.ip(), &file, body.len()).await;
     Ok(([(header::CONTENT_TYPE, "application/efi")], body).into_response())
 }

@@ -376,3 +376,37 @@ async fn profiles_reload_and_preview() {
     let (s, body) = send(&app, api("POST", "/api/v1/reload", None)).await;
     assert_eq!((s, body.as_str()), (StatusCode::OK, r#"{"profiles":5}"#));
 }
+
+#[tokio::test]
+async fn boot_binaries_for_uefi_http_boot_are_confined_and_recorded() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("boot-root");
+    std::fs::create_dir_all(root.join("arm64")).unwrap();
+    std::fs::write(root.join("ipxe.efi"), b"MZ-efi").unwrap();
+    std::fs::write(root.join("arm64/ipxe.efi"), b"MZ-arm").unwrap();
+    std::fs::write(d.path().join("secret"), b"x").unwrap();
+    std::os::unix::fs::symlink(d.path().join("secret"), root.join("escape")).unwrap();
+    let app = app(d.path());
+    assert_eq!(
+        send(&app, get("/boot/ipxe.efi")).await,
+        (StatusCode::OK, "MZ-efi".into())
+    );
+    assert_eq!(
+        send(&app, get("/boot/arm64/ipxe.efi")).await,
+        (StatusCode::OK, "MZ-arm".into())
+    );
+    assert_eq!(
+        send(&app, get("/boot/escape")).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        send(&app, get("/boot/missing.efi")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        send(&app, get("/boot/%2e%2e/secret")).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let (_, ev) = send(&app, api("GET", "/api/v1/events", None)).await;
+    assert!(ev.contains("ipxe.efi (6 bytes) to 10.0.0.7"), "{ev}");
+}

@@ -149,3 +149,78 @@ fn privileged_port_without_permission_says_what_to_do() {
         "{err}"
     );
 }
+
+#[test]
+fn dhcp_settings_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["serve", "--check-config"])
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, err, _) = check(&["--dhcp", "10.254.254.254"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("is not on any interface"), "{err}");
+    let (code, err, _) = check(&["--dhcp-mode", "full"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("needs dhcp_range"), "{err}");
+    let (code, err, _) = check(&[
+        "--dhcp-mode",
+        "full",
+        "--dhcp-range",
+        "10.0.0.200-10.0.0.100",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("from low to high"), "{err}");
+    let (code, err, _) = check(&["--dhcp-range", "10.0.0.1-10.0.0.9"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("only used with dhcp_mode"), "{err}");
+    let (code, _, out) = check(&[
+        "--dhcp",
+        "127.0.0.1",
+        "--dhcp-mode",
+        "full",
+        "--dhcp-range",
+        "10.0.0.100-10.0.0.200",
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("dhcp: full (addresses 10.0.0.100-10.0.0.200) on interface(s) lo"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_missing_dhcp_interface_stops_the_start_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--tftp",
+            "off",
+            "--dhcp-interface",
+            "nosuch0",
+            "--dhcp-port",
+            "0",
+            "--pxe-port",
+            "0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("nosuch0"), "{err}");
+}

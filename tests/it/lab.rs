@@ -354,6 +354,9 @@ fn address_mode_boots_a_vm_with_no_other_dhcp_server() {
             "10.77.0.150-10.77.0.160",
             "--dhcp-router",
             "10.77.0.1",
+            // Limited to the bridge: exercises SO_BINDTODEVICE sockets.
+            "--dhcp-interface",
+            "br0",
         ],
     );
     let (ns, qemu) = (lab.lab.clone(), tool("qemu-system-x86_64"));
