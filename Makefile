@@ -8,8 +8,9 @@
 # tftp-hpa, atftp: real TFTP clients for the interop tests; ipxe: the binaries TFTP serves.
 # qemu-system-x86, ipxe-qemu, ovmf: BIOS and UEFI VMs that PXE-boot in the firmware lab;
 # dnsmasq-base: the site's DHCP server there; iproute2: namespaces, bridge, taps.
+# cpio: packs the test installer's initramfs (tests/installer/build.sh).
 DEBIAN_PACKAGES := cloud-init ignition debconf util-linux tftp-hpa atftp ipxe \
-	qemu-system-x86 ipxe-qemu ovmf dnsmasq-base iproute2
+	qemu-system-x86 ipxe-qemu ovmf dnsmasq-base iproute2 cpio
 
 CARGO ?= cargo
 

@@ -65,7 +65,7 @@ impl Lab {
             ip(&["-n", l, "link", "set", "vs1", "master", "br0"]);
             ip(&["-n", l, "link", "set", "vs1", "up"]);
         }
-        for tap in ["tap0", "tap1"] {
+        for tap in ["tap0", "tap1", "tap2", "tap3"] {
             ip(&["-n", l, "tuntap", "add", tap, "mode", "tap"]);
             ip(&["-n", l, "link", "set", tap, "master", "br0"]);
             ip(&["-n", l, "link", "set", tap, "up"]);
@@ -127,7 +127,9 @@ impl Drop for Lab {
             let _ = c.wait();
         }
         for ns in [&self.lab, &self.site] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            if Path::new("/run/netns").join(ns).exists() {
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
         }
     }
 }
@@ -150,27 +152,74 @@ fn start_provision(lab: &mut Lab, extra: &[&str]) {
     }
 }
 
-/// QEMU arguments for a SeaBIOS VM on `tap`.
-fn bios_vm(tap: &str, mac: &str) -> Vec<String> {
+/// Which firmware a VM boots.
+#[derive(Clone, Copy, PartialEq)]
+enum Firmware {
+    /// SeaBIOS; its virtio NIC ROM is iPXE.
+    Bios,
+    /// OVMF (EDK2) with its own PXE client.
+    Uefi,
+}
+
+/// QEMU arguments for a VM on `tap` that network-boots first. With `disk`, a virtio disk;
+/// with `reboot`, a guest reboot restarts the VM (to see its next network boot) instead of
+/// ending it.
+fn vm(
+    lab: &Lab,
+    fw: Firmware,
+    tap: &str,
+    mac: &str,
+    disk: Option<&Path>,
+    reboot: bool,
+) -> Vec<String> {
     let mut v: Vec<String> = [
-        "-accel",
-        "tcg",
-        "-display",
-        "none",
-        "-boot",
-        "n",
-        "-no-reboot",
-        "-m",
-        "256",
-        "-netdev",
+        "-accel", "tcg", "-display", "none", "-boot", "n", "-m", "512",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    v.push(format!("tap,id=n0,ifname={tap},script=no,downscript=no"));
-    v.push("-device".into());
-    v.push(format!("virtio-net-pci,netdev=n0,mac={mac}"));
+    if !reboot {
+        v.push("-no-reboot".into());
+    }
+    if fw == Firmware::Uefi {
+        let vars = lab.path(&format!("OVMF_VARS-{tap}.fd"));
+        std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
+        v.extend([
+            "-drive".into(),
+            "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+            "-drive".into(),
+            format!("if=pflash,format=raw,file={}", vars.display()),
+        ]);
+    }
+    if let Some(d) = disk {
+        v.extend([
+            "-drive".into(),
+            format!("file={},if=virtio,format=raw", d.display()),
+        ]);
+    }
+    v.extend([
+        "-serial".into(),
+        format!("file:{}", lab.path(&format!("{tap}.serial")).display()),
+        "-netdev".into(),
+        format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+        "-device".into(),
+        // UEFI: no option ROM, so the NIC is driven by OVMF's own VirtioNetDxe and the first
+        // DHCP comes from EDK2's PXE client, as on a stock server; iPXE then arrives over
+        // TFTP. (With the ROM, OVMF would try the ROM's iPXE boot entry first.)
+        if fw == Firmware::Uefi {
+            format!("virtio-net-pci,netdev=n0,mac={mac},romfile=")
+        } else {
+            format!("virtio-net-pci,netdev=n0,mac={mac}")
+        },
+    ]);
     v
+}
+
+/// VM tests share two cores: one lab at a time, so each gets the CPU its timeouts assume.
+static VM_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn vm_lock() -> std::sync::MutexGuard<'static, ()> {
+    VM_LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn refs(v: &[String]) -> Vec<&str> {
@@ -188,6 +237,7 @@ fn kinds(events: &str) -> Vec<String> {
 
 #[test]
 fn bios_and_uefi_vms_pxe_boot_into_the_ipxe_chain() {
+    let _one_lab_at_a_time = vm_lock();
     let mut lab = Lab::new("p", true);
     let (site, ns) = (lab.site.clone(), lab.lab.clone());
     let leases = lab.path("leases").to_str().unwrap().to_string();
@@ -222,46 +272,9 @@ fn bios_and_uefi_vms_pxe_boot_into_the_ipxe_chain() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let vars = lab.path("OVMF_VARS.fd");
-    std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
     let qemu = tool("qemu-system-x86_64");
-    let common = [
-        "-accel",
-        "tcg",
-        "-display",
-        "none",
-        "-boot",
-        "n",
-        "-no-reboot",
-    ];
-    let bios_args: Vec<String> = common
-        .iter()
-        .map(|s| s.to_string())
-        .chain([
-            "-m".into(),
-            "256".into(),
-            "-netdev".into(),
-            "tap,id=n0,ifname=tap0,script=no,downscript=no".into(),
-            "-device".into(),
-            format!("virtio-net-pci,netdev=n0,mac={BIOS_MAC}"),
-        ])
-        .collect();
-    let uefi_args: Vec<String> = common
-        .iter()
-        .map(|s| s.to_string())
-        .chain([
-            "-m".into(),
-            "512".into(),
-            "-drive".into(),
-            "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
-            "-drive".into(),
-            format!("if=pflash,format=raw,file={}", vars.display()),
-            "-netdev".into(),
-            "tap,id=n1,ifname=tap1,script=no,downscript=no".into(),
-            "-device".into(),
-            format!("virtio-net-pci,netdev=n1,mac={UEFI_MAC}"),
-        ])
-        .collect();
+    let bios_args = vm(&lab, Firmware::Bios, "tap0", BIOS_MAC, None, false);
+    let uefi_args = vm(&lab, Firmware::Uefi, "tap1", UEFI_MAC, None, false);
     lab.spawn(&ns, "bios-vm.log", &qemu, &refs(&bios_args));
     lab.spawn(&ns, "uefi-vm.log", &qemu, &refs(&uefi_args));
 
@@ -270,8 +283,7 @@ fn bios_and_uefi_vms_pxe_boot_into_the_ipxe_chain() {
     let (bios, uefi) = loop {
         let bios = lab.cli(&["events", BIOS_MAC]);
         let uefi = lab.cli(&["events", UEFI_MAC]);
-        // For OVMF, wait for the /ipxe that follows the TFTP download: the iPXE driver in the
-        // NIC ROM may reach /ipxe first, before EDK2's own PXE client runs.
+        // For OVMF, wait for the /ipxe that follows the TFTP download.
         let after_tftp = uefi
             .split_once("tftp_served")
             .is_some_and(|(_, rest)| rest.contains("ipxe_served"));
@@ -309,8 +321,8 @@ fn bios_and_uefi_vms_pxe_boot_into_the_ipxe_chain() {
         "{bios}"
     );
 
-    // OVMF: EDK2's PXE client gets ipxe.efi from the proxy (offer on 67, ack on 4011), loads
-    // it over TFTP, and the iPXE it loaded asks DHCP again and chains to /ipxe.
+    // OVMF (no NIC ROM): EDK2's PXE client gets ipxe.efi from the proxy (offer on 67, ack on
+    // 4011), loads it over TFTP, and the iPXE it loaded asks DHCP again and chains to /ipxe.
     let line = |needle: &str| {
         uefi.lines()
             .position(|l| l.contains(needle))
@@ -344,6 +356,7 @@ fn bios_and_uefi_vms_pxe_boot_into_the_ipxe_chain() {
 
 #[test]
 fn address_mode_boots_a_vm_with_no_other_dhcp_server() {
+    let _one_lab_at_a_time = vm_lock();
     let mut lab = Lab::new("a", false);
     start_provision(
         &mut lab,
@@ -360,7 +373,8 @@ fn address_mode_boots_a_vm_with_no_other_dhcp_server() {
         ],
     );
     let (ns, qemu) = (lab.lab.clone(), tool("qemu-system-x86_64"));
-    lab.spawn(&ns, "bios-vm.log", &qemu, &refs(&bios_vm("tap0", BIOS_MAC)));
+    let args = vm(&lab, Firmware::Bios, "tap0", BIOS_MAC, None, false);
+    lab.spawn(&ns, "bios-vm.log", &qemu, &refs(&args));
     let deadline = Instant::now() + Duration::from_secs(300);
     let events = loop {
         let e = lab.cli(&["events", BIOS_MAC]);
@@ -395,4 +409,171 @@ fn address_mode_boots_a_vm_with_no_other_dhcp_server() {
         m.contains("last_ip     10.77.0.150"),
         "the VM used its leased address for HTTP: {m}"
     );
+}
+
+/// Builds (or reuses) the test installer: tests/installer/build.sh, cached in the target dir.
+fn test_installer() -> PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-installer");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/installer/build.sh");
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the test installer failed");
+    out
+}
+
+/// The whole install loop, once per config kind, BIOS and UEFI in parallel: PXE → ProxyDHCP
+/// → (TFTP) → iPXE → /ipxe → kernel and initrd from /assets → config by install token →
+/// checked and written to disk → phone-home with a fresh SSH host key → `installed` → the
+/// VM reboots, and its next network boot is local: no second install.
+#[test]
+fn vms_install_phone_home_and_then_boot_local() {
+    let installer = test_installer();
+    let _one_lab_at_a_time = vm_lock();
+    let mut lab = Lab::new("i", true);
+    let (site, ns) = (lab.site.clone(), lab.lab.clone());
+    let leases = lab.path("leases").to_str().unwrap().to_string();
+    lab.spawn(
+        &site,
+        "dnsmasq.log",
+        &tool("dnsmasq"),
+        &[
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--port=0",
+            "--interface=vs0",
+            "--bind-interfaces",
+            "--dhcp-range=10.77.0.100,10.77.0.200,255.255.255.0,1h",
+            &format!("--dhcp-leasefile={leases}"),
+        ],
+    );
+    let assets = lab.path("assets");
+    std::fs::create_dir_all(assets.join("test-installer")).unwrap();
+    for f in ["vmlinuz", "initrd.img"] {
+        std::fs::copy(installer.join(f), assets.join("test-installer").join(f)).unwrap();
+    }
+    let templates = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/installer/templates");
+    let (assets_s, templates_s) = (
+        assets.to_str().unwrap().to_string(),
+        templates.to_str().unwrap().to_string(),
+    );
+    start_provision(
+        &mut lab,
+        &["--assets-dir", &assets_s, "--templates-dir", &templates_s],
+    );
+
+    // (tap, firmware, MAC, profile, what the installer wrote to disk)
+    let machines = [
+        (
+            "tap0",
+            Firmware::Bios,
+            "52:54:00:77:01:01",
+            "test-nocloud",
+            "./user-data",
+        ),
+        (
+            "tap1",
+            Firmware::Uefi,
+            "52:54:00:77:01:02",
+            "test-ignition",
+            "./config.ign",
+        ),
+        (
+            "tap2",
+            Firmware::Bios,
+            "52:54:00:77:01:03",
+            "test-preseed",
+            "./preseed.cfg",
+        ),
+        (
+            "tap3",
+            Firmware::Uefi,
+            "52:54:00:77:01:04",
+            "test-cloud-config",
+            "./cloud-config",
+        ),
+    ];
+    let qemu = tool("qemu-system-x86_64");
+    for (i, (tap, fw, mac, profile, _)) in machines.iter().enumerate() {
+        lab.cli(&[
+            "enroll",
+            mac,
+            "--profile",
+            profile,
+            "--hostname",
+            &format!("node{i}"),
+        ]);
+        let disk = lab.path(&format!("{tap}.img"));
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let args = vm(&lab, *fw, tap, mac, Some(&disk), true);
+        lab.spawn(&ns, &format!("{tap}.log"), &qemu, &refs(&args));
+    }
+
+    // Done when each machine's timeline has a local boot after its phone-home.
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let done = |events: &str| {
+        events
+            .split_once("phoned_home")
+            .is_some_and(|(_, after)| after.contains("local boot (installed"))
+    };
+    let timelines = loop {
+        let t: Vec<String> = machines.iter().map(|m| lab.cli(&["events", m.2])).collect();
+        if t.iter().all(|e| done(e)) {
+            break t;
+        }
+        if Instant::now() > deadline {
+            let consoles: String = machines
+                .iter()
+                .map(|m| {
+                    format!(
+                        "--- {} console ---\n{}\n",
+                        m.0,
+                        lab.log(&format!("{}.serial", m.0))
+                    )
+                })
+                .collect();
+            panic!(
+                "not every VM installed and booted local in time:\n{}\n{consoles}",
+                t.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_secs(3));
+    };
+
+    for ((tap, fw, mac, profile, written), events) in machines.iter().zip(&timelines) {
+        let k = kinds(events);
+        let count = |kind: &str| k.iter().filter(|x| *x == kind).count();
+        assert_eq!(count("install_started"), 1, "{mac} ({profile}):\n{events}");
+        assert_eq!(count("phoned_home"), 1, "{mac}:\n{events}");
+        let phoned = k.iter().position(|x| x == "phoned_home").unwrap();
+        assert!(
+            !k[phoned..]
+                .iter()
+                .any(|x| x == "install_restarted" || x == "install_started"),
+            "reinstalled after phone-home:\n{events}"
+        );
+        assert!(k[..phoned].iter().any(|x| x == "config_served"), "{events}");
+        if *fw == Firmware::Uefi {
+            assert!(events.contains("tftp_served: ipxe.efi"), "{events}");
+        }
+        let show = lab.cli(&["machines", "show", mac]);
+        assert!(
+            show.contains("state       installed") && show.contains("host key   ssh-ed25519 "),
+            "{show}"
+        );
+        let console = lab.log(&format!("{tap}.serial"));
+        assert!(
+            console.contains("provision-test-installer: phoned home: installed"),
+            "{console}"
+        );
+        // The config really reached the disk (a tar stream at its start).
+        let disk = std::fs::read(lab.path(&format!("{tap}.img"))).unwrap();
+        let head = String::from_utf8_lossy(&disk[..64 << 10]);
+        assert!(head.contains(written), "{mac}: {written} not on the disk");
+    }
 }

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Builds the test installer: a Debian kernel and a small initramfs whose /init behaves like an
+# installer (see init). Only Debian packages are used, fetched with apt-get download, so the
+# build needs no network but the Debian mirror. The result is cached in OUT, keyed by the
+# package versions and the hash of this directory: a second run is a no-op.
+#
+# usage: build.sh OUT     → OUT/vmlinuz, OUT/initrd.img
+set -euo pipefail
+OUT=${1:?usage: build.sh OUTDIR}
+HERE=$(cd "$(dirname "$0")" && pwd)
+
+
+# The kernel flavour package depends on the versioned image package; resolve it.
+KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+versions=$(for p in "$KPKG" busybox-static dropbear-bin libtomcrypt1 libtommath1 jq libjq1 libonig5; do apt-cache policy "$p" | awk -v p="$p" '/Candidate/ {print p"="$2}'; done)
+key=$( (echo "$versions"; cat "$HERE/build.sh" "$HERE/init") | sha256sum | cut -c1-16)
+if [[ -f "$OUT/key" && "$(cat "$OUT/key")" == "$key" && -f "$OUT/vmlinuz" && -f "$OUT/initrd.img" ]]; then
+    echo "test installer up to date in $OUT"
+    exit 0
+fi
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$OUT" "$work/debs" "$work/x" "$work/root"
+(cd "$work/debs" && apt-get download -q "$KPKG" busybox-static dropbear-bin libtomcrypt1 libtommath1 jq libjq1 libonig5 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
+for d in "$work"/debs/*.deb; do dpkg-deb -x "$d" "$work/x"; done
+
+kver=$(ls "$work/x/lib/modules")
+r="$work/root"
+mkdir -p "$r"/{bin,sbin,etc,proc,sys,dev,tmp,run,root,lib/modules,etc/dropbear,usr/share/udhcpc}
+cp "$work/x/bin/busybox" "$r/bin/busybox"
+for applet in $("$r/bin/busybox" --list); do
+    [[ -e "$r/bin/$applet" ]] || ln -s busybox "$r/bin/$applet"
+done
+# Virtio drivers (Debian builds them as modules; init loads them in dependency passes).
+mods=(kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+      kernel/drivers/virtio/virtio_pci_legacy_dev.ko kernel/drivers/virtio/virtio_pci_modern_dev.ko
+      kernel/drivers/virtio/virtio_pci.ko kernel/net/core/failover.ko
+      kernel/drivers/net/net_failover.ko kernel/drivers/net/virtio_net.ko
+      kernel/drivers/block/virtio_blk.ko)
+: > "$r/lib/modules/load-order"
+for m in "${mods[@]}"; do
+    cp "$work/x/lib/modules/$kver/$m" "$r/lib/modules/"
+    basename "$m" >> "$r/lib/modules/load-order"
+done
+
+# Dynamic binaries with the libraries they need: libraries from the downloaded packages
+# first (LD_LIBRARY_PATH), then the host's (the host is the same Debian release).
+copy_with_libs() {
+    local bin=$1 dest=$2
+    cp "$bin" "$r/$dest"
+    LD_LIBRARY_PATH="$work/x/usr/lib/x86_64-linux-gnu:$work/x/lib/x86_64-linux-gnu" ldd "$bin" |
+        awk '/not found/ {print "MISSING " $1} /=>/ && !/not found/ {print $3}' | while read -r lib rest; do
+        if [[ "$lib" == MISSING ]]; then
+            echo "build.sh: $bin needs $rest, which no downloaded package provides" >&2
+            exit 1
+        fi
+        local target=${lib#"$work/x"}
+        mkdir -p "$r$(dirname "$target")"
+        cp -L "$lib" "$r$target"
+    done
+}
+copy_with_libs "$work/x/usr/sbin/dropbear" sbin/dropbear
+copy_with_libs "$work/x/usr/bin/dropbearkey" bin/dropbearkey
+copy_with_libs "$work/x/usr/bin/jq" bin/jq
+mkdir -p "$r/lib64"
+cp -L /lib64/ld-linux-x86-64.so.2 "$r/lib64/"
+
+cp "$HERE/init" "$r/init"
+chmod +x "$r/init"
+echo 'root:x:0:0:root:/root:/bin/sh' > "$r/etc/passwd"
+echo 'root::0:0:99999:7:::' > "$r/etc/shadow"
+
+cp "$work/x/boot/vmlinuz-$kver" "$OUT/vmlinuz.new"
+(cd "$r" && find . | sort | cpio --quiet -o -H newc --reproducible | gzip -9n) > "$OUT/initrd.img.new"
+mv "$OUT/vmlinuz.new" "$OUT/vmlinuz"
+mv "$OUT/initrd.img.new" "$OUT/initrd.img"
+echo "$key" > "$OUT/key"
+echo "built the test installer in $OUT ($(du -h "$OUT/initrd.img" | cut -f1) initrd, kernel $kver)"
