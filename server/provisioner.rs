@@ -539,6 +539,7 @@ impl Provisioner {
             installer_done_at: None,
         };
         self.check_renders(&probe)?;
+        self.check_ip_unique(mac, &new.vars).await?;
         let now = store::now_ms();
         self.db(move |s| s.enroll(&new, now)).await
     }
@@ -590,8 +591,25 @@ impl Provisioner {
         if probe.profile.is_some() {
             self.check_renders(&probe)?;
         }
+        self.check_ip_unique(mac, &probe.vars).await?;
         let now = store::now_ms();
         self.db(move |s| s.update(mac, &patch, now)).await
+    }
+
+    /// A DHCP reservation (`ip` variable) belongs to one machine only.
+    async fn check_ip_unique(&self, mac: Mac, vars: &BTreeMap<String, String>) -> Result<()> {
+        let Some(ip) = vars.get("ip") else {
+            return Ok(());
+        };
+        for m in self.machines(None).await? {
+            if m.mac != mac && m.vars.get("ip") == Some(ip) {
+                return Err(Error::Invalid(format!(
+                    "variable ip {ip} is already reserved for machine {}",
+                    m.mac
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// One machine, or NotFound.
@@ -847,18 +865,23 @@ impl Provisioner {
     /// Address mode: a DECLINE quarantines the address for ten minutes.
     pub async fn lease_decline(&self, mac: Mac, ip: std::net::Ipv4Addr) {
         let now = store::now_ms();
-        if let Err(e) = self
-            .db(move |s| s.lease_decline(ip, now + 600_000, now))
+        match self
+            .db(move |s| s.lease_decline(mac, ip, now + 600_000, now))
             .await
         {
-            tracing::error!(%mac, "lease decline: {e}");
+            Ok(true) => {
+                self.note(
+                    Some(mac),
+                    "dhcp_decline",
+                    format!("{ip} is in use by someone else; quarantined for 10 minutes"),
+                )
+                .await
+            }
+            Ok(false) => {
+                tracing::warn!(%mac, %ip, "ignored a DHCPDECLINE for an address this MAC does not hold")
+            }
+            Err(e) => tracing::error!(%mac, "lease decline: {e}"),
         }
-        self.note(
-            Some(mac),
-            "dhcp_decline",
-            format!("{ip} is in use by someone else; quarantined for 10 minutes"),
-        )
-        .await;
     }
 
     /// Records a DHCP event on a machine.

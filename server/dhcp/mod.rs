@@ -1,7 +1,10 @@
-//! ProxyDHCP (PXE 2.1 specification, section 2.2.5): answers network-boot clients on UDP 67
-//! and 4011 with a boot file, beside the site's DHCP server, which hands out the addresses.
+//! DHCP for network boot, in one of two modes. Proxy (the default; PXE 2.1 specification,
+//! section 2.2.5): answers network-boot clients on UDP 67 and 4011 with a boot file, beside
+//! the site's DHCP server, which hands out the addresses. Full (isolated labs): a DHCP server
+//! (RFC 2131) handing out addresses from a pool, with reservations from the inventory and
+//! leases in SQLite, plus the same boot instructions.
 //!
-//! One task per port. Each datagram is received with its arrival interface (IP_PKTINFO), so
+//! One task per port (and interface, when limited to some). Each datagram is received with its arrival interface (IP_PKTINFO), so
 //! the reply names the address of that interface as the boot server (unless `--advertise`
 //! says otherwise) and leaves through it. A malformed packet is logged and dropped; a panic
 //! while handling one packet is caught and logged; neither ends the loop.

@@ -719,5 +719,21 @@ mod address_mode {
         .await
         .unwrap();
         assert_ne!(other.yiaddr(), Ipv4Addr::new(10, 77, 0, 50));
+        // A second machine cannot reserve the same address.
+        let dup = c
+            .prov
+            .enroll(EnrollRequest {
+                mac: "52:54:00:77:00:06".into(),
+                profile: "debian-12".into(),
+                vars: [("ip".to_string(), "10.77.0.50".to_string())].into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            dup.to_string()
+                .contains("already reserved for machine 52:54:00:77:00:05"),
+            "{dup}"
+        );
     }
 }

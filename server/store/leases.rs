@@ -152,15 +152,23 @@ impl Store {
         })
     }
 
-    /// A DHCPDECLINE: the client found `ip` in use; quarantine it until `until`.
-    pub fn lease_decline(&self, ip: Ipv4Addr, until: i64, now: i64) -> Result<()> {
+    /// A DHCPDECLINE from `mac`: it found `ip`, which we gave it, in use by someone else;
+    /// quarantine the address until `until`. A DECLINE for an address the MAC does not hold
+    /// changes nothing (any client could otherwise take addresses out of the pool).
+    pub fn lease_decline(&self, mac: Mac, ip: Ipv4Addr, until: i64, now: i64) -> Result<bool> {
         self.write(|tx| {
+            let holder: Option<String> = tx
+                .query_row("SELECT mac FROM leases WHERE ip = ?1 AND expires_at > ?2", params![ip.to_string(), now], |r| r.get(0))
+                .optional()?;
+            if holder.as_deref() != Some(mac.to_string().as_str()) {
+                return Ok(false);
+            }
             tx.execute(
                 "INSERT INTO leases (ip, mac, state, expires_at, updated_at) VALUES (?1, '', 'declined', ?2, ?3)
                  ON CONFLICT (ip) DO UPDATE SET mac = '', state = 'declined', expires_at = ?2, updated_at = ?3",
                 params![ip.to_string(), until, now],
             )?;
-            Ok(())
+            Ok(true)
         })
     }
 
@@ -272,7 +280,16 @@ mod tests {
         assert_eq!(s.leases(4).unwrap()[0].state, "bound");
         s.lease_release(mac(1), Some(a)).unwrap();
         assert!(s.leases(5).unwrap().is_empty());
-        s.lease_decline(ip("10.0.0.10"), 1000, 6).unwrap();
+        assert!(
+            !s.lease_decline(mac(9), ip("10.0.0.11"), 1000, 6).unwrap(),
+            "not its lease: ignored"
+        );
+        let held = s
+            .lease_offer(mac(8), None, None, &p, 100, 6)
+            .unwrap()
+            .unwrap();
+        assert_eq!(held, ip("10.0.0.10"));
+        assert!(s.lease_decline(mac(8), held, 1000, 6).unwrap());
         assert_eq!(
             s.lease_offer(mac(3), None, None, &p, 100, 7).unwrap(),
             Some(ip("10.0.0.11")),
