@@ -74,6 +74,9 @@ pub enum Command {
     },
     /// Reload profiles and templates in the running daemon.
     Reload,
+    /// Build a VM lab against the running daemon and install VMs until each is installed
+    /// (needs root and QEMU; everything created is removed afterwards, also on Ctrl-C).
+    Lab(crate::lab::LabArgs),
 }
 
 /// `provision enroll`.
@@ -287,6 +290,7 @@ fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
             }
             Ok(())
         }
+        Command::Lab(a) => crate::lab::lab(c, &a).map_err(|e| Fail(format!("{e:#}"), 1)),
         Command::Reload => {
             let v = c.json("POST", "/reload", None)?;
             println!("reloaded {} profiles", v["profiles"]);

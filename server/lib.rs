@@ -28,6 +28,7 @@ pub mod daemon;
 pub mod dhcp;
 pub mod http;
 pub mod keys;
+pub mod lab;
 pub mod mac;
 pub mod neighbors;
 pub mod policy;

@@ -577,3 +577,145 @@ fn vms_install_phone_home_and_then_boot_local() {
         assert!(head.contains(written), "{mac}: {written} not on the disk");
     }
 }
+
+/// `provision lab` as an operator runs it: in an "operator host" namespace with a running
+/// daemon, it builds its own lab, installs a BIOS and a UEFI VM, and removes everything; a
+/// Ctrl-C in the middle also removes everything.
+#[test]
+fn provision_lab_installs_vms_and_cleans_up() {
+    let installer = test_installer();
+    let _one_lab_at_a_time = vm_lock();
+    let id = std::process::id();
+    let host = format!("pvo{id}");
+    ip(&["netns", "add", &host]);
+    ip(&["-n", &host, "link", "set", "lo", "up"]);
+    struct Host(String, Vec<Child>);
+    impl Drop for Host {
+        fn drop(&mut self) {
+            for c in &mut self.1 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let mut guard = Host(host.clone(), Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let assets = dir.path().join("assets/test-installer");
+    std::fs::create_dir_all(&assets).unwrap();
+    for f in ["vmlinuz", "initrd.img"] {
+        std::fs::copy(installer.join(f), assets.join(f)).unwrap();
+    }
+    let templates = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/installer/templates");
+    let data = dir.path().join("data");
+    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    guard.1.push(
+        Command::new("ip")
+            .args(["netns", "exec", &host, BIN, "serve", "--data-dir"])
+            .arg(&data)
+            .arg("--assets-dir")
+            .arg(dir.path().join("assets"))
+            .arg("--templates-dir")
+            .arg(&templates)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let daemon_log = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+    let start = Instant::now();
+    while !daemon_log().contains("listening for PXE on") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}",
+            daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lab_cmd = |extra: &[&str]| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &host, BIN, "--token-file"])
+            .arg(data.join("admin-token"))
+            .args(["lab", "--profile", "test-nocloud", "--timeout", "12m"])
+            .args(extra)
+            .stdin(Stdio::null());
+        c
+    };
+    let namespaces = || {
+        String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["netns", "list"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .into_owned()
+    };
+
+    let out = lab_cmd(&["--bios", "1", "--uefi", "1"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon_log()
+    );
+    assert!(
+        stdout.contains("all 2 VMs installed (BIOS, UEFI)"),
+        "{stdout}"
+    );
+    assert!(
+        !namespaces().contains("provision-lab-"),
+        "lab namespace left behind: {}",
+        namespaces()
+    );
+    let links = Command::new("ip")
+        .args(["-n", &host, "-o", "link"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("pvlab"),
+        "veth left behind"
+    );
+    let list = Command::new("ip")
+        .args(["netns", "exec", &host, BIN, "--token-file"])
+        .arg(data.join("admin-token"))
+        .args(["machines", "list", "--state", "installed"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&list.stdout).lines().count(),
+        3,
+        "{}",
+        String::from_utf8_lossy(&list.stdout)
+    );
+
+    // Ctrl-C while VMs boot: the lab removes what it made and says so.
+    let child = lab_cmd(&["--bios", "1", "--uefi", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !namespaces().contains("provision-lab-") {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the lab never started"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("interrupted; the lab was removed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !namespaces().contains("provision-lab-"),
+        "lab namespace left behind after Ctrl-C: {}",
+        namespaces()
+    );
+}

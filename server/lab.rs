@@ -1,0 +1,365 @@
+//! `provision lab`: the install loop of the test suite, on the operator's machine. It builds a
+//! network namespace with a bridge, a site DHCP server (dnsmasq, addresses only) and one QEMU
+//! VM per requested firmware, all wired to the running daemon through a veth pair; enrolls the
+//! VMs with a profile; shows each VM's progress from its state and events until it is
+//! installed; and removes everything it created — on success, on failure and on Ctrl-C.
+//!
+//! Needs root (namespaces, taps), qemu-system-x86, ovmf for UEFI VMs, and dnsmasq. QEMU runs
+//! with TCG (software emulation), so it also works where nested KVM does not.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+use crate::client::Client;
+
+/// `provision lab` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LabArgs {
+    /// Profile the VMs install (it must boot a kernel the daemon can serve, e.g. the test
+    /// installer's profiles in tests/installer/templates).
+    #[arg(long, short)]
+    pub profile: String,
+    /// Number of SeaBIOS VMs.
+    #[arg(long, default_value_t = 1)]
+    pub bios: u8,
+    /// Number of OVMF (UEFI) VMs.
+    #[arg(long, default_value_t = 1)]
+    pub uefi: u8,
+    /// The lab subnet's first three octets; the daemon's side of the link is .1.
+    #[arg(long, default_value = "10.77.0")]
+    pub subnet: String,
+    /// Give up after this long.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Memory per VM, MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u32,
+}
+
+/// Everything the lab created, removed on drop (in reverse order).
+struct Lab {
+    ns: String,
+    host_if: String,
+    children: Vec<Child>,
+    dir: tempfile::TempDir,
+}
+
+fn run(cmd: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn which(name: &str) -> anyhow::Result<PathBuf> {
+    for dir in ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "{name} is not installed (Debian: apt-get install {})",
+        match name {
+            "qemu-system-x86_64" => "qemu-system-x86 ipxe-qemu",
+            "dnsmasq" => "dnsmasq-base",
+            "ip" => "iproute2",
+            other => other,
+        }
+    )
+}
+
+impl Lab {
+    fn create(subnet: &str, taps: usize) -> anyhow::Result<Lab> {
+        let id = std::process::id();
+        let lab = Lab {
+            ns: format!("provision-lab-{id}"),
+            host_if: format!("pvlab{}", id % 100_000),
+            children: Vec::new(),
+            dir: tempfile::Builder::new()
+                .prefix("provision-lab-")
+                .tempdir()?,
+        };
+        let (ns, h) = (lab.ns.as_str(), lab.host_if.as_str());
+        run("ip", &["netns", "add", ns])?;
+        run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        run("ip", &["-n", ns, "link", "add", "br0", "type", "bridge"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{subnet}.2/24"),
+                "dev",
+                "br0",
+            ],
+        )?;
+        run("ip", &["-n", ns, "link", "set", "br0", "up"])?;
+        // The daemon's side: a veth end in this (the caller's) namespace.
+        run(
+            "ip",
+            &[
+                "link", "add", h, "type", "veth", "peer", "name", "uplink", "netns", ns,
+            ],
+        )?;
+        run("ip", &["addr", "add", &format!("{subnet}.1/24"), "dev", h])?;
+        run("ip", &["link", "set", h, "up"])?;
+        run("ip", &["-n", ns, "link", "set", "uplink", "master", "br0"])?;
+        run("ip", &["-n", ns, "link", "set", "uplink", "up"])?;
+        for i in 0..taps {
+            let tap = format!("tap{i}");
+            run("ip", &["-n", ns, "tuntap", "add", &tap, "mode", "tap"])?;
+            run("ip", &["-n", ns, "link", "set", &tap, "master", "br0"])?;
+            run("ip", &["-n", ns, "link", "set", &tap, "up"])?;
+        }
+        Ok(lab)
+    }
+
+    fn spawn(&mut self, log: &str, program: &Path, args: &[String]) -> anyhow::Result<()> {
+        let out = std::fs::File::create(self.dir.path().join(log))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        self.children.push(child);
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Stopped by their own PIDs, never by name.
+        for c in self.children.iter_mut().rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Deleting the namespace deletes the veth pair and the taps with it.
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// One VM of the lab.
+struct Vm {
+    mac: String,
+    uefi: bool,
+    bar: indicatif::ProgressBar,
+}
+
+const DONE: [&str; 4] = ["installed", "registering", "registered", "handed_off"];
+
+/// Runs the lab; returns when every VM is installed, one failed, the timeout passed, or the
+/// operator pressed Ctrl-C. Everything created is removed before it returns.
+pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "provision lab needs root (it creates a network namespace, a bridge and tap devices)"
+        );
+    }
+    let octets: Vec<&str> = a.subnet.split('.').collect();
+    if octets.len() != 3 || octets.iter().any(|o| o.parse::<u8>().is_err()) {
+        bail!("--subnet {:?} must be three octets, e.g. 10.77.0", a.subnet);
+    }
+    if a.bios as usize + a.uefi as usize == 0 || a.bios as usize + a.uefi as usize > 16 {
+        bail!("ask for 1 to 16 VMs with --bios N and --uefi N");
+    }
+    let qemu = which("qemu-system-x86_64")?;
+    let dnsmasq = which("dnsmasq")?;
+    which("ip")?;
+    const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+    const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+    if a.uefi > 0 && !Path::new(OVMF_CODE).exists() {
+        bail!("UEFI VMs need {OVMF_CODE} (Debian: apt-get install ovmf)");
+    }
+    // The profile must exist before anything is built.
+    client
+        .json("GET", &format!("/profiles/{}", a.profile), None)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    // A second Ctrl-C while cleaning up is ignored; the first one stops the wait loop.
+    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+
+    let n = a.bios as usize + a.uefi as usize;
+    let mut lab = Lab::create(&a.subnet, n)?;
+    let leases = lab.dir.path().join("leases");
+    lab.spawn(
+        "dnsmasq.log",
+        &dnsmasq,
+        &[
+            "--no-daemon".into(),
+            "--conf-file=/dev/null".into(),
+            "--port=0".into(),
+            "--interface=br0".into(),
+            "--bind-interfaces".into(),
+            format!("--dhcp-range={0}.100,{0}.200,255.255.255.0,1h", a.subnet),
+            format!("--dhcp-leasefile={}", leases.display()),
+        ],
+    )?;
+
+    let multi = indicatif::MultiProgress::new();
+    let style =
+        indicatif::ProgressStyle::with_template("{spinner} {prefix:.bold} {wide_msg} [{elapsed}]")
+            .expect("a valid template");
+    let id = std::process::id();
+    let mut vms = Vec::new();
+    for i in 0..n {
+        let uefi = i >= a.bios as usize;
+        let mac = format!(
+            "52:54:00:{:02x}:{:02x}:{:02x}",
+            (id >> 8) & 0xff,
+            id & 0xff,
+            i
+        );
+        let body = json!({ "mac": mac, "profile": a.profile, "hostname": format!("lab-{i}") });
+        match client.json("POST", "/machines", Some(&body)) {
+            Ok(_) => {}
+            Err(e) if e.message.contains("already enrolled") => {
+                client
+                    .json("POST", &format!("/machines/{mac}/reprovision"), None)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            Err(e) => bail!("enrolling {mac}: {e}"),
+        }
+        let disk = lab.dir.path().join(format!("vm{i}.img"));
+        std::fs::File::create(&disk)?.set_len(1 << 30)?;
+        let mut args: Vec<String> = ["-accel", "tcg", "-display", "none", "-boot", "n"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(["-m".into(), a.memory.to_string()]);
+        if uefi {
+            let vars = lab.dir.path().join(format!("vm{i}-vars.fd"));
+            std::fs::copy(OVMF_VARS, &vars)?;
+            args.extend([
+                "-drive".into(),
+                format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
+                "-drive".into(),
+                format!("if=pflash,format=raw,file={}", vars.display()),
+            ]);
+        }
+        args.extend([
+            "-drive".into(),
+            format!("file={},if=virtio,format=raw", disk.display()),
+            "-serial".into(),
+            format!(
+                "file:{}",
+                lab.dir.path().join(format!("vm{i}.console")).display()
+            ),
+            "-netdev".into(),
+            format!("tap,id=n0,ifname=tap{i},script=no,downscript=no"),
+            "-device".into(),
+            // UEFI without the NIC's option ROM: OVMF's own PXE client, as on a stock server.
+            format!(
+                "virtio-net-pci,netdev=n0,mac={mac}{}",
+                if uefi { ",romfile=" } else { "" }
+            ),
+        ]);
+        lab.spawn(&format!("vm{i}.log"), &qemu, &args)?;
+        let bar = multi.add(indicatif::ProgressBar::new_spinner());
+        bar.set_style(style.clone());
+        bar.set_prefix(format!("{mac} {}", if uefi { "UEFI" } else { "BIOS" }));
+        bar.set_message("powered on");
+        bar.enable_steady_tick(Duration::from_millis(200));
+        vms.push(Vm { mac, uefi, bar });
+    }
+
+    let start = Instant::now();
+    let mut failed = None;
+    loop {
+        let mut all_done = true;
+        for vm in &vms {
+            let m = client
+                .json("GET", &format!("/machines/{}", vm.mac), None)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let state = m["state"].as_str().unwrap_or("?").to_string();
+            let events = client
+                .json("GET", &format!("/machines/{}/events", vm.mac), None)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let last = events
+                .as_array()
+                .and_then(|e| e.last())
+                .cloned()
+                .unwrap_or(Value::Null);
+            let what = format!(
+                "{}: {}",
+                last["kind"].as_str().unwrap_or(""),
+                last["detail"].as_str().unwrap_or("")
+            );
+            if DONE.contains(&state.as_str()) {
+                if !vm.bar.is_finished() {
+                    vm.bar.finish_with_message(format!("{state} ({what})"));
+                }
+                continue;
+            }
+            all_done = false;
+            if state == "failed" {
+                failed.get_or_insert(format!(
+                    "{} failed: {} {}",
+                    vm.mac, m["failed_step"], m["failed_reason"]
+                ));
+            }
+            vm.bar.set_message(format!("{state} — {what}"));
+        }
+        if all_done {
+            break;
+        }
+        if let Some(f) = &failed {
+            bail!(
+                "{f}; VM consoles were in {} (removed)",
+                lab.dir.path().display()
+            );
+        }
+        if interrupted.load(Ordering::SeqCst) {
+            for vm in &vms {
+                vm.bar.abandon_with_message("interrupted");
+            }
+            bail!("interrupted; the lab was removed");
+        }
+        if start.elapsed() > a.timeout {
+            bail!(
+                "not every VM installed within {}",
+                humantime::format_duration(a.timeout)
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let kinds: Vec<&str> = vms
+        .iter()
+        .map(|v| if v.uefi { "UEFI" } else { "BIOS" })
+        .collect();
+    println!(
+        "all {} VMs installed ({}) in {}; removing the lab",
+        vms.len(),
+        kinds.join(", "),
+        humantime::format_duration(Duration::from_secs(start.elapsed().as_secs()))
+    );
+    drop(lab);
+    Ok(())
+}
