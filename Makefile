@@ -9,8 +9,10 @@
 # qemu-system-x86, ipxe-qemu, ovmf: BIOS and UEFI VMs that PXE-boot in the firmware lab;
 # dnsmasq-base: the site's DHCP server there; iproute2: namespaces, bridge, taps.
 # cpio: packs the test installer's initramfs (tests/installer/build.sh).
+# libvirt-daemon-system, libvirt-daemon-driver-qemu, virtinst: the virt-install --pxe test.
 DEBIAN_PACKAGES := cloud-init ignition debconf util-linux tftp-hpa atftp ipxe \
-	qemu-system-x86 ipxe-qemu ovmf dnsmasq-base iproute2 cpio
+	qemu-system-x86 ipxe-qemu ovmf dnsmasq-base iproute2 cpio \
+	libvirt-daemon-system libvirt-daemon-driver-qemu virtinst
 
 CARGO ?= cargo
 

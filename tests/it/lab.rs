@@ -719,3 +719,206 @@ fn provision_lab_installs_vms_and_cleans_up() {
         namespaces()
     );
 }
+
+/// `virt-install --pxe`, as an operator's CI would run it: libvirt's QEMU driver (TCG) boots a
+/// VM on an isolated bridge where provision runs in address mode, and the VM installs.
+#[test]
+fn virt_install_pxe_installs_a_vm() {
+    let installer = test_installer();
+    let _one_lab_at_a_time = vm_lock();
+    let virsh_ok = || {
+        Command::new(tool("virsh"))
+            .args(["-c", "qemu:///system", "version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let id = std::process::id();
+    let bridge = format!("pvv{}", id % 100_000);
+    let domain = format!("provision-test-{id}");
+    let mac = "52:54:00:78:00:01";
+    struct Cleanup {
+        children: Vec<Child>,
+        bridge: String,
+        domain: String,
+    }
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = Command::new("virsh")
+                .args(["-c", "qemu:///system", "destroy", &self.domain])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let _ = Command::new("virsh")
+                .args(["-c", "qemu:///system", "undefine", &self.domain])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            for c in self.children.iter_mut().rev() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = Command::new("ip")
+                .args(["link", "del", &self.bridge])
+                .status();
+        }
+    }
+    let mut c = Cleanup {
+        children: Vec::new(),
+        bridge: bridge.clone(),
+        domain: domain.clone(),
+    };
+    // No init system starts libvirt here: run the daemons in the foreground for this test.
+    if !virsh_ok() {
+        for d in ["virtlogd", "libvirtd"] {
+            c.children.push(
+                Command::new(tool(d))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            );
+        }
+        let start = Instant::now();
+        while !virsh_ok() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "libvirtd did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    ip(&["link", "add", &bridge, "type", "bridge"]);
+    ip(&["addr", "add", "10.78.0.1/24", "dev", &bridge]);
+    ip(&["link", "set", &bridge, "up"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let assets = dir.path().join("assets/test-installer");
+    std::fs::create_dir_all(&assets).unwrap();
+    for f in ["vmlinuz", "initrd.img"] {
+        std::fs::copy(installer.join(f), assets.join(f)).unwrap();
+    }
+    let data = dir.path().join("data");
+    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    // Everything bound to the isolated bridge only.
+    c.children.push(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--http",
+                "10.78.0.1:8080",
+                "--tftp",
+                "10.78.0.1:69",
+                "--dhcp-interface",
+                &bridge,
+            ])
+            .args([
+                "--dhcp-mode",
+                "full",
+                "--dhcp-range",
+                "10.78.0.100-10.78.0.150",
+                "--data-dir",
+            ])
+            .arg(&data)
+            .arg("--assets-dir")
+            .arg(dir.path().join("assets"))
+            .arg("--templates-dir")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/installer/templates"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let daemon_log = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+    let start = Instant::now();
+    while !daemon_log().contains("listening for PXE on") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{}",
+            daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["--server", "http://10.78.0.1:8080", "--token-file"])
+            .arg(data.join("admin-token"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    cli(&[
+        "enroll",
+        mac,
+        "--profile",
+        "test-nocloud",
+        "--hostname",
+        "virt1",
+    ]);
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let out = Command::new(tool("virt-install"))
+        .args([
+            "--connect",
+            "qemu:///system",
+            "--name",
+            &domain,
+            "--memory",
+            "512",
+            "--vcpus",
+            "1",
+            "--virt-type",
+            "qemu",
+            "--pxe",
+        ])
+        .args([
+            "--network",
+            &format!("bridge={bridge},mac={mac},model=virtio"),
+        ])
+        .args([
+            "--disk",
+            &format!("path={},format=raw,bus=virtio", disk.display()),
+        ])
+        .args([
+            "--osinfo",
+            "detect=on,require=off",
+            "--graphics",
+            "none",
+            "--noautoconsole",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "virt-install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let events = loop {
+        let e = cli(&["events", mac]);
+        if e.contains("phoned_home") {
+            break e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the libvirt VM did not install:\n{e}\n{}",
+            daemon_log()
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    };
+    assert!(
+        events.contains("dhcp_lease: 10.78.0.100") && events.contains("config_served: user-data"),
+        "{events}"
+    );
+    assert!(cli(&["machines", "show", mac]).contains("state       installed"));
+}
