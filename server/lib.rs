@@ -19,7 +19,8 @@
 //!   that escape or refuse values per output context, and validation of every render.
 //! * [`config`] turns flags, environment and a TOML file into a validated [`config::Config`];
 //!   [`daemon`] binds sockets and runs the servers; [`cli`] is the command line, which talks to
-//!   the daemon through its REST API ([`client`]).
+//!   the daemon through its REST API ([`client`]); [`lab`] builds a VM lab against a running
+//!   daemon for `provision lab`.
 
 pub mod cli;
 pub mod client;
