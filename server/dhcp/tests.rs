@@ -737,3 +737,41 @@ mod address_mode {
         );
     }
 }
+
+#[tokio::test]
+async fn ignore_means_no_reply_at_all() {
+    let prov = Provisioner::new(
+        crate::store::Store::open_in_memory().unwrap(),
+        crate::render::Sources::default(),
+        crate::provisioner::Settings {
+            install_token_ttl: Duration::from_secs(3600),
+            discover: crate::policy::DiscoverAnswer::Ignore,
+        },
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 provision".into(),
+    )
+    .unwrap();
+    let prov = Arc::new(prov);
+    let c = Context::new(
+        prov.clone(),
+        Mode::Proxy,
+        BootFiles::default(),
+        Some(BASE.into()),
+        None,
+        8080,
+    );
+    let r = Received {
+        len: 0,
+        from: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+        ifindex: 0,
+        local: Ipv4Addr::new(10, 0, 0, 1),
+    };
+    let pkt = discover("PXEClient:Arch:00000:UNDI:002001", Some(0), vec![]);
+    assert!(handle(&c, Port::Dhcp, &pkt, &r).await.is_none());
+    // The machine is still recorded as discovered, with an event saying why it got no answer.
+    let events = prov
+        .events(Some(crate::mac::Mac(MAC)), 0, 10)
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["discovered", "dhcp_ignored"]);
+}

@@ -72,7 +72,9 @@ echo 'root:x:0:0:root:/root:/bin/sh' > "$r/etc/passwd"
 echo 'root::0:0:99999:7:::' > "$r/etc/shadow"
 
 cp "$work/x/boot/vmlinuz-$kver" "$OUT/vmlinuz.new"
-(cd "$r" && find . | sort | cpio --quiet -o -H newc --reproducible | gzip -9n) > "$OUT/initrd.img.new"
+# Same inputs, same bytes: fixed mtimes, sorted names, no cpio inode numbers, no gzip name/time.
+find "$r" -exec touch -h -d @0 {} +
+(cd "$r" && find . | LC_ALL=C sort | cpio --quiet -o -H newc --reproducible | gzip -9n) > "$OUT/initrd.img.new"
 mv "$OUT/vmlinuz.new" "$OUT/vmlinuz"
 mv "$OUT/initrd.img.new" "$OUT/initrd.img"
 echo "$key" > "$OUT/key"
