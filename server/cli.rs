@@ -290,7 +290,10 @@ fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
             }
             Ok(())
         }
-        Command::Lab(a) => crate::lab::lab(c, &a).map_err(|e| Fail(format!("{e:#}"), 1)),
+        Command::Lab(a) => {
+            crate::lab::check_args(&a).map_err(bad)?;
+            crate::lab::lab(c, &a).map_err(|e| Fail(format!("{e:#}"), 1))
+        }
         Command::Reload => {
             let v = c.json("POST", "/reload", None)?;
             println!("reloaded {} profiles", v["profiles"]);

@@ -2,7 +2,9 @@
 //! network namespace with a bridge, a site DHCP server (dnsmasq, addresses only) and one QEMU
 //! VM per requested firmware, all wired to the running daemon through a veth pair; enrolls the
 //! VMs with a profile; shows each VM's progress from its state and events until it is
-//! installed; and removes everything it created — on success, on failure and on Ctrl-C.
+//! installed; and removes everything it created on this host (namespace, links, processes,
+//! files) — on success, on failure and on Ctrl-C. The enrolled machines stay in the
+//! inventory, with their event history.
 //!
 //! Needs root (namespaces, taps), qemu-system-x86, ovmf for UEFI VMs, and dnsmasq. QEMU runs
 //! with TCG (software emulation), so it also works where nested KVM does not.
@@ -170,10 +172,106 @@ struct Vm {
     bar: indicatif::ProgressBar,
 }
 
+/// The firmware image OVMF boots from (Debian package `ovmf`).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// The variable store template; each UEFI VM gets its own copy.
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// One lab VM, as QEMU should run it.
+pub struct VmSpec<'a> {
+    /// OVMF (UEFI) rather than SeaBIOS.
+    pub uefi: bool,
+    /// The tap device it is plugged into.
+    pub tap: &'a str,
+    /// Its NIC's MAC.
+    pub mac: &'a str,
+    /// Memory, MiB.
+    pub memory: u32,
+    /// A raw virtio disk, if any.
+    pub disk: Option<&'a Path>,
+    /// Its own copy of the OVMF variable store (UEFI only).
+    pub vars: Option<&'a Path>,
+    /// Where the serial console goes.
+    pub console: &'a Path,
+    /// A guest reboot restarts the VM (to see its next network boot) instead of ending QEMU.
+    pub reboot: bool,
+}
+
+/// QEMU arguments for a lab VM: TCG (nested KVM is not assumed), network boot first, no
+/// display, serial console to a file. UEFI VMs get no NIC option ROM, so OVMF's own
+/// VirtioNetDxe and EDK2 PXE client do the first DHCP, as on a stock server, and iPXE arrives
+/// over TFTP; with the ROM, OVMF would try the ROM's iPXE boot entry first.
+pub fn qemu_args(v: &VmSpec<'_>) -> Vec<String> {
+    let mut a: Vec<String> = ["-accel", "tcg", "-display", "none", "-boot", "n"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.extend(["-m".into(), v.memory.to_string()]);
+    if !v.reboot {
+        a.push("-no-reboot".into());
+    }
+    if let (true, Some(vars)) = (v.uefi, v.vars) {
+        a.extend([
+            "-drive".into(),
+            format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
+            "-drive".into(),
+            format!("if=pflash,format=raw,file={}", vars.display()),
+        ]);
+    }
+    if let Some(d) = v.disk {
+        a.extend([
+            "-drive".into(),
+            format!("file={},if=virtio,format=raw", d.display()),
+        ]);
+    }
+    a.extend([
+        "-serial".into(),
+        format!("file:{}", v.console.display()),
+        "-netdev".into(),
+        format!("tap,id=n0,ifname={},script=no,downscript=no", v.tap),
+        "-device".into(),
+        format!(
+            "virtio-net-pci,netdev=n0,mac={}{}",
+            v.mac,
+            if v.uefi { ",romfile=" } else { "" }
+        ),
+    ]);
+    a
+}
+
 const DONE: [&str; 4] = ["installed", "registering", "registered", "handed_off"];
 
+/// Checks the options before anything is touched; the message is for the operator.
+pub fn check_args(a: &LabArgs) -> Result<(), String> {
+    let octets: Vec<&str> = a.subnet.split('.').collect();
+    if octets.len() != 3 || octets.iter().any(|o| o.parse::<u8>().is_err()) {
+        return Err(format!(
+            "--subnet {:?} must be three octets, e.g. 10.77.0",
+            a.subnet
+        ));
+    }
+    if a.bios as usize + a.uefi as usize == 0 || a.bios as usize + a.uefi as usize > 16 {
+        return Err("ask for 1 to 16 VMs with --bios N and --uefi N".into());
+    }
+    Ok(())
+}
+
+/// The last lines of each VM's serial console, for an error message (the lab directory is
+/// removed with the lab).
+fn consoles(dir: &Path, n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            let text =
+                std::fs::read_to_string(dir.join(format!("vm{i}.console"))).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+            format!("--- vm{i} console (last lines) ---\n{tail}\n")
+        })
+        .collect()
+}
+
 /// Runs the lab; returns when every VM is installed, one failed, the timeout passed, or the
-/// operator pressed Ctrl-C. Everything created is removed before it returns.
+/// operator pressed Ctrl-C. Everything created on this host is removed before it returns.
 pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -181,18 +279,9 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
             "provision lab needs root (it creates a network namespace, a bridge and tap devices)"
         );
     }
-    let octets: Vec<&str> = a.subnet.split('.').collect();
-    if octets.len() != 3 || octets.iter().any(|o| o.parse::<u8>().is_err()) {
-        bail!("--subnet {:?} must be three octets, e.g. 10.77.0", a.subnet);
-    }
-    if a.bios as usize + a.uefi as usize == 0 || a.bios as usize + a.uefi as usize > 16 {
-        bail!("ask for 1 to 16 VMs with --bios N and --uefi N");
-    }
     let qemu = which("qemu-system-x86_64")?;
     let dnsmasq = which("dnsmasq")?;
     which("ip")?;
-    const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-    const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
     if a.uefi > 0 && !Path::new(OVMF_CODE).exists() {
         bail!("UEFI VMs need {OVMF_CODE} (Debian: apt-get install ovmf)");
     }
@@ -249,38 +338,21 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
         }
         let disk = lab.dir.path().join(format!("vm{i}.img"));
         std::fs::File::create(&disk)?.set_len(1 << 30)?;
-        let mut args: Vec<String> = ["-accel", "tcg", "-display", "none", "-boot", "n"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        args.extend(["-m".into(), a.memory.to_string()]);
+        let vars = lab.dir.path().join(format!("vm{i}-vars.fd"));
         if uefi {
-            let vars = lab.dir.path().join(format!("vm{i}-vars.fd"));
             std::fs::copy(OVMF_VARS, &vars)?;
-            args.extend([
-                "-drive".into(),
-                format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
-                "-drive".into(),
-                format!("if=pflash,format=raw,file={}", vars.display()),
-            ]);
         }
-        args.extend([
-            "-drive".into(),
-            format!("file={},if=virtio,format=raw", disk.display()),
-            "-serial".into(),
-            format!(
-                "file:{}",
-                lab.dir.path().join(format!("vm{i}.console")).display()
-            ),
-            "-netdev".into(),
-            format!("tap,id=n0,ifname=tap{i},script=no,downscript=no"),
-            "-device".into(),
-            // UEFI without the NIC's option ROM: OVMF's own PXE client, as on a stock server.
-            format!(
-                "virtio-net-pci,netdev=n0,mac={mac}{}",
-                if uefi { ",romfile=" } else { "" }
-            ),
-        ]);
+        let console = lab.dir.path().join(format!("vm{i}.console"));
+        let args = qemu_args(&VmSpec {
+            uefi,
+            tap: &format!("tap{i}"),
+            mac: &mac,
+            memory: a.memory,
+            disk: Some(&disk),
+            vars: uefi.then_some(vars.as_path()),
+            console: &console,
+            reboot: true,
+        });
         lab.spawn(&format!("vm{i}.log"), &qemu, &args)?;
         let bar = multi.add(indicatif::ProgressBar::new_spinner());
         bar.set_style(style.clone());
@@ -321,8 +393,10 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
             all_done = false;
             if state == "failed" {
                 failed.get_or_insert(format!(
-                    "{} failed: {} {}",
-                    vm.mac, m["failed_step"], m["failed_reason"]
+                    "{} failed at {}: {}",
+                    vm.mac,
+                    m["failed_step"].as_str().unwrap_or("?"),
+                    m["failed_reason"].as_str().unwrap_or("?")
                 ));
             }
             vm.bar.set_message(format!("{state} — {what}"));
@@ -331,10 +405,7 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
             break;
         }
         if let Some(f) = &failed {
-            bail!(
-                "{f}; VM consoles were in {} (removed)",
-                lab.dir.path().display()
-            );
+            bail!("{f}\n{}", consoles(lab.dir.path(), vms.len()));
         }
         if interrupted.load(Ordering::SeqCst) {
             for vm in &vms {
@@ -344,8 +415,9 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
         }
         if start.elapsed() > a.timeout {
             bail!(
-                "not every VM installed within {}",
-                humantime::format_duration(a.timeout)
+                "not every VM installed within {}\n{}",
+                humantime::format_duration(a.timeout),
+                consoles(lab.dir.path(), vms.len())
             );
         }
         std::thread::sleep(Duration::from_secs(2));

@@ -141,15 +141,11 @@ fn start_provision(lab: &mut Lab, extra: &[&str]) {
     let mut args = vec!["serve", "--data-dir", &data, "--http", "10.77.0.1:8080"];
     args.extend_from_slice(extra);
     lab.spawn(&ns, "provision.log", Path::new(BIN), &args);
-    let start = Instant::now();
-    while !lab.log("provision.log").contains("listening for PXE on") {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "provision did not start: {}",
-            lab.log("provision.log")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        &lab.path("provision.log"),
+        "listening for PXE on",
+        Duration::from_secs(20),
+    );
 }
 
 /// Which firmware a VM boots.
@@ -161,9 +157,8 @@ enum Firmware {
     Uefi,
 }
 
-/// QEMU arguments for a VM on `tap` that network-boots first. With `disk`, a virtio disk;
-/// with `reboot`, a guest reboot restarts the VM (to see its next network boot) instead of
-/// ending it.
+/// QEMU arguments for a VM on `tap`: the same as `provision lab` uses
+/// (`provision::lab::qemu_args`), with its console in the lab directory.
 fn vm(
     lab: &Lab,
     fw: Firmware,
@@ -172,47 +167,20 @@ fn vm(
     disk: Option<&Path>,
     reboot: bool,
 ) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "-accel", "tcg", "-display", "none", "-boot", "n", "-m", "512",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if !reboot {
-        v.push("-no-reboot".into());
-    }
+    let vars = lab.path(&format!("OVMF_VARS-{tap}.fd"));
     if fw == Firmware::Uefi {
-        let vars = lab.path(&format!("OVMF_VARS-{tap}.fd"));
-        std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &vars).unwrap();
-        v.extend([
-            "-drive".into(),
-            "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
-            "-drive".into(),
-            format!("if=pflash,format=raw,file={}", vars.display()),
-        ]);
+        std::fs::copy(provision::lab::OVMF_VARS, &vars).unwrap();
     }
-    if let Some(d) = disk {
-        v.extend([
-            "-drive".into(),
-            format!("file={},if=virtio,format=raw", d.display()),
-        ]);
-    }
-    v.extend([
-        "-serial".into(),
-        format!("file:{}", lab.path(&format!("{tap}.serial")).display()),
-        "-netdev".into(),
-        format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
-        "-device".into(),
-        // UEFI: no option ROM, so the NIC is driven by OVMF's own VirtioNetDxe and the first
-        // DHCP comes from EDK2's PXE client, as on a stock server; iPXE then arrives over
-        // TFTP. (With the ROM, OVMF would try the ROM's iPXE boot entry first.)
-        if fw == Firmware::Uefi {
-            format!("virtio-net-pci,netdev=n0,mac={mac},romfile=")
-        } else {
-            format!("virtio-net-pci,netdev=n0,mac={mac}")
-        },
-    ]);
-    v
+    provision::lab::qemu_args(&provision::lab::VmSpec {
+        uefi: fw == Firmware::Uefi,
+        tap,
+        mac,
+        memory: 512,
+        disk,
+        vars: (fw == Firmware::Uefi).then_some(vars.as_path()),
+        console: &lab.path(&format!("{tap}.serial")),
+        reboot,
+    })
 }
 
 /// VM tests share two cores: one lab at a time, so each gets the CPU its timeouts assume.
@@ -224,6 +192,45 @@ fn vm_lock() -> std::sync::MutexGuard<'static, ()> {
 
 fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
+}
+
+/// Starts dnsmasq in the site namespace as the site's DHCP server: addresses only, no boot
+/// options, so every boot instruction a VM gets comes from provision.
+fn start_site_dhcp(lab: &mut Lab) {
+    let (site, leases) = (lab.site.clone(), lab.path("leases"));
+    let leases = format!("--dhcp-leasefile={}", leases.display());
+    lab.spawn(
+        &site,
+        "dnsmasq.log",
+        &tool("dnsmasq"),
+        &[
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--port=0",
+            "--interface=vs0",
+            "--bind-interfaces",
+            "--dhcp-range=10.77.0.100,10.77.0.200,255.255.255.0,1h",
+            &leases,
+            "--log-dhcp",
+        ],
+    );
+}
+
+/// Waits until the file at `path` contains `needle`.
+fn wait_for(path: &Path, needle: &str, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "no {needle:?} in {} after {limit:?}:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The kinds of a machine's events, oldest first.
@@ -239,39 +246,9 @@ fn kinds(events: &str) -> Vec<String> {
 fn bios_and_uefi_vms_pxe_boot_into_the_ipxe_chain() {
     let _one_lab_at_a_time = vm_lock();
     let mut lab = Lab::new("p", true);
-    let (site, ns) = (lab.site.clone(), lab.lab.clone());
-    let leases = lab.path("leases").to_str().unwrap().to_string();
-    lab.spawn(
-        &site,
-        "dnsmasq.log",
-        &tool("dnsmasq"),
-        &[
-            "--no-daemon",
-            "--conf-file=/dev/null",
-            "--port=0",
-            "--interface=vs0",
-            "--bind-interfaces",
-            "--dhcp-range=10.77.0.100,10.77.0.200,255.255.255.0,1h",
-            &format!("--dhcp-leasefile={leases}"),
-            "--log-dhcp",
-        ],
-    );
-    let data = lab.path("data").to_str().unwrap().to_string();
-    lab.spawn(
-        &ns,
-        "provision.log",
-        Path::new(BIN),
-        &["serve", "--data-dir", &data, "--http", "10.77.0.1:8080"],
-    );
-    let start = Instant::now();
-    while !lab.log("provision.log").contains("listening for PXE on") {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "provision did not start: {}",
-            lab.log("provision.log")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let ns = lab.lab.clone();
+    start_site_dhcp(&mut lab);
+    start_provision(&mut lab, &[]);
     let qemu = tool("qemu-system-x86_64");
     let bios_args = vm(&lab, Firmware::Bios, "tap0", BIOS_MAC, None, false);
     let uefi_args = vm(&lab, Firmware::Uefi, "tap1", UEFI_MAC, None, false);
@@ -433,22 +410,8 @@ fn vms_install_phone_home_and_then_boot_local() {
     let installer = test_installer();
     let _one_lab_at_a_time = vm_lock();
     let mut lab = Lab::new("i", true);
-    let (site, ns) = (lab.site.clone(), lab.lab.clone());
-    let leases = lab.path("leases").to_str().unwrap().to_string();
-    lab.spawn(
-        &site,
-        "dnsmasq.log",
-        &tool("dnsmasq"),
-        &[
-            "--no-daemon",
-            "--conf-file=/dev/null",
-            "--port=0",
-            "--interface=vs0",
-            "--bind-interfaces",
-            "--dhcp-range=10.77.0.100,10.77.0.200,255.255.255.0,1h",
-            &format!("--dhcp-leasefile={leases}"),
-        ],
-    );
+    let ns = lab.lab.clone();
+    start_site_dhcp(&mut lab);
     let assets = lab.path("assets");
     std::fs::create_dir_all(assets.join("test-installer")).unwrap();
     for f in ["vmlinuz", "initrd.img"] {
@@ -623,15 +586,11 @@ fn provision_lab_installs_vms_and_cleans_up() {
             .unwrap(),
     );
     let daemon_log = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
-    let start = Instant::now();
-    while !daemon_log().contains("listening for PXE on") {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{}",
-            daemon_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        &dir.path().join("daemon.log"),
+        "listening for PXE on",
+        Duration::from_secs(20),
+    );
     let lab_cmd = |extra: &[&str]| {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &host, BIN, "--token-file"])
@@ -831,15 +790,11 @@ fn virt_install_pxe_installs_a_vm() {
             .unwrap(),
     );
     let daemon_log = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
-    let start = Instant::now();
-    while !daemon_log().contains("listening for PXE on") {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{}",
-            daemon_log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        &dir.path().join("daemon.log"),
+        "listening for PXE on",
+        Duration::from_secs(20),
+    );
     let cli = |args: &[&str]| {
         let out = Command::new(BIN)
             .args(["--server", "http://10.78.0.1:8080", "--token-file"])
