@@ -255,8 +255,22 @@ fn bad_input_gets_a_message_and_exit_code_2() {
         ),
         (&["render", "52:54:00:00:00:99", "ipxe"], "no machine"),
         (&["enroll"], "required"),
-        (&["lab", "--profile", "debian-12", "--subnet", "10.1"], "must be three octets"),
-        (&["lab", "--profile", "debian-12", "--bios", "0", "--uefi", "0"], "ask for 1 to 16 VMs"),
+        (
+            &["lab", "--profile", "debian-12", "--subnet", "10.1"],
+            "must be three octets",
+        ),
+        (
+            &[
+                "lab",
+                "--profile",
+                "debian-12",
+                "--bios",
+                "0",
+                "--uefi",
+                "0",
+            ],
+            "ask for 1 to 16 VMs",
+        ),
     ];
     for (args, want) in cases {
         let out = d.cli(args);
