@@ -316,6 +316,20 @@ fn time(v: &Value) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// Event details can quote what a client sent; control characters are shown escaped so
+/// nothing from the network reaches the operator's terminal as an escape sequence.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn print_events(events: &[Value], with_mac: bool) {
     for e in events {
         let states = match (e["from_state"].as_str(), e["to_state"].as_str()) {
@@ -333,7 +347,12 @@ fn print_events(events: &[Value], with_mac: bool) {
             .filter(|d| !d.is_empty())
             .map(|d| format!(": {d}"))
             .unwrap_or_default();
-        println!("{} {mac}{}{states}{detail}", time(&e["at"]), s(&e["kind"]));
+        println!(
+            "{} {mac}{}{states}{}",
+            time(&e["at"]),
+            printable(&s(&e["kind"])),
+            printable(&detail)
+        );
     }
 }
 

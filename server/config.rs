@@ -238,6 +238,9 @@ fn parse_ttl(s: &str) -> anyhow::Result<Duration> {
     if d < Duration::from_secs(60) {
         bail!("install_token_ttl {s:?} is under a minute; an installer could not finish");
     }
+    if d > Duration::from_secs(366 * 86_400) {
+        bail!("install_token_ttl {s:?} is over a year; an install token should not outlive its install");
+    }
     Ok(d)
 }
 
@@ -305,8 +308,10 @@ fn dhcp_mode(
                 .unwrap_or_default();
             let lease_time = humantime::parse_duration(lease_time.as_deref().unwrap_or("1h"))
                 .context("dhcp_lease_time must be a duration such as 1h")?;
-            if lease_time < std::time::Duration::from_secs(60) {
-                bail!("dhcp_lease_time must be at least a minute");
+            if lease_time < std::time::Duration::from_secs(60)
+                || lease_time > std::time::Duration::from_secs(366 * 86_400)
+            {
+                bail!("dhcp_lease_time must be between a minute and a year");
             }
             Ok(crate::dhcp::Mode::Full(crate::dhcp::AddressMode {
                 start,
@@ -419,6 +424,14 @@ impl Config {
             args.dhcp_dns.clone().or(file.dhcp_dns),
             args.dhcp_lease_time.clone().or(file.dhcp_lease_time),
         )?;
+        if dhcp.is_some()
+            && matches!(dhcp_mode, crate::dhcp::Mode::Full(_))
+            && dhcp_interfaces.is_empty()
+        {
+            bail!(
+                "dhcp_mode = \"full\" hands out addresses: limit it to the lab's interface with --dhcp-interface NAME (or --dhcp ADDR), so it never answers on the site network"
+            );
+        }
         let mut boot_files = crate::dhcp::packet::BootFiles::default();
         if let Some(f) = args.efi_boot_file.clone().or(file.efi_boot_file) {
             if crate::tftp::check_name(&f).is_err() || f.contains(char::is_whitespace) {

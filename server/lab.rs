@@ -48,6 +48,10 @@ pub struct LabArgs {
 struct Lab {
     ns: String,
     host_if: String,
+    /// Only what this lab actually created is deleted: a name that clashed with another
+    /// lab's must not take that lab down.
+    made_ns: bool,
+    made_if: bool,
     children: Vec<Child>,
     dir: tempfile::TempDir,
 }
@@ -88,16 +92,21 @@ fn which(name: &str) -> anyhow::Result<PathBuf> {
 impl Lab {
     fn create(subnet: &str, taps: usize) -> anyhow::Result<Lab> {
         let id = std::process::id();
-        let lab = Lab {
+        let mut lab = Lab {
             ns: format!("provision-lab-{id}"),
-            host_if: format!("pvlab{}", id % 100_000),
+            // IFNAMSIZ is 16: "pvlab" + the PID in hex (pid_max is at most 2^22) fits.
+            host_if: format!("pvlab{id:x}"),
+            made_ns: false,
+            made_if: false,
             children: Vec::new(),
             dir: tempfile::Builder::new()
                 .prefix("provision-lab-")
                 .tempdir()?,
         };
-        let (ns, h) = (lab.ns.as_str(), lab.host_if.as_str());
+        let (ns, h) = (lab.ns.clone(), lab.host_if.clone());
+        let (ns, h) = (ns.as_str(), h.as_str());
         run("ip", &["netns", "add", ns])?;
+        lab.made_ns = true;
         run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
         run("ip", &["-n", ns, "link", "add", "br0", "type", "bridge"])?;
         run(
@@ -120,6 +129,7 @@ impl Lab {
                 "link", "add", h, "type", "veth", "peer", "name", "uplink", "netns", ns,
             ],
         )?;
+        lab.made_if = true;
         run("ip", &["addr", "add", &format!("{subnet}.1/24"), "dev", h])?;
         run("ip", &["link", "set", h, "up"])?;
         run("ip", &["-n", ns, "link", "set", "uplink", "master", "br0"])?;
@@ -320,8 +330,10 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
     let mut vms = Vec::new();
     for i in 0..n {
         let uefi = i >= a.bios as usize;
+        // 52:54 (QEMU's locally administered prefix), the whole PID (at most 2^22), the VM.
         let mac = format!(
-            "52:54:00:{:02x}:{:02x}:{:02x}",
+            "52:54:{:02x}:{:02x}:{:02x}:{:02x}",
+            (id >> 16) & 0xff,
             (id >> 8) & 0xff,
             id & 0xff,
             i

@@ -381,6 +381,16 @@ async fn handle(
         (Port::Dhcp, true) => "DHCP offer/ack",
         (Port::Pxe, _) => "PXE boot server ack (port 4011)",
     };
+    // RELEASE and DECLINE are about addresses, not booting: handled whatever policy says
+    // about the machine, and never answered.
+    if let (Some(_), MessageType::Release | MessageType::Decline) = (full, req.msg_type) {
+        if req.msg_type == MessageType::Release {
+            ctx.prov.lease_release(mac, Some(req.ciaddr)).await;
+        } else if let Some(ip) = req.requested_ip {
+            ctx.prov.lease_decline(mac, ip).await;
+        }
+        return None;
+    }
     // Boot instructions, for boot clients that policy answers.
     let target = if req.kind == ClientKind::Other {
         None
@@ -403,8 +413,8 @@ async fn handle(
             }
         }
     };
-    let reply = match full {
-        None => packet::reply(&req, server, target.as_ref()?),
+    let (reply, nak) = match full {
+        None => (packet::reply(&req, server, target.as_ref()?), false),
         Some(a) => address_mode(ctx, a, &req, server, target.as_ref()).await?,
     };
     if let Some(t) = &target {
@@ -418,7 +428,14 @@ async fn handle(
                 .await;
         }
     }
-    Some((reply, destination(port, &req, r.from)))
+    // RFC 2131 section 4.1: without a relay, a DHCPNAK is broadcast (the client's address is
+    // what is in question).
+    let to = if nak && req.giaddr.is_unspecified() {
+        SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT)
+    } else {
+        destination(port, &req, r.from)
+    };
+    Some((reply, to))
 }
 
 fn describe(req: &packet::PxeRequest) -> String {
@@ -448,7 +465,7 @@ async fn address_mode(
     req: &packet::PxeRequest,
     server: Ipv4Addr,
     target: Option<&packet::BootTarget>,
-) -> Option<Vec<u8>> {
+) -> Option<(Vec<u8>, bool)> {
     let mac = req.mac;
     let params = |yiaddr| packet::LeaseParams {
         yiaddr,
@@ -460,7 +477,10 @@ async fn address_mode(
     match req.msg_type {
         MessageType::Discover => {
             let ip = ctx.prov.lease_offer(mac, req.requested_ip, a).await?;
-            Some(packet::reply_with(req, server, target, Some(&params(ip))))
+            Some((
+                packet::reply_with(req, server, target, Some(&params(ip))),
+                false,
+            ))
         }
         MessageType::Request => {
             if req.server_id.is_some_and(|s| s != server) {
@@ -473,27 +493,19 @@ async fn address_mode(
                 .or((!req.ciaddr.is_unspecified()).then_some(req.ciaddr))?;
             if ctx.prov.lease_bind(mac, ip, a).await {
                 ctx.prov.client_ip(ip, mac);
-                Some(packet::reply_with(req, server, target, Some(&params(ip))))
+                Some((
+                    packet::reply_with(req, server, target, Some(&params(ip))),
+                    false,
+                ))
             } else {
-                Some(packet::nak(req, server))
+                Some((packet::nak(req, server), true))
             }
         }
-        MessageType::Inform => Some(packet::reply_with(
-            req,
-            server,
-            target,
-            Some(&params(Ipv4Addr::UNSPECIFIED)),
+        MessageType::Inform => Some((
+            packet::reply_with(req, server, target, Some(&params(Ipv4Addr::UNSPECIFIED))),
+            false,
         )),
-        MessageType::Release => {
-            ctx.prov.lease_release(mac, Some(req.ciaddr)).await;
-            None
-        }
-        MessageType::Decline => {
-            if let Some(ip) = req.requested_ip {
-                ctx.prov.lease_decline(mac, ip).await;
-            }
-            None
-        }
+        // RELEASE and DECLINE are handled before policy, in `handle`.
         _ => None,
     }
 }

@@ -635,10 +635,20 @@ mod address_mode {
             DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 77, 0, 100)),
             DhcpOption::ServerIdentifier(SERVER),
         ];
-        let nak = ask(&c, packet(laptop, MessageType::Request, "", steal))
-            .await
-            .unwrap();
-        assert_eq!(nak.opts().msg_type(), Some(MessageType::Nak));
+        let (nak, to) = handle(
+            &c,
+            Port::Dhcp,
+            &packet(laptop, MessageType::Request, "", steal),
+            &rx(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(decode(&nak).opts().msg_type(), Some(MessageType::Nak));
+        assert_eq!(
+            to,
+            SocketAddrV4::new(Ipv4Addr::BROADCAST, 68),
+            "a NAK is broadcast without a relay"
+        );
         // The pool (two addresses) is exhausted for a third client: no answer.
         assert!(ask(
             &c,

@@ -100,6 +100,31 @@ pub fn shell(v: &Value) -> Result<Value, Error> {
     Ok(Value::from(format!("'{}'", s.replace('\'', r"'\''"))))
 }
 
+/// `{{ v | systemd }}`: the value as one argument of a systemd `ExecStart=` line.
+///
+/// systemd does not run a shell there: it splits on whitespace, honours single and double
+/// quotes, and expands `%` specifiers and `$VAR` even inside quotes (systemd.service(5),
+/// "Command lines"; systemd.unit(5), "Specifiers"). So `%` becomes `%%`, `$` becomes `$$`,
+/// and the result is single-quoted as for a shell; control characters are refused.
+pub fn systemd(v: &Value) -> Result<Value, Error> {
+    let s = v
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string());
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("value {s:?} cannot be placed in a systemd command line: it contains {c:?}"),
+        ));
+    }
+    let escaped = s
+        .replace('%', "%%")
+        .replace('$', "$$")
+        .replace('\\', "\\\\")
+        .replace('\'', "\\'");
+    Ok(Value::from(format!("'{escaped}'")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +159,20 @@ mod tests {
         for bad in ["a\nb", "a\rb", "ab\\"] {
             assert!(preseed(&s(bad)).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn systemd_arguments() {
+        assert_eq!(
+            systemd(&s("/dev/sda")).unwrap().as_str(),
+            Some("'/dev/sda'")
+        );
+        assert_eq!(
+            systemd(&s("/dev/x%h$HOME")).unwrap().as_str(),
+            Some("'/dev/x%%h$$HOME'")
+        );
+        assert_eq!(systemd(&s("it's")).unwrap().as_str(), Some(r"'it\'s'"));
+        assert!(systemd(&s("a\nb")).is_err());
     }
 
     #[test]

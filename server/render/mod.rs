@@ -325,6 +325,7 @@ fn new_env(sources: Sources) -> Environment<'static> {
     env.add_filter("cmdline", filters::cmdline);
     env.add_filter("preseed", filters::preseed);
     env.add_filter("shell", filters::shell);
+    env.add_filter("systemd", filters::systemd);
     env
 }
 

@@ -18,6 +18,7 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Component, Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -147,6 +148,7 @@ pub struct Tracked {
     info: Transfer,
     eof: bool,
     tx: mpsc::UnboundedSender<Transfer>,
+    active: Arc<AtomicUsize>,
 }
 
 impl AsyncRead for Tracked {
@@ -169,6 +171,7 @@ impl AsyncRead for Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
         let mut info = self.info.clone();
         if !self.eof {
             info.outcome = Err(if info.bytes <= u64::from(BLOCK_SIZE_LIMIT) {
@@ -187,7 +190,14 @@ impl Drop for Tracked {
 pub struct ConfinedHandler {
     roots: Arc<Vec<PathBuf>>,
     tx: mpsc::UnboundedSender<Transfer>,
+    /// Transfers in progress. async-tftp only refuses a second request from the same IP and
+    /// port, so without a cap one host could open thousands (each an open file, a socket and
+    /// a buffer) and exhaust the daemon's file descriptors.
+    active: Arc<AtomicUsize>,
 }
+
+/// Most TFTP transfers at once; a rack booting together needs far fewer.
+pub const MAX_TRANSFERS: usize = 256;
 
 impl ConfinedHandler {
     /// Serves files from `roots` (first match wins), reporting transfers on `tx`.
@@ -195,6 +205,7 @@ impl ConfinedHandler {
         ConfinedHandler {
             roots: Arc::new(roots),
             tx,
+            active: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
@@ -209,6 +220,18 @@ impl Handler for ConfinedHandler {
         path: &Path,
     ) -> Result<(Self::Reader, Option<u64>), packet::Error> {
         let name = path.to_string_lossy().into_owned();
+        if self.active.load(Ordering::SeqCst) >= MAX_TRANSFERS {
+            let _ = self.tx.send(Transfer {
+                peer: *client,
+                file: name,
+                bytes: 0,
+                size: 0,
+                outcome: Err(format!(
+                    "refused: {MAX_TRANSFERS} transfers already in progress"
+                )),
+            });
+            return Err(packet::Error::Msg("server busy, try again".into()));
+        }
         let roots = self.roots.clone();
         let n = name.clone();
         // File system calls off the async threads: async-tftp holds the handler's lock while
@@ -222,17 +245,22 @@ impl Handler for ConfinedHandler {
         .await;
         match opened {
             Ok((file, size)) => Ok((
-                Tracked {
-                    inner: Unblock::with_capacity(READ_BUFFER, file),
-                    info: Transfer {
-                        peer: *client,
-                        file: name,
-                        bytes: 0,
-                        size,
-                        outcome: Ok(()),
-                    },
-                    eof: false,
-                    tx: self.tx.clone(),
+                {
+                    // Counted from here; Tracked's drop gives the slot back.
+                    self.active.fetch_add(1, Ordering::SeqCst);
+                    Tracked {
+                        inner: Unblock::with_capacity(READ_BUFFER, file),
+                        info: Transfer {
+                            peer: *client,
+                            file: name,
+                            bytes: 0,
+                            size,
+                            outcome: Ok(()),
+                        },
+                        eof: false,
+                        tx: self.tx.clone(),
+                        active: self.active.clone(),
+                    }
                 },
                 Some(size),
             )),

@@ -181,6 +181,17 @@ fn dhcp_settings_are_checked() {
     ]);
     assert_eq!(code, Some(2));
     assert!(err.contains("from low to high"), "{err}");
+    let (code, err, _) = check(&[
+        "--dhcp-mode",
+        "full",
+        "--dhcp-range",
+        "10.0.0.100-10.0.0.200",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("limit it to the lab's interface"), "{err}");
+    let (code, err, _) = check(&["--install-token-ttl", "10000y"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("over a year"), "{err}");
     let (code, err, _) = check(&["--dhcp-range", "10.0.0.1-10.0.0.9"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("only used with dhcp_mode"), "{err}");
