@@ -11,7 +11,13 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 
 
 # The kernel flavour package depends on the versioned image package; resolve it.
-KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+if [[ -z "$KPKG" ]]; then
+    # No package lists yet (a fresh machine): fetch them once.
+    apt-get update -qq
+    KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+fi
+[[ -n "$KPKG" ]] || { echo "build.sh: no linux-image-amd64 in the Debian package lists" >&2; exit 1; }
 versions=$(for p in "$KPKG" busybox-static dropbear-bin libtomcrypt1 libtommath1 jq libjq1 libonig5; do apt-cache policy "$p" | awk -v p="$p" '/Candidate/ {print p"="$2}'; done)
 key=$( (echo "$versions"; cat "$HERE/build.sh" "$HERE/init") | sha256sum | cut -c1-16)
 if [[ -f "$OUT/key" && "$(cat "$OUT/key")" == "$key" && -f "$OUT/vmlinuz" && -f "$OUT/initrd.img" ]]; then
