@@ -601,13 +601,18 @@ impl Provisioner {
         let Some(ip) = vars.get("ip") else {
             return Ok(());
         };
-        for m in self.machines(None).await? {
-            if m.mac != mac && m.vars.get("ip") == Some(ip) {
-                return Err(Error::Invalid(format!(
-                    "variable ip {ip} is already reserved for machine {}",
-                    m.mac
-                )));
-            }
+        let ip: std::net::Ipv4Addr = ip
+            .parse()
+            .map_err(|_| Error::Invalid(format!("variable ip {ip:?} must be an IPv4 address")))?;
+        if let Some((holder, _)) = self
+            .db(|s| s.reservations())
+            .await?
+            .into_iter()
+            .find(|(m, r)| *m != mac && *r == ip)
+        {
+            return Err(Error::Invalid(format!(
+                "variable ip {ip} is already reserved for machine {holder}"
+            )));
         }
         Ok(())
     }
@@ -751,14 +756,14 @@ impl Provisioner {
         Option<std::net::Ipv4Addr>,
         std::collections::HashSet<std::net::Ipv4Addr>,
     ) {
-        let machines = self.machines(None).await.unwrap_or_default();
+        let all = self.db(|s| s.reservations()).await.unwrap_or_else(|e| {
+            tracing::error!("reading DHCP reservations: {e}");
+            Vec::new()
+        });
         let mut mine = None;
         let mut others = std::collections::HashSet::new();
-        for m in machines {
-            let Some(ip) = m.vars.get("ip").and_then(|v| v.parse().ok()) else {
-                continue;
-            };
-            if m.mac == mac {
+        for (m, ip) in all {
+            if m == mac {
                 mine = Some(ip);
             } else {
                 others.insert(ip);
@@ -948,6 +953,24 @@ fn truncate(s: &str, n: usize) -> String {
         s.to_string()
     } else {
         format!("{}…", s.chars().take(n).collect::<String>())
+    }
+}
+
+#[cfg(test)]
+impl Provisioner {
+    /// The SSH public key test provisioners render into installs.
+    pub(crate) const TEST_KEY: &'static str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 provision";
+
+    /// A provisioner on an in-memory store with the built-in profiles, for tests.
+    pub(crate) fn for_tests(discover: DiscoverAnswer) -> Provisioner {
+        let settings = Settings {
+            install_token_ttl: Duration::from_secs(3600),
+            discover,
+        };
+        let store = Store::open_in_memory().expect("an in-memory store");
+        Provisioner::new(store, Sources::default(), settings, Self::TEST_KEY.into())
+            .expect("the built-in profiles load")
     }
 }
 

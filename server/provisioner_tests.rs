@@ -6,16 +6,7 @@ const KEY: &str =
 const BASE: &str = "http://10.0.0.1:8080";
 
 fn prov() -> Provisioner {
-    Provisioner::new(
-        Store::open_in_memory().unwrap(),
-        Sources::default(),
-        Settings {
-            install_token_ttl: Duration::from_secs(3600),
-            discover: DiscoverAnswer::LocalBoot,
-        },
-        KEY.to_string(),
-    )
-    .unwrap()
+    Provisioner::for_tests(DiscoverAnswer::LocalBoot)
 }
 
 fn enroll_req(mac: &str, profile: &str) -> EnrollRequest {

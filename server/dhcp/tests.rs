@@ -499,20 +499,12 @@ fn golden_packets_from_real_firmware() {
 mod address_mode {
     use super::*;
     use crate::policy::DiscoverAnswer;
-    use crate::provisioner::{EnrollRequest, Settings};
-    use crate::render::Sources;
-    use crate::store::Store;
+    use crate::provisioner::EnrollRequest;
 
     const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 
     fn ctx() -> Context {
-        let prov = Provisioner::new(
-            Store::open_in_memory().unwrap(),
-            Sources::default(),
-            Settings { install_token_ttl: Duration::from_secs(3600), discover: DiscoverAnswer::LocalBoot },
-            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 provision".into(),
-        )
-        .unwrap();
+        let prov = Provisioner::for_tests(DiscoverAnswer::LocalBoot);
         let mode = Mode::Full(AddressMode {
             start: Ipv4Addr::new(10, 77, 0, 100),
             end: Ipv4Addr::new(10, 77, 0, 101),
@@ -750,16 +742,7 @@ mod address_mode {
 
 #[tokio::test]
 async fn ignore_means_no_reply_at_all() {
-    let prov = Provisioner::new(
-        crate::store::Store::open_in_memory().unwrap(),
-        crate::render::Sources::default(),
-        crate::provisioner::Settings {
-            install_token_ttl: Duration::from_secs(3600),
-            discover: crate::policy::DiscoverAnswer::Ignore,
-        },
-        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 provision".into(),
-    )
-    .unwrap();
+    let prov = Provisioner::for_tests(crate::policy::DiscoverAnswer::Ignore);
     let prov = Arc::new(prov);
     let c = Context::new(
         prov.clone(),

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::connect_info::MockConnectInfo;
@@ -13,22 +12,14 @@ use tower::ServiceExt;
 
 use super::{router, AppState};
 use crate::policy::DiscoverAnswer;
-use crate::provisioner::{Provisioner, Settings};
-use crate::render::Sources;
-use crate::store::Store;
+use crate::provisioner::Provisioner;
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef-admin";
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 host";
 
 fn app(assets: &std::path::Path) -> Router {
-    let prov = Provisioner::new(
-        Store::open_in_memory().unwrap(),
-        Sources::default(),
-        Settings { install_token_ttl: Duration::from_secs(3600), discover: DiscoverAnswer::LocalBoot },
-        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 provision".into(),
-    )
-    .unwrap();
+    let prov = Provisioner::for_tests(DiscoverAnswer::LocalBoot);
     let state = AppState {
         prov: Arc::new(prov),
         admin_token: Arc::new(TOKEN.into()),

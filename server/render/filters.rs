@@ -18,6 +18,26 @@ fn ipxe_safe_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"._-:/=,+@%~[]".contains(&b)
 }
 
+/// A template value as text: strings as they are, anything else in its display form.
+fn text(v: &Value) -> String {
+    v.as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string())
+}
+
+/// Refuses a value with a control character for the output named by `place`.
+fn no_control(s: &str, place: &str) -> Result<(), Error> {
+    match s.chars().find(|c| c.is_control()) {
+        Some(c) => Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "value {s:?} cannot be placed in {place}: it contains the control character {c:?}"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Checks one value for an iPXE line or kernel command line (see [`ipxe_safe_byte`]).
 pub fn check_ipxe_word(v: &str) -> Result<(), Error> {
     if v.is_empty() {
@@ -41,10 +61,7 @@ pub fn check_ipxe_word(v: &str) -> Result<(), Error> {
 /// `{{ v | ipxe }}`: the value, if it is one safe word for an iPXE line; an error otherwise.
 /// In `.ipxe` templates this check also runs on every `{{ }}` without the filter.
 pub fn ipxe(v: &Value) -> Result<Value, Error> {
-    let s = v
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| v.to_string());
+    let s = text(v);
     check_ipxe_word(&s)?;
     Ok(Value::from_safe_string(s))
 }
@@ -61,16 +78,8 @@ pub fn cmdline(v: &Value) -> Result<Value, Error> {
 /// joins a line ending in a backslash with the next; so a value may hold spaces and quotes,
 /// but never a control character (a newline would start a new answer) or a trailing backslash.
 pub fn preseed(v: &Value) -> Result<Value, Error> {
-    let s = v
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| v.to_string());
-    if let Some(c) = s.chars().find(|c| c.is_control()) {
-        return Err(Error::new(
-            ErrorKind::InvalidOperation,
-            format!("value {s:?} cannot be placed in a preseed line: it contains the control character {c:?}"),
-        ));
-    }
+    let s = text(v);
+    no_control(&s, "a preseed line")?;
     if s.ends_with('\\') {
         return Err(Error::new(
             ErrorKind::InvalidOperation,
@@ -86,10 +95,7 @@ pub fn preseed(v: &Value) -> Result<Value, Error> {
 /// Inside single quotes nothing is special except the closing quote (POSIX.1-2017 XCU
 /// 2.2.2), so `'` becomes `'\''`. NUL cannot be passed through a shell at all and is refused.
 pub fn shell(v: &Value) -> Result<Value, Error> {
-    let s = v
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| v.to_string());
+    let s = text(v);
     if s.contains('\0') {
         return Err(Error::new(
             ErrorKind::InvalidOperation,
@@ -107,16 +113,8 @@ pub fn shell(v: &Value) -> Result<Value, Error> {
 /// "Command lines"; systemd.unit(5), "Specifiers"). So `%` becomes `%%`, `$` becomes `$$`,
 /// and the result is single-quoted as for a shell; control characters are refused.
 pub fn systemd(v: &Value) -> Result<Value, Error> {
-    let s = v
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| v.to_string());
-    if let Some(c) = s.chars().find(|c| c.is_control()) {
-        return Err(Error::new(
-            ErrorKind::InvalidOperation,
-            format!("value {s:?} cannot be placed in a systemd command line: it contains {c:?}"),
-        ));
-    }
+    let s = text(v);
+    no_control(&s, "a systemd command line")?;
     let escaped = s
         .replace('%', "%%")
         .replace('$', "$$")

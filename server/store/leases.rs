@@ -172,6 +172,23 @@ impl Store {
         })
     }
 
+    /// Every DHCP reservation in the inventory: machines whose `ip` variable is set, as
+    /// (MAC, address): one query, instead of loading every machine (with its host keys) for
+    /// each DHCP packet.
+    pub fn reservations(&self) -> Result<Vec<(Mac, Ipv4Addr)>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT mac, json_extract(vars, '$.ip') FROM machines WHERE json_extract(vars, '$.ip') IS NOT NULL",
+        )?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(mac, ip)| Some((mac.parse().ok()?, ip.parse().ok()?)))
+            .collect())
+    }
+
     /// Live leases, by address.
     pub fn leases(&self, now: i64) -> Result<Vec<Lease>> {
         let conn = self.lock();

@@ -216,6 +216,18 @@ fn start_site_dhcp(lab: &mut Lab) {
     );
 }
 
+/// Starts a daemon command with its output in `log`, and waits until all its listeners are up.
+fn start_daemon(cmd: &mut Command, log: &Path) -> Child {
+    let f = std::fs::File::create(log).unwrap();
+    let child = cmd
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    wait_for(log, "listening for PXE on", Duration::from_secs(20));
+    child
+}
+
 /// Waits until the file at `path` contains `needle`.
 fn wait_for(path: &Path, needle: &str, limit: Duration) {
     let start = Instant::now();
@@ -571,26 +583,17 @@ fn provision_lab_installs_vms_and_cleans_up() {
     }
     let templates = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/installer/templates");
     let data = dir.path().join("data");
-    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-    guard.1.push(
+    guard.1.push(start_daemon(
         Command::new("ip")
             .args(["netns", "exec", &host, BIN, "serve", "--data-dir"])
             .arg(&data)
             .arg("--assets-dir")
             .arg(dir.path().join("assets"))
             .arg("--templates-dir")
-            .arg(&templates)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    let daemon_log = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
-    wait_for(
+            .arg(&templates),
         &dir.path().join("daemon.log"),
-        "listening for PXE on",
-        Duration::from_secs(20),
-    );
+    ));
+    let daemon_log = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
     let lab_cmd = |extra: &[&str]| {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &host, BIN, "--token-file"])
@@ -759,9 +762,8 @@ fn virt_install_pxe_installs_a_vm() {
         std::fs::copy(installer.join(f), assets.join(f)).unwrap();
     }
     let data = dir.path().join("data");
-    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
     // Everything bound to the isolated bridge only.
-    c.children.push(
+    c.children.push(start_daemon(
         Command::new(BIN)
             .args([
                 "serve",
@@ -783,18 +785,10 @@ fn virt_install_pxe_installs_a_vm() {
             .arg("--assets-dir")
             .arg(dir.path().join("assets"))
             .arg("--templates-dir")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/installer/templates"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    let daemon_log = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
-    wait_for(
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/installer/templates")),
         &dir.path().join("daemon.log"),
-        "listening for PXE on",
-        Duration::from_secs(20),
-    );
+    ));
+    let daemon_log = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
     let cli = |args: &[&str]| {
         let out = Command::new(BIN)
             .args(["--server", "http://10.78.0.1:8080", "--token-file"])
