@@ -72,6 +72,32 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Register an installed machine again (its role's steps over SSH; each step is
+    /// idempotent), e.g. after fixing what made it fail.
+    Register {
+        /// The machine.
+        mac: String,
+        /// Wait until it is registered (and handed off, if its profile has a hook) or failed.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Ansible dynamic inventory of installed machines (use as `ansible -i SCRIPT` through a
+    /// two-line wrapper), or their pinned SSH host keys as known_hosts.
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["list", "host", "known_hosts"])))]
+    Inventory {
+        /// Every group and host (Ansible's `--list`).
+        #[arg(long)]
+        list: bool,
+        /// One host's variables (Ansible's `--host`).
+        #[arg(long, value_name = "HOST")]
+        host: Option<String>,
+        /// known_hosts lines of the pinned host keys (for UserKnownHostsFile).
+        #[arg(long)]
+        known_hosts: bool,
+    },
     /// Reload profiles and templates in the running daemon.
     Reload,
     /// Build a VM lab against the running daemon and install VMs until each is installed
@@ -294,6 +320,39 @@ fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
             crate::lab::check_args(&a).map_err(bad)?;
             crate::lab::lab(c, &a).map_err(|e| Fail(format!("{e:#}"), 1))
         }
+        Command::Register { mac, wait, timeout } => {
+            let mac = parse_mac(&mac)?;
+            let m = c.json("POST", &format!("/machines/{mac}/register"), None)?;
+            println!("{mac}: {} (registration queued)", s(&m["state"]));
+            if !wait {
+                return Ok(());
+            }
+            let p = c.json("GET", &format!("/profiles/{}", s(&m["profile"])), None)?;
+            let hook = p["register"]["handoff"].is_string();
+            wait_for(c, mac, timeout, |st| {
+                st == "handed_off" || (st == "registered" && !hook)
+            })
+        }
+        Command::Inventory {
+            list: _,
+            host,
+            known_hosts,
+        } => {
+            if known_hosts {
+                print!("{}", c.call("GET", "/inventory/known_hosts", None)?);
+                return Ok(());
+            }
+            let path = match host {
+                Some(h) => format!(
+                    "/inventory/ansible?host={}",
+                    percent_encoding::utf8_percent_encode(&h, percent_encoding::NON_ALPHANUMERIC)
+                ),
+                None => "/inventory/ansible".to_string(),
+            };
+            let v = c.json("GET", &path, None)?;
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            Ok(())
+        }
         Command::Reload => {
             let v = c.json("POST", "/reload", None)?;
             println!("reloaded {} profiles", v["profiles"]);
@@ -376,12 +435,22 @@ fn enroll(c: &Client, a: EnrollArgs) -> Result<(), Fail> {
     if !a.wait {
         return Ok(());
     }
-    wait_installed(c, mac, a.timeout)
+    wait_for(c, mac, a.timeout, |st| {
+        matches!(
+            st,
+            "installed" | "registering" | "registered" | "handed_off"
+        )
+    })
 }
 
-/// Polls the machine until it is installed (or later), failed, or the timeout passes,
-/// printing each state change.
-fn wait_installed(c: &Client, mac: Mac, timeout: Duration) -> Result<(), Fail> {
+/// Polls the machine until `done(state)`, failed, or the timeout passes, printing each state
+/// change.
+fn wait_for(
+    c: &Client,
+    mac: Mac,
+    timeout: Duration,
+    done: impl Fn(&str) -> bool,
+) -> Result<(), Fail> {
     let start = Instant::now();
     let mut last = String::new();
     loop {
@@ -391,19 +460,18 @@ fn wait_installed(c: &Client, mac: Mac, timeout: Duration) -> Result<(), Fail> {
             println!("{mac}: {state}");
             last = state.clone();
         }
-        match state.as_str() {
-            "installed" | "registering" | "registered" | "handed_off" => return Ok(()),
-            "failed" => {
-                return Err(Fail(
-                    format!(
-                        "{mac} failed at {}: {}",
-                        s(&m["failed_step"]),
-                        s(&m["failed_reason"])
-                    ),
-                    1,
-                ))
-            }
-            _ => {}
+        if done(&state) {
+            return Ok(());
+        }
+        if state == "failed" {
+            return Err(Fail(
+                format!(
+                    "{mac} failed at {}: {}",
+                    s(&m["failed_step"]),
+                    s(&m["failed_reason"])
+                ),
+                1,
+            ));
         }
         if start.elapsed() > timeout {
             return Err(Fail(
@@ -483,6 +551,28 @@ fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
             }
             for k in m["host_keys"].as_array().into_iter().flatten() {
                 println!("host key   {}", s(k));
+            }
+            if !m["cert_fingerprint"].is_null() {
+                println!("node cert  SHA256 {}", s(&m["cert_fingerprint"]));
+            }
+            let steps = m["register_steps"].as_array().cloned().unwrap_or_default();
+            if !steps.is_empty() {
+                println!("registration steps:");
+                for st in &steps {
+                    let code = st["exit_code"]
+                        .as_i64()
+                        .map(|c| format!("exit {c}"))
+                        .unwrap_or_else(|| "-".into());
+                    let out = s(&st["output"]);
+                    let last_line = out.lines().last().unwrap_or("").trim();
+                    println!(
+                        "  {:<12} {:<7} {:<8} {}",
+                        s(&st["name"]),
+                        s(&st["status"]),
+                        code,
+                        printable(last_line)
+                    );
+                }
             }
             let ev = c.json("GET", &format!("/machines/{mac}/events"), None)?;
             let all = ev.as_array().cloned().unwrap_or_default();

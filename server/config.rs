@@ -93,6 +93,18 @@ pub struct ServeArgs {
     /// What unknown machines are told: local_boot or ignore [default: local_boot].
     #[arg(long, env = "PROVISION_DISCOVER", value_name = "ANSWER")]
     pub discover: Option<String>,
+    /// Machines the registrar registers at once [default: 4].
+    #[arg(long, env = "PROVISION_REGISTER_WORKERS", value_name = "N")]
+    pub register_workers: Option<usize>,
+    /// SSH connection attempts before a registration fails [default: 5].
+    #[arg(long, env = "PROVISION_REGISTER_ATTEMPTS", value_name = "N")]
+    pub register_attempts: Option<u32>,
+    /// Timeout of one SSH connect, handshake and login, e.g. 10s [default: 10s].
+    #[arg(long, env = "PROVISION_SSH_TIMEOUT", value_name = "DURATION")]
+    pub ssh_timeout: Option<String>,
+    /// How long a profile's hand-off hook may run, e.g. 10m [default: 10m].
+    #[arg(long, env = "PROVISION_HANDOFF_TIMEOUT", value_name = "DURATION")]
+    pub handoff_timeout: Option<String>,
     /// Validate the configuration, templates and profiles, print a summary, and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -124,6 +136,10 @@ struct FileConfig {
     assets_dir: Option<PathBuf>,
     install_token_ttl: Option<String>,
     discover: Option<String>,
+    register_workers: Option<usize>,
+    register_attempts: Option<u32>,
+    ssh_timeout: Option<String>,
+    handoff_timeout: Option<String>,
 }
 
 /// Every `PROVISION_*` variable the program reads (serve flags and client settings).
@@ -133,6 +149,10 @@ const KNOWN_ENV: &[&str] = &[
     "PROVISION_HTTP",
     "PROVISION_TFTP",
     "PROVISION_TFTP_ROOT",
+    "PROVISION_REGISTER_WORKERS",
+    "PROVISION_REGISTER_ATTEMPTS",
+    "PROVISION_SSH_TIMEOUT",
+    "PROVISION_HANDOFF_TIMEOUT",
     "PROVISION_DHCP",
     "PROVISION_DHCP_PORT",
     "PROVISION_DHCP_INTERFACE",
@@ -191,6 +211,8 @@ pub struct Config {
     pub install_token_ttl: Duration,
     /// Discovery answer.
     pub discover: DiscoverAnswer,
+    /// Registrar settings.
+    pub register: crate::registrar::Settings,
 }
 
 /// The default data directory: `/var/lib/provision` for root, else the XDG data directory.
@@ -229,6 +251,20 @@ pub fn check_base_url(u: &str) -> anyhow::Result<String> {
         );
     }
     Ok(u.trim_end_matches('/').to_string())
+}
+
+/// Parses a registrar duration option (`ssh_timeout`, `handoff_timeout`) within bounds.
+fn parse_bounded(key: &str, s: &str, min: Duration, max: Duration) -> anyhow::Result<Duration> {
+    let d = humantime::parse_duration(s)
+        .with_context(|| format!("{key} {s:?} is not a duration such as 10s or 5m"))?;
+    if d < min || d > max {
+        bail!(
+            "{key} {s:?} is out of range: between {} and {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        );
+    }
+    Ok(d)
 }
 
 /// Parses `install_token_ttl` (humantime: "6h", "90m", "1h 30m").
@@ -464,6 +500,41 @@ impl Config {
                 .or(file.discover)
                 .unwrap_or_else(|| "local_boot".into()),
         )?;
+        let workers = args.register_workers.or(file.register_workers).unwrap_or(4);
+        if !(1..=256).contains(&workers) {
+            bail!("register_workers {workers} is out of range: between 1 and 256");
+        }
+        let attempts = args
+            .register_attempts
+            .or(file.register_attempts)
+            .unwrap_or(5);
+        if !(1..=100).contains(&attempts) {
+            bail!("register_attempts {attempts} is out of range: between 1 and 100");
+        }
+        let register = crate::registrar::Settings {
+            workers,
+            attempts,
+            ssh_timeout: parse_bounded(
+                "ssh_timeout",
+                &args
+                    .ssh_timeout
+                    .clone()
+                    .or(file.ssh_timeout)
+                    .unwrap_or_else(|| "10s".into()),
+                Duration::from_secs(1),
+                Duration::from_secs(600),
+            )?,
+            handoff_timeout: parse_bounded(
+                "handoff_timeout",
+                &args
+                    .handoff_timeout
+                    .clone()
+                    .or(file.handoff_timeout)
+                    .unwrap_or_else(|| "10m".into()),
+                Duration::from_secs(1),
+                Duration::from_secs(86_400),
+            )?,
+        };
         let templates_dir = args.templates_dir.clone().or(file.templates_dir);
         let ipxe_dir = args.ipxe_dir.clone().or(file.ipxe_dir);
         for (what, d) in [("templates_dir", &templates_dir), ("ipxe_dir", &ipxe_dir)] {
@@ -490,6 +561,7 @@ impl Config {
             assets_dir,
             install_token_ttl,
             discover,
+            register,
         })
     }
 }

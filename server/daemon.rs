@@ -106,6 +106,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let token_path = cfg.data_dir.join("admin-token");
     let (admin_token, new_token) = keys::admin_token(&token_path)?;
     let ssh_public_key = keys::ssh_key(&cfg.data_dir.join("ssh"))?;
+    let ssh_private = crate::registrar::ssh::load_key(&cfg.data_dir.join("ssh/id_ed25519"))?;
+    let ca = crate::pki::Ca::load_or_create(&cfg.data_dir.join("pki"))?;
     let settings = Settings {
         install_token_ttl: cfg.install_token_ttl,
         discover: cfg.discover,
@@ -184,6 +186,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     };
     let app = http::router(state, &cfg.assets_dir);
     let mut tasks = JoinSet::new();
+
+    let (register_tx, register_rx) = tokio::sync::mpsc::unbounded_channel();
+    prov.set_register_queue(register_tx);
+    let registrar =
+        crate::registrar::Registrar::new(prov.clone(), ca, ssh_private, cfg.register.clone());
+    let sd = shutdown.clone();
+    tasks.spawn(async move {
+        registrar.run(register_rx, sd).await;
+        Ok(())
+    });
+    // Restart resumes: registrations a stop or crash interrupted continue where they were.
+    let resumed = prov.resume_registrations().await?;
+    if resumed > 0 {
+        tracing::info!("resumed {resumed} registration(s)");
+    }
 
     let sd = shutdown.clone();
     tasks.spawn(async move {

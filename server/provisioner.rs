@@ -30,6 +30,9 @@ pub enum Error {
     /// Input that fails validation.
     #[error("{0}")]
     Invalid(String),
+    /// A request that does not fit the machine as it is.
+    #[error("{0}")]
+    Conflict(String),
     /// A failure of the daemon itself (a panicked blocking task).
     #[error("internal error: {0}")]
     Internal(String),
@@ -113,6 +116,8 @@ pub struct Provisioner {
     sources: Sources,
     settings: Settings,
     ssh_public_key: String,
+    /// The registrar's queue, once the daemon has started it.
+    register_queue: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Mac>>,
 }
 
 /// The answer to an ignored machine that is already running iPXE: hand control back to the
@@ -138,6 +143,7 @@ impl Provisioner {
             sources,
             settings,
             ssh_public_key,
+            register_queue: std::sync::OnceLock::new(),
         })
     }
 
@@ -219,8 +225,8 @@ impl Provisioner {
                 "role",
                 Value::from(
                     profile
-                        .map(|p| format!("{:?}", p.role).to_lowercase())
-                        .unwrap_or_else(|| "none".into()),
+                        .map(|p| p.role.clone())
+                        .unwrap_or_else(|| crate::render::NO_ROLE.into()),
                 ),
             ),
             ("generation", Value::from(m.generation)),
@@ -432,7 +438,12 @@ impl Provisioner {
 
     /// Phone-home: pins the posted SSH host keys and moves the machine to `installed`,
     /// burning its token. `key_lines` are OpenSSH public key lines; each must parse.
-    pub async fn phone_home(&self, token: &str, key_lines: Vec<String>) -> Result<Machine> {
+    pub async fn phone_home(
+        &self,
+        token: &str,
+        key_lines: Vec<String>,
+        from: Option<std::net::IpAddr>,
+    ) -> Result<Machine> {
         let mut keys = Vec::new();
         for line in key_lines.iter().map(|l| l.trim()).filter(|l| !l.is_empty()) {
             let k = ssh_key::PublicKey::from_openssh(line).map_err(|e| {
@@ -456,10 +467,20 @@ impl Provisioner {
         let detail = format!("{} SSH host key(s) pinned: {}", keys.len(), algs.join(", "));
         let hash = keys::token_hash(token);
         let now = store::now_ms();
-        match self
-            .db(move |s| s.phone_home(&hash, &keys, &detail, now))
-            .await
-        {
+        let ip = from.map(|ip| ip.to_canonical().to_string());
+        let result = self
+            .db(move |s| s.phone_home(&hash, &keys, ip.as_deref(), &detail, now))
+            .await;
+        if let Ok(m) = &result {
+            if self.role_name(m).is_some() {
+                // Registration starts now; the installer's HTTP request does not wait for it.
+                if let Err(e) = self.register(m.mac).await {
+                    tracing::warn!(mac = %m.mac, "registration not started: {e}");
+                }
+                return self.machine(m.mac).await;
+            }
+        }
+        match result {
             Err(Error::Store(StoreError::Token(problem, Some(mac)))) => {
                 self.note(Some(mac), "phone_home_refused", problem.to_string())
                     .await;
@@ -534,6 +555,8 @@ impl Provisioner {
             failed_step: None,
             failed_reason: None,
             host_keys: vec![],
+            register_steps: vec![],
+            cert_fingerprint: None,
             created_at: 0,
             updated_at: 0,
             installer_done_at: None,
@@ -926,6 +949,134 @@ impl Provisioner {
             Err(why) => tracing::warn!(?mac, peer = %t.peer, file = %t.file, "TFTP failed: {why}"),
         }
         self.note(mac, kind, detail).await;
+    }
+
+    /// Connects the registrar's queue (once, at daemon start).
+    pub fn set_register_queue(&self, tx: tokio::sync::mpsc::UnboundedSender<Mac>) {
+        let _ = self.register_queue.set(tx);
+    }
+
+    /// The role `m`'s profile registers with, or `None` for role `none` (or no profile).
+    fn role_name(&self, m: &Machine) -> Option<String> {
+        let cat = self.catalog();
+        let p = cat.profile(m.profile.as_deref()?).ok()?;
+        (p.role != crate::render::NO_ROLE).then(|| p.role.clone())
+    }
+
+    /// Starts a fresh registration run (phone-home, or `provision register`): refuses a
+    /// machine without a role or without pinned host keys, moves it to `registering`, and
+    /// queues it for the registrar.
+    pub async fn register(&self, mac: Mac) -> Result<Machine> {
+        let m = self.machine(mac).await?;
+        let profile = m.profile.clone().unwrap_or_default();
+        if self.role_name(&m).is_none() {
+            return Err(Error::Conflict(format!(
+                "{mac} uses profile {profile:?}, whose role is none: there is nothing to register; set `role` in the profile"
+            )));
+        }
+        if m.host_keys.is_empty() {
+            return Err(Error::Conflict(format!(
+                "{mac} has no pinned SSH host key (state {}): it registers after its installed OS phones home",
+                m.state
+            )));
+        }
+        let Some(queue) = self.register_queue.get() else {
+            return Err(Error::Internal("the registrar is not running".into()));
+        };
+        let m = self
+            .db(move |s| s.start_registration(mac, "registration queued", store::now_ms()))
+            .await?;
+        let _ = queue.send(mac);
+        Ok(m)
+    }
+
+    /// At daemon start: re-queues runs a stop or crash interrupted (they resume at their
+    /// first unfinished step) and starts the ones phone-home could not queue.
+    pub async fn resume_registrations(&self) -> Result<usize> {
+        let mut n = 0;
+        for m in self.machines(Some(State::Registering)).await? {
+            if let Some(q) = self.register_queue.get() {
+                let _ = q.send(m.mac);
+                n += 1;
+            }
+        }
+        for m in self.machines(Some(State::Installed)).await? {
+            if self.role_name(&m).is_some() && self.register(m.mac).await.is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// The context role steps and hand-off hooks render with: the machine's template
+    /// context (without install URLs: the token is burnt) plus `role`.
+    pub fn registration_context(&self, m: &Machine, role: &str) -> BTreeMap<&'static str, Value> {
+        let cat = self.catalog();
+        let profile = m.profile.as_deref().and_then(|p| cat.profile(p).ok());
+        let mut ctx = self.context(m, profile, "", REDACTED_TOKEN);
+        for k in ["base_url", "assets_url", "config_url", "phone_home_url"] {
+            ctx.remove(k);
+        }
+        ctx.insert("role", Value::from(role.to_string()));
+        ctx.insert(
+            "ssh_host",
+            Value::from(m.last_ip.clone().unwrap_or_default()),
+        );
+        ctx
+    }
+
+    /// Profile name → role name, for inventories.
+    pub fn roles_by_profile(&self) -> BTreeMap<String, String> {
+        self.catalog()
+            .profiles()
+            .iter()
+            .map(|(n, p)| (n.clone(), p.role.clone()))
+            .collect()
+    }
+
+    /// Moves a machine through `t` (registrar outcomes).
+    pub async fn transition(
+        &self,
+        mac: Mac,
+        t: policy::Transition,
+        detail: String,
+    ) -> Result<Machine> {
+        self.db(move |s| s.transition(mac, t, &detail, store::now_ms()))
+            .await
+    }
+
+    /// Records an event that is not a state change (registrar retries).
+    pub async fn note_event(&self, mac: Mac, kind: &'static str, detail: String) {
+        self.note(Some(mac), kind, detail).await
+    }
+
+    /// Records a finished registration step with its event.
+    pub async fn record_step(
+        &self,
+        mac: Mac,
+        step: store::StepRecord,
+        detail: String,
+    ) -> Result<()> {
+        self.db(move |s| s.record_step(mac, &step, &detail)).await
+    }
+
+    /// The node certificate signed for `mac`: (PEM, fingerprint).
+    pub async fn node_cert(&self, mac: Mac) -> Result<Option<(String, String)>> {
+        self.db(move |s| s.node_cert(mac)).await
+    }
+
+    /// Keeps a node certificate signed for `mac`.
+    pub async fn save_node_cert(&self, mac: Mac, c: crate::pki::Signed) -> Result<()> {
+        self.db(move |s| {
+            s.save_node_cert(
+                mac,
+                &c.cert_pem,
+                &c.fingerprint,
+                &c.subject,
+                store::now_ms(),
+            )
+        })
+        .await
     }
 
     /// Fails machines whose install token expired before they phoned home.

@@ -126,17 +126,17 @@ async fn install_then_phone_home_then_local_boot() {
 
     // A phone-home without a key changes nothing.
     assert!(matches!(
-        p.phone_home(&token, vec!["garbage".into()]).await,
+        p.phone_home(&token, vec!["garbage".into()], None).await,
         Err(Error::Invalid(_))
     ));
     assert!(matches!(
-        p.phone_home(&token, vec![]).await,
+        p.phone_home(&token, vec![], None).await,
         Err(Error::Invalid(_))
     ));
     assert_eq!(p.machine(mac).await.unwrap().state, State::Installing);
 
     let m = p
-        .phone_home(&token, vec![format!("{KEY}\n"), String::new()])
+        .phone_home(&token, vec![format!("{KEY}\n"), String::new()], None)
         .await
         .unwrap();
     assert_eq!(m.state, State::Installed);
@@ -154,7 +154,7 @@ async fn install_then_phone_home_then_local_boot() {
             _
         )))
     ));
-    assert!(p.phone_home(&token, vec![KEY.into()]).await.is_err());
+    assert!(p.phone_home(&token, vec![KEY.into()], None).await.is_err());
 
     for platform in [Platform::Pcbios, Platform::Efi] {
         let req = BootRequest {
@@ -260,7 +260,7 @@ async fn reboot_during_install_replaces_the_token_and_reprovision_reinstalls() {
         .unwrap();
     assert!(s.contains("sanboot") && s.contains("installer-done"), "{s}");
     assert_eq!(p.machine(mac).await.unwrap().state, State::Installing);
-    p.phone_home(&t2, vec![KEY.into()]).await.unwrap();
+    p.phone_home(&t2, vec![KEY.into()], None).await.unwrap();
     let kinds: Vec<String> = p
         .events(Some(mac), 0, 100)
         .await

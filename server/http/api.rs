@@ -127,6 +127,47 @@ pub async fn reprovision(
     Ok(Json(st.prov.reprovision(parse_mac(&mac)?).await?).into_response())
 }
 
+/// `POST /machines/{mac}/register`: a fresh registration run (202: queued).
+pub async fn register(
+    State(st): State<AppState>,
+    Path(mac): Path<String>,
+) -> Result<Response, AppError> {
+    let m = st.prov.register(parse_mac(&mac)?).await?;
+    Ok((StatusCode::ACCEPTED, Json(m)).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct InventoryQuery {
+    host: Option<String>,
+}
+
+/// `GET /inventory/ansible[?host=H]`: Ansible's dynamic inventory (`--list`, `--host H`).
+pub async fn inventory_ansible(
+    State(st): State<AppState>,
+    Query(q): Query<InventoryQuery>,
+) -> Result<Response, AppError> {
+    let machines = st.prov.machines(None).await?;
+    let roles = st.prov.roles_by_profile();
+    let v = match q.host {
+        Some(h) => crate::inventory::ansible_host(&machines, &roles, &h),
+        None => crate::inventory::ansible(&machines, &roles),
+    };
+    Ok(Json(v).into_response())
+}
+
+/// `GET /inventory/known_hosts`: the pinned host keys in OpenSSH known_hosts form.
+pub async fn inventory_known_hosts(State(st): State<AppState>) -> Result<Response, AppError> {
+    let machines = st.prov.machines(None).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        crate::inventory::known_hosts(&machines),
+    )
+        .into_response())
+}
+
 #[derive(Deserialize)]
 pub struct EventsQuery {
     mac: Option<String>,

@@ -109,6 +109,7 @@ pub async fn config(
 /// (`pub_key_rsa`, `pub_key_ecdsa`, `pub_key_ed25519`, ...).
 pub async fn phone_home(
     State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(token): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -138,7 +139,7 @@ pub async fn phone_home(
     };
     let m = st
         .prov
-        .phone_home(&token, lines)
+        .phone_home(&token, lines, Some(peer.ip()))
         .await
         .map_err(|e| AppError::from(e).text())?;
     Ok((

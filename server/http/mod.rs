@@ -44,6 +44,9 @@ pub fn router(state: AppState, assets_dir: &std::path::Path) -> Router {
                 .delete(api::delete_machine),
         )
         .route("/machines/{mac}/reprovision", post(api::reprovision))
+        .route("/machines/{mac}/register", post(api::register))
+        .route("/inventory/ansible", get(api::inventory_ansible))
+        .route("/inventory/known_hosts", get(api::inventory_known_hosts))
         .route("/machines/{mac}/events", get(api::machine_events))
         .route("/machines/{mac}/render/{artifact}", get(api::render))
         .route("/events", get(api::events))
@@ -94,6 +97,7 @@ impl From<Error> for AppError {
     fn from(e: Error) -> Self {
         let status = match &e {
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
             Error::Store(StoreError::AlreadyEnrolled(..))
             | Error::Store(StoreError::Illegal(_)) => StatusCode::CONFLICT,

@@ -94,7 +94,16 @@ pub fn preseed(v: &Value) -> Result<Value, Error> {
 ///
 /// Inside single quotes nothing is special except the closing quote (POSIX.1-2017 XCU
 /// 2.2.2), so `'` becomes `'\''`. NUL cannot be passed through a shell at all and is refused.
-pub fn shell(v: &Value) -> Result<Value, Error> {
+pub fn shell(state: &minijinja::State, v: &Value) -> Result<Value, Error> {
+    let quoted = shell_quote(v)?;
+    // In a shell template the auto-escaper would quote the quoted word again.
+    if matches!(state.auto_escape(), minijinja::AutoEscape::Custom("shell")) {
+        return Ok(Value::from_safe_string(quoted.to_string()));
+    }
+    Ok(quoted)
+}
+
+fn shell_quote(v: &Value) -> Result<Value, Error> {
     let s = text(v);
     if s.contains('\0') {
         return Err(Error::new(
@@ -104,6 +113,30 @@ pub fn shell(v: &Value) -> Result<Value, Error> {
     }
     // Not marked safe: in a YAML or JSON template the quoted word is still JSON-escaped.
     Ok(Value::from(format!("'{}'", s.replace('\'', r"'\''"))))
+}
+
+/// A value placed by `{{ }}` in a shell template (role steps, hand-off hooks): one quoted
+/// word, or one quoted word per item for a list; `|safe` values and values already through
+/// `|shell` go in as they are. None and undefined are refused: an empty word where a bridge
+/// name belongs would run a different command.
+pub fn shell_words(v: &Value) -> Result<String, Error> {
+    if v.is_safe() {
+        return Ok(v.to_string());
+    }
+    if v.is_none() || v.is_undefined() {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "a missing (none) value cannot be placed in a shell command",
+        ));
+    }
+    if v.kind() == minijinja::value::ValueKind::Seq {
+        let words = v
+            .try_iter()?
+            .map(|item| shell_quote(&item).map(|w| w.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(words.join(" "));
+    }
+    Ok(shell_quote(v)?.to_string())
 }
 
 /// `{{ v | systemd }}`: the value as one argument of a systemd `ExecStart=` line.
@@ -175,11 +208,11 @@ mod tests {
 
     #[test]
     fn shell_quotes() {
-        assert_eq!(shell(&s("plain")).unwrap().as_str(), Some("'plain'"));
+        assert_eq!(shell_quote(&s("plain")).unwrap().as_str(), Some("'plain'"));
         assert_eq!(
-            shell(&s("it's $(x)")).unwrap().as_str(),
+            shell_quote(&s("it's $(x)")).unwrap().as_str(),
             Some(r"'it'\''s $(x)'")
         );
-        assert!(shell(&s("a\0b")).is_err());
+        assert!(shell_quote(&s("a\0b")).is_err());
     }
 }

@@ -121,19 +121,91 @@ impl ArtifactKind {
     }
 }
 
-/// What the registrar does after install (the registration issue builds on this).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// No registration.
-    #[default]
-    None,
-    /// An OVS hypervisor (transport node).
-    Hypervisor,
-    /// An OVS gateway.
-    Gateway,
-    /// A service node.
-    Service,
+/// The role name that means "no registration".
+pub const NO_ROLE: &str = "none";
+
+fn no_role() -> String {
+    NO_ROLE.to_string()
+}
+
+/// What the registrar does on a node after install: a TOML file under `roles/` with ordered
+/// steps, each a shell command rendered like any template. In step commands every `{{ }}`
+/// value is quoted as one shell word (a list as one word per item), so inventory data never
+/// becomes shell syntax.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleDef {
+    /// The file name without `.toml`.
+    #[serde(skip_deserializing)]
+    pub name: String,
+    /// One line for `provision profiles`.
+    pub description: String,
+    /// Another role whose defaults and steps come first (gateway and service extend
+    /// hypervisor).
+    #[serde(default)]
+    pub extends: Option<String>,
+    /// Parameter defaults, seen by steps as `{{ reg.* }}`.
+    #[serde(default)]
+    pub defaults: BTreeMap<String, toml::Value>,
+    /// The steps, run in order over one SSH session.
+    #[serde(default)]
+    pub steps: Vec<RoleStep>,
+}
+
+/// Resolves `extends`: the parent's defaults overlaid by the child's, the parent's steps
+/// followed by the child's. Refuses unknown parents and cycles.
+fn resolve_roles(raw: &BTreeMap<String, RoleDef>) -> Result<BTreeMap<String, RoleDef>, String> {
+    let mut out = BTreeMap::new();
+    for name in raw.keys() {
+        let mut chain = vec![name.as_str()];
+        let mut cur = &raw[name];
+        while let Some(parent) = &cur.extends {
+            if chain.contains(&parent.as_str()) {
+                return Err(format!(
+                    "role {name}: `extends` loops: {} → {parent}",
+                    chain.join(" → ")
+                ));
+            }
+            cur = raw
+                .get(parent)
+                .ok_or_else(|| format!("role {name}: extends {parent:?}, which is not a role"))?;
+            chain.push(parent);
+        }
+        let mut r = raw[name].clone();
+        r.defaults = BTreeMap::new();
+        r.steps = Vec::new();
+        for ancestor in chain.iter().rev() {
+            let a = &raw[*ancestor];
+            r.defaults.extend(a.defaults.clone());
+            r.steps.extend(a.steps.clone());
+        }
+        out.insert(name.clone(), r);
+    }
+    Ok(out)
+}
+
+/// One step of a role.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleStep {
+    /// Shown in events and `provision machines show`; unique within the role.
+    pub name: String,
+    /// The command (a template), run by the node's shell as root; exit status 0 is success.
+    pub run: String,
+    /// The command prints a PEM certificate request; provision's CA signs it and later steps
+    /// see the certificate as `{{ cert }}`.
+    #[serde(default)]
+    pub sign: bool,
+    /// Lines (a template) that must each appear as a whole line of the command's output.
+    #[serde(default)]
+    pub expect: Option<String>,
+    /// Seconds the command may take.
+    #[serde(default = "default_step_timeout")]
+    pub timeout: u64,
+}
+
+fn default_step_timeout() -> u64 {
+    120
 }
 
 /// One rendered file a profile offers to its installer.
@@ -163,9 +235,13 @@ pub struct Profile {
     /// Kernel command line (a template; `{{ config_url }}` is the token-bearing config base).
     #[serde(default)]
     pub cmdline: String,
-    /// Registration role.
+    /// Registration role: a file under `roles/`, or `none`.
+    #[serde(default = "no_role")]
+    pub role: String,
+    /// Registration parameters given to the role's steps as `{{ reg.* }}`; a machine var
+    /// of the same name overrides a value (a comma-separated var for a list).
     #[serde(default)]
-    pub role: Role,
+    pub register: BTreeMap<String, toml::Value>,
     /// Default variables; a machine's own vars override them.
     #[serde(default)]
     pub vars: BTreeMap<String, String>,
@@ -215,10 +291,11 @@ impl Sources {
             .map(str::to_string)
     }
 
-    /// Profile files: built-in ones, then the operator's, which replace same-named ones.
-    fn profile_files(&self) -> Result<BTreeMap<String, (String, String)>, RenderError> {
+    /// The `.toml` files of `sub` (`profiles` or `roles`): built-in ones, then the
+    /// operator's, which replace same-named ones.
+    fn toml_files(&self, sub: &str) -> Result<BTreeMap<String, (String, String)>, RenderError> {
         let mut out = BTreeMap::new();
-        if let Some(dir) = BUILTIN_TEMPLATES.get_dir("profiles") {
+        if let Some(dir) = BUILTIN_TEMPLATES.get_dir(sub) {
             for f in dir.files() {
                 if let (Some(stem), Some(text)) = (
                     f.path().file_stem().and_then(|s| s.to_str()),
@@ -237,7 +314,7 @@ impl Sources {
             }
         }
         if let Some(dir) = &self.templates_dir {
-            let pdir = dir.join("profiles");
+            let pdir = dir.join(sub);
             if pdir.is_dir() {
                 let entries = std::fs::read_dir(&pdir).map_err(|e| RenderError::BadProfile {
                     file: pdir.display().to_string(),
@@ -264,6 +341,7 @@ impl Sources {
 /// Profiles plus a template environment: loaded at start and on reload, then shared.
 pub struct Catalog {
     profiles: BTreeMap<String, Profile>,
+    roles: BTreeMap<String, RoleDef>,
     env: Environment<'static>,
 }
 
@@ -295,6 +373,8 @@ fn new_env(sources: Sources) -> Environment<'static> {
     env.set_auto_escape_callback(|name| {
         if name.ends_with(".ipxe") || name.ends_with(".cmdline") {
             AutoEscape::Custom("ipxe")
+        } else if name.ends_with(".sh") {
+            AutoEscape::Custom("shell")
         } else if name.ends_with(".json") || name.ends_with(".yaml") || name.ends_with(".yml") {
             AutoEscape::Json
         } else {
@@ -315,6 +395,10 @@ fn new_env(sources: Sources) -> Environment<'static> {
             }
             let s = value.to_string();
             filters::check_ipxe_word(&s)?;
+            write!(out, "{s}").map_err(minijinja::Error::from)?;
+            Ok(())
+        } else if let AutoEscape::Custom("shell") = state.auto_escape() {
+            let s = filters::shell_words(value)?;
             write!(out, "{s}").map_err(minijinja::Error::from)?;
             Ok(())
         } else {
@@ -344,8 +428,57 @@ impl Catalog {
     /// Loads every profile and compiles every template they name; any problem is an error
     /// naming the file, so a bad edit is caught at start or reload, not at a machine's boot.
     pub fn load(sources: Sources) -> Result<Catalog, RenderError> {
-        let files = sources.profile_files()?;
+        let files = sources.toml_files("profiles")?;
+        let role_files = sources.toml_files("roles")?;
         let env = new_env(sources);
+        let mut roles = BTreeMap::new();
+        for (name, (file, text)) in role_files {
+            let bad = |message: String| RenderError::BadProfile {
+                file: file.clone(),
+                message,
+            };
+            crate::validate::profile_name(&name).map_err(|e| bad(e.0))?;
+            if name == NO_ROLE {
+                return Err(bad(
+                    "a role may not be called \"none\" (that means no role)".into(),
+                ));
+            }
+            let mut r: RoleDef = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            r.name = name.clone();
+            if r.steps.is_empty() && r.extends.is_none() {
+                return Err(bad("a role needs at least one [[steps]] entry".into()));
+            }
+            roles.insert(name, (file, r));
+        }
+        let raw: BTreeMap<String, RoleDef> = roles
+            .iter()
+            .map(|(k, (_, r))| (k.clone(), r.clone()))
+            .collect();
+        let resolved = resolve_roles(&raw).map_err(|message| RenderError::BadProfile {
+            file: "roles/".into(),
+            message,
+        })?;
+        for (name, r) in &resolved {
+            let bad = |message: String| RenderError::BadProfile {
+                file: roles[name].0.clone(),
+                message,
+            };
+            let mut seen = std::collections::BTreeSet::new();
+            for st in &r.steps {
+                if !seen.insert(st.name.as_str()) {
+                    return Err(bad(format!("step name {:?} appears twice", st.name)));
+                }
+                crate::validate::profile_name(&st.name)
+                    .map_err(|_| bad(format!("step name {:?} must be a plain word", st.name)))?;
+                env.template_from_named_str("check.sh", &st.run)
+                    .map_err(|e| bad(format!("step {}: run: {e}", st.name)))?;
+                if let Some(x) = &st.expect {
+                    env.template_from_named_str("check.txt", x)
+                        .map_err(|e| bad(format!("step {}: expect: {e}", st.name)))?;
+                }
+            }
+        }
+        let roles = resolved;
         let mut profiles = BTreeMap::new();
         for (name, (file, text)) in files {
             let bad = |message: String| RenderError::BadProfile {
@@ -356,6 +489,13 @@ impl Catalog {
             let mut p: Profile = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
             p.name = name.clone();
             crate::validate::vars(&p.vars).map_err(|e| bad(e.0))?;
+            if p.role != NO_ROLE && !roles.contains_key(&p.role) {
+                return Err(bad(format!(
+                    "role {:?} is not defined; roles are \"none\" or a file under roles/: {}",
+                    p.role,
+                    roles.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
             if let Some(a) = &p.local_boot_after {
                 if !p.artifacts.contains_key(a) {
                     return Err(bad(format!(
@@ -389,7 +529,11 @@ impl Catalog {
                 message: e.to_string(),
             })?;
         }
-        Ok(Catalog { profiles, env })
+        Ok(Catalog {
+            profiles,
+            roles,
+            env,
+        })
     }
 
     /// All profiles by name.
@@ -402,6 +546,41 @@ impl Catalog {
         self.profiles
             .get(name)
             .ok_or_else(|| RenderError::NoProfile(name.to_string()))
+    }
+
+    /// The role a profile registers with, or `None` for role `none`.
+    pub fn role_of(&self, profile: &str) -> Result<Option<&RoleDef>, RenderError> {
+        let p = self.profile(profile)?;
+        Ok(self.roles.get(&p.role))
+    }
+
+    /// All roles by name.
+    pub fn roles(&self) -> &BTreeMap<String, RoleDef> {
+        &self.roles
+    }
+
+    /// Renders one role step's command (`what` = `run`) with every value shell-quoted, or its
+    /// `expect` lines (`what` = `expect`) as plain text.
+    pub fn render_step(
+        &self,
+        role: &str,
+        step: &str,
+        what: &str,
+        src: &str,
+        ctx: &Value,
+    ) -> Result<String, RenderError> {
+        let ext = if what == "run" { "sh" } else { "txt" };
+        self.env
+            .render_named_str(&format!("roles/{role}/{step}.{what}.{ext}"), src, ctx)
+            .map_err(|e| template_error(&format!("role {role} step {step} {what}"), e))
+    }
+
+    /// Renders a command line from a profile string (a hand-off hook) with every value
+    /// shell-quoted.
+    pub fn render_shell(&self, what: &str, src: &str, ctx: &Value) -> Result<String, RenderError> {
+        self.env
+            .render_named_str(&format!("{what}.sh"), src, ctx)
+            .map_err(|e| template_error(what, e))
     }
 
     /// Renders a template file by name and checks the result as `kind`.

@@ -118,10 +118,31 @@ pub struct Machine {
     pub host_keys: Vec<String>,
     /// When the installer fetched its profile's `local_boot_after` artifact (this install).
     pub installer_done_at: Option<i64>,
+    /// The current registration run's finished steps, in role order.
+    pub register_steps: Vec<StepRecord>,
+    /// SHA-256 fingerprint of the node certificate provision's CA signed for it.
+    pub cert_fingerprint: Option<String>,
     /// Creation time, Unix ms.
     pub created_at: i64,
     /// Last change, Unix ms.
     pub updated_at: i64,
+}
+
+/// One finished step of a registration run.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StepRecord {
+    /// Position in the role.
+    pub seq: i64,
+    /// Step name from the role definition.
+    pub name: String,
+    /// `ok` or `failed`.
+    pub status: String,
+    /// The remote command's exit status, if it ran.
+    pub exit_code: Option<i64>,
+    /// An excerpt of its output (or why it did not run).
+    pub output: String,
+    /// When it finished, Unix ms.
+    pub at: i64,
 }
 
 /// One row of the append-only history.
@@ -197,7 +218,8 @@ pub struct Store {
 const MACHINE_COLS: &str =
     "mac, uuid, serial, hostname, profile, state, vars, labels, generation, \
      arch, platform, last_ip, failed_step, failed_reason, created_at, updated_at, \
-     (SELECT t.handed_over_at FROM install_tokens t WHERE t.mac = machines.mac)";
+     (SELECT t.handed_over_at FROM install_tokens t WHERE t.mac = machines.mac), \
+     (SELECT c.fingerprint FROM node_certs c WHERE c.mac = machines.mac)";
 
 fn json_map(col: &'static str, s: String) -> Result<BTreeMap<String, String>> {
     serde_json::from_str(&s).map_err(|e| StoreError::Json(col, e))
@@ -233,6 +255,8 @@ fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<(Machine, String, String)
             failed_step: row.get(12)?,
             failed_reason: row.get(13)?,
             host_keys: Vec::new(),
+            register_steps: Vec::new(),
+            cert_fingerprint: row.get(17)?,
             created_at: row.get(14)?,
             updated_at: row.get(15)?,
             installer_done_at: row.get(16)?,
@@ -250,6 +274,21 @@ fn finish_machine(conn: &Connection, parts: (Machine, String, String)) -> Result
         conn.prepare_cached("SELECT key FROM host_keys WHERE mac = ?1 ORDER BY algorithm")?;
     m.host_keys = stmt
         .query_map([m.mac.to_string()], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, name, status, exit_code, output, at FROM register_steps WHERE mac = ?1 ORDER BY seq",
+    )?;
+    m.register_steps = stmt
+        .query_map([m.mac.to_string()], |r| {
+            Ok(StepRecord {
+                seq: r.get(0)?,
+                name: r.get(1)?,
+                status: r.get(2)?,
+                exit_code: r.get(3)?,
+                output: r.get(4)?,
+                at: r.get(5)?,
+            })
+        })?
         .collect::<rusqlite::Result<_>>()?;
     Ok(m)
 }
@@ -613,6 +652,7 @@ impl Store {
         &self,
         token_hash: &str,
         host_keys: &[(String, String)],
+        from_ip: Option<&str>,
         detail: &str,
         now: i64,
     ) -> Result<Machine> {
@@ -627,6 +667,10 @@ impl Store {
                 )?;
             }
             apply(tx, now, &m, Transition::PhoneHome, detail)?;
+            if let Some(ip) = from_ip {
+                // The registrar's SSH target: the address the installed OS spoke from.
+                tx.execute("UPDATE machines SET last_ip = ?2 WHERE mac = ?1", params![mac, ip])?;
+            }
             tx.execute("UPDATE install_tokens SET burnt_at = ?2 WHERE mac = ?1", params![mac, now])?;
             must_load(tx, m.mac)
         })
@@ -677,6 +721,11 @@ impl Store {
                 [mac.to_string()],
             )?;
             tx.execute("DELETE FROM host_keys WHERE mac = ?1", [mac.to_string()])?;
+            tx.execute(
+                "DELETE FROM register_steps WHERE mac = ?1",
+                [mac.to_string()],
+            )?;
+            tx.execute("DELETE FROM node_certs WHERE mac = ?1", [mac.to_string()])?;
             must_load(tx, mac)
         })
     }
@@ -688,6 +737,70 @@ impl Store {
             let m = must_load(tx, mac)?;
             apply(tx, now, &m, t, detail)?;
             must_load(tx, mac)
+        })
+    }
+
+    /// Starts a fresh registration run: `→ registering` and the previous run's step rows
+    /// gone, in one transaction.
+    pub fn start_registration(&self, mac: Mac, detail: &str, now: i64) -> Result<Machine> {
+        self.write(|tx| {
+            let m = must_load(tx, mac)?;
+            apply(tx, now, &m, Transition::StartRegistration, detail)?;
+            tx.execute(
+                "DELETE FROM register_steps WHERE mac = ?1",
+                [mac.to_string()],
+            )?;
+            must_load(tx, mac)
+        })
+    }
+
+    /// Records a finished registration step and its event, in one transaction. Refused
+    /// unless the machine is still `registering` (a reprovision may have overtaken the run).
+    pub fn record_step(&self, mac: Mac, step: &StepRecord, detail: &str) -> Result<()> {
+        self.write(|tx| {
+            let m = must_load(tx, mac)?;
+            if m.state != State::Registering {
+                // Illegal from every other state: the error names the state and the moves.
+                policy::transition(m.state, Transition::FinishRegistration)?;
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO register_steps (mac, seq, name, status, exit_code, output, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![mac.to_string(), step.seq, step.name, step.status, step.exit_code, step.output, step.at],
+            )?;
+            let kind = if step.status == "ok" { "register_step" } else { "register_step_failed" };
+            insert_event(tx, step.at, Some(mac), kind, Some(m.state), Some(m.state), detail)
+        })
+    }
+
+    /// The node certificate signed for `mac`, if any: (PEM, fingerprint).
+    pub fn node_cert(&self, mac: Mac) -> Result<Option<(String, String)>> {
+        Ok(self
+            .lock()
+            .query_row(
+                "SELECT cert_pem, fingerprint FROM node_certs WHERE mac = ?1",
+                [mac.to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Keeps the node certificate signed for `mac`.
+    pub fn save_node_cert(
+        &self,
+        mac: Mac,
+        cert_pem: &str,
+        fingerprint: &str,
+        subject: &str,
+        now: i64,
+    ) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO node_certs (mac, cert_pem, fingerprint, subject, signed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![mac.to_string(), cert_pem, fingerprint, subject, now],
+            )?;
+            Ok(())
         })
     }
 

@@ -88,11 +88,13 @@ fn token_lifecycle() {
         Err(StoreError::Token(TokenProblem::Expired, _))
     ));
     let keys = vec![("ssh-ed25519".to_string(), "ssh-ed25519 AAAA k".to_string())];
-    let done = s.phone_home("h2", &keys, "1 host key", 6).unwrap();
+    let done = s
+        .phone_home("h2", &keys, Some("10.0.0.9"), "1 host key", 6)
+        .unwrap();
     assert_eq!(done.state, State::Installed);
     assert_eq!(done.host_keys, ["ssh-ed25519 AAAA k"]);
     assert!(matches!(
-        s.phone_home("h2", &keys, "", 7),
+        s.phone_home("h2", &keys, None, "", 7),
         Err(StoreError::Token(TokenProblem::Used, _))
     ));
     assert_eq!(
@@ -112,7 +114,7 @@ fn reprovision_kills_token_and_keys() {
     let m = s.enroll(&new("52:54:00:00:00:04"), 1).unwrap().mac;
     s.start_install(m, "h1", 100, 2).unwrap();
     let keys = vec![("ssh-ed25519".to_string(), "ssh-ed25519 AAAA k".to_string())];
-    s.phone_home("h1", &keys, "", 3).unwrap();
+    s.phone_home("h1", &keys, None, "", 3).unwrap();
     let r = s.reprovision(m, 4).unwrap();
     assert_eq!((r.state, r.generation), (State::Enrolled, 1));
     assert!(r.host_keys.is_empty());

@@ -1,0 +1,540 @@
+//! The registrar: after phone-home, SSH into the node with its pinned host key and run its
+//! role's steps (`templates/roles/*.toml`), then hand it off.
+//!
+//! A queue of MACs feeds a bounded pool of workers. Each run is resumable: a finished step
+//! is a `register_steps` row written with its event in one transaction, so after a crash
+//! the daemon re-queues every `registering` machine and the run continues at its first
+//! unfinished step. Steps are idempotent anyway (the role files make sure of it); resuming
+//! only avoids doing work twice. Nothing stays `registering` without a worker: either it
+//! finishes, or it fails with the step and the reason.
+
+pub mod ssh;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use minijinja::Value;
+use russh::keys::PrivateKey;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::mac::Mac;
+use crate::pki::{excerpt, Ca};
+use crate::policy::{State, Transition};
+use crate::provisioner::Provisioner;
+use crate::render::{RoleDef, RoleStep};
+use crate::store::{self, Machine, StepRecord};
+
+/// Registrar settings from the configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Machines registered at once.
+    pub workers: usize,
+    /// Connect, handshake and login timeout.
+    pub ssh_timeout: Duration,
+    /// Connection attempts before the machine fails (the node may still be booting).
+    pub attempts: u32,
+    /// How long a hand-off hook may run.
+    pub handoff_timeout: Duration,
+}
+
+/// The registrar's long-lived parts.
+pub struct Registrar {
+    prov: Arc<Provisioner>,
+    ca: Ca,
+    key: Arc<PrivateKey>,
+    settings: Settings,
+}
+
+/// How a run ended early: the step and why (stored as the machine's failed step/reason).
+struct Failure {
+    step: String,
+    reason: String,
+}
+
+fn fail(step: &str, reason: impl Into<String>) -> Failure {
+    Failure {
+        step: step.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The end of a command's output, where errors are: for events and step records.
+fn tail(s: &str, n: usize) -> String {
+    let s = s.trim();
+    let count = s.chars().count();
+    if count <= n {
+        s.to_string()
+    } else {
+        format!("…{}", s.chars().skip(count - n).collect::<String>())
+    }
+}
+
+/// Registration parameters: the role's defaults, overlaid by the profile's `[register]`,
+/// overlaid by machine vars of the same name (parsed to the default's type: a list from a
+/// comma-separated string, a boolean from true/false). A var that does not parse is an error.
+pub fn parameters(
+    role: &RoleDef,
+    profile: &BTreeMap<String, toml::Value>,
+    vars: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, toml::Value>, String> {
+    let mut reg = role.defaults.clone();
+    reg.extend(profile.clone());
+    for (k, v) in reg.iter_mut() {
+        let Some(s) = vars.get(k) else { continue };
+        *v = match v {
+            toml::Value::Array(_) => toml::Value::Array(
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|x| !x.is_empty())
+                    .map(|x| toml::Value::String(x.to_string()))
+                    .collect(),
+            ),
+            toml::Value::Boolean(_) => toml::Value::Boolean(s.parse().map_err(|_| {
+                format!(
+                    "variable {k} must be true or false (it overrides the role's {k}), not {s:?}"
+                )
+            })?),
+            toml::Value::Integer(_) => toml::Value::Integer(s.parse().map_err(|_| {
+                format!("variable {k} must be an integer (it overrides the role's {k}), not {s:?}")
+            })?),
+            _ => toml::Value::String(s.clone()),
+        };
+    }
+    Ok(reg)
+}
+
+/// Whether every non-empty line of `expect` is a whole line of `output`; the first one
+/// missing otherwise.
+fn missing_line<'a>(expect: &'a str, output: &str) -> Option<&'a str> {
+    let have: Vec<&str> = output.lines().map(str::trim).collect();
+    expect
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .find(|l| !have.contains(l))
+}
+
+/// The node's SSH address: the `ssh_host` var, else the address it phoned home from.
+fn ssh_addr(m: &Machine) -> Result<String, String> {
+    let host = m
+        .vars
+        .get("ssh_host")
+        .cloned()
+        .or_else(|| m.last_ip.clone())
+        .ok_or("no address is known for the machine: set its ssh_host variable")?;
+    let port: u16 = match m.vars.get("ssh_port") {
+        Some(p) => p
+            .parse()
+            .map_err(|_| format!("variable ssh_port {p:?} is not a port number"))?,
+        None => 22,
+    };
+    Ok(match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => std::net::SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{host}:{port}"),
+    })
+}
+
+impl Registrar {
+    /// A registrar for `prov`, signing with `ca` and logging in with `key`.
+    pub fn new(
+        prov: Arc<Provisioner>,
+        ca: Ca,
+        key: Arc<PrivateKey>,
+        settings: Settings,
+    ) -> Registrar {
+        Registrar {
+            prov,
+            ca,
+            key,
+            settings,
+        }
+    }
+
+    /// Serves the queue until `shutdown`; runs in flight then stop where they are and are
+    /// resumed on the next start.
+    pub async fn run(self, mut queue: mpsc::UnboundedReceiver<Mac>, shutdown: CancellationToken) {
+        let me = Arc::new(self);
+        let slots = Arc::new(Semaphore::new(me.settings.workers.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                next = queue.recv() => {
+                    let Some(mac) = next else { break };
+                    let Ok(slot) = slots.clone().acquire_owned().await else { break };
+                    let me = me.clone();
+                    tasks.spawn(async move {
+                        me.register(mac).await;
+                        drop(slot);
+                    });
+                }
+            }
+        }
+        tasks.shutdown().await;
+    }
+
+    async fn register(&self, mac: Mac) {
+        let m = match self.prov.machine(mac).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(%mac, "registration: {e}");
+                return;
+            }
+        };
+        if m.state != State::Registering {
+            return;
+        }
+        tracing::info!(%mac, "registration started");
+        let outcome = self.steps(&m).await;
+        let result = match outcome {
+            Ok(n) => {
+                let r = self
+                    .prov
+                    .transition(
+                        mac,
+                        Transition::FinishRegistration,
+                        format!("{n} step(s) ok"),
+                    )
+                    .await;
+                match r {
+                    Ok(m) => self.hand_off(&m).await,
+                    Err(e) => Err(fail("finish", e.to_string())),
+                }
+            }
+            Err(f) => Err(f),
+        };
+        if let Err(f) = result {
+            tracing::warn!(%mac, step = %f.step, "registration failed: {}", f.reason);
+            let detail = format!("{}: {}", f.step, f.reason);
+            if let Err(e) = self.prov.transition(mac, Transition::Fail, detail).await {
+                // Reprovisioned or deleted meanwhile: the run is moot.
+                tracing::info!(%mac, "registration outcome not recorded: {e}");
+            }
+        }
+    }
+
+    /// Connects (with bounded retries) and runs every unfinished step; returns how many ran.
+    async fn steps(&self, m: &Machine) -> Result<usize, Failure> {
+        let cat = self.prov.catalog();
+        let profile_name = m.profile.clone().unwrap_or_default();
+        let profile = cat
+            .profile(&profile_name)
+            .map_err(|e| fail("role", e.to_string()))?;
+        let role = cat
+            .role_of(&profile_name)
+            .map_err(|e| fail("role", e.to_string()))?
+            .ok_or_else(|| fail("role", format!("profile {profile_name} has role none")))?
+            .clone();
+        let reg = parameters(&role, &profile.register, &m.vars).map_err(|e| fail("role", e))?;
+        let user = reg
+            .get("ssh_user")
+            .and_then(|v| v.as_str())
+            .unwrap_or("root")
+            .to_string();
+        let addr = ssh_addr(m).map_err(|e| fail("connect", e))?;
+        let session = self.connect(m.mac, &addr, &user, &m.host_keys).await?;
+        let mut ran = 0;
+        let result = async {
+            for (seq, step) in role.steps.iter().enumerate() {
+                let done = m
+                    .register_steps
+                    .iter()
+                    .any(|s| s.name == step.name && s.status == "ok");
+                if done {
+                    continue;
+                }
+                self.step(m, &role, &reg, &user, &session, seq as i64, step)
+                    .await?;
+                ran += 1;
+            }
+            Ok(())
+        }
+        .await;
+        session.close().await;
+        result.map(|()| ran)
+    }
+
+    async fn connect(
+        &self,
+        mac: Mac,
+        addr: &str,
+        user: &str,
+        pinned: &[String],
+    ) -> Result<ssh::Session, Failure> {
+        let attempts = self.settings.attempts.max(1);
+        for attempt in 1..=attempts {
+            let err = match ssh::Session::open(
+                addr,
+                user,
+                pinned,
+                self.key.clone(),
+                self.settings.ssh_timeout,
+            )
+            .await
+            {
+                Ok(s) => return Ok(s),
+                Err(e) => e,
+            };
+            let step = match err {
+                ssh::SshError::HostKeyMismatch { .. } => "host-key",
+                ssh::SshError::AuthRefused { .. } => "auth",
+                _ => "connect",
+            };
+            if !err.retryable() || attempt == attempts {
+                let why = if err.retryable() {
+                    format!("{err} (after {attempt} attempt(s))")
+                } else {
+                    err.to_string()
+                };
+                return Err(fail(step, why));
+            }
+            let wait = Duration::from_secs(2u64.saturating_pow(attempt).min(30));
+            self.prov
+                .note_event(
+                    mac,
+                    "register_retry",
+                    format!("attempt {attempt}/{attempts}: {err}; next in {wait:?}"),
+                )
+                .await;
+            tokio::time::sleep(wait).await;
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn step(
+        &self,
+        m: &Machine,
+        role: &RoleDef,
+        reg: &BTreeMap<String, toml::Value>,
+        user: &str,
+        session: &ssh::Session,
+        seq: i64,
+        step: &RoleStep,
+    ) -> Result<(), Failure> {
+        let cat = self.prov.catalog();
+        let name = step.name.as_str();
+        let cert = self
+            .prov
+            .node_cert(m.mac)
+            .await
+            .map_err(|e| fail(name, e.to_string()))?;
+        let mut ctx = self.prov.registration_context(m, &role.name);
+        ctx.insert("reg", Value::from_serialize(reg));
+        ctx.insert(
+            "ca_cert",
+            Value::from(self.ca.cert_pem().trim().to_string()),
+        );
+        if let Some((pem, _)) = &cert {
+            ctx.insert("cert", Value::from(pem.trim().to_string()));
+        }
+        let ctx = Value::from(ctx);
+        let mut cmd = cat
+            .render_step(&role.name, name, "run", &step.run, &ctx)
+            .map_err(|e| fail(name, e.to_string()))?;
+        if user != "root" {
+            let quoted = crate::render::filters::shell_words(&Value::from(cmd))
+                .map_err(|e| fail(name, e.to_string()))?;
+            cmd = format!("sudo -n sh -c {quoted}");
+        }
+        let out = session
+            .run(&cmd, Duration::from_secs(step.timeout))
+            .await
+            .map_err(|e| fail(name, e.to_string()))?;
+        let combined = format!("{}\n{}", out.stdout.trim_end(), out.stderr.trim_end());
+        let record = |status: &str, output: String| StepRecord {
+            seq,
+            name: name.to_string(),
+            status: status.to_string(),
+            exit_code: out.status.map(i64::from),
+            output,
+            at: store::now_ms(),
+        };
+        let code = out
+            .status
+            .map(|c| format!("exit {c}"))
+            .unwrap_or_else(|| "no exit status".into());
+        let problem = if out.status != Some(0) {
+            Some(format!("{code}: {}", tail(&combined, 300)))
+        } else if step.sign {
+            match self.sign(m.mac, &out.stdout, cert).await {
+                Ok(note) => {
+                    let r = record("ok", note.clone());
+                    return self
+                        .record(m.mac, r, format!("{name}: {code}: {note}"))
+                        .await;
+                }
+                Err(why) => Some(why),
+            }
+        } else if let Some(src) = &step.expect {
+            let expect = cat
+                .render_step(&role.name, name, "expect", src, &ctx)
+                .map_err(|e| fail(name, e.to_string()))?;
+            missing_line(&expect, &out.stdout).map(|l| {
+                format!(
+                    "{code} but the read-back lacks the line {l:?}; output: {}",
+                    tail(&out.stdout, 300)
+                )
+            })
+        } else {
+            None
+        };
+        match problem {
+            None => {
+                let r = record("ok", tail(&combined, 2000));
+                let detail = format!("{name}: {code}: {}", tail(&combined, 200));
+                self.record(m.mac, r, detail).await
+            }
+            Some(why) => {
+                let r = record("failed", why.clone());
+                let _ = self.record(m.mac, r, format!("{name}: {why}")).await;
+                Err(fail(name, why))
+            }
+        }
+    }
+
+    async fn record(&self, mac: Mac, r: StepRecord, detail: String) -> Result<(), Failure> {
+        let name = r.name.clone();
+        self.prov
+            .record_step(mac, r, detail)
+            .await
+            .map_err(|e| fail(&name, e.to_string()))
+    }
+
+    /// Signs the CSR a `sign` step printed, or re-issues the stored certificate when it is
+    /// for the same node key and from this CA (so registering again changes nothing).
+    async fn sign(
+        &self,
+        mac: Mac,
+        csr: &str,
+        stored: Option<(String, String)>,
+    ) -> Result<String, String> {
+        if let Some((pem, fp)) = stored {
+            if crate::pki::same_key(csr, &pem) && self.ca.issued(&pem) {
+                return Ok(format!(
+                    "certificate for this node key already issued: SHA256 {fp}"
+                ));
+            }
+        }
+        let s = self.ca.sign(csr).map_err(|e| format!("{e:#}"))?;
+        let note = format!("signed {}: SHA256 {}", s.subject, s.fingerprint);
+        self.prov
+            .save_node_cert(mac, s)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(note)
+    }
+
+    /// Runs the profile's hand-off hook, if any (`reg.handoff`, a shell command line on the
+    /// provision host): success → `handed_off`; failure → `failed` at step `handoff`.
+    async fn hand_off(&self, m: &Machine) -> Result<(), Failure> {
+        let cat = self.prov.catalog();
+        let profile = m.profile.clone().unwrap_or_default();
+        let Ok(p) = cat.profile(&profile) else {
+            return Ok(());
+        };
+        let Some(src) = p.register.get("handoff").and_then(|v| v.as_str()) else {
+            return Ok(());
+        };
+        let ctx = Value::from(self.prov.registration_context(m, &p.role));
+        let cmd = cat
+            .render_shell("handoff", src, &ctx)
+            .map_err(|e| fail("handoff", e.to_string()))?;
+        let addr = ssh_addr(m).unwrap_or_default();
+        let mut c = tokio::process::Command::new("/bin/sh");
+        c.arg("-c")
+            .arg(&cmd)
+            .env("PROVISION_MAC", m.mac.to_string())
+            .env("PROVISION_HOST", crate::inventory::host_name(m))
+            .env("PROVISION_SSH_ADDR", addr)
+            .env("PROVISION_PROFILE", &profile)
+            .env("PROVISION_ROLE", &p.role)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(self.settings.handoff_timeout, c.output())
+            .await
+            .map_err(|_| {
+                fail(
+                    "handoff",
+                    format!(
+                        "the hook ran longer than {:?}",
+                        self.settings.handoff_timeout
+                    ),
+                )
+            })?
+            .map_err(|e| fail("handoff", format!("cannot run /bin/sh: {e}")))?;
+        let combined = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout).trim_end(),
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        );
+        if !out.status.success() {
+            return Err(fail(
+                "handoff",
+                format!("{}: {}", out.status, tail(&combined, 300)),
+            ));
+        }
+        self.prov
+            .transition(
+                m.mac,
+                Transition::HandOff,
+                format!("hook {}: {}", excerpt(&cmd, 80), tail(&combined, 200)),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| fail("handoff", e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_layer_role_profile_and_vars() {
+        let role: RoleDef = toml::from_str(
+            r#"description = "x"
+               [defaults]
+               uplinks = []
+               ssl_bootstrap = false
+               datapath_type = "system"
+               port = 6632"#,
+        )
+        .unwrap();
+        let profile: BTreeMap<String, toml::Value> =
+            toml::from_str(r#"datapath_type = "netdev""#).unwrap();
+        let vars = BTreeMap::from([
+            (
+                "uplinks".to_string(),
+                "br-eth1:eth1, br-eth2:eth2,".to_string(),
+            ),
+            ("ssl_bootstrap".to_string(), "true".to_string()),
+            ("unrelated".to_string(), "x".to_string()),
+        ]);
+        let reg = parameters(&role, &profile, &vars).unwrap();
+        assert_eq!(reg["datapath_type"].as_str(), Some("netdev"));
+        assert_eq!(reg["ssl_bootstrap"].as_bool(), Some(true));
+        let up: Vec<_> = reg["uplinks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(up, ["br-eth1:eth1", "br-eth2:eth2"]);
+        assert!(!reg.contains_key("unrelated"));
+        let bad = BTreeMap::from([("port".to_string(), "x".to_string())]);
+        assert!(parameters(&role, &profile, &bad)
+            .unwrap_err()
+            .contains("must be an integer"));
+    }
+
+    #[test]
+    fn expect_lines_must_be_whole_lines() {
+        let out = "br-int\nbr-eth1\nssl:10.0.0.1:6632\n";
+        assert_eq!(missing_line("br-int\n\n  ssl:10.0.0.1:6632\n", out), None);
+        assert_eq!(missing_line("br-in\n", out), Some("br-in"));
+    }
+}

@@ -1,0 +1,230 @@
+//! One SSH session to an installed node: host key pinned, provision's own key, commands with
+//! timeouts. russh accepts no server key unless `check_server_key` says so; ours accepts
+//! exactly the keys the node posted at phone-home and nothing else (no trust on first use:
+//! first use was the phone-home, behind a one-time install token).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::client::{self, Handle};
+use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use russh::ChannelMsg;
+
+/// Why a session could not be opened or a command not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    /// TCP connect failed or timed out: worth retrying (the node may still be booting).
+    #[error("cannot reach {addr}: {why}")]
+    Unreachable {
+        /// host:port.
+        addr: String,
+        /// What the socket said.
+        why: String,
+    },
+    /// The server presented a key that is not pinned: never retried, nothing executed.
+    #[error("{addr} presented SSH host key {got}, which is not the key pinned at phone-home ({pinned}); nothing was executed. If the node was reinstalled outside provision, reprovision it")]
+    HostKeyMismatch {
+        /// host:port.
+        addr: String,
+        /// The presented key's SHA-256 fingerprint.
+        got: String,
+        /// The pinned keys' fingerprints.
+        pinned: String,
+    },
+    /// The node did not accept provision's key.
+    #[error("{addr} refused provision's SSH key for user {user}: is DATA/ssh/id_ed25519.pub in its authorized_keys?")]
+    AuthRefused {
+        /// host:port.
+        addr: String,
+        /// The login.
+        user: String,
+    },
+    /// A command did not finish in time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// Anything else from the SSH layer.
+    #[error("SSH: {0}")]
+    Protocol(String),
+}
+
+impl SshError {
+    /// Whether another attempt may succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            SshError::Unreachable { .. } | SshError::Timeout(_) | SshError::Protocol(_)
+        )
+    }
+}
+
+/// The outcome of one remote command.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Exit status; `None` if the server sent none (killed by a signal).
+    pub status: Option<u32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+struct Pinned {
+    keys: Vec<PublicKey>,
+    /// The key the server offered, kept for the mismatch message.
+    offered: Arc<Mutex<Option<PublicKey>>>,
+}
+
+impl client::Handler for Pinned {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        // Host certificates are not pinned at phone-home; only plain keys can match.
+        let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            return Ok(false);
+        };
+        *self.offered.lock().unwrap_or_else(|p| p.into_inner()) = Some(key.clone());
+        Ok(self.keys.iter().any(|k| k.key_data() == key.key_data()))
+    }
+}
+
+/// An authenticated session.
+pub struct Session {
+    handle: Handle<Pinned>,
+}
+
+fn fp(k: &PublicKey) -> String {
+    k.fingerprint(HashAlg::Sha256).to_string()
+}
+
+impl Session {
+    /// Connects to `addr` (host:port), checks the host key against `pinned` (OpenSSH lines),
+    /// and logs in as `user` with `key`.
+    pub async fn open(
+        addr: &str,
+        user: &str,
+        pinned: &[String],
+        key: Arc<PrivateKey>,
+        timeout: Duration,
+    ) -> Result<Session, SshError> {
+        let keys: Vec<PublicKey> = pinned
+            .iter()
+            .filter_map(|l| PublicKey::from_openssh(l).ok())
+            .collect();
+        if keys.is_empty() {
+            return Err(SshError::Protocol(
+                "no SSH host key is pinned for this machine (it has not phoned home)".into(),
+            ));
+        }
+        let pinned_fps = keys.iter().map(fp).collect::<Vec<_>>().join(", ");
+        let offered = Arc::new(Mutex::new(None));
+        let handler = Pinned {
+            keys,
+            offered: offered.clone(),
+        };
+        let config = Arc::new(client::Config {
+            inactivity_timeout: Some(timeout * 4),
+            nodelay: true,
+            ..Default::default()
+        });
+        let tcp = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+            Err(_) => {
+                return Err(SshError::Unreachable {
+                    addr: addr.into(),
+                    why: format!("no TCP answer within {timeout:?}"),
+                })
+            }
+            Ok(Err(e)) => {
+                return Err(SshError::Unreachable {
+                    addr: addr.into(),
+                    why: e.to_string(),
+                })
+            }
+            Ok(Ok(s)) => s,
+        };
+        let mut handle =
+            match tokio::time::timeout(timeout, client::connect_stream(config, tcp, handler)).await
+            {
+                Err(_) => return Err(SshError::Timeout(timeout)),
+                Ok(Err(russh::Error::UnknownKey)) => {
+                    let got = offered
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .map(|k| format!("{} {}", k.algorithm().as_str(), fp(k)))
+                        .unwrap_or_else(|| "(a certificate)".into());
+                    return Err(SshError::HostKeyMismatch {
+                        addr: addr.into(),
+                        got,
+                        pinned: pinned_fps,
+                    });
+                }
+                Ok(Err(e)) => return Err(SshError::Protocol(e.to_string())),
+                Ok(Ok(h)) => h,
+            };
+        let hash = match handle.best_supported_rsa_hash().await {
+            Ok(h) => h.flatten(),
+            Err(_) => None,
+        };
+        let auth = tokio::time::timeout(
+            timeout,
+            handle.authenticate_publickey(user, PrivateKeyWithHashAlg::new(key, hash)),
+        )
+        .await
+        .map_err(|_| SshError::Timeout(timeout))?
+        .map_err(|e| SshError::Protocol(e.to_string()))?;
+        if !auth.success() {
+            return Err(SshError::AuthRefused {
+                addr: addr.into(),
+                user: user.into(),
+            });
+        }
+        Ok(Session { handle })
+    }
+
+    /// Runs `command` (a shell command line, run by the login shell) with no input, and
+    /// collects its output and exit status within `timeout`.
+    pub async fn run(&self, command: &str, timeout: Duration) -> Result<Output, SshError> {
+        tokio::time::timeout(timeout, self.run_inner(command))
+            .await
+            .map_err(|_| SshError::Timeout(timeout))?
+    }
+
+    async fn run_inner(&self, command: &str) -> Result<Output, SshError> {
+        let p = |e: russh::Error| SshError::Protocol(e.to_string());
+        let mut ch = self.handle.channel_open_session().await.map_err(p)?;
+        ch.exec(true, command).await.map_err(p)?;
+        ch.eof().await.map_err(p)?;
+        let (mut out, mut err, mut status) = (Vec::new(), Vec::new(), None);
+        while let Some(msg) = ch.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => out.extend_from_slice(&data),
+                ChannelMsg::ExtendedData { data, ext: 1 } => err.extend_from_slice(&data),
+                ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                _ => {}
+            }
+        }
+        Ok(Output {
+            status,
+            stdout: String::from_utf8_lossy(&out).into_owned(),
+            stderr: String::from_utf8_lossy(&err).into_owned(),
+        })
+    }
+
+    /// Says goodbye; errors are irrelevant by then.
+    pub async fn close(self) {
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, "", "en")
+            .await;
+    }
+}
+
+/// The daemon's private key, as russh wants it.
+pub fn load_key(path: &std::path::Path) -> anyhow::Result<Arc<PrivateKey>> {
+    let k = russh::keys::load_secret_key(path, None)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    Ok(Arc::new(k))
+}
