@@ -10,9 +10,14 @@
 # dnsmasq-base: the site's DHCP server there; iproute2: namespaces, bridge, taps.
 # cpio: packs the test installer's initramfs (tests/installer/build.sh).
 # libvirt-daemon-system, libvirt-daemon-driver-qemu, virtinst: the virt-install --pxe test.
+# openssh-server, openvswitch-switch (ovs-pki comes with openvswitch-common): the fake
+# hypervisor hosts the registrar registers; openssh-client, ansible-core: `ansible -m ping`
+# through provision's inventory; openssl: `openssl verify` of node certs; curl: phone-home
+# from inside a host's namespace.
 DEBIAN_PACKAGES := cloud-init ignition debconf util-linux tftp-hpa atftp ipxe \
 	qemu-system-x86 ipxe-qemu ovmf dnsmasq-base iproute2 cpio \
-	libvirt-daemon-system libvirt-daemon-driver-qemu virtinst
+	libvirt-daemon-system libvirt-daemon-driver-qemu virtinst \
+	openssh-server openssh-client openvswitch-switch ansible-core openssl curl
 
 CARGO ?= cargo
 

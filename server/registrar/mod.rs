@@ -531,6 +531,61 @@ mod tests {
             .contains("must be an integer"));
     }
 
+    /// Every step of every built-in role renders to a command `sh -n` accepts, with
+    /// parameters on and off, and hostile values stay single words.
+    #[test]
+    fn builtin_roles_render_to_valid_shell_with_values_quoted() {
+        let cat = crate::render::Catalog::load(crate::render::Sources::default()).unwrap();
+        let names: Vec<_> = cat.roles().keys().cloned().collect();
+        assert_eq!(names, ["gateway", "hypervisor", "service"]);
+        let hostile = BTreeMap::from([
+            (
+                "uplinks".to_string(),
+                "br-x:eth1;reboot,br-y:$(id)".to_string(),
+            ),
+            (
+                "managers".to_string(),
+                "ssl:192.0.2.1:6632,ssl:'q'".to_string(),
+            ),
+            ("controllers".to_string(), "tcp:192.0.2.2:6653".to_string()),
+            ("ssl_bootstrap".to_string(), "true".to_string()),
+        ]);
+        for vars in [BTreeMap::new(), hostile] {
+            for role in cat.roles().values() {
+                let reg = parameters(role, &BTreeMap::new(), &vars).unwrap();
+                let ctx = Value::from_serialize(serde_json::json!({
+                    "reg": reg, "role": role.name, "hostname": "hv1",
+                    "cert": "-----BEGIN CERTIFICATE-----\nMIIB'x\n-----END CERTIFICATE-----",
+                    "ca_cert": "-----BEGIN CERTIFICATE-----\nMIIC\n-----END CERTIFICATE-----",
+                }));
+                for st in &role.steps {
+                    let cmd = cat
+                        .render_step(&role.name, &st.name, "run", &st.run, &ctx)
+                        .unwrap_or_else(|e| panic!("{} {}: {e}", role.name, st.name));
+                    let check = std::process::Command::new("sh")
+                        .args(["-n", "-c", &cmd])
+                        .output()
+                        .unwrap();
+                    assert!(
+                        check.status.success(),
+                        "{} {}: {}\n{cmd}",
+                        role.name,
+                        st.name,
+                        String::from_utf8_lossy(&check.stderr)
+                    );
+                    if st.name == "bridges" && vars.contains_key("uplinks") {
+                        assert!(cmd.contains("'eth1;reboot'"), "{cmd}");
+                        assert!(cmd.contains("'$(id)'"), "{cmd}");
+                    }
+                    if let Some(x) = &st.expect {
+                        cat.render_step(&role.name, &st.name, "expect", x, &ctx)
+                            .unwrap();
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn expect_lines_must_be_whole_lines() {
         let out = "br-int\nbr-eth1\nssl:10.0.0.1:6632\n";

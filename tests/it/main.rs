@@ -7,5 +7,7 @@ mod support;
 mod cli;
 mod daemon;
 mod lab;
+mod nodes;
+mod register;
 mod tftp;
 mod validators;

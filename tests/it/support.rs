@@ -25,7 +25,7 @@ impl Daemon {
     }
 
     /// Starts the daemon with `dir` as its data dir and extra serve flags.
-    /// TFTP listens on 127.0.0.1:0 unless `extra` says otherwise.
+    /// HTTP and TFTP listen on 127.0.0.1:0 unless `extra` says otherwise.
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Daemon {
         let tftp_default: &[&str] = if extra.contains(&"--tftp") {
             &[]
@@ -38,8 +38,15 @@ impl Daemon {
         } else {
             &["--dhcp", "off"]
         };
+        let http_default: &[&str] = if extra.contains(&"--http") {
+            &[]
+        } else {
+            &["--http", "127.0.0.1:0"]
+        };
         let mut child = Command::new(BIN)
-            .args(["serve", "--http", "127.0.0.1:0", "--data-dir"])
+            .arg("serve")
+            .args(http_default)
+            .arg("--data-dir")
             .arg(dir.path())
             .args(tftp_default)
             .args(dhcp_default)
