@@ -190,7 +190,7 @@ impl Ca {
         if !csr_pem.contains("-----BEGIN CERTIFICATE REQUEST-----") {
             bail!(
                 "expected a PEM certificate request (-----BEGIN CERTIFICATE REQUEST-----), got {:?}",
-                excerpt(csr_pem, 120)
+                crate::provisioner::truncate(csr_pem, 120)
             );
         }
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
@@ -267,15 +267,6 @@ fn dn_text(dn: &DistinguishedName) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// The first `n` characters of `s`, for error messages about remote output.
-pub fn excerpt(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        format!("{}…", s.chars().take(n).collect::<String>())
-    }
 }
 
 #[cfg(test)]

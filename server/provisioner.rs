@@ -1099,7 +1099,9 @@ fn check_ip_var(vars: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
-fn truncate(s: &str, n: usize) -> String {
+/// The first `n` characters of `s` (and an ellipsis if there were more), for messages that
+/// quote input.
+pub(crate) fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
     } else {

@@ -20,8 +20,9 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::mac::Mac;
-use crate::pki::{excerpt, Ca};
+use crate::pki::Ca;
 use crate::policy::{State, Transition};
+use crate::provisioner::truncate;
 use crate::provisioner::Provisioner;
 use crate::render::{RoleDef, RoleStep};
 use crate::store::{self, Machine, StepRecord};
@@ -481,7 +482,7 @@ impl Registrar {
             .transition(
                 m.mac,
                 Transition::HandOff,
-                format!("hook {}: {}", excerpt(&cmd, 80), tail(&combined, 200)),
+                format!("hook {}: {}", truncate(&cmd, 80), tail(&combined, 200)),
             )
             .await
             .map(|_| ())

@@ -125,7 +125,10 @@ impl Session {
             offered: offered.clone(),
         };
         let config = Arc::new(client::Config {
-            inactivity_timeout: Some(timeout * 4),
+            // A quiet step (ovs-pki generating a key) is not a dead session: each command has
+            // its own timeout instead.
+            inactivity_timeout: None,
+            keepalive_interval: Some(Duration::from_secs(15)),
             nodelay: true,
             ..Default::default()
         });
