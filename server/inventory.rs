@@ -30,12 +30,17 @@ pub fn host_name(m: &Machine) -> String {
         .unwrap_or_else(|| format!("node-{}", m.mac.to_string().replace(':', "")))
 }
 
-fn address(m: &Machine) -> String {
+/// Where the machine's SSH server is: the `ssh_host` var, else the address its installed OS
+/// phoned home from. The registrar and Ansible use the same answer.
+pub fn ssh_host(m: &Machine) -> Option<String> {
     m.vars
         .get("ssh_host")
         .cloned()
         .or_else(|| m.last_ip.clone())
-        .unwrap_or_default()
+}
+
+fn address(m: &Machine) -> String {
+    ssh_host(m).unwrap_or_default()
 }
 
 fn group_name(prefix: &str, value: &str) -> String {

@@ -203,7 +203,7 @@ impl Provisioner {
         let mut vars = profile.map(|p| p.vars.clone()).unwrap_or_default();
         vars.extend(m.vars.clone());
         let bare = m.mac.to_string().replace(':', "");
-        let hostname = m.hostname.clone().unwrap_or_else(|| format!("node-{bare}"));
+        let hostname = crate::inventory::host_name(m);
         let mut keys = vec![self.ssh_public_key.clone()];
         if let Some(k) = vars.get("ssh_authorized_key").filter(|k| !k.is_empty()) {
             keys.push(k.clone());

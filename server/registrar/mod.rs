@@ -119,11 +119,7 @@ fn missing_line<'a>(expect: &'a str, output: &str) -> Option<&'a str> {
 
 /// The node's SSH address: the `ssh_host` var, else the address it phoned home from.
 fn ssh_addr(m: &Machine) -> Result<String, String> {
-    let host = m
-        .vars
-        .get("ssh_host")
-        .cloned()
-        .or_else(|| m.last_ip.clone())
+    let host = crate::inventory::ssh_host(m)
         .ok_or("no address is known for the machine: set its ssh_host variable")?;
     let port: u16 = match m.vars.get("ssh_port") {
         Some(p) => p
