@@ -6,7 +6,8 @@
 # debconf: `debconf-set-selections -c` checks rendered preseeds.
 # util-linux: setpriv, to test the privileged-port message as an unprivileged user.
 # tftp-hpa, atftp: real TFTP clients for the interop tests; ipxe: the binaries TFTP serves.
-# qemu-system-x86, ipxe-qemu, ovmf: BIOS and UEFI VMs that PXE-boot in the firmware lab;
+# qemu-system-x86 (with qemu-utils at its exact version, see deps), ipxe-qemu, ovmf: BIOS and
+# UEFI VMs that PXE-boot in the firmware lab;
 # dnsmasq-base: the site's DHCP server there; iproute2: namespaces, bridge, taps.
 # cpio: packs the test installer's initramfs (tests/installer/build.sh).
 # libvirt-daemon-system, libvirt-daemon-driver-qemu, virtinst: the virt-install --pxe test.
@@ -25,19 +26,18 @@ CARGO ?= cargo
 
 test: deps lint unit it
 
+# tests/deps.sh installs what is missing (apt-get update + install only then, so a machine
+# where the tests already ran is done in about a second), fails with the package names and
+# apt's own output when apt cannot install, and prints the versions of the real clients the
+# tests use. QEMU: the machine image may ship qemu-utils from bookworm-backports (10.x), whose
+# `Breaks: qemu-system-common (<< 8.0)` stops bookworm's qemu-system-x86 (7.2) from installing.
+# We deliberately install qemu-utils at the exact version of qemu-system-x86 (downgrading the
+# image's copy with --allow-downgrades): bookworm's QEMU 7.2 is what the firmware lab is tested
+# with, it comes from the apt sources the machine already has, and the pair stays one build
+# whatever the image ships next. The script then checks that `qemu-system-x86_64 --version`
+# and `qemu-img --version` agree.
 deps:
-	@missing=""; \
-	for p in $(DEBIAN_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages:$$missing"; \
-	  if [ "$$(id -u)" -eq 0 ]; then SUDO=""; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
-	else \
-	  echo "Debian packages present: $(DEBIAN_PACKAGES)"; \
-	fi
+	@bash tests/deps.sh $(DEBIAN_PACKAGES)
 
 lint:
 	$(CARGO) fmt --check
