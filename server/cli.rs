@@ -271,17 +271,20 @@ fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
         Command::Enroll(a) => enroll(c, a),
         Command::Machines(m) => machines(c, m),
         Command::Events { mac, json, limit } => {
+            let limit = limit.clamp(1, crate::store::MAX_PAGE);
             let path = match &mac {
-                Some(m) => format!("/machines/{}/events?limit=10000", parse_mac(m)?),
-                None => "/events?limit=10000".to_string(),
+                Some(m) => format!("/machines/{}/events?tail=true&limit={limit}", parse_mac(m)?),
+                None => format!("/events?tail=true&limit={limit}"),
             };
             let v = c.json("GET", &path, None)?;
-            let all = v.as_array().cloned().unwrap_or_default();
-            let tail = &all[all.len().saturating_sub(limit)..];
+            let tail = v.as_array().cloned().unwrap_or_default();
             if json {
-                println!("{}", serde_json::to_string_pretty(tail).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&tail).unwrap_or_default()
+                );
             } else {
-                print_events(tail, mac.is_none());
+                print_events(&tail, mac.is_none());
             }
             Ok(())
         }
@@ -489,14 +492,28 @@ fn wait_for(
 fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
     match cmd {
         MachinesCmd::List { state, json } => {
-            let path = match state {
+            let filter = match state {
                 Some(st) => {
                     st.parse::<crate::policy::State>().map_err(bad)?;
-                    format!("/machines?state={st}")
+                    format!("state={st}&")
                 }
-                None => "/machines".into(),
+                None => String::new(),
             };
-            let v = c.json("GET", &path, None)?;
+            // The API answers a page at a time; walk every page in MAC order.
+            let mut all = Vec::new();
+            loop {
+                let after = all
+                    .last()
+                    .map(|m: &Value| format!("after={}&", s(&m["mac"])))
+                    .unwrap_or_default();
+                let page = c.json("GET", &format!("/machines?{filter}{after}"), None)?;
+                let page = page.as_array().cloned().unwrap_or_default();
+                if page.is_empty() {
+                    break;
+                }
+                all.extend(page);
+            }
+            let v = Value::Array(all);
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                 return Ok(());

@@ -105,6 +105,17 @@ pub struct ServeArgs {
     /// How long a profile's hand-off hook may run, e.g. 10m [default: 10m].
     #[arg(long, env = "PROVISION_HANDOFF_TIMEOUT", value_name = "DURATION")]
     pub handoff_timeout: Option<String>,
+    /// Discovered machines kept (never enrolled); past this the least recently seen are
+    /// evicted [default: 10000].
+    #[arg(long, env = "PROVISION_MAX_DISCOVERED", value_name = "N")]
+    pub max_discovered: Option<u64>,
+    /// Events kept per machine; older observations go first, state changes last
+    /// [default: 1000].
+    #[arg(long, env = "PROVISION_EVENTS_PER_MACHINE", value_name = "N")]
+    pub events_per_machine: Option<u64>,
+    /// Events kept in all, the same way [default: 1000000].
+    #[arg(long, env = "PROVISION_MAX_EVENTS", value_name = "N")]
+    pub max_events: Option<u64>,
     /// Validate the configuration, templates and profiles, print a summary, and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -140,6 +151,9 @@ struct FileConfig {
     register_attempts: Option<u32>,
     ssh_timeout: Option<String>,
     handoff_timeout: Option<String>,
+    max_discovered: Option<u64>,
+    events_per_machine: Option<u64>,
+    max_events: Option<u64>,
 }
 
 /// Every `PROVISION_*` variable the program reads (serve flags and client settings).
@@ -213,6 +227,8 @@ pub struct Config {
     pub discover: DiscoverAnswer,
     /// Registrar settings.
     pub register: crate::registrar::Settings,
+    /// The bounds on what the network can make the database hold.
+    pub limits: crate::store::Limits,
 }
 
 /// The default data directory: `/var/lib/provision` for root, else the XDG data directory.
@@ -470,7 +486,7 @@ impl Config {
         }
         let mut boot_files = crate::dhcp::packet::BootFiles::default();
         if let Some(f) = args.efi_boot_file.clone().or(file.efi_boot_file) {
-            if crate::tftp::check_name(&f).is_err() || f.contains(char::is_whitespace) {
+            if crate::files::check_name(&f).is_err() || f.contains(char::is_whitespace) {
                 bail!("efi_boot_file {f:?} must be a file name relative to the TFTP root, such as snponly.efi");
             }
             boot_files.efi_x64 = f;
@@ -535,6 +551,35 @@ impl Config {
                 Duration::from_secs(86_400),
             )?,
         };
+        let defaults = crate::store::Limits::default();
+        let bounded = |name: &str, v: Option<u64>, default: u64, min: u64| -> anyhow::Result<u64> {
+            let v = v.unwrap_or(default);
+            if v < min || v > 1_000_000_000 {
+                bail!("{name} {v} is out of range: between {min} and 1000000000");
+            }
+            Ok(v)
+        };
+        let limits = crate::store::Limits {
+            max_discovered: bounded(
+                "max_discovered",
+                args.max_discovered.or(file.max_discovered),
+                defaults.max_discovered,
+                1,
+            )?,
+            events_per_machine: bounded(
+                "events_per_machine",
+                args.events_per_machine.or(file.events_per_machine),
+                defaults.events_per_machine,
+                10,
+            )?,
+            max_events: bounded(
+                "max_events",
+                args.max_events.or(file.max_events),
+                defaults.max_events,
+                1000,
+            )?,
+            ..defaults
+        };
         let templates_dir = args.templates_dir.clone().or(file.templates_dir);
         let ipxe_dir = args.ipxe_dir.clone().or(file.ipxe_dir);
         for (what, d) in [("templates_dir", &templates_dir), ("ipxe_dir", &ipxe_dir)] {
@@ -556,6 +601,7 @@ impl Config {
             dhcp_interfaces,
             boot_files,
             advertise,
+            limits,
             templates_dir,
             ipxe_dir,
             assets_dir,

@@ -13,12 +13,14 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::AdminService;
+use crate::attribution::Attribution;
+use crate::boot::{BootService, Settings};
 use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::keys;
-use crate::provisioner::{Provisioner, Settings};
-use crate::render::{Catalog, Sources};
-use crate::store::Store;
+use crate::render::{Catalog, Renderer, Sources};
+use crate::store::{Inventory, SqliteInventory};
 
 fn sources(cfg: &Config) -> Sources {
     Sources {
@@ -102,25 +104,38 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     fs::create_dir_all(&cfg.assets_dir)
         .with_context(|| format!("creating assets directory {}", cfg.assets_dir.display()))?;
     let db_path = cfg.data_dir.join("provision.db");
-    let store = Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
+    let inv: Arc<dyn Inventory> = Arc::new(
+        SqliteInventory::open(&db_path, cfg.limits.clone())
+            .with_context(|| format!("opening {}", db_path.display()))?,
+    );
     let token_path = cfg.data_dir.join("admin-token");
     let (admin_token, new_token) = keys::admin_token(&token_path)?;
-    let ssh_public_key = keys::ssh_key(&cfg.data_dir.join("ssh"))?;
-    let ssh_private = crate::registrar::ssh::load_key(&cfg.data_dir.join("ssh/id_ed25519"))?;
+    let (ssh_public_key, ssh_private) =
+        crate::registrar::ssh::daemon_key(&cfg.data_dir.join("ssh"))?;
     let ca = crate::pki::Ca::load_or_create(&cfg.data_dir.join("pki"))?;
-    let settings = Settings {
-        install_token_ttl: cfg.install_token_ttl,
-        discover: cfg.discover,
-    };
-    let prov = Arc::new(Provisioner::new(
-        store,
-        sources(&cfg),
-        settings,
-        ssh_public_key,
-    )?);
+    let renderer = Arc::new(Renderer::new(sources(&cfg), ssh_public_key)?);
+    let (registrar_handle, register_queue) =
+        crate::registrar::channel(inv.clone(), renderer.clone());
+    let attribution = Arc::new(Attribution::default());
+    let boot = Arc::new(BootService::new(
+        inv.clone(),
+        renderer.clone(),
+        Settings {
+            install_token_ttl: cfg.install_token_ttl,
+            discover: cfg.discover,
+        },
+        registrar_handle.clone(),
+        attribution,
+    ));
+    let admin = Arc::new(AdminService::new(
+        inv.clone(),
+        renderer.clone(),
+        cfg.discover,
+        registrar_handle.clone(),
+    ));
     tracing::info!(
         data_dir = %cfg.data_dir.display(),
-        profiles = prov.catalog().profiles().len(),
+        profiles = renderer.catalog().profiles().len(),
         "provision starting"
     );
     if new_token {
@@ -129,7 +144,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         tracing::info!("admin API token in {}", token_path.display());
     }
     // Restart resumes: an install whose token ran out while we were down is failed now.
-    for mac in prov.expire_installs().await? {
+    for mac in inv.expire_installs(crate::store::now_ms()).await? {
         tracing::warn!(%mac, "install token expired before phone-home: machine failed");
     }
 
@@ -179,7 +194,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     tracing::info!("listening for HTTP on {http_addr}");
 
     let state = AppState {
-        prov: prov.clone(),
+        boot: boot.clone(),
+        admin: admin.clone(),
         admin_token: Arc::new(admin_token),
         advertise: cfg.advertise.clone().map(Arc::new),
         boot_roots: Arc::new(cfg.tftp_roots.clone()),
@@ -187,17 +203,20 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let app = http::router(state, &cfg.assets_dir);
     let mut tasks = JoinSet::new();
 
-    let (register_tx, register_rx) = tokio::sync::mpsc::unbounded_channel();
-    prov.set_register_queue(register_tx);
-    let registrar =
-        crate::registrar::Registrar::new(prov.clone(), ca, ssh_private, cfg.register.clone());
+    let registrar = crate::registrar::Registrar::new(
+        inv.clone(),
+        renderer.clone(),
+        ca,
+        ssh_private,
+        cfg.register.clone(),
+    );
     let sd = shutdown.clone();
     tasks.spawn(async move {
-        registrar.run(register_rx, sd).await;
+        registrar.run(register_queue, sd).await;
         Ok(())
     });
     // Restart resumes: registrations a stop or crash interrupted continue where they were.
-    let resumed = prov.resume_registrations().await?;
+    let resumed = registrar_handle.resume().await?;
     if resumed > 0 {
         tracing::info!("resumed {resumed} registration(s)");
     }
@@ -215,28 +234,33 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
 
     if let Some(sock) = tftp_socket {
         tracing::info!("listening for TFTP on {}", sock.local_addr()?);
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let (roots, sd) = (cfg.tftp_roots.clone(), shutdown.clone());
-        tasks.spawn(crate::tftp::run(sock, roots, tx, sd));
-        // Transfers become events; recording waits for the disk, the protocol never does.
-        let p = prov.clone();
-        tasks.spawn(async move {
-            while let Some(t) = rx.recv().await {
-                p.record_tftp(t).await;
-            }
-            Ok(())
-        });
+        // Transfers become observations on the machines' timelines; never waited for.
+        let b = boot.clone();
+        let report: crate::tftp::Report = Arc::new(move |t| b.record_tftp(t));
+        tasks.spawn(crate::tftp::run(sock, roots, report, sd));
     }
 
     if !dhcp_sockets.is_empty() {
         let ctx = Arc::new(crate::dhcp::Context::new(
-            prov.clone(),
+            boot.clone(),
+            inv.clone(),
             cfg.dhcp_mode.clone(),
             cfg.boot_files.clone(),
             cfg.advertise.clone(),
             cfg.dhcp,
             http_addr.port(),
         ));
+        tasks.spawn({
+            let (a, sd) = (ctx.ifaddrs.clone(), shutdown.clone());
+            async move {
+                // Returns early only if notifications are unavailable; the task must still
+                // live until shutdown (the first task to end stops the daemon).
+                a.watch(sd.clone()).await;
+                sd.cancelled().await;
+                Ok(())
+            }
+        });
         for (sock, port, what, device) in dhcp_sockets {
             match &device {
                 Some(d) => tracing::info!("listening for {what} on {} ({d})", sock.local_addr()?),
@@ -247,13 +271,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
 
     // Sweeper: no machine stays `installing` past its token's lifetime.
-    let (p, sd) = (prov.clone(), shutdown.clone());
+    let (i, sd) = (inv.clone(), shutdown.clone());
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
             tokio::select! {
                 _ = sd.cancelled() => return Ok(()),
-                _ = tick.tick() => match p.expire_installs().await {
+                _ = tick.tick() => match i.expire_installs(crate::store::now_ms()).await {
                     Ok(macs) => for mac in macs {
                         tracing::warn!(%mac, "install token expired before phone-home: machine failed");
                     },
@@ -264,13 +288,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     });
 
     // SIGHUP reloads profiles and templates, as the API's POST /reload does.
-    let (p, sd) = (prov.clone(), shutdown.clone());
+    let (r, sd) = (renderer.clone(), shutdown.clone());
     tasks.spawn(async move {
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         loop {
             tokio::select! {
                 _ = sd.cancelled() => return Ok(()),
-                _ = hup.recv() => match p.reload() {
+                _ = hup.recv() => match r.reload() {
                     Ok(n) => tracing::info!("reloaded {n} profiles"),
                     Err(e) => tracing::error!("reload failed, keeping the previous profiles: {e}"),
                 },

@@ -151,8 +151,8 @@ mod tests {
             arch: None,
             platform: None,
             last_ip: ip.map(str::to_string),
-            failed_step: None,
-            failed_reason: None,
+            last_seen: None,
+            failure: None,
             host_keys: vec![
                 "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2"
                     .into(),

@@ -1,5 +1,5 @@
-//! Secrets kept in the data directory: the admin API token, install tokens, and the daemon's
-//! own SSH key pair.
+//! Secrets kept in the data directory: the admin API token and install tokens (the daemon's
+//! SSH key pair is the registrar's, in `registrar::ssh`).
 
 use std::fs;
 use std::io::Write;
@@ -23,7 +23,7 @@ pub fn token_hash(token: &str) -> String {
 }
 
 /// Writes `contents` to a new file with mode 0600, refusing to replace an existing one.
-fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -37,7 +37,7 @@ fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
 
 /// Refuses a secret file others can read: a leaked admin token or private key is not a
 /// warning-level problem.
-fn check_private(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn check_private(path: &Path) -> anyhow::Result<()> {
     let mode = fs::metadata(path)?.permissions().mode();
     if mode & 0o077 != 0 {
         bail!(
@@ -70,41 +70,6 @@ pub fn admin_token(path: &Path) -> anyhow::Result<(String, bool)> {
     Ok((t, true))
 }
 
-/// Loads the daemon's SSH key pair from `dir/id_ed25519`, generating it on first start
-/// (private key 0600, OpenSSH format, so `ssh -i` and russh read the same file). Returns the
-/// public key line.
-pub fn ssh_key(dir: &Path) -> anyhow::Result<String> {
-    let private = dir.join("id_ed25519");
-    let public = dir.join("id_ed25519.pub");
-    if !private.exists() {
-        fs::create_dir_all(dir)?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-        let key = ssh_key::PrivateKey::random(
-            &mut ssh_key::rand_core::OsRng,
-            ssh_key::Algorithm::Ed25519,
-        )
-        .context("generating the SSH key")?;
-        let mut key = key;
-        key.set_comment("provision");
-        let pem = key
-            .to_openssh(ssh_key::LineEnding::LF)
-            .context("encoding the SSH key")?;
-        write_private(&private, pem.as_bytes())?;
-        let _ = fs::remove_file(&public);
-    }
-    check_private(&private)?;
-    let key = ssh_key::PrivateKey::read_openssh_file(&private)
-        .with_context(|| format!("reading {}", private.display()))?;
-    let line = key
-        .public_key()
-        .to_openssh()
-        .context("encoding the public key")?;
-    if !public.exists() {
-        fs::write(&public, format!("{line}\n"))?;
-    }
-    Ok(line)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,7 +87,7 @@ mod tests {
     }
 
     #[test]
-    fn admin_token_and_ssh_key_are_private_and_stable() {
+    fn admin_token_is_private_and_stable() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("admin-token");
         let (t, created) = admin_token(&p).unwrap();
@@ -137,9 +102,5 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("chmod 600"));
-
-        let k = ssh_key(&d.path().join("ssh")).unwrap();
-        assert!(k.starts_with("ssh-ed25519 "), "{k}");
-        assert_eq!(ssh_key(&d.path().join("ssh")).unwrap(), k);
     }
 }

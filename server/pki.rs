@@ -190,7 +190,7 @@ impl Ca {
         if !csr_pem.contains("-----BEGIN CERTIFICATE REQUEST-----") {
             bail!(
                 "expected a PEM certificate request (-----BEGIN CERTIFICATE REQUEST-----), got {:?}",
-                crate::provisioner::truncate(csr_pem, 120)
+                crate::validate::truncate(csr_pem, 120)
             );
         }
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)

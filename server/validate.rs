@@ -1,6 +1,6 @@
 //! Validation of inventory values at the API boundary.
 //!
-//! This is the first of two defences (design.md, "Security stance"): values are checked here
+//! This is the first of two defences: values are checked here
 //! when they enter the inventory, and escaped or refused again by the context filters in
 //! [`crate::render`] when they reach an output. Messages say what was wrong and what is allowed,
 //! because they are shown to the operator as they are.
@@ -111,6 +111,16 @@ pub fn profile_name(p: &str) -> Result<(), Invalid> {
         )));
     }
     Ok(())
+}
+
+/// The first `n` characters of `s` (and an ellipsis if there were more), for messages that
+/// quote input.
+pub fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(n).collect::<String>())
+    }
 }
 
 #[cfg(test)]

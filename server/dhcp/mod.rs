@@ -9,7 +9,12 @@
 //! says otherwise) and leaves through it. A malformed packet is logged and dropped; a panic
 //! while handling one packet is caught and logged; neither ends the loop.
 
+mod ifaddrs;
+mod leases;
 pub mod packet;
+
+pub use ifaddrs::InterfaceAddrs;
+pub use leases::LeaseBook;
 
 #[cfg(test)]
 mod tests;
@@ -28,7 +33,9 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-use crate::provisioner::Provisioner;
+use crate::boot::BootService;
+use crate::policy::EventKind;
+use crate::store::Inventory;
 use packet::{BootFiles, ClientKind, Drop};
 
 /// The DHCP client port (RFC 2131 section 4.1).
@@ -73,10 +80,10 @@ pub struct AddressMode {
 
 /// What the DHCP tasks need.
 pub struct Context {
-    /// Proxy or address mode.
-    pub mode: Mode,
-    /// The provisioner (policy, events).
-    pub prov: Arc<Provisioner>,
+    /// Address mode's leases; `None` in proxy mode.
+    pub leases: Option<LeaseBook>,
+    /// The boot service (policy, observations, attribution).
+    pub boot: Arc<BootService>,
     /// Boot file names.
     pub files: BootFiles,
     /// A fixed boot server address from `--advertise`, if it names an IPv4 address.
@@ -85,13 +92,17 @@ pub struct Context {
     pub advertise_url: Option<String>,
     /// The HTTP port, for the base URL when it is derived from the interface address.
     pub http_port: u16,
+    /// Interface addresses, cached (see [`InterfaceAddrs::watch`]).
+    pub ifaddrs: Arc<InterfaceAddrs>,
     limiter: Mutex<RateLimit>,
 }
 
 impl Context {
     /// A context for the DHCP tasks.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        prov: Arc<Provisioner>,
+        boot: Arc<BootService>,
+        inv: Arc<dyn Inventory>,
         mode: Mode,
         files: BootFiles,
         advertise_url: Option<String>,
@@ -105,42 +116,58 @@ impl Context {
                 host.parse().ok()
             })
             .or(dhcp_addr.filter(|a| !a.is_unspecified()));
+        let leases = match mode {
+            Mode::Proxy => None,
+            Mode::Full(a) => Some(LeaseBook::new(inv, boot.attribution_handle(), a)),
+        };
         Context {
-            mode,
-            prov,
+            leases,
+            boot,
             files,
             advertise_ip,
             advertise_url,
             http_port,
-            limiter: Mutex::new(RateLimit::default()),
+            ifaddrs: Arc::new(InterfaceAddrs::default()),
+            limiter: Mutex::new(RateLimit::new(Instant::now())),
         }
     }
 }
 
-/// A per-client-MAC limit: at most `MAX` packets in `WINDOW`. PXE firmware retries a handful
-/// of times a minute; a flood from one MAC (or a spoofing loop) is dropped, not processed.
-#[derive(Default)]
+/// A per-client-MAC limit: at most `MAX` packets in a fixed `WINDOW`. PXE firmware retries a
+/// handful of times a minute; a flood from one MAC (or a spoofing loop) is dropped, not
+/// processed. O(1) per packet: the counts are forgotten together when a window ends, and past
+/// `MAX_TRACKED` MACs in one window new ones are not tracked (a flood of random MACs cannot be
+/// limited by MAC anyway, and must not grow the map).
 struct RateLimit {
-    seen: HashMap<[u8; 6], (Instant, u32)>,
+    window_start: Instant,
+    seen: HashMap<[u8; 6], u32>,
 }
 
 impl RateLimit {
     const WINDOW: Duration = Duration::from_secs(10);
     const MAX: u32 = 40;
+    const MAX_TRACKED: usize = 65_536;
+
+    fn new(now: Instant) -> Self {
+        RateLimit {
+            window_start: now,
+            seen: HashMap::new(),
+        }
+    }
 
     /// Whether a packet from `mac` may be handled now; the second value is true for the
     /// first refused packet of a window, so the log says it once, not per packet.
     fn allow(&mut self, mac: [u8; 6], now: Instant) -> (bool, bool) {
-        if self.seen.len() > 10_000 {
-            self.seen
-                .retain(|_, (t, _)| now.duration_since(*t) < Self::WINDOW);
+        if now.duration_since(self.window_start) >= Self::WINDOW {
+            self.seen.clear();
+            self.window_start = now;
         }
-        let e = self.seen.entry(mac).or_insert((now, 0));
-        if now.duration_since(e.0) >= Self::WINDOW {
-            *e = (now, 0);
+        if self.seen.len() >= Self::MAX_TRACKED && !self.seen.contains_key(&mac) {
+            return (true, false);
         }
-        e.1 = e.1.saturating_add(1);
-        (e.1 <= Self::MAX, e.1 == Self::MAX + 1)
+        let n = self.seen.entry(mac).or_insert(0);
+        *n = n.saturating_add(1);
+        (*n <= Self::MAX, *n == Self::MAX + 1)
     }
 }
 
@@ -177,20 +204,7 @@ pub fn interface_with(ip: Ipv4Addr) -> Option<String> {
     })
 }
 
-/// The first IPv4 address of the interface with index `ifindex`.
-fn interface_ip(ifindex: u32) -> Option<Ipv4Addr> {
-    let addrs = nix::ifaddrs::getifaddrs().ok()?;
-    for a in addrs {
-        let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) else {
-            continue;
-        };
-        if nix::net::if_::if_nametoindex(a.interface_name.as_str()).ok() == Some(ifindex) {
-            return Some(sin.ip());
-        }
-    }
-    None
-}
-
+#[derive(Clone, Copy)]
 struct Received {
     len: usize,
     from: SocketAddrV4,
@@ -269,20 +283,33 @@ fn destination(port: Port, req: &packet::PxeRequest, from: SocketAddrV4) -> Sock
     }
 }
 
+/// Most packets being handled at once on one port (waiting for a lease write or an inventory
+/// read); past this, packets are dropped and counted, never queued without bound.
+const MAX_IN_FLIGHT: usize = 1024;
+
 /// Runs one ProxyDHCP port until `shutdown`.
+///
+/// A packet is handled on the receive loop itself when its answer needs no waiting (the
+/// ProxyDHCP offer: a classification and an observation); one that must wait (an address-mode
+/// lease, the `ignore` answer's inventory read) continues as its own task, so a slow disk
+/// never delays the packets behind it.
 pub async fn run(
     sock: std::net::UdpSocket,
     port: Port,
     ctx: Arc<Context>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let sock = UdpSocket::from_std(sock)?;
+    let sock = Arc::new(UdpSocket::from_std(sock)?);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let mut tasks = tokio::task::JoinSet::new();
     let mut buf = vec![0u8; 1500];
+    let mut dropped: u64 = 0;
     loop {
         let r = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => break,
             r = recv(&sock, &mut buf) => r,
         };
+        while tasks.try_join_next().is_some() {}
         let r = match r {
             Ok(r) => r,
             Err(e) => {
@@ -293,17 +320,51 @@ pub async fn run(
             }
         };
         let data = buf[..r.len].to_vec();
-        let handled = AssertUnwindSafe(handle(&ctx, port, &data, &r));
-        match futures_lite::FutureExt::catch_unwind(handled).await {
-            Ok(Some((reply, to))) => {
-                if let Err(e) = send(&sock, &reply, to, r.ifindex).await {
-                    tracing::warn!(%to, "DHCP send failed: {e}");
+        let c = ctx.clone();
+        let handled = AssertUnwindSafe(async move { handle(&c, port, &data, &r).await });
+        let mut fut = Box::pin(futures_lite::FutureExt::catch_unwind(handled));
+        match futures_lite::future::poll_once(&mut fut).await {
+            Some(out) => answer(&sock, out, &r).await,
+            None => match slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    let sock = sock.clone();
+                    tasks.spawn(async move {
+                        let out = fut.await;
+                        answer(&sock, out, &r).await;
+                        drop(slot);
+                    });
                 }
+                Err(_) => {
+                    dropped += 1;
+                    if dropped.is_power_of_two() {
+                        tracing::warn!(
+                            dropped,
+                            "DHCP: {MAX_IN_FLIGHT} packets already waiting; dropping"
+                        );
+                    }
+                }
+            },
+        }
+    }
+    tasks.shutdown().await;
+    Ok(())
+}
+
+/// Sends what handling a packet came to.
+async fn answer(
+    sock: &UdpSocket,
+    out: std::thread::Result<Option<(Vec<u8>, SocketAddrV4)>>,
+    r: &Received,
+) {
+    match out {
+        Ok(Some((reply, to))) => {
+            if let Err(e) = send(sock, &reply, to, r.ifindex).await {
+                tracing::warn!(%to, "DHCP send failed: {e}");
             }
-            Ok(None) => {}
-            Err(_) => {
-                tracing::error!(from = %r.from, "panic while handling a DHCP packet; dropped it")
-            }
+        }
+        Ok(None) => {}
+        Err(_) => {
+            tracing::error!(from = %r.from, "panic while handling a DHCP packet; dropped it")
         }
     }
 }
@@ -315,8 +376,8 @@ async fn handle(
     data: &[u8],
     r: &Received,
 ) -> Option<(Vec<u8>, SocketAddrV4)> {
-    let full = match (&ctx.mode, port) {
-        (Mode::Full(a), Port::Dhcp) => Some(a),
+    let full = match (&ctx.leases, port) {
+        (Some(book), Port::Dhcp) => Some(book),
         _ => None,
     };
     // Address mode answers every client on port 67; ProxyDHCP only boot clients.
@@ -355,7 +416,7 @@ async fn handle(
             .requested_ip
             .or((!req.ciaddr.is_unspecified()).then_some(req.ciaddr))
         {
-            ctx.prov.client_ip(ip, mac);
+            ctx.boot.attribution().learn(ip, mac);
         }
         return None;
     }
@@ -365,11 +426,11 @@ async fn handle(
         } else {
             req.ciaddr
         };
-        ctx.prov.client_ip(ip, mac);
+        ctx.boot.attribution().learn(ip, mac);
     }
     let server = ctx
         .advertise_ip
-        .or_else(|| interface_ip(r.ifindex))
+        .or_else(|| ctx.ifaddrs.get(r.ifindex))
         .or((!r.local.is_unspecified()).then_some(r.local))?;
     let base_url = ctx
         .advertise_url
@@ -383,11 +444,11 @@ async fn handle(
     };
     // RELEASE and DECLINE are about addresses, not booting: handled whatever policy says
     // about the machine, and never answered.
-    if let (Some(_), MessageType::Release | MessageType::Decline) = (full, req.msg_type) {
+    if let (Some(book), MessageType::Release | MessageType::Decline) = (full, req.msg_type) {
         if req.msg_type == MessageType::Release {
-            ctx.prov.lease_release(mac, Some(req.ciaddr)).await;
+            book.release(mac, Some(req.ciaddr)).await;
         } else if let Some(ip) = req.requested_ip {
-            ctx.prov.lease_decline(mac, ip).await;
+            book.decline(mac, ip).await;
         }
         return None;
     }
@@ -397,16 +458,15 @@ async fn handle(
     } else {
         match packet::boot_target(&req, &ctx.files, &base_url) {
             Ok(t) => {
-                if !ctx.prov.dhcp_answer(mac, req.uuid(), &what).await {
+                if !ctx.boot.dhcp_answer(mac, req.uuid(), &what).await {
                     // "Ignore" is no reply at all, in either mode.
                     return None;
                 }
                 Some(t)
             }
             Err(e) => {
-                ctx.prov
-                    .dhcp_event(mac, "dhcp_ignored", format!("{what}: {e}"))
-                    .await;
+                ctx.boot
+                    .dhcp_event(mac, EventKind::DhcpIgnored, format!("{what}: {e}"));
                 // Address mode still gives the client an address.
                 full?;
                 None
@@ -415,17 +475,15 @@ async fn handle(
     };
     let (reply, nak) = match full {
         None => (packet::reply(&req, server, target.as_ref()?), false),
-        Some(a) => address_mode(ctx, a, &req, server, target.as_ref()).await?,
+        Some(book) => address_mode(book, &req, server, target.as_ref()).await?,
     };
     if let Some(t) = &target {
         if matches!(req.msg_type, MessageType::Discover) || port == Port::Pxe {
-            ctx.prov
-                .dhcp_event(
-                    mac,
-                    "dhcp_offered",
-                    format!("{} via {via} from {server} ({what})", t.file()),
-                )
-                .await;
+            ctx.boot.dhcp_event(
+                mac,
+                EventKind::DhcpOffered,
+                format!("{} via {via} from {server} ({what})", t.file()),
+            );
         }
     }
     // RFC 2131 section 4.1: without a relay, a DHCPNAK is broadcast (the client's address is
@@ -460,13 +518,13 @@ fn describe(req: &packet::PxeRequest) -> String {
 /// binds on REQUEST or answers NAK, handles RELEASE, DECLINE and INFORM. Leases live in
 /// SQLite, so they survive a restart.
 async fn address_mode(
-    ctx: &Context,
-    a: &AddressMode,
+    book: &LeaseBook,
     req: &packet::PxeRequest,
     server: Ipv4Addr,
     target: Option<&packet::BootTarget>,
 ) -> Option<(Vec<u8>, bool)> {
     let mac = req.mac;
+    let a = book.mode();
     let params = |yiaddr| packet::LeaseParams {
         yiaddr,
         netmask: a.netmask,
@@ -476,7 +534,7 @@ async fn address_mode(
     };
     match req.msg_type {
         MessageType::Discover => {
-            let ip = ctx.prov.lease_offer(mac, req.requested_ip, a).await?;
+            let ip = book.offer(mac, req.requested_ip).await?;
             Some((
                 packet::reply_with(req, server, target, Some(&params(ip))),
                 false,
@@ -485,14 +543,13 @@ async fn address_mode(
         MessageType::Request => {
             if req.server_id.is_some_and(|s| s != server) {
                 // The client took another server's offer: free ours now.
-                ctx.prov.lease_release(mac, None).await;
+                book.release(mac, None).await;
                 return None;
             }
             let ip = req
                 .requested_ip
                 .or((!req.ciaddr.is_unspecified()).then_some(req.ciaddr))?;
-            if ctx.prov.lease_bind(mac, ip, a).await {
-                ctx.prov.client_ip(ip, mac);
+            if book.bind(mac, ip).await {
                 Some((
                     packet::reply_with(req, server, target, Some(&params(ip))),
                     false,

@@ -368,8 +368,8 @@ fn malformed_packets_are_dropped_without_panic() {
 
 #[test]
 fn rate_limit_per_mac() {
-    let mut rl = RateLimit::default();
     let t = Instant::now();
+    let mut rl = RateLimit::new(t);
     for _ in 0..RateLimit::MAX {
         assert_eq!(rl.allow(MAC, t), (true, false));
     }
@@ -389,6 +389,13 @@ fn rate_limit_per_mac() {
         (true, false),
         "the window resets"
     );
+    // A flood of distinct MACs fills the map to its bound and no further.
+    for i in 0..(RateLimit::MAX_TRACKED as u32 + 10) {
+        let b = i.to_be_bytes();
+        let (ok, _) = rl.allow([2, 0, b[0], b[1], b[2], b[3]], t + RateLimit::WINDOW);
+        assert!(ok);
+    }
+    assert_eq!(rl.seen.len(), RateLimit::MAX_TRACKED);
 }
 
 /// DHCP requests captured from the QEMU VMs of the end-to-end lab (tests/it/lab.rs) with
@@ -498,13 +505,15 @@ fn golden_packets_from_real_firmware() {
 
 mod address_mode {
     use super::*;
+    use crate::dto::EnrollRequest;
     use crate::policy::DiscoverAnswer;
-    use crate::provisioner::EnrollRequest;
+    use crate::store::EventQuery;
+    use crate::testkit::{stack, Stack};
 
     const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 
-    fn ctx() -> Context {
-        let prov = Provisioner::for_tests(DiscoverAnswer::LocalBoot);
+    fn ctx() -> (Context, Stack) {
+        let st = stack(DiscoverAnswer::LocalBoot);
         let mode = Mode::Full(AddressMode {
             start: Ipv4Addr::new(10, 77, 0, 100),
             end: Ipv4Addr::new(10, 77, 0, 101),
@@ -513,14 +522,16 @@ mod address_mode {
             dns: vec![Ipv4Addr::new(10, 77, 0, 53)],
             lease_time: Duration::from_secs(3600),
         });
-        Context::new(
-            Arc::new(prov),
+        let c = Context::new(
+            st.boot.clone(),
+            st.inv.clone(),
             mode,
             BootFiles::default(),
             Some("http://10.77.0.1:8080".into()),
             None,
             8080,
-        )
+        );
+        (c, st)
     }
 
     fn packet(mac: [u8; 6], t: MessageType, class: &str, extra: Vec<DhcpOption>) -> Vec<u8> {
@@ -563,7 +574,7 @@ mod address_mode {
 
     #[tokio::test]
     async fn dora_for_boot_and_plain_clients() {
-        let c = ctx();
+        let (c, st) = ctx();
         let pxe = [0x52, 0x54, 0, 0x77, 0, 1];
         let offer = ask(
             &c,
@@ -667,23 +678,29 @@ mod address_mode {
             Ipv4Addr::new(10, 77, 0, 101),
             "the released address is free again"
         );
-        let events = c
-            .prov
-            .events(Some(crate::mac::Mac(pxe)), 0, 100)
+        let events = st
+            .admin
+            .events(EventQuery {
+                mac: Some(crate::mac::Mac(pxe)),
+                after: 0,
+                limit: 100,
+                tail: false,
+            })
             .await
             .unwrap();
         assert!(
             events
                 .iter()
-                .any(|e| e.kind == "dhcp_lease" && e.detail.starts_with("10.77.0.100 until")),
+                .any(|e| e.kind.as_str() == "dhcp_lease"
+                    && e.detail.starts_with("10.77.0.100 until")),
             "{events:?}"
         );
     }
 
     #[tokio::test]
     async fn reservations_come_from_the_inventory() {
-        let c = ctx();
-        c.prov
+        let (c, st) = ctx();
+        st.admin
             .enroll(EnrollRequest {
                 mac: "52:54:00:77:00:05".into(),
                 profile: "debian-12".into(),
@@ -722,8 +739,8 @@ mod address_mode {
         .unwrap();
         assert_ne!(other.yiaddr(), Ipv4Addr::new(10, 77, 0, 50));
         // A second machine cannot reserve the same address.
-        let dup = c
-            .prov
+        let dup = st
+            .admin
             .enroll(EnrollRequest {
                 mac: "52:54:00:77:00:06".into(),
                 profile: "debian-12".into(),
@@ -742,10 +759,10 @@ mod address_mode {
 
 #[tokio::test]
 async fn ignore_means_no_reply_at_all() {
-    let prov = Provisioner::for_tests(crate::policy::DiscoverAnswer::Ignore);
-    let prov = Arc::new(prov);
+    let st = crate::testkit::stack(crate::policy::DiscoverAnswer::Ignore);
     let c = Context::new(
-        prov.clone(),
+        st.boot.clone(),
+        st.inv.clone(),
         Mode::Proxy,
         BootFiles::default(),
         Some(BASE.into()),
@@ -761,8 +778,14 @@ async fn ignore_means_no_reply_at_all() {
     let pkt = discover("PXEClient:Arch:00000:UNDI:002001", Some(0), vec![]);
     assert!(handle(&c, Port::Dhcp, &pkt, &r).await.is_none());
     // The machine is still recorded as discovered, with an event saying why it got no answer.
-    let events = prov
-        .events(Some(crate::mac::Mac(MAC)), 0, 10)
+    let events = st
+        .admin
+        .events(crate::store::EventQuery {
+            mac: Some(crate::mac::Mac(MAC)),
+            after: 0,
+            limit: 10,
+            tail: false,
+        })
         .await
         .unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();

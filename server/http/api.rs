@@ -9,9 +9,10 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use super::{base_url, AppError, AppState};
+use crate::dto::{self, EnrollRequest, UpdateRequest};
 use crate::mac::Mac;
 use crate::policy::State as MState;
-use crate::provisioner::{EnrollRequest, UpdateRequest};
+use crate::store::{EventQuery, MachineQuery, MAX_PAGE};
 
 /// Requires `Authorization: Bearer <admin token>`, compared in constant time.
 pub async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
@@ -66,9 +67,15 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, AppError>
 #[derive(Deserialize)]
 pub struct ListQuery {
     state: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
 }
 
-/// `GET /machines[?state=S]`.
+fn machine(m: crate::store::Machine) -> Json<dto::Machine> {
+    Json(m.into())
+}
+
+/// `GET /machines[?state=S&after=MAC&limit=N]`: a page in MAC order.
 pub async fn list_machines(
     State(st): State<AppState>,
     Query(q): Query<ListQuery>,
@@ -78,7 +85,17 @@ pub async fn list_machines(
         .map(|s| s.parse::<MState>())
         .transpose()
         .map_err(|e| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
-    Ok(Json(st.prov.machines(state).await?).into_response())
+    let after = q.after.as_deref().map(parse_mac).transpose()?;
+    let page = st
+        .admin
+        .machines(MachineQuery {
+            state,
+            after,
+            limit: q.limit.unwrap_or(MAX_PAGE),
+        })
+        .await?;
+    let page: Vec<dto::Machine> = page.into_iter().map(Into::into).collect();
+    Ok(Json(page).into_response())
 }
 
 /// `POST /machines`: enroll.
@@ -87,8 +104,8 @@ pub async fn enroll(
     body: axum::body::Bytes,
 ) -> Result<Response, AppError> {
     let req: EnrollRequest = json_body(&body)?;
-    let m = st.prov.enroll(req).await?;
-    Ok((StatusCode::CREATED, Json(m)).into_response())
+    let m = st.admin.enroll(req).await?;
+    Ok((StatusCode::CREATED, machine(m)).into_response())
 }
 
 /// `GET /machines/{mac}`.
@@ -96,7 +113,7 @@ pub async fn get_machine(
     State(st): State<AppState>,
     Path(mac): Path<String>,
 ) -> Result<Response, AppError> {
-    Ok(Json(st.prov.machine(parse_mac(&mac)?).await?).into_response())
+    Ok(machine(st.admin.machine(parse_mac(&mac)?).await?).into_response())
 }
 
 /// `PATCH /machines/{mac}`.
@@ -107,7 +124,7 @@ pub async fn update_machine(
 ) -> Result<Response, AppError> {
     let mac = parse_mac(&mac)?;
     let req: UpdateRequest = json_body(&body)?;
-    Ok(Json(st.prov.update(mac, req).await?).into_response())
+    Ok(machine(st.admin.update(mac, req).await?).into_response())
 }
 
 /// `DELETE /machines/{mac}`.
@@ -115,7 +132,7 @@ pub async fn delete_machine(
     State(st): State<AppState>,
     Path(mac): Path<String>,
 ) -> Result<Response, AppError> {
-    st.prov.delete(parse_mac(&mac)?).await?;
+    st.admin.delete(parse_mac(&mac)?).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -124,7 +141,7 @@ pub async fn reprovision(
     State(st): State<AppState>,
     Path(mac): Path<String>,
 ) -> Result<Response, AppError> {
-    Ok(Json(st.prov.reprovision(parse_mac(&mac)?).await?).into_response())
+    Ok(machine(st.admin.reprovision(parse_mac(&mac)?).await?).into_response())
 }
 
 /// `POST /machines/{mac}/register`: a fresh registration run (202: queued).
@@ -132,8 +149,8 @@ pub async fn register(
     State(st): State<AppState>,
     Path(mac): Path<String>,
 ) -> Result<Response, AppError> {
-    let m = st.prov.register(parse_mac(&mac)?).await?;
-    Ok((StatusCode::ACCEPTED, Json(m)).into_response())
+    let m = st.admin.register(parse_mac(&mac)?).await?;
+    Ok((StatusCode::ACCEPTED, machine(m)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -146,8 +163,8 @@ pub async fn inventory_ansible(
     State(st): State<AppState>,
     Query(q): Query<InventoryQuery>,
 ) -> Result<Response, AppError> {
-    let machines = st.prov.machines(None).await?;
-    let roles = st.prov.roles_by_profile();
+    let machines = st.admin.installed_machines().await?;
+    let roles = st.admin.roles_by_profile();
     let v = match q.host {
         Some(h) => crate::inventory::ansible_host(&machines, &roles, &h),
         None => crate::inventory::ansible(&machines, &roles),
@@ -157,7 +174,7 @@ pub async fn inventory_ansible(
 
 /// `GET /inventory/known_hosts`: the pinned host keys in OpenSSH known_hosts form.
 pub async fn inventory_known_hosts(State(st): State<AppState>) -> Result<Response, AppError> {
-    let machines = st.prov.machines(None).await?;
+    let machines = st.admin.installed_machines().await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
@@ -173,7 +190,27 @@ pub struct EventsQuery {
     mac: Option<String>,
     #[serde(default)]
     after: i64,
-    limit: Option<i64>,
+    limit: Option<usize>,
+    #[serde(default)]
+    tail: bool,
+}
+
+async fn event_page(
+    st: &AppState,
+    mac: Option<crate::mac::Mac>,
+    q: &EventsQuery,
+) -> Result<Response, AppError> {
+    let page = st
+        .admin
+        .events(EventQuery {
+            mac,
+            after: q.after,
+            limit: q.limit.unwrap_or(MAX_PAGE),
+            tail: q.tail,
+        })
+        .await?;
+    let page: Vec<dto::Event> = page.into_iter().map(Into::into).collect();
+    Ok(Json(page).into_response())
 }
 
 /// `GET /events[?mac=&after=&limit=]`.
@@ -182,8 +219,7 @@ pub async fn events(
     Query(q): Query<EventsQuery>,
 ) -> Result<Response, AppError> {
     let mac = q.mac.as_deref().map(parse_mac).transpose()?;
-    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
-    Ok(Json(st.prov.events(mac, q.after, limit).await?).into_response())
+    event_page(&st, mac, &q).await
 }
 
 /// `GET /machines/{mac}/events`.
@@ -194,8 +230,7 @@ pub async fn machine_events(
 ) -> Result<Response, AppError> {
     // No existence check: a deleted machine's history stays readable.
     let mac = parse_mac(&mac)?;
-    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
-    Ok(Json(st.prov.events(Some(mac), q.after, limit).await?).into_response())
+    event_page(&st, Some(mac), &q).await
 }
 
 /// `GET /machines/{mac}/render/{artifact}`: preview with the install token redacted.
@@ -206,13 +241,13 @@ pub async fn render(
 ) -> Result<Response, AppError> {
     let mac = parse_mac(&mac)?;
     let base = base_url(&st, &headers)?;
-    let (kind, body) = st.prov.preview(mac, &artifact, &base).await?;
+    let (kind, body) = st.admin.preview(mac, &artifact, &base).await?;
     Ok(([(header::CONTENT_TYPE, kind.content_type())], body).into_response())
 }
 
 /// `GET /profiles`.
 pub async fn profiles(State(st): State<AppState>) -> Response {
-    let cat = st.prov.catalog();
+    let cat = st.admin.catalog();
     let list: Vec<_> = cat.profiles().values().cloned().collect();
     Json(list).into_response()
 }
@@ -222,15 +257,23 @@ pub async fn profile(
     State(st): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Response, AppError> {
-    let cat = st.prov.catalog();
-    let p = cat
-        .profile(&name)
-        .map_err(crate::provisioner::Error::from)?;
+    let cat = st.admin.catalog();
+    let p = cat.profile(&name).map_err(crate::error::Error::from)?;
     Ok(Json(p.clone()).into_response())
 }
 
 /// `POST /reload`: re-read profiles and templates; the old ones stay on error.
 pub async fn reload(State(st): State<AppState>) -> Result<Response, AppError> {
-    let n = st.prov.reload().map_err(crate::provisioner::Error::from)?;
+    let n = st.admin.reload()?;
     Ok(Json(serde_json::json!({ "profiles": n })).into_response())
+}
+
+/// `GET /status`: machines by state, and what the inventory's bounds did since start.
+pub async fn status(State(st): State<AppState>) -> Result<Response, AppError> {
+    let (machines, inventory) = st.admin.status().await?;
+    Ok(Json(dto::Status {
+        machines,
+        inventory,
+    })
+    .into_response())
 }

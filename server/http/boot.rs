@@ -25,7 +25,7 @@ pub async fn boot_ipxe(
 ) -> Result<Response, AppError> {
     let base = base_url(&st, &headers).map_err(AppError::text)?;
     let body = st
-        .prov
+        .boot
         .boot_ipxe(&base)
         .map_err(|e| AppError::from(e).text())?;
     Ok(ipxe_response(body))
@@ -81,10 +81,10 @@ pub async fn ipxe(
         platform: platform_claim,
         ip: Some(peer.ip().to_string()),
     };
-    match st.prov.boot(mac, req, sighting, &base).await {
+    match st.boot.boot(mac, req, sighting, &base).await {
         Ok(Some(script)) => Ok(ipxe_response(script)),
         // "Ignore" over HTTP: iPXE is already running, so hand control back to the firmware.
-        Ok(None) => Ok(ipxe_response(crate::provisioner::IGNORE_SCRIPT.into())),
+        Ok(None) => Ok(ipxe_response(crate::boot::IGNORE_SCRIPT.into())),
         Err(e) => Err(AppError::from(e).text()),
     }
 }
@@ -97,7 +97,7 @@ pub async fn config(
 ) -> Result<Response, AppError> {
     let base = base_url(&st, &headers).map_err(AppError::text)?;
     let (kind, body) = st
-        .prov
+        .boot
         .config(&token, &artifact, &base)
         .await
         .map_err(|e| AppError::from(e).text())?;
@@ -138,7 +138,7 @@ pub async fn phone_home(
         text.lines().map(str::to_string).collect()
     };
     let m = st
-        .prov
+        .boot
         .phone_home(&token, lines, Some(peer.ip()))
         .await
         .map_err(|e| AppError::from(e).text())?;
@@ -163,12 +163,12 @@ pub async fn boot_file(
 ) -> Result<Response, AppError> {
     let roots = st.boot_roots.clone();
     let f = file.clone();
-    let resolved = tokio::task::spawn_blocking(move || crate::tftp::resolve(&roots, &f))
+    let resolved = tokio::task::spawn_blocking(move || crate::files::resolve(&roots, &f))
         .await
         .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).text())?;
     let path = match resolved {
         Ok(p) => p,
-        Err(crate::tftp::Refusal::NotFound(_)) => {
+        Err(crate::files::Refusal::NotFound(_)) => {
             return Err(AppError::new(StatusCode::NOT_FOUND, format!("{file:?} not found")).text())
         }
         Err(e) => return Err(AppError::new(StatusCode::FORBIDDEN, e.to_string()).text()),
@@ -176,6 +176,7 @@ pub async fn boot_file(
     let body = tokio::fs::read(&path)
         .await
         .map_err(|e| AppError::new(StatusCode::NOT_FOUND, format!("{file:?}: {e}")).text())?;
-    st.prov.record_http_boot(peer.ip(), &file, body.len()).await;
+    st.boot
+        .record_http_boot(peer.ip(), &file, body.len() as u64);
     Ok(([(header::CONTENT_TYPE, "application/efi")], body).into_response())
 }

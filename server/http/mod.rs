@@ -17,14 +17,18 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tower_http::services::ServeDir;
 
-use crate::provisioner::{Error, Provisioner};
+use crate::admin::AdminService;
+use crate::boot::BootService;
+use crate::error::Error;
 use crate::store::{StoreError, TokenProblem};
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    /// The provisioner.
-    pub prov: Arc<Provisioner>,
+    /// The machine-facing service.
+    pub boot: Arc<BootService>,
+    /// The operator-facing service.
+    pub admin: Arc<AdminService>,
     /// The admin API bearer token.
     pub admin_token: Arc<String>,
     /// The configured base URL, if any; otherwise derived from each request's Host.
@@ -53,6 +57,7 @@ pub fn router(state: AppState, assets_dir: &std::path::Path) -> Router {
         .route("/profiles", get(api::profiles))
         .route("/profiles/{name}", get(api::profile))
         .route("/reload", post(api::reload))
+        .route("/status", get(api::status))
         .fallback(api::not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -100,9 +105,11 @@ impl From<Error> for AppError {
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
             Error::Store(StoreError::AlreadyEnrolled(..))
-            | Error::Store(StoreError::Illegal(_)) => StatusCode::CONFLICT,
+            | Error::Store(StoreError::Illegal(_))
+            | Error::Store(StoreError::Conflict(_)) => StatusCode::CONFLICT,
             Error::Store(StoreError::Token(TokenProblem::Unknown, _)) => StatusCode::FORBIDDEN,
             Error::Store(StoreError::Token(_, _)) => StatusCode::GONE,
+            Error::Store(StoreError::Closed) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Error::Render(crate::render::RenderError::NoProfile(_))
             | Error::Render(crate::render::RenderError::NoArtifact { .. }) => StatusCode::NOT_FOUND,

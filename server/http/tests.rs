@@ -12,16 +12,17 @@ use tower::ServiceExt;
 
 use super::{router, AppState};
 use crate::policy::DiscoverAnswer;
-use crate::provisioner::Provisioner;
+use crate::testkit::stack;
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef-admin";
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 host";
 
 fn app(assets: &std::path::Path) -> Router {
-    let prov = Provisioner::for_tests(DiscoverAnswer::LocalBoot);
+    let st = stack(DiscoverAnswer::LocalBoot);
     let state = AppState {
-        prov: Arc::new(prov),
+        boot: st.boot,
+        admin: st.admin,
         admin_token: Arc::new(TOKEN.into()),
         advertise: None,
         boot_roots: Arc::new(vec![assets.join("boot-root")]),

@@ -10,12 +10,15 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+mod events;
 #[cfg(test)]
 mod tests;
 
+pub use events::EventKind;
+
 /// Where a machine is in its life. Every change is an event row written in the same
 /// transaction as the change (see `store`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     /// Seen booting, not enrolled: boots the configured discovery answer.
@@ -85,7 +88,7 @@ impl FromStr for State {
 
 /// What is asking a machine to change state. The same pair of states can be legal for one
 /// cause and not another (only the operator may reprovision; only a boot may start an install).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transition {
     /// The operator enrolls a machine (new, or discovered) with a profile.
     Enroll,
@@ -101,27 +104,54 @@ pub enum Transition {
     HandOff,
     /// The operator asks for a fresh install: back to enrolled, new token, generation + 1.
     Reprovision,
-    /// Something went wrong (install timed out, a registration step failed).
-    Fail,
+    /// Something went wrong (install timed out, a registration step failed): which step, and
+    /// why, kept in the machine's own columns.
+    Fail(Failure),
+}
+
+/// Why a machine failed: the step (`install`, `connect`, `host-key`, a role step, `handoff`)
+/// and the reason in words.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// The step that failed.
+    pub step: String,
+    /// Why, for the operator.
+    pub reason: String,
+}
+
+impl Failure {
+    /// A failure at `step` for `reason`.
+    pub fn new(step: impl Into<String>, reason: impl Into<String>) -> Failure {
+        Failure {
+            step: step.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.step, self.reason)
+    }
 }
 
 impl Transition {
     /// The event kind recorded for this transition.
-    pub fn event_kind(self) -> &'static str {
+    pub fn event_kind(&self) -> EventKind {
         match self {
-            Transition::Enroll => "enrolled",
-            Transition::StartInstall => "install_started",
-            Transition::PhoneHome => "phoned_home",
-            Transition::StartRegistration => "registration_started",
-            Transition::FinishRegistration => "registered",
-            Transition::HandOff => "handed_off",
-            Transition::Reprovision => "reprovisioned",
-            Transition::Fail => "failed",
+            Transition::Enroll => EventKind::Enrolled,
+            Transition::StartInstall => EventKind::InstallStarted,
+            Transition::PhoneHome => EventKind::PhonedHome,
+            Transition::StartRegistration => EventKind::RegistrationStarted,
+            Transition::FinishRegistration => EventKind::Registered,
+            Transition::HandOff => EventKind::HandedOff,
+            Transition::Reprovision => EventKind::Reprovisioned,
+            Transition::Fail(_) => EventKind::Failed,
         }
     }
 
     /// The states this transition may start from, and where it goes.
-    fn rule(self) -> (&'static [State], State) {
+    fn rule(&self) -> (&'static [State], State) {
         use State::*;
         match self {
             Transition::Enroll => (&[Discovered], Enrolled),
@@ -144,7 +174,7 @@ impl Transition {
                 ],
                 Enrolled,
             ),
-            Transition::Fail => (&[Enrolled, Installing, Registering, Registered], Failed),
+            Transition::Fail(_) => (&[Enrolled, Installing, Registering, Registered], Failed),
         }
     }
 }
@@ -161,7 +191,7 @@ pub struct IllegalTransition {
     pub allowed: String,
 }
 
-fn action_words(t: Transition) -> &'static str {
+fn action_words(t: &Transition) -> &'static str {
     match t {
         Transition::Enroll => "enroll",
         Transition::StartInstall => "start installing",
@@ -170,7 +200,7 @@ fn action_words(t: Transition) -> &'static str {
         Transition::FinishRegistration => "finish registering",
         Transition::HandOff => "hand off",
         Transition::Reprovision => "reprovision",
-        Transition::Fail => "fail",
+        Transition::Fail(_) => "fail",
     }
 }
 
@@ -182,20 +212,23 @@ const ALL_TRANSITIONS: [Transition; 8] = [
     Transition::FinishRegistration,
     Transition::HandOff,
     Transition::Reprovision,
-    Transition::Fail,
+    Transition::Fail(Failure {
+        step: String::new(),
+        reason: String::new(),
+    }),
 ];
 
 /// The moves legal from `from`, as "verb (→ state)" phrases for error messages.
 pub fn allowed_from(from: State) -> Vec<String> {
     ALL_TRANSITIONS
-        .into_iter()
+        .iter()
         .filter(|t| t.rule().0.contains(&from))
         .map(|t| format!("{} (→ {})", action_words(t), t.rule().1))
         .collect()
 }
 
 /// The state `t` leads to from `from`, or why it may not happen.
-pub fn transition(from: State, t: Transition) -> Result<State, IllegalTransition> {
+pub fn transition(from: State, t: &Transition) -> Result<State, IllegalTransition> {
     let (sources, to) = t.rule();
     if sources.contains(&from) {
         Ok(to)
@@ -318,6 +351,13 @@ pub enum BootDecision {
     },
     /// Say nothing: "ignore this machine" is a value, not an error.
     Ignore,
+}
+
+/// Whether every boot client gets an answer whatever the inventory says about it. Only the
+/// `ignore` discovery answer ever makes [`decide`] return `Ignore` (the tests check every
+/// state), so with any other answer the DHCP path needs no read at all.
+pub fn always_answers(discover: DiscoverAnswer) -> bool {
+    discover != DiscoverAnswer::Ignore
 }
 
 /// Decides what a machine boots, from its stored facts (or none: never seen) and the request.

@@ -13,7 +13,7 @@ fn lifecycle_happy_path() {
         (Transition::HandOff, HandedOff),
         (Transition::Reprovision, Enrolled),
     ] {
-        s = transition(s, t).unwrap();
+        s = transition(s, &t).unwrap();
         assert_eq!(s, want);
     }
 }
@@ -21,6 +21,7 @@ fn lifecycle_happy_path() {
 #[test]
 fn transition_table() {
     // (from, transition, legal?)
+    let fail = || Transition::Fail(Failure::default());
     let legal: &[(State, Transition)] = &[
         (Discovered, Transition::Enroll),
         (Enrolled, Transition::StartInstall),
@@ -39,14 +40,14 @@ fn transition_table() {
         (Registered, Transition::Reprovision),
         (HandedOff, Transition::Reprovision),
         (Failed, Transition::Reprovision),
-        (Enrolled, Transition::Fail),
-        (Installing, Transition::Fail),
-        (Registering, Transition::Fail),
-        (Registered, Transition::Fail),
+        (Enrolled, fail()),
+        (Installing, fail()),
+        (Registering, fail()),
+        (Registered, fail()),
     ];
     for from in ALL_STATES {
-        for t in ALL_TRANSITIONS {
-            let want = legal.contains(&(from, t));
+        for t in &ALL_TRANSITIONS {
+            let want = legal.contains(&(from, t.clone()));
             assert_eq!(transition(from, t).is_ok(), want, "{from} {t:?}");
         }
     }
@@ -54,12 +55,12 @@ fn transition_table() {
 
 #[test]
 fn illegal_transition_names_state_and_moves() {
-    let e = transition(Installed, Transition::PhoneHome).unwrap_err();
+    let e = transition(Installed, &Transition::PhoneHome).unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("state installed"), "{msg}");
     assert!(msg.contains("reprovision (→ enrolled)"), "{msg}");
     assert!(msg.contains("register (→ registering)"), "{msg}");
-    let e = transition(Discovered, Transition::Reprovision).unwrap_err();
+    let e = transition(Discovered, &Transition::Reprovision).unwrap_err();
     assert_eq!(
         e.to_string(),
         "cannot reprovision a machine in state discovered; from discovered the allowed moves are: enroll (→ enrolled)"
@@ -159,4 +160,23 @@ fn platform_from_ipxe() {
     assert_eq!(Platform::from_ipxe("efi"), Platform::Efi);
     assert_eq!(Platform::from_ipxe("pcbios"), Platform::Pcbios);
     assert_eq!(Platform::from_ipxe(""), Platform::Pcbios);
+}
+
+#[test]
+fn only_the_ignore_answer_ignores() {
+    for discover in [DiscoverAnswer::LocalBoot, DiscoverAnswer::Ignore] {
+        let mut answers = vec![decide(None, &req(Platform::Pcbios), discover)];
+        for state in ALL_STATES {
+            for installer_done in [false, true] {
+                let f = MachineFacts {
+                    state,
+                    profile: Some("p"),
+                    installer_done,
+                };
+                answers.push(decide(Some(&f), &req(Platform::Efi), discover));
+            }
+        }
+        let ignored = answers.contains(&BootDecision::Ignore);
+        assert_eq!(ignored, !always_answers(discover), "{discover:?}");
+    }
 }

@@ -14,18 +14,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use minijinja::Value;
 use russh::keys::PrivateKey;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::error::Error;
 use crate::mac::Mac;
 use crate::pki::Ca;
-use crate::policy::{State, Transition};
-use crate::provisioner::truncate;
-use crate::provisioner::Provisioner;
-use crate::render::{RoleDef, RoleStep};
-use crate::store::{self, Machine, StepRecord};
+use crate::policy::{EventKind, Failure, State, Transition};
+use crate::render::{shell_quote, Renderer, RoleDef, RoleStep};
+use crate::store::{self, Inventory, Machine, MachineQuery, StepRecord, StepStatus};
+use crate::validate::truncate;
 
 /// Registrar settings from the configuration.
 #[derive(Clone, Debug)]
@@ -40,25 +39,111 @@ pub struct Settings {
     pub handoff_timeout: Duration,
 }
 
+/// The registrar's inbox, handed to the services at construction: they start runs through
+/// it, and the daemon's [`Registrar`] serves the queue.
+#[derive(Clone)]
+pub struct Handle {
+    tx: mpsc::UnboundedSender<Mac>,
+    inv: Arc<dyn Inventory>,
+    renderer: Arc<Renderer>,
+}
+
+/// The receiving end of a [`Handle`], for [`Registrar::run`].
+pub type Queue = mpsc::UnboundedReceiver<Mac>;
+
+/// A registrar inbox over `inv`: the handle for the services and the queue for the worker
+/// pool.
+pub fn channel(inv: Arc<dyn Inventory>, renderer: Arc<Renderer>) -> (Handle, Queue) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Handle { tx, inv, renderer }, rx)
+}
+
+impl Handle {
+    /// The role `m`'s profile registers with, if any.
+    pub fn role_of(&self, m: &Machine) -> Option<String> {
+        let cat = self.renderer.catalog();
+        cat.profile(m.profile.as_deref()?).ok()?.role.clone()
+    }
+
+    /// Whether `m`'s profile has a role (registration follows phone-home).
+    pub fn has_role(&self, m: &Machine) -> bool {
+        self.role_of(m).is_some()
+    }
+
+    /// Starts a fresh registration run (phone-home, or `provision register`): refuses a
+    /// machine without a role or without pinned host keys, moves it to `registering`, and
+    /// queues it.
+    pub async fn start(&self, mac: Mac) -> Result<Machine, Error> {
+        let m = self
+            .inv
+            .machine(mac)
+            .await?
+            .ok_or(store::StoreError::NotFound(mac))?;
+        if !self.has_role(&m) {
+            return Err(Error::Conflict(format!(
+                "{mac} uses profile {:?}, whose role is none: there is nothing to register; set `role` in the profile",
+                m.profile.as_deref().unwrap_or_default()
+            )));
+        }
+        if m.host_keys.is_empty() {
+            return Err(Error::Conflict(format!(
+                "{mac} has no pinned SSH host key (state {}): it registers after its installed OS phones home",
+                m.state
+            )));
+        }
+        let m = self
+            .inv
+            .start_registration(mac, "registration queued".into(), store::now_ms())
+            .await?;
+        self.tx
+            .send(mac)
+            .map_err(|_| Error::Internal("the registrar is not running".into()))?;
+        Ok(m)
+    }
+
+    /// At daemon start: re-queues runs a stop or crash interrupted (they resume at their
+    /// first unfinished step) and starts the ones phone-home could not queue.
+    pub async fn resume(&self) -> Result<usize, Error> {
+        let mut n = 0;
+        for state in [State::Registering, State::Installed] {
+            let mut after = None;
+            loop {
+                let page = self
+                    .inv
+                    .machines(MachineQuery {
+                        state: Some(state),
+                        after,
+                        limit: store::MAX_PAGE,
+                    })
+                    .await?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.mac);
+                for m in page {
+                    if state == State::Registering {
+                        if self.tx.send(m.mac).is_ok() {
+                            n += 1;
+                        }
+                    } else if self.has_role(&m) && self.start(m.mac).await.is_ok() {
+                        n += 1;
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
 /// The registrar's long-lived parts.
 pub struct Registrar {
-    prov: Arc<Provisioner>,
+    inv: Arc<dyn Inventory>,
+    renderer: Arc<Renderer>,
     ca: Ca,
     key: Arc<PrivateKey>,
     settings: Settings,
 }
 
-/// How a run ended early: the step and why (stored as the machine's failed step/reason).
-struct Failure {
-    step: String,
-    reason: String,
-}
-
 fn fail(step: &str, reason: impl Into<String>) -> Failure {
-    Failure {
-        step: step.to_string(),
-        reason: reason.into(),
-    }
+    Failure::new(step, reason)
 }
 
 /// The end of a command's output, where errors are: for events and step records.
@@ -134,15 +219,17 @@ fn ssh_addr(m: &Machine) -> Result<String, String> {
 }
 
 impl Registrar {
-    /// A registrar for `prov`, signing with `ca` and logging in with `key`.
+    /// A registrar over `inv`, signing with `ca` and logging in with `key`.
     pub fn new(
-        prov: Arc<Provisioner>,
+        inv: Arc<dyn Inventory>,
+        renderer: Arc<Renderer>,
         ca: Ca,
         key: Arc<PrivateKey>,
         settings: Settings,
     ) -> Registrar {
         Registrar {
-            prov,
+            inv,
+            renderer,
             ca,
             key,
             settings,
@@ -151,7 +238,7 @@ impl Registrar {
 
     /// Serves the queue until `shutdown`; runs in flight then stop where they are and are
     /// resumed on the next start.
-    pub async fn run(self, mut queue: mpsc::UnboundedReceiver<Mac>, shutdown: CancellationToken) {
+    pub async fn run(self, mut queue: Queue, shutdown: CancellationToken) {
         let me = Arc::new(self);
         let slots = Arc::new(Semaphore::new(me.settings.workers.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
@@ -174,8 +261,9 @@ impl Registrar {
     }
 
     async fn register(&self, mac: Mac) {
-        let m = match self.prov.machine(mac).await {
-            Ok(m) => m,
+        let m = match self.inv.machine(mac).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
             Err(e) => {
                 tracing::warn!(%mac, "registration: {e}");
                 return;
@@ -189,11 +277,12 @@ impl Registrar {
         let result = match outcome {
             Ok(n) => {
                 let r = self
-                    .prov
+                    .inv
                     .transition(
                         mac,
                         Transition::FinishRegistration,
                         format!("{n} step(s) ok"),
+                        store::now_ms(),
                     )
                     .await;
                 match r {
@@ -205,8 +294,12 @@ impl Registrar {
         };
         if let Err(f) = result {
             tracing::warn!(%mac, step = %f.step, "registration failed: {}", f.reason);
-            let detail = format!("{}: {}", f.step, f.reason);
-            if let Err(e) = self.prov.transition(mac, Transition::Fail, detail).await {
+            let detail = f.to_string();
+            let r = self
+                .inv
+                .transition(mac, Transition::Fail(f), detail, store::now_ms())
+                .await;
+            if let Err(e) = r {
                 // Reprovisioned or deleted meanwhile: the run is moot.
                 tracing::info!(%mac, "registration outcome not recorded: {e}");
             }
@@ -215,7 +308,7 @@ impl Registrar {
 
     /// Connects (with bounded retries) and runs every unfinished step; returns how many ran.
     async fn steps(&self, m: &Machine) -> Result<usize, Failure> {
-        let cat = self.prov.catalog();
+        let cat = self.renderer.catalog();
         let profile_name = m.profile.clone().unwrap_or_default();
         let profile = cat
             .profile(&profile_name)
@@ -239,7 +332,7 @@ impl Registrar {
                 let done = m
                     .register_steps
                     .iter()
-                    .any(|s| s.name == step.name && s.status == "ok");
+                    .any(|s| s.name == step.name && s.status == StepStatus::Ok);
                 if done {
                     continue;
                 }
@@ -289,13 +382,14 @@ impl Registrar {
                 return Err(fail(step, why));
             }
             let wait = Duration::from_secs(2u64.saturating_pow(attempt).min(30));
-            self.prov
-                .note_event(
-                    mac,
-                    "register_retry",
-                    format!("attempt {attempt}/{attempts}: {err}; next in {wait:?}"),
-                )
-                .await;
+            let detail = format!("attempt {attempt}/{attempts}: {err}; next in {wait:?}");
+            if let Err(e) = self
+                .inv
+                .record_event(Some(mac), EventKind::RegisterRetry, detail, store::now_ms())
+                .await
+            {
+                tracing::warn!(%mac, "recording a registration retry failed: {e}");
+            }
             tokio::time::sleep(wait).await;
         }
         unreachable!("the last attempt returns")
@@ -312,40 +406,34 @@ impl Registrar {
         seq: i64,
         step: &RoleStep,
     ) -> Result<(), Failure> {
-        let cat = self.prov.catalog();
+        let cat = self.renderer.catalog();
         let name = step.name.as_str();
         let cert = self
-            .prov
+            .inv
             .node_cert(m.mac)
             .await
             .map_err(|e| fail(name, e.to_string()))?;
-        let mut ctx = self.prov.registration_context(m, &role.name);
-        ctx.insert("reg", Value::from_serialize(reg));
-        ctx.insert(
-            "ca_cert",
-            Value::from(self.ca.cert_pem().trim().to_string()),
-        );
+        let mut ctx = self.renderer.registration_context(m, &role.name);
+        ctx.set("reg", reg);
+        ctx.set("ca_cert", &self.ca.cert_pem().trim());
         if let Some((pem, _)) = &cert {
-            ctx.insert("cert", Value::from(pem.trim().to_string()));
+            ctx.set("cert", &pem.trim());
         }
-        let ctx = Value::from(ctx);
         let mut cmd = cat
             .render_step(&role.name, name, "run", &step.run, &ctx)
             .map_err(|e| fail(name, e.to_string()))?;
         if user != "root" {
-            let quoted = crate::render::filters::shell_words(&Value::from(cmd))
-                .map_err(|e| fail(name, e.to_string()))?;
-            cmd = format!("sudo -n sh -c {quoted}");
+            cmd = format!("sudo -n sh -c {}", shell_quote(&cmd));
         }
         let out = session
             .run(&cmd, Duration::from_secs(step.timeout))
             .await
             .map_err(|e| fail(name, e.to_string()))?;
         let combined = format!("{}\n{}", out.stdout.trim_end(), out.stderr.trim_end());
-        let record = |status: &str, output: String| StepRecord {
+        let record = |status: StepStatus, output: String| StepRecord {
             seq,
             name: name.to_string(),
-            status: status.to_string(),
+            status,
             exit_code: out.status.map(i64::from),
             output,
             at: store::now_ms(),
@@ -359,7 +447,7 @@ impl Registrar {
         } else if step.sign {
             match self.sign(m.mac, &out.stdout, cert).await {
                 Ok(note) => {
-                    let r = record("ok", note.clone());
+                    let r = record(StepStatus::Ok, note.clone());
                     return self
                         .record(m.mac, r, format!("{name}: {code}: {note}"))
                         .await;
@@ -381,12 +469,12 @@ impl Registrar {
         };
         match problem {
             None => {
-                let r = record("ok", tail(&combined, 2000));
+                let r = record(StepStatus::Ok, tail(&combined, 2000));
                 let detail = format!("{name}: {code}: {}", tail(&combined, 200));
                 self.record(m.mac, r, detail).await
             }
             Some(why) => {
-                let r = record("failed", why.clone());
+                let r = record(StepStatus::Failed, why.clone());
                 let _ = self.record(m.mac, r, format!("{name}: {why}")).await;
                 Err(fail(name, why))
             }
@@ -395,7 +483,7 @@ impl Registrar {
 
     async fn record(&self, mac: Mac, r: StepRecord, detail: String) -> Result<(), Failure> {
         let name = r.name.clone();
-        self.prov
+        self.inv
             .record_step(mac, r, detail)
             .await
             .map_err(|e| fail(&name, e.to_string()))
@@ -418,8 +506,8 @@ impl Registrar {
         }
         let s = self.ca.sign(csr).map_err(|e| format!("{e:#}"))?;
         let note = format!("signed {}: SHA256 {}", s.subject, s.fingerprint);
-        self.prov
-            .save_node_cert(mac, s)
+        self.inv
+            .save_node_cert(mac, s.cert_pem, s.fingerprint, s.subject, store::now_ms())
             .await
             .map_err(|e| e.to_string())?;
         Ok(note)
@@ -428,7 +516,7 @@ impl Registrar {
     /// Runs the profile's hand-off hook, if any (`reg.handoff`, a shell command line on the
     /// provision host): success → `handed_off`; failure → `failed` at step `handoff`.
     async fn hand_off(&self, m: &Machine) -> Result<(), Failure> {
-        let cat = self.prov.catalog();
+        let cat = self.renderer.catalog();
         let profile = m.profile.clone().unwrap_or_default();
         let Ok(p) = cat.profile(&profile) else {
             return Ok(());
@@ -436,7 +524,11 @@ impl Registrar {
         let Some(src) = p.register.get("handoff").and_then(|v| v.as_str()) else {
             return Ok(());
         };
-        let ctx = Value::from(self.prov.registration_context(m, &p.role));
+        let role = p
+            .role
+            .clone()
+            .unwrap_or_else(|| crate::render::NO_ROLE.into());
+        let ctx = self.renderer.registration_context(m, &role);
         let cmd = cat
             .render_shell("handoff", src, &ctx)
             .map_err(|e| fail("handoff", e.to_string()))?;
@@ -448,7 +540,7 @@ impl Registrar {
             .env("PROVISION_HOST", crate::inventory::host_name(m))
             .env("PROVISION_SSH_ADDR", addr)
             .env("PROVISION_PROFILE", &profile)
-            .env("PROVISION_ROLE", &p.role)
+            .env("PROVISION_ROLE", &role)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
         let out = tokio::time::timeout(self.settings.handoff_timeout, c.output())
@@ -474,11 +566,12 @@ impl Registrar {
                 format!("{}: {}", out.status, tail(&combined, 300)),
             ));
         }
-        self.prov
+        self.inv
             .transition(
                 m.mac,
                 Transition::HandOff,
                 format!("hook {}: {}", truncate(&cmd, 80), tail(&combined, 200)),
+                store::now_ms(),
             )
             .await
             .map(|_| ())
@@ -550,11 +643,18 @@ mod tests {
         for vars in [BTreeMap::new(), hostile] {
             for role in cat.roles().values() {
                 let reg = parameters(role, &BTreeMap::new(), &vars).unwrap();
-                let ctx = Value::from_serialize(serde_json::json!({
-                    "reg": reg, "role": role.name, "hostname": "hv1",
-                    "cert": "-----BEGIN CERTIFICATE-----\nMIIB'x\n-----END CERTIFICATE-----",
-                    "ca_cert": "-----BEGIN CERTIFICATE-----\nMIIC\n-----END CERTIFICATE-----",
-                }));
+                let mut ctx = crate::render::Context::default();
+                ctx.set("reg", &reg);
+                ctx.set("role", &role.name);
+                ctx.set("hostname", &"hv1");
+                ctx.set(
+                    "cert",
+                    &"-----BEGIN CERTIFICATE-----\nMIIB'x\n-----END CERTIFICATE-----",
+                );
+                ctx.set(
+                    "ca_cert",
+                    &"-----BEGIN CERTIFICATE-----\nMIIC\n-----END CERTIFICATE-----",
+                );
                 for st in &role.steps {
                     let cmd = cat
                         .render_step(&role.name, &st.name, "run", &st.run, &ctx)

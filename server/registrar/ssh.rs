@@ -225,9 +225,76 @@ impl Session {
     }
 }
 
-/// The daemon's private key, as russh wants it.
-pub fn load_key(path: &std::path::Path) -> anyhow::Result<Arc<PrivateKey>> {
-    let k = russh::keys::load_secret_key(path, None)
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-    Ok(Arc::new(k))
+/// The daemon's SSH key pair in `dir/id_ed25519` (OpenSSH format, private key 0600, so
+/// `ssh -i` and russh read the same file), generated on first start. Returns the public key
+/// line (rendered into installs) and the private key (for the registrar's logins).
+pub fn daemon_key(dir: &std::path::Path) -> anyhow::Result<(String, Arc<PrivateKey>)> {
+    use anyhow::Context;
+    use russh::keys::ssh_key::{private::Ed25519Keypair, LineEnding};
+    let private = dir.join("id_ed25519");
+    let public = dir.join("id_ed25519.pub");
+    if !private.exists() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed)
+            .map_err(|e| anyhow::anyhow!("the OS random source failed: {e}"))?;
+        let mut key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
+        key.set_comment("provision");
+        let pem = key
+            .to_openssh(LineEnding::LF)
+            .context("encoding the SSH key")?;
+        crate::keys::write_private(&private, pem.as_bytes())?;
+        let _ = std::fs::remove_file(&public);
+    }
+    crate::keys::check_private(&private)?;
+    let key = russh::keys::load_secret_key(&private, None)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", private.display()))?;
+    let line = key
+        .public_key()
+        .to_openssh()
+        .context("encoding the public key")?;
+    if !public.exists() {
+        std::fs::write(&public, format!("{line}\n"))?;
+    }
+    Ok((line, Arc::new(key)))
+}
+
+/// Parses an OpenSSH public key line as a node posts it at phone-home: returns the algorithm
+/// name and the key without its comment (the form pinned and written to known_hosts).
+pub fn host_key_line(line: &str) -> Result<(String, String), String> {
+    let mut k = PublicKey::from_openssh(line).map_err(|e| e.to_string())?;
+    k.set_comment("");
+    let text = k.to_openssh().map_err(|e| e.to_string())?;
+    Ok((k.algorithm().as_str().to_string(), text))
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn daemon_key_is_private_and_stable() {
+        let d = tempfile::tempdir().unwrap();
+        let (k, _) = daemon_key(&d.path().join("ssh")).unwrap();
+        assert!(k.starts_with("ssh-ed25519 "), "{k}");
+        assert_eq!(daemon_key(&d.path().join("ssh")).unwrap().0, k);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(d.path().join("ssh/id_ed25519"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn host_key_lines_lose_their_comment() {
+        let (alg, text) = host_key_line(
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 root@node",
+        )
+        .unwrap();
+        assert_eq!(alg, "ssh-ed25519");
+        assert!(!text.contains("root@node"), "{text}");
+        assert!(host_key_line("ssh-ed25519 nope").is_err());
+    }
 }

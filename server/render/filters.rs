@@ -2,7 +2,7 @@
 //!
 //! minijinja escapes only by file extension (JSON for .json/.yaml), so iPXE scripts, kernel
 //! command lines, preseed lines and shell snippets would otherwise receive values raw, and a
-//! hostname with a newline would become an iPXE command (testing.md). These filters are the
+//! hostname with a newline would become an iPXE command. These filters are the
 //! second defence behind API validation (`crate::validate`).
 
 use minijinja::{Error, ErrorKind, Value};

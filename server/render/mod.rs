@@ -13,17 +13,19 @@
 //! `preseed` and `shell` filters. Every render is then checked (`check`) before it is served.
 
 pub mod check;
+mod context;
 pub mod filters;
+
+pub use context::{shell_quote, Context, Renderer, REDACTED_TOKEN};
 
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
 
 use include_dir::{include_dir, Dir};
-use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value};
+use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::{Deserialize, Serialize};
 
 static BUILTIN_TEMPLATES: Dir = include_dir!("$CARGO_MANIFEST_DIR/templates");
@@ -124,8 +126,10 @@ impl ArtifactKind {
 /// The role name that means "no registration".
 pub const NO_ROLE: &str = "none";
 
-fn no_role() -> String {
-    NO_ROLE.to_string()
+/// Reads a profile's `role`: `"none"` means no role.
+fn role_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    Ok(s.filter(|r| r != NO_ROLE))
 }
 
 /// What the registrar does on a node after install: a TOML file under `roles/` with ordered
@@ -235,9 +239,10 @@ pub struct Profile {
     /// Kernel command line (a template; `{{ config_url }}` is the token-bearing config base).
     #[serde(default)]
     pub cmdline: String,
-    /// Registration role: a file under `roles/`, or `none`.
-    #[serde(default = "no_role")]
-    pub role: String,
+    /// Registration role: a file under `roles/`; `None` (written `"none"` or left out): no
+    /// registration.
+    #[serde(default, deserialize_with = "role_name")]
+    pub role: Option<String>,
     /// Registration parameters given to the role's steps as `{{ reg.* }}`; a machine var
     /// of the same name overrides a value (a comma-separated var for a list).
     #[serde(default)]
@@ -489,10 +494,9 @@ impl Catalog {
             let mut p: Profile = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
             p.name = name.clone();
             crate::validate::vars(&p.vars).map_err(|e| bad(e.0))?;
-            if p.role != NO_ROLE && !roles.contains_key(&p.role) {
+            if let Some(role) = p.role.as_ref().filter(|r| !roles.contains_key(*r)) {
                 return Err(bad(format!(
-                    "role {:?} is not defined; roles are \"none\" or a file under roles/: {}",
-                    p.role,
+                    "role {role:?} is not defined; roles are \"none\" or a file under roles/: {}",
                     roles.keys().cloned().collect::<Vec<_>>().join(", ")
                 )));
             }
@@ -551,7 +555,7 @@ impl Catalog {
     /// The role a profile registers with, or `None` for role `none`.
     pub fn role_of(&self, profile: &str) -> Result<Option<&RoleDef>, RenderError> {
         let p = self.profile(profile)?;
-        Ok(self.roles.get(&p.role))
+        Ok(p.role.as_ref().and_then(|r| self.roles.get(r)))
     }
 
     /// All roles by name.
@@ -567,19 +571,28 @@ impl Catalog {
         step: &str,
         what: &str,
         src: &str,
-        ctx: &Value,
+        ctx: &Context,
     ) -> Result<String, RenderError> {
         let ext = if what == "run" { "sh" } else { "txt" };
         self.env
-            .render_named_str(&format!("roles/{role}/{step}.{what}.{ext}"), src, ctx)
+            .render_named_str(
+                &format!("roles/{role}/{step}.{what}.{ext}"),
+                src,
+                ctx.value(),
+            )
             .map_err(|e| template_error(&format!("role {role} step {step} {what}"), e))
     }
 
     /// Renders a command line from a profile string (a hand-off hook) with every value
     /// shell-quoted.
-    pub fn render_shell(&self, what: &str, src: &str, ctx: &Value) -> Result<String, RenderError> {
+    pub fn render_shell(
+        &self,
+        what: &str,
+        src: &str,
+        ctx: &Context,
+    ) -> Result<String, RenderError> {
         self.env
-            .render_named_str(&format!("{what}.sh"), src, ctx)
+            .render_named_str(&format!("{what}.sh"), src, ctx.value())
             .map_err(|e| template_error(what, e))
     }
 
@@ -588,12 +601,12 @@ impl Catalog {
         &self,
         name: &str,
         kind: ArtifactKind,
-        ctx: &Value,
+        ctx: &Context,
     ) -> Result<String, RenderError> {
         let body = self
             .env
             .get_template(name)
-            .and_then(|t| t.render(ctx))
+            .and_then(|t| t.render(ctx.value()))
             .map_err(|e| template_error(name, e))?;
         check::check(kind, &body).map_err(|message| RenderError::Invalid {
             what: name.to_string(),
@@ -603,7 +616,7 @@ impl Catalog {
     }
 
     /// Renders one of the iPXE scripts (`boot.ipxe`, `install.ipxe`, `local.ipxe`).
-    pub fn render_ipxe(&self, script: &str, ctx: &Value) -> Result<String, RenderError> {
+    pub fn render_ipxe(&self, script: &str, ctx: &Context) -> Result<String, RenderError> {
         self.render_file(&format!("ipxe/{script}"), ArtifactKind::Ipxe, ctx)
     }
 
@@ -612,7 +625,7 @@ impl Catalog {
         &self,
         profile: &str,
         artifact: &str,
-        ctx: &Value,
+        ctx: &Context,
     ) -> Result<(ArtifactKind, String), RenderError> {
         let p = self.profile(profile)?;
         let a = p
@@ -630,13 +643,18 @@ impl Catalog {
     /// Renders a profile's kernel, initrd and cmdline strings; each value in them must be a
     /// safe word, and the results may not contain a control character or a `$` (which iPXE
     /// would expand), so they can be placed on one iPXE line each.
-    pub fn render_boot_files(&self, profile: &str, ctx: &Value) -> Result<BootFiles, RenderError> {
+    pub fn render_boot_files(
+        &self,
+        profile: &str,
+        ctx: &Context,
+    ) -> Result<BootFiles, RenderError> {
         let p = self.profile(profile)?;
+        let ctx = ctx.value();
         let one = |field: &str, src: &str| -> Result<String, RenderError> {
             let what = format!("profile {profile} {field}");
             let s = self
                 .env
-                .render_named_str(&format!("{profile}.{field}.cmdline"), src, ctx)
+                .render_named_str(&format!("{profile}.{field}.cmdline"), src, &ctx)
                 .map_err(|e| template_error(&what, e))?;
             let s = s.trim().to_string();
             if let Some(c) = s.chars().find(|c| c.is_control() || *c == '$') {
@@ -681,7 +699,3 @@ impl Profile {
         v
     }
 }
-
-/// The shared, swappable catalog: readers take an `Arc` snapshot; reload swaps it whole, so a
-/// render never sees half of an old and half of a new set of templates.
-pub type SharedCatalog = Arc<std::sync::RwLock<Arc<Catalog>>>;

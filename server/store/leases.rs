@@ -1,24 +1,52 @@
-//! DHCP leases (address mode). Allocation reads and writes in one `BEGIN IMMEDIATE`
-//! transaction, so two DISCOVERs can never be offered the same address.
+//! DHCP leases (address mode). One row per address (`ip` is the primary key); a lease is
+//! live while `expires_at` is in the future.
+//!
+//! Correct without a serialising writer: an allocation chooses a candidate address from a
+//! read, then takes it with an upsert whose own `WHERE` clause only lets it through if the
+//! row is free (expired) or already this MAC's. If another daemon took the address in
+//! between, the upsert changes nothing and the next candidate is tried.
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
-use rusqlite::{params, OptionalExtension};
-use serde::Serialize;
+use rusqlite::{params, Connection};
+use serde::{Deserialize, Serialize};
 
-use super::{Result, Store};
+use super::{EventKind, Result};
 use crate::mac::Mac;
 
+/// A lease's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseState {
+    /// Held between OFFER and REQUEST.
+    Offered,
+    /// Bound after ACK.
+    Bound,
+    /// Quarantined: a client found the address in use.
+    Declined,
+}
+
+impl LeaseState {
+    fn parse(s: &str) -> Option<LeaseState> {
+        match s {
+            "offered" => Some(LeaseState::Offered),
+            "bound" => Some(LeaseState::Bound),
+            "declined" => Some(LeaseState::Declined),
+            _ => None,
+        }
+    }
+}
+
 /// A lease row.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     /// The address.
     pub ip: Ipv4Addr,
-    /// Who holds it.
-    pub mac: String,
-    /// offered, bound or declined.
-    pub state: String,
+    /// Who holds it (none for a declined address).
+    pub mac: Option<Mac>,
+    /// Offered, bound or declined.
+    pub state: LeaseState,
     /// Unix ms.
     pub expires_at: i64,
 }
@@ -40,183 +68,244 @@ impl Pool {
     }
 }
 
-impl Store {
-    /// Chooses an address for `mac` and holds it as `offered` until `hold_until`: its
-    /// reservation if it has one, else the address it already holds, else the one it asked
-    /// for if free, else the lowest free address of the pool. `None` if the pool is exhausted.
-    pub fn lease_offer(
-        &self,
-        mac: Mac,
-        reservation: Option<Ipv4Addr>,
-        requested: Option<Ipv4Addr>,
-        pool: &Pool,
-        hold_until: i64,
-        now: i64,
-    ) -> Result<Option<Ipv4Addr>> {
-        let mac_s = mac.to_string();
-        self.write(|tx| {
-            let held: Vec<(String, String)> = tx
-                .prepare_cached("SELECT ip, mac FROM leases WHERE expires_at > ?1")?
-                .query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut taken = HashSet::new();
-            let mut mine = None;
-            for (ip, m) in held {
-                let Ok(ip) = ip.parse::<Ipv4Addr>() else { continue };
-                if m == mac_s {
-                    mine = Some(ip);
-                } else {
-                    taken.insert(ip);
-                }
-            }
-            let free = |ip: &Ipv4Addr| !taken.contains(ip) && !pool.reserved_for_others.contains(ip);
-            let choice = match reservation {
-                // A reservation wins even outside the pool, unless someone else holds it now.
-                Some(r) => free(&r).then_some(r),
-                None => mine
-                    .filter(|ip| pool.contains(*ip) && free(ip))
-                    .or(requested.filter(|ip| pool.contains(*ip) && free(ip)))
-                    .or_else(|| {
-                        (u32::from(pool.start)..=u32::from(pool.end))
-                            .map(Ipv4Addr::from)
-                            .find(|ip| free(ip))
-                    }),
-            };
-            let Some(ip) = choice else { return Ok(None) };
+/// An offer to make (DHCPDISCOVER).
+#[derive(Clone, Debug)]
+pub struct OfferRequest {
+    /// The client.
+    pub mac: Mac,
+    /// Its reservation (`ip` var), if any.
+    pub reservation: Option<Ipv4Addr>,
+    /// The address it asked for (option 50), if any.
+    pub requested: Option<Ipv4Addr>,
+    /// The pool.
+    pub pool: Pool,
+    /// How long the offered address is held for the REQUEST.
+    pub hold_until: i64,
+    /// Now, Unix ms.
+    pub now: i64,
+}
+
+/// A binding to confirm (DHCPREQUEST).
+#[derive(Clone, Debug)]
+pub struct BindRequest {
+    /// The client.
+    pub mac: Mac,
+    /// The address it asks to bind.
+    pub ip: Ipv4Addr,
+    /// The pool.
+    pub pool: Pool,
+    /// Its reservation, if any.
+    pub reservation: Option<Ipv4Addr>,
+    /// The lease's end.
+    pub until: i64,
+    /// Now, Unix ms.
+    pub now: i64,
+}
+
+/// Takes `ip` for `mac` in `state` until `until`, unless someone else holds it live. A bound
+/// lease of the same MAC stays bound (an OFFER during renewal). Returns whether it took it.
+fn take(
+    c: &Connection,
+    ip: Ipv4Addr,
+    mac: &str,
+    state: LeaseState,
+    until: i64,
+    now: i64,
+) -> Result<bool> {
+    let n = c
+        .prepare_cached(
+            "INSERT INTO leases (ip, mac, state, expires_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (ip) DO UPDATE SET mac = ?2,
+               state = CASE WHEN ?3 = 'offered' AND leases.mac = ?2 AND leases.state = 'bound'
+                                 AND leases.expires_at > ?5
+                            THEN 'bound' ELSE ?3 END,
+               expires_at = CASE WHEN ?3 = 'offered' AND leases.mac = ?2
+                                 THEN MAX(?4, leases.expires_at) ELSE ?4 END,
+               updated_at = ?5
+             WHERE leases.mac = ?2 OR leases.expires_at <= ?5",
+        )?
+        .execute(params![ip.to_string(), mac, state_str(state), until, now])?;
+    Ok(n == 1)
+}
+
+fn state_str(s: LeaseState) -> &'static str {
+    match s {
+        LeaseState::Offered => "offered",
+        LeaseState::Bound => "bound",
+        LeaseState::Declined => "declined",
+    }
+}
+
+/// Chooses an address for the client and holds it as `offered`: its reservation if it has
+/// one, else the address it already holds, else the one it asked for if free, else the lowest
+/// free address of the pool. `None` if the pool is exhausted.
+pub(super) fn offer(c: &Connection, r: &OfferRequest) -> Result<Option<Ipv4Addr>> {
+    let mac_s = r.mac.to_string();
+    let held: Vec<(String, String)> = c
+        .prepare_cached("SELECT ip, mac FROM leases WHERE expires_at > ?1")?
+        .query_map([r.now], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut taken = HashSet::new();
+    let mut mine = None;
+    for (ip, m) in held {
+        let Ok(ip) = ip.parse::<Ipv4Addr>() else {
+            continue;
+        };
+        if m == mac_s {
+            mine = Some(ip);
+        } else {
+            taken.insert(ip);
+        }
+    }
+    let pool = &r.pool;
+    let free = |ip: &Ipv4Addr| !taken.contains(ip) && !pool.reserved_for_others.contains(ip);
+    let candidates: Box<dyn Iterator<Item = Ipv4Addr>> = match r.reservation {
+        // A reservation wins even outside the pool, unless someone else holds it now.
+        Some(res) => Box::new(std::iter::once(res).filter(free)),
+        None => Box::new(
+            mine.filter(|ip| pool.contains(*ip) && free(ip))
+                .into_iter()
+                .chain(r.requested.filter(|ip| pool.contains(*ip) && free(ip)))
+                .chain(
+                    (u32::from(pool.start)..=u32::from(pool.end))
+                        .map(Ipv4Addr::from)
+                        .filter(free),
+                ),
+        ),
+    };
+    for ip in candidates {
+        if take(c, ip, &mac_s, LeaseState::Offered, r.hold_until, r.now)? {
             // Anything else this MAC held is released: one address per client.
-            tx.execute("DELETE FROM leases WHERE mac = ?1 AND ip != ?2 AND state != 'declined'", params![mac_s, ip.to_string()])?;
-            tx.execute(
-                "INSERT INTO leases (ip, mac, state, expires_at, updated_at) VALUES (?1, ?2, 'offered', ?3, ?4)
-                 ON CONFLICT (ip) DO UPDATE SET mac = ?2,
-                   state = CASE WHEN leases.mac = ?2 AND leases.state = 'bound' AND leases.expires_at > ?4
-                                THEN 'bound' ELSE 'offered' END,
-                   expires_at = MAX(?3, CASE WHEN leases.mac = ?2 THEN leases.expires_at ELSE 0 END),
-                   updated_at = ?4",
-                params![ip.to_string(), mac_s, hold_until, now],
+            c.execute(
+                "DELETE FROM leases WHERE mac = ?1 AND ip != ?2 AND state != 'declined'",
+                params![mac_s, ip.to_string()],
             )?;
-            Ok(Some(ip))
-        })
+            return Ok(Some(ip));
+        }
     }
+    Ok(None)
+}
 
-    /// Confirms a REQUEST: `ip` becomes `bound` to `mac` until `until` if it is held by this
-    /// MAC (offered or bound), or free and allowed. Returns false for a NAK.
-    pub fn lease_bind(
-        &self,
-        mac: Mac,
-        ip: Ipv4Addr,
-        pool: &Pool,
-        reservation: Option<Ipv4Addr>,
-        until: i64,
-        now: i64,
-    ) -> Result<bool> {
-        let mac_s = mac.to_string();
-        self.write(|tx| {
-            let holder: Option<(String, String, i64)> = tx
-                .query_row("SELECT mac, state, expires_at FROM leases WHERE ip = ?1", [ip.to_string()], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .optional()?;
-            let held_by_other = matches!(&holder, Some((m, _, exp)) if *m != mac_s && *exp > now);
-            let allowed = match reservation {
-                Some(r) => r == ip,
-                None => pool.contains(ip) && !pool.reserved_for_others.contains(&ip),
-            };
-            if held_by_other || !allowed {
-                return Ok(false);
-            }
-            tx.execute("DELETE FROM leases WHERE mac = ?1 AND ip != ?2 AND state != 'declined'", params![mac_s, ip.to_string()])?;
-            tx.execute(
-                "INSERT INTO leases (ip, mac, state, expires_at, updated_at) VALUES (?1, ?2, 'bound', ?3, ?4)
-                 ON CONFLICT (ip) DO UPDATE SET mac = ?2, state = 'bound', expires_at = ?3, updated_at = ?4",
-                params![ip.to_string(), mac_s, until, now],
-            )?;
-            Ok(true)
-        })
+/// Confirms a REQUEST: `ip` becomes `bound` to the MAC if it is held by it (offered or
+/// bound), or free and allowed. Returns false for a NAK.
+pub(super) fn bind(c: &Connection, r: &BindRequest) -> Result<bool> {
+    let allowed = match r.reservation {
+        Some(res) => res == r.ip,
+        None => r.pool.contains(r.ip) && !r.pool.reserved_for_others.contains(&r.ip),
+    };
+    let mac_s = r.mac.to_string();
+    if !allowed || !take(c, r.ip, &mac_s, LeaseState::Bound, r.until, r.now)? {
+        return Ok(false);
     }
+    c.execute(
+        "DELETE FROM leases WHERE mac = ?1 AND ip != ?2 AND state != 'declined'",
+        params![mac_s, r.ip.to_string()],
+    )?;
+    super::sqlite::insert_event(
+        c,
+        r.now,
+        Some(r.mac),
+        EventKind::DhcpLease,
+        &format!("{} until {}", r.ip, super::fmt_time(r.until)),
+        1,
+    )?;
+    Ok(true)
+}
 
-    /// A DHCPRELEASE, or a client that chose another server: the MAC's lease on `ip` ends.
-    pub fn lease_release(&self, mac: Mac, ip: Option<Ipv4Addr>) -> Result<()> {
-        let mac_s = mac.to_string();
-        self.write(|tx| {
-            match ip {
-                Some(ip) => tx.execute(
-                    "DELETE FROM leases WHERE mac = ?1 AND ip = ?2 AND state != 'declined'",
-                    params![mac_s, ip.to_string()],
-                )?,
-                None => tx.execute(
-                    "DELETE FROM leases WHERE mac = ?1 AND state = 'offered'",
-                    [mac_s],
-                )?,
-            };
-            Ok(())
-        })
-    }
+/// A DHCPRELEASE, or a client that chose another server: the MAC's lease on `ip` ends (with
+/// `ip` None: its offers end).
+pub(super) fn release(c: &Connection, mac: Mac, ip: Option<Ipv4Addr>) -> Result<()> {
+    let mac_s = mac.to_string();
+    match ip {
+        Some(ip) => c.execute(
+            "DELETE FROM leases WHERE mac = ?1 AND ip = ?2 AND state != 'declined'",
+            params![mac_s, ip.to_string()],
+        )?,
+        None => c.execute(
+            "DELETE FROM leases WHERE mac = ?1 AND state = 'offered'",
+            [mac_s],
+        )?,
+    };
+    Ok(())
+}
 
-    /// A DHCPDECLINE from `mac`: it found `ip`, which we gave it, in use by someone else;
-    /// quarantine the address until `until`. A DECLINE for an address the MAC does not hold
-    /// changes nothing (any client could otherwise take addresses out of the pool).
-    pub fn lease_decline(&self, mac: Mac, ip: Ipv4Addr, until: i64, now: i64) -> Result<bool> {
-        self.write(|tx| {
-            let holder: Option<String> = tx
-                .query_row("SELECT mac FROM leases WHERE ip = ?1 AND expires_at > ?2", params![ip.to_string(), now], |r| r.get(0))
-                .optional()?;
-            if holder.as_deref() != Some(mac.to_string().as_str()) {
-                return Ok(false);
-            }
-            tx.execute(
-                "INSERT INTO leases (ip, mac, state, expires_at, updated_at) VALUES (?1, '', 'declined', ?2, ?3)
-                 ON CONFLICT (ip) DO UPDATE SET mac = '', state = 'declined', expires_at = ?2, updated_at = ?3",
-                params![ip.to_string(), until, now],
-            )?;
-            Ok(true)
-        })
-    }
-
-    /// Every DHCP reservation in the inventory: machines whose `ip` variable is set, as
-    /// (MAC, address): one query, instead of loading every machine (with its host keys) for
-    /// each DHCP packet.
-    pub fn reservations(&self) -> Result<Vec<(Mac, Ipv4Addr)>> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached(
-            "SELECT mac, json_extract(vars, '$.ip') FROM machines WHERE json_extract(vars, '$.ip') IS NOT NULL",
+/// A DHCPDECLINE from `mac`: it found `ip`, which we gave it, in use by someone else;
+/// quarantine the address until `until`. A DECLINE for an address the MAC does not hold
+/// changes nothing (any client could otherwise take addresses out of the pool).
+pub(super) fn decline(
+    c: &Connection,
+    mac: Mac,
+    ip: Ipv4Addr,
+    until: i64,
+    now: i64,
+) -> Result<bool> {
+    let n = c.execute(
+        "UPDATE leases SET mac = '', state = 'declined', expires_at = ?3, updated_at = ?4
+         WHERE ip = ?1 AND mac = ?2 AND expires_at > ?4",
+        params![ip.to_string(), mac.to_string(), until, now],
+    )?;
+    if n == 1 {
+        super::sqlite::insert_event(
+            c,
+            now,
+            Some(mac),
+            EventKind::DhcpDecline,
+            &format!(
+                "{ip} is in use by someone else; quarantined until {}",
+                super::fmt_time(until)
+            ),
+            1,
         )?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(mac, ip)| Some((mac.parse().ok()?, ip.parse().ok()?)))
-            .collect())
     }
+    Ok(n == 1)
+}
 
-    /// Live leases, by address.
-    pub fn leases(&self, now: i64) -> Result<Vec<Lease>> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached(
-            "SELECT ip, mac, state, expires_at FROM leases WHERE expires_at > ?1 ORDER BY ip",
-        )?;
-        let rows = stmt
-            .query_map([now], |r| {
-                Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(ip, mac, state, expires_at)| {
-                Some(Lease {
-                    ip: ip.parse().ok()?,
-                    mac,
-                    state,
-                    expires_at,
-                })
+/// Every DHCP reservation in the inventory: machines whose `ip` variable is set.
+pub(super) fn reservations(c: &Connection) -> Result<Vec<(Mac, Ipv4Addr)>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT mac, json_extract(vars, '$.ip') FROM machines WHERE json_extract(vars, '$.ip') IS NOT NULL",
+    )?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(mac, ip)| Some((mac.parse().ok()?, ip.parse().ok()?)))
+        .collect())
+}
+
+/// Live leases, by address.
+pub(super) fn live(c: &Connection, now: i64) -> Result<Vec<Lease>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT ip, mac, state, expires_at FROM leases WHERE expires_at > ?1 ORDER BY ip",
+    )?;
+    let rows = stmt
+        .query_map([now], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get(3)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(ip, mac, state, expires_at)| {
+            Some(Lease {
+                ip: ip.parse().ok()?,
+                mac: mac.parse().ok(),
+                state: LeaseState::parse(&state)?,
+                expires_at,
             })
-            .collect())
-    }
+        })
+        .collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Inventory, Limits, SqliteInventory};
 
     fn pool() -> Pool {
         Pool {
@@ -234,124 +323,197 @@ mod tests {
         s.parse().unwrap()
     }
 
-    #[test]
-    fn offers_are_stable_unique_and_exhaust() {
-        let s = Store::open_in_memory().unwrap();
+    fn offer(
+        m: u8,
+        reservation: Option<Ipv4Addr>,
+        requested: Option<Ipv4Addr>,
+        pool: &Pool,
+        hold_until: i64,
+        now: i64,
+    ) -> OfferRequest {
+        OfferRequest {
+            mac: mac(m),
+            reservation,
+            requested,
+            pool: pool.clone(),
+            hold_until,
+            now,
+        }
+    }
+
+    fn bind(
+        m: u8,
+        a: Ipv4Addr,
+        pool: &Pool,
+        reservation: Option<Ipv4Addr>,
+        now: i64,
+    ) -> BindRequest {
+        BindRequest {
+            mac: mac(m),
+            ip: a,
+            pool: pool.clone(),
+            reservation,
+            until: 10_000,
+            now,
+        }
+    }
+
+    #[tokio::test]
+    async fn offers_are_stable_unique_and_exhaust() {
+        let s = SqliteInventory::open_temp().unwrap();
         let p = pool();
         assert_eq!(
-            s.lease_offer(mac(1), None, None, &p, 100, 0).unwrap(),
+            s.lease_offer(offer(1, None, None, &p, 100, 0))
+                .await
+                .unwrap(),
             Some(ip("10.0.0.10"))
         );
         // The same client gets the same address again.
         assert_eq!(
-            s.lease_offer(mac(1), None, Some(ip("10.0.0.12")), &p, 100, 1)
+            s.lease_offer(offer(1, None, Some(ip("10.0.0.12")), &p, 100, 1))
+                .await
                 .unwrap(),
             Some(ip("10.0.0.10"))
         );
         // Another client asking for a taken address gets a free one.
         assert_eq!(
-            s.lease_offer(mac(2), None, Some(ip("10.0.0.10")), &p, 100, 1)
+            s.lease_offer(offer(2, None, Some(ip("10.0.0.10")), &p, 100, 1))
+                .await
                 .unwrap(),
             Some(ip("10.0.0.11"))
         );
         assert_eq!(
-            s.lease_offer(mac(3), None, Some(ip("10.0.0.12")), &p, 100, 1)
+            s.lease_offer(offer(3, None, Some(ip("10.0.0.12")), &p, 100, 1))
+                .await
                 .unwrap(),
             Some(ip("10.0.0.12"))
         );
         assert_eq!(
-            s.lease_offer(mac(4), None, None, &p, 100, 1).unwrap(),
+            s.lease_offer(offer(4, None, None, &p, 100, 1))
+                .await
+                .unwrap(),
             None,
             "pool exhausted"
         );
         // Offers expire.
         assert_eq!(
-            s.lease_offer(mac(4), None, None, &p, 300, 200).unwrap(),
+            s.lease_offer(offer(4, None, None, &p, 300, 200))
+                .await
+                .unwrap(),
             Some(ip("10.0.0.10"))
         );
     }
 
-    #[test]
-    fn bind_nak_release_decline_and_reservations() {
-        let s = Store::open_in_memory().unwrap();
+    #[tokio::test]
+    async fn bind_nak_release_decline_and_reservations() {
+        let s = SqliteInventory::open_temp().unwrap();
         let mut p = pool();
         let a = s
-            .lease_offer(mac(1), None, None, &p, 100, 0)
+            .lease_offer(offer(1, None, None, &p, 100, 0))
+            .await
             .unwrap()
             .unwrap();
-        assert!(s.lease_bind(mac(1), a, &p, None, 10_000, 1).unwrap());
+        assert!(s.lease_bind(bind(1, a, &p, None, 1)).await.unwrap());
         assert!(
-            !s.lease_bind(mac(2), a, &p, None, 10_000, 2).unwrap(),
+            !s.lease_bind(bind(2, a, &p, None, 2)).await.unwrap(),
             "held by another: NAK"
         );
         assert!(
-            !s.lease_bind(mac(2), ip("10.0.0.99"), &p, None, 10_000, 2)
+            !s.lease_bind(bind(2, ip("10.0.0.99"), &p, None, 2))
+                .await
                 .unwrap(),
             "outside the pool: NAK"
         );
         // A bound lease survives a later offer to the same client (renewal).
         assert_eq!(
-            s.lease_offer(mac(1), None, None, &p, 50, 3).unwrap(),
+            s.lease_offer(offer(1, None, None, &p, 50, 3))
+                .await
+                .unwrap(),
             Some(a)
         );
-        assert_eq!(s.leases(4).unwrap()[0].state, "bound");
-        s.lease_release(mac(1), Some(a)).unwrap();
-        assert!(s.leases(5).unwrap().is_empty());
+        assert_eq!(s.leases(4).await.unwrap()[0].state, LeaseState::Bound);
+        s.lease_release(mac(1), Some(a)).await.unwrap();
+        assert!(s.leases(5).await.unwrap().is_empty());
         assert!(
-            !s.lease_decline(mac(9), ip("10.0.0.11"), 1000, 6).unwrap(),
+            !s.lease_decline(mac(9), ip("10.0.0.11"), 1000, 6)
+                .await
+                .unwrap(),
             "not its lease: ignored"
         );
         let held = s
-            .lease_offer(mac(8), None, None, &p, 100, 6)
+            .lease_offer(offer(8, None, None, &p, 100, 6))
+            .await
             .unwrap()
             .unwrap();
         assert_eq!(held, ip("10.0.0.10"));
-        assert!(s.lease_decline(mac(8), held, 1000, 6).unwrap());
+        assert!(s.lease_decline(mac(8), held, 1000, 6).await.unwrap());
         assert_eq!(
-            s.lease_offer(mac(3), None, None, &p, 100, 7).unwrap(),
+            s.lease_offer(offer(3, None, None, &p, 100, 7))
+                .await
+                .unwrap(),
             Some(ip("10.0.0.11")),
             "declined address skipped"
         );
         // Reservations: a reserved address goes only to its machine, even outside the pool.
         p.reserved_for_others.insert(ip("10.0.0.12"));
         assert_eq!(
-            s.lease_offer(mac(4), None, None, &p, 100, 8).unwrap(),
+            s.lease_offer(offer(4, None, None, &p, 100, 8))
+                .await
+                .unwrap(),
             None,
             "10.0.0.12 is someone's reservation"
         );
         assert_eq!(
-            s.lease_offer(mac(5), Some(ip("10.0.0.50")), None, &p, 100, 8)
+            s.lease_offer(offer(5, Some(ip("10.0.0.50")), None, &p, 100, 8))
+                .await
                 .unwrap(),
             Some(ip("10.0.0.50"))
         );
         assert!(s
-            .lease_bind(
-                mac(5),
-                ip("10.0.0.50"),
-                &p,
-                Some(ip("10.0.0.50")),
-                10_000,
-                9
-            )
+            .lease_bind(bind(5, ip("10.0.0.50"), &p, Some(ip("10.0.0.50")), 9))
+            .await
             .unwrap());
     }
 
-    #[test]
-    fn leases_survive_reopen() {
+    /// The upsert that takes an address checks the holder itself: a row another client holds
+    /// live is never overwritten, even by an offer that chose the address from a stale read
+    /// (as a second daemon on a shared database could).
+    #[tokio::test]
+    async fn taking_an_address_never_overwrites_a_live_holder() {
+        let s = SqliteInventory::open_temp().unwrap();
+        let p = pool();
+        let a = s
+            .lease_offer(offer(1, None, None, &p, 100, 0))
+            .await
+            .unwrap()
+            .unwrap();
+        let took = s
+            .write(move |c| take(c, a, &mac(2).to_string(), LeaseState::Offered, 100, 1))
+            .await
+            .unwrap();
+        assert!(!took);
+        assert_eq!(s.leases(2).await.unwrap()[0].mac, Some(mac(1)));
+    }
+
+    #[tokio::test]
+    async fn leases_survive_reopen() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("p.db");
         {
-            let s = Store::open(&path).unwrap();
+            let s = SqliteInventory::open(&path, Limits::default()).unwrap();
             let a = s
-                .lease_offer(mac(1), None, None, &pool(), 100, 0)
+                .lease_offer(offer(1, None, None, &pool(), 100, 0))
+                .await
                 .unwrap()
                 .unwrap();
-            s.lease_bind(mac(1), a, &pool(), None, 10_000, 1).unwrap();
+            s.lease_bind(bind(1, a, &pool(), None, 1)).await.unwrap();
         }
-        let s = Store::open(&path).unwrap();
-        assert_eq!(s.leases(2).unwrap().len(), 1);
+        let s = SqliteInventory::open(&path, Limits::default()).unwrap();
+        assert_eq!(s.leases(2).await.unwrap().len(), 1);
         assert_eq!(
-            s.lease_offer(mac(2), None, None, &pool(), 100, 3).unwrap(),
+            s.lease_offer(offer(2, None, None, &pool(), 100, 3))
+                .await
+                .unwrap(),
             Some(ip("10.0.0.11"))
         );
     }

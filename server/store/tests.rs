@@ -1,46 +1,69 @@
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use super::*;
 
 fn mac(s: &str) -> Mac {
     s.parse().unwrap()
 }
 
+fn nth(n: u32) -> Mac {
+    let b = n.to_be_bytes();
+    Mac([0x52, 0x54, b[0], b[1], b[2], b[3]])
+}
+
 fn new(m: &str) -> NewMachine {
     NewMachine {
-        mac: Some(mac(m)),
+        mac: mac(m),
         profile: "debian-12".into(),
         hostname: Some("node1".into()),
+        uuid: None,
+        serial: None,
         vars: [("ntp".to_string(), "pool.ntp.org".to_string())].into(),
-        ..Default::default()
+        labels: BTreeMap::new(),
     }
 }
 
-fn kinds(store: &Store, m: Mac) -> Vec<String> {
-    store
-        .events(Some(m), 0, 1000)
-        .unwrap()
-        .into_iter()
-        .map(|e| e.kind)
-        .collect()
+fn store() -> SqliteInventory {
+    SqliteInventory::open_temp().unwrap()
 }
 
-#[test]
-fn enroll_creates_and_refuses_twice() {
-    let s = Store::open_in_memory().unwrap();
-    let m = s.enroll(&new("52:54:00:00:00:01"), 1).unwrap();
+async fn kinds(s: &SqliteInventory, m: Mac) -> Vec<String> {
+    s.flush().await.unwrap();
+    s.events(EventQuery {
+        mac: Some(m),
+        limit: 1000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|e| e.kind.as_str().to_string())
+    .collect()
+}
+
+fn key() -> Vec<(String, String)> {
+    vec![("ssh-ed25519".to_string(), "ssh-ed25519 AAAA k".to_string())]
+}
+
+#[tokio::test]
+async fn enroll_creates_and_refuses_twice() {
+    let s = store();
+    let m = s.enroll(new("52:54:00:00:00:01"), 1).await.unwrap();
     assert_eq!(m.state, State::Enrolled);
     assert_eq!(m.vars["ntp"], "pool.ntp.org");
-    let err = s.enroll(&new("52:54:00:00:00:01"), 2).unwrap_err();
+    let err = s.enroll(new("52:54:00:00:00:01"), 2).await.unwrap_err();
     assert!(
         err.to_string()
             .contains("already enrolled (state enrolled)"),
         "{err}"
     );
-    assert_eq!(kinds(&s, m.mac), ["enrolled"]);
+    assert_eq!(kinds(&s, m.mac).await, ["enrolled"]);
 }
 
-#[test]
-fn discovered_then_enrolled() {
-    let s = Store::open_in_memory().unwrap();
+#[tokio::test]
+async fn discovered_then_enrolled() {
+    let s = store();
     let m = mac("52:54:00:00:00:02");
     let sighting = Sighting {
         uuid: Some("4c4c4544-0038-4410-8051-b4c04f4d4e32".into()),
@@ -48,57 +71,76 @@ fn discovered_then_enrolled() {
         platform: Some("efi".into()),
         ip: Some("10.0.0.5".into()),
     };
-    let d = s.sighted(m, &sighting, 1).unwrap();
-    assert_eq!(d.state, State::Discovered);
-    assert_eq!(d.profile, None);
+    let d = s.discover(m, sighting.clone(), 1).await.unwrap();
+    assert_eq!((d.state, d.profile.as_deref()), (State::Discovered, None));
+    assert_eq!(d.last_seen, Some(1));
     // A second sighting adds no second `discovered` event.
-    s.sighted(m, &sighting, 2).unwrap();
-    let e = s.enroll(&new("52:54:00:00:00:02"), 3).unwrap();
+    s.discover(m, sighting, 2).await.unwrap();
+    let e = s.enroll(new("52:54:00:00:00:02"), 3).await.unwrap();
     assert_eq!(e.state, State::Enrolled);
     assert_eq!(
         e.uuid.as_deref(),
         Some("4c4c4544-0038-4410-8051-b4c04f4d4e32")
     );
     assert_eq!(e.platform.as_deref(), Some("efi"));
-    let ev = s.events(Some(m), 0, 100).unwrap();
+    let ev = s
+        .events(EventQuery {
+            mac: Some(m),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(ev.len(), 2);
-    assert_eq!(ev[1].from_state.as_deref(), Some("discovered"));
-    assert_eq!(ev[1].to_state.as_deref(), Some("enrolled"));
+    assert_eq!(ev[1].from_state, Some(State::Discovered));
+    assert_eq!(ev[1].to_state, Some(State::Enrolled));
 }
 
-#[test]
-fn token_lifecycle() {
-    let s = Store::open_in_memory().unwrap();
-    let m = s.enroll(&new("52:54:00:00:00:03"), 1).unwrap().mac;
+#[tokio::test]
+async fn token_lifecycle() {
+    let s = store();
+    let m = s.enroll(new("52:54:00:00:00:03"), 1).await.unwrap().mac;
     assert!(matches!(
-        s.machine_by_token("h1", 2),
+        s.machine_by_token("h1", 2).await,
         Err(StoreError::Token(TokenProblem::Unknown, _))
     ));
-    s.start_install(m, "h1", 100, 2).unwrap();
-    assert_eq!(s.machine_by_token("h1", 3).unwrap().mac, m);
+    s.start_install(m, "h1".into(), 100, Sighting::default(), 2)
+        .await
+        .unwrap();
+    assert_eq!(s.machine_by_token("h1", 3).await.unwrap().mac, m);
     // A second boot replaces the token.
-    let again = s.start_install(m, "h2", 100, 4).unwrap();
+    let again = s
+        .start_install(m, "h2".into(), 100, Sighting::default(), 4)
+        .await
+        .unwrap();
     assert_eq!(again.state, State::Installing);
     assert!(matches!(
-        s.machine_by_token("h1", 5),
+        s.machine_by_token("h1", 5).await,
         Err(StoreError::Token(TokenProblem::Unknown, _))
     ));
     assert!(matches!(
-        s.machine_by_token("h2", 100),
+        s.machine_by_token("h2", 100).await,
         Err(StoreError::Token(TokenProblem::Expired, _))
     ));
-    let keys = vec![("ssh-ed25519".to_string(), "ssh-ed25519 AAAA k".to_string())];
     let done = s
-        .phone_home("h2", &keys, Some("10.0.0.9"), "1 host key", 6)
+        .phone_home(
+            "h2".into(),
+            key(),
+            Some("10.0.0.9".into()),
+            "1 host key".into(),
+            6,
+        )
+        .await
         .unwrap();
     assert_eq!(done.state, State::Installed);
     assert_eq!(done.host_keys, ["ssh-ed25519 AAAA k"]);
+    assert_eq!(done.last_ip.as_deref(), Some("10.0.0.9"));
     assert!(matches!(
-        s.phone_home("h2", &keys, None, "", 7),
+        s.phone_home("h2".into(), key(), None, String::new(), 7)
+            .await,
         Err(StoreError::Token(TokenProblem::Used, _))
     ));
     assert_eq!(
-        kinds(&s, m),
+        kinds(&s, m).await,
         [
             "enrolled",
             "install_started",
@@ -108,92 +150,407 @@ fn token_lifecycle() {
     );
 }
 
-#[test]
-fn reprovision_kills_token_and_keys() {
-    let s = Store::open_in_memory().unwrap();
-    let m = s.enroll(&new("52:54:00:00:00:04"), 1).unwrap().mac;
-    s.start_install(m, "h1", 100, 2).unwrap();
-    let keys = vec![("ssh-ed25519".to_string(), "ssh-ed25519 AAAA k".to_string())];
-    s.phone_home("h1", &keys, None, "", 3).unwrap();
-    let r = s.reprovision(m, 4).unwrap();
+#[tokio::test]
+async fn reprovision_kills_token_and_keys() {
+    let s = store();
+    let m = s.enroll(new("52:54:00:00:00:04"), 1).await.unwrap().mac;
+    s.start_install(m, "h1".into(), 100, Sighting::default(), 2)
+        .await
+        .unwrap();
+    s.phone_home("h1".into(), key(), None, String::new(), 3)
+        .await
+        .unwrap();
+    let r = s.reprovision(m, 4).await.unwrap();
     assert_eq!((r.state, r.generation), (State::Enrolled, 1));
     assert!(r.host_keys.is_empty());
     assert!(matches!(
-        s.machine_by_token("h1", 5),
+        s.machine_by_token("h1", 5).await,
         Err(StoreError::Token(TokenProblem::Unknown, _))
     ));
     // Reprovision during an install invalidates the live token too.
-    s.start_install(m, "h2", 100, 6).unwrap();
-    s.reprovision(m, 7).unwrap();
-    assert!(s.machine_by_token("h2", 8).is_err());
+    s.start_install(m, "h2".into(), 100, Sighting::default(), 6)
+        .await
+        .unwrap();
+    s.reprovision(m, 7).await.unwrap();
+    assert!(s.machine_by_token("h2", 8).await.is_err());
 }
 
-#[test]
-fn illegal_transitions_change_nothing() {
-    let s = Store::open_in_memory().unwrap();
+#[tokio::test]
+async fn illegal_transitions_change_nothing() {
+    let s = store();
     let m = mac("52:54:00:00:00:05");
-    s.sighted(m, &Sighting::default(), 1).unwrap();
-    let err = s.reprovision(m, 2).unwrap_err();
+    s.discover(m, Sighting::default(), 1).await.unwrap();
+    let err = s.reprovision(m, 2).await.unwrap_err();
     assert!(err.to_string().contains("state discovered"), "{err}");
-    let after = s.machine(m).unwrap().unwrap();
+    let after = s.machine(m).await.unwrap().unwrap();
     assert_eq!((after.state, after.generation), (State::Discovered, 0));
-    assert_eq!(kinds(&s, m), ["discovered"]);
+    assert_eq!(kinds(&s, m).await, ["discovered"]);
 }
 
-#[test]
-fn expired_installs_fail_with_reason() {
-    let s = Store::open_in_memory().unwrap();
-    let a = s.enroll(&new("52:54:00:00:00:06"), 1).unwrap().mac;
-    let b = s.enroll(&new("52:54:00:00:00:07"), 1).unwrap().mac;
-    s.start_install(a, "ha", 50, 2).unwrap();
-    s.start_install(b, "hb", 500, 2).unwrap();
-    assert_eq!(s.expire_installs(100).unwrap(), vec![a]);
-    let fa = s.machine(a).unwrap().unwrap();
+#[tokio::test]
+async fn expired_installs_fail_with_step_and_reason() {
+    let s = store();
+    let a = s.enroll(new("52:54:00:00:00:06"), 1).await.unwrap().mac;
+    let b = s.enroll(new("52:54:00:00:00:07"), 1).await.unwrap().mac;
+    s.start_install(a, "ha".into(), 50, Sighting::default(), 2)
+        .await
+        .unwrap();
+    s.start_install(b, "hb".into(), 500, Sighting::default(), 2)
+        .await
+        .unwrap();
+    assert_eq!(s.expire_installs(100).await.unwrap(), vec![a]);
+    let fa = s.machine(a).await.unwrap().unwrap();
     assert_eq!(fa.state, State::Failed);
-    assert_eq!(fa.failed_step.as_deref(), Some("install"));
-    assert!(fa.failed_reason.unwrap().contains("expired"));
-    assert_eq!(s.machine(b).unwrap().unwrap().state, State::Installing);
+    let f = fa.failure.unwrap();
+    assert_eq!(f.step, "install");
+    assert!(f.reason.contains("expired"), "{}", f.reason);
+    assert_eq!(
+        s.machine(b).await.unwrap().unwrap().state,
+        State::Installing
+    );
 }
 
-#[test]
-fn update_delete_and_history_survives() {
-    let s = Store::open_in_memory().unwrap();
-    let m = s.enroll(&new("52:54:00:00:00:08"), 1).unwrap().mac;
+#[tokio::test]
+async fn update_delete_and_history_survives() {
+    let s = store();
+    let m = s.enroll(new("52:54:00:00:00:08"), 1).await.unwrap().mac;
     let patch = MachinePatch {
         hostname: Some(Some("node9".into())),
         vars: Some(BTreeMap::new()),
         ..Default::default()
     };
-    let u = s.update(m, &patch, 2).unwrap();
+    let u = s.update(m, patch, 2).await.unwrap();
     assert_eq!(u.hostname.as_deref(), Some("node9"));
     assert!(u.vars.is_empty());
-    s.delete(m, 3).unwrap();
-    assert!(s.machine(m).unwrap().is_none());
-    assert_eq!(kinds(&s, m), ["enrolled", "updated", "deleted"]);
-    assert!(matches!(s.delete(m, 4), Err(StoreError::NotFound(_))));
+    s.delete(m, 3).await.unwrap();
+    assert!(s.machine(m).await.unwrap().is_none());
+    assert_eq!(kinds(&s, m).await, ["enrolled", "updated", "deleted"]);
+    assert!(matches!(s.delete(m, 4).await, Err(StoreError::NotFound(_))));
 }
 
-#[test]
-fn file_database_keeps_writes_across_reopen() {
+#[tokio::test]
+async fn file_database_keeps_writes_across_reopen_with_durable_settings() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("provision.db");
     {
-        let s = Store::open(&path).unwrap();
-        s.enroll(&new("52:54:00:00:00:09"), 1).unwrap();
+        let s = SqliteInventory::open(&path, Limits::default()).unwrap();
+        s.enroll(new("52:54:00:00:00:09"), 1).await.unwrap();
+        assert_eq!(s.writer_pragmas().await.unwrap(), ("wal".into(), 2, 1));
     }
-    let s = Store::open(&path).unwrap();
-    let all = s.machines(Some(State::Enrolled)).unwrap();
-    assert_eq!(all.len(), 1);
-    assert!(s.machines(Some(State::Installed)).unwrap().is_empty());
-    let conn = s.lock();
-    let mode: String = conn
-        .pragma_query_value(None, "journal_mode", |r| r.get(0))
+    let s = SqliteInventory::open(&path, Limits::default()).unwrap();
+    let q = |state| MachineQuery {
+        state: Some(state),
+        ..Default::default()
+    };
+    assert_eq!(s.machines(q(State::Enrolled)).await.unwrap().len(), 1);
+    assert!(s.machines(q(State::Installed)).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn boot_facts_are_the_decision_inputs() {
+    let s = store();
+    let m = s.enroll(new("52:54:00:00:00:0a"), 1).await.unwrap().mac;
+    assert_eq!(s.boot_facts(mac("52:54:00:00:00:0b")).await.unwrap(), None);
+    let f = s.boot_facts(m).await.unwrap().unwrap();
+    assert_eq!(
+        f,
+        BootFacts {
+            state: State::Enrolled,
+            profile: Some("debian-12".into()),
+            installer_done: false
+        }
+    );
+    s.start_install(m, "h".into(), 100, Sighting::default(), 2)
+        .await
         .unwrap();
-    let sync: i64 = conn
-        .pragma_query_value(None, "synchronous", |r| r.get(0))
+    s.config_served(m, "x".into(), Some("done".into()), 3)
+        .await
         .unwrap();
-    let fk: i64 = conn
-        .pragma_query_value(None, "foreign_keys", |r| r.get(0))
+    assert!(s.boot_facts(m).await.unwrap().unwrap().installer_done);
+    assert_eq!(
+        kinds(&s, m).await,
+        [
+            "enrolled",
+            "install_started",
+            "config_served",
+            "installer_done"
+        ]
+    );
+}
+
+/// Concurrent durable writes share commits (fewer commits than writes), and every caller is
+/// answered with its own result after its commit; a failing request in a batch rolls back only
+/// its own changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_are_group_committed_and_isolated() {
+    let s = Arc::new(store());
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = new("52:54:00:00:00:00");
+            n.mac = nth(i);
+            s.enroll(n, 1).await
+        }));
+    }
+    // A request that fails (enrolled twice) in the middle of the others.
+    let dup = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let mut n = new("52:54:00:00:00:00");
+            n.mac = nth(0);
+            s.enroll(n, 2).await
+        })
+    };
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let dup = dup.await.unwrap();
+    let all = s.machines(MachineQuery::default()).await.unwrap();
+    assert_eq!(all.len(), 200);
+    let stats = s.stats();
+    assert!(stats.writes >= 201 - 1, "{stats:?}");
+    assert!(
+        stats.commits < stats.writes,
+        "writes should share commits under concurrency: {stats:?}"
+    );
+    // Whichever order they ran in, MAC 0 was enrolled once, with one event.
+    assert!(dup.is_err() || all.iter().filter(|m| m.mac == nth(0)).count() == 1);
+    assert_eq!(kinds(&s, nth(0)).await, ["enrolled"]);
+}
+
+#[tokio::test]
+async fn observations_are_coalesced_and_written_in_order() {
+    let s = store();
+    let m = s.enroll(new("52:54:00:00:00:0c"), 1).await.unwrap().mac;
+    for at in 10..15 {
+        s.observe(Observation::Event {
+            mac: Some(m),
+            kind: EventKind::DhcpOffered,
+            detail: "undionly.kpxe".into(),
+            at,
+        });
+        s.observe(Observation::Seen {
+            mac: m,
+            sighting: Sighting {
+                ip: Some(format!("10.0.0.{at}")),
+                ..Default::default()
+            },
+            discover: false,
+            at,
+        });
+    }
+    // A durable write after them comes after them on the timeline.
+    s.start_install(m, "h".into(), 100, Sighting::default(), 20)
+        .await
         .unwrap();
-    assert_eq!((mode.as_str(), sync, fk), ("wal", 2, 1));
+    s.flush().await.unwrap();
+    let ev = s
+        .events(EventQuery {
+            mac: Some(m),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got: Vec<(&str, i64)> = ev.iter().map(|e| (e.kind.as_str(), e.count)).collect();
+    assert_eq!(
+        got,
+        [("enrolled", 1), ("dhcp_offered", 5), ("install_started", 1)]
+    );
+    assert_eq!(ev[1].at, 10, "a coalesced row keeps its first time");
+    let mm = s.machine(m).await.unwrap().unwrap();
+    assert_eq!(
+        (mm.last_ip.as_deref(), mm.last_seen),
+        (Some("10.0.0.14"), Some(20))
+    );
+    assert_eq!(s.stats().observations_written, 10);
+}
+
+#[tokio::test]
+async fn dhcp_sightings_discover_unknown_machines_in_the_batch() {
+    let s = store();
+    let m = mac("52:54:00:00:00:0d");
+    s.observe(Observation::Seen {
+        mac: m,
+        sighting: Sighting {
+            uuid: Some("u".into()),
+            ..Default::default()
+        },
+        discover: true,
+        at: 5,
+    });
+    s.observe(Observation::Seen {
+        mac: mac("52:54:00:00:00:0e"),
+        sighting: Sighting::default(),
+        discover: false,
+        at: 5,
+    });
+    s.flush().await.unwrap();
+    let d = s.machine(m).await.unwrap().unwrap();
+    assert_eq!((d.state, d.uuid.as_deref()), (State::Discovered, Some("u")));
+    assert!(
+        s.machine(mac("52:54:00:00:00:0e")).await.unwrap().is_none(),
+        "a sighting without discover creates nothing"
+    );
+    assert_eq!(kinds(&s, m).await, ["discovered"]);
+}
+
+#[tokio::test]
+async fn observation_drops_are_counted() {
+    let s = SqliteInventory::open_temp_with(Limits {
+        observation_queue: 4,
+        ..Limits::default()
+    })
+    .unwrap();
+    let m = s.enroll(new("52:54:00:00:00:0f"), 1).await.unwrap().mac;
+    for i in 0..50 {
+        s.observe(Observation::Event {
+            mac: Some(m),
+            kind: EventKind::IpxeServed,
+            detail: format!("m{i}"),
+            at: i,
+        });
+    }
+    s.flush().await.unwrap();
+    let st = s.stats();
+    assert_eq!(
+        st.observations_dropped + st.observations_written,
+        50,
+        "every observation is either written or counted as dropped: {st:?}"
+    );
+}
+
+#[tokio::test]
+async fn discovered_machines_stay_under_the_cap() {
+    let s = SqliteInventory::open_temp_with(Limits {
+        max_discovered: 50,
+        ..Limits::default()
+    })
+    .unwrap();
+    let enrolled = s.enroll(new("52:54:00:00:00:10"), 0).await.unwrap().mac;
+    // A flood of unknown MACs in DHCP: recorded up to the cap, the rest shed (and counted),
+    // with no event left behind for a MAC that was not recorded.
+    for i in 0..300u32 {
+        s.observe(Observation::Seen {
+            mac: nth(1000 + i),
+            sighting: Sighting::default(),
+            discover: true,
+            at: i64::from(i),
+        });
+        s.observe(Observation::Event {
+            mac: Some(nth(1000 + i)),
+            kind: EventKind::DhcpOffered,
+            detail: "undionly.kpxe".into(),
+            at: i64::from(i),
+        });
+    }
+    s.maintain().await.unwrap();
+    let n = s.count_by_state().await.unwrap();
+    assert_eq!(n.get(&State::Discovered), Some(&50), "{n:?}");
+    assert_eq!(s.stats().discoveries_shed, 250);
+    assert_eq!(
+        kinds(&s, nth(1000)).await,
+        ["discovered", "dhcp_offered"],
+        "recorded: the first 50"
+    );
+    assert!(kinds(&s, nth(1299)).await.is_empty(), "shed: nothing kept");
+    // A boot that reaches /ipxe is always recorded: the least recently seen make room.
+    for i in 0..10u32 {
+        s.discover(nth(5000 + i), Sighting::default(), 1000)
+            .await
+            .unwrap();
+    }
+    s.maintain().await.unwrap();
+    let n = s.count_by_state().await.unwrap();
+    assert_eq!(n.get(&State::Discovered), Some(&50), "{n:?}");
+    assert_eq!(
+        n.get(&State::Enrolled),
+        Some(&1),
+        "enrolled machines are never evicted"
+    );
+    assert_eq!(s.stats().discovered_evicted, 10);
+    assert!(s.machine(nth(5009)).await.unwrap().is_some());
+    assert!(
+        s.machine(nth(1000)).await.unwrap().is_none(),
+        "seen longest ago"
+    );
+    assert!(
+        kinds(&s, nth(1000)).await.is_empty(),
+        "its events went with it"
+    );
+    assert!(s.machine(nth(1010)).await.unwrap().is_some());
+    assert_eq!(kinds(&s, enrolled).await, ["enrolled"]);
+}
+
+#[tokio::test]
+async fn retention_keeps_transitions_longest() {
+    let s = SqliteInventory::open_temp_with(Limits {
+        events_per_machine: 10,
+        ..Limits::default()
+    })
+    .unwrap();
+    let m = s.enroll(new("52:54:00:00:00:11"), 1).await.unwrap().mac;
+    s.start_install(m, "h".into(), 1000, Sighting::default(), 2)
+        .await
+        .unwrap();
+    for i in 0..30 {
+        s.observe(Observation::Event {
+            mac: Some(m),
+            kind: EventKind::IpxeServed,
+            detail: format!("n{i}"),
+            at: 10 + i,
+        });
+    }
+    s.maintain().await.unwrap();
+    let k = kinds(&s, m).await;
+    assert_eq!(k.len(), 10, "{k:?}");
+    assert_eq!(&k[..2], ["enrolled", "install_started"]);
+    assert_eq!(s.stats().events_pruned, 22);
+}
+
+#[tokio::test]
+async fn pages_of_machines_and_events() {
+    let s = store();
+    for i in 0..25u32 {
+        let mut n = new("52:54:00:00:00:00");
+        n.mac = nth(i);
+        s.enroll(n, 1).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s
+            .machines(MachineQuery {
+                state: None,
+                after,
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        assert!(page.len() <= 10);
+        let Some(last) = page.last() else { break };
+        after = Some(last.mac);
+        seen.extend(page.into_iter().map(|m| m.mac));
+    }
+    assert_eq!(seen, (0..25).map(nth).collect::<Vec<_>>());
+    let ev = s
+        .events(EventQuery {
+            mac: None,
+            after: 20,
+            limit: 3,
+            tail: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(ev.iter().map(|e| e.id).collect::<Vec<_>>(), [21, 22, 23]);
+    let ev = s
+        .events(EventQuery {
+            mac: None,
+            after: 20,
+            limit: 3,
+            tail: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(ev.iter().map(|e| e.id).collect::<Vec<_>>(), [23, 24, 25]);
 }

@@ -10,13 +10,10 @@
 //! drives the sockets from its own reactor thread), so the server runs as an ordinary task in
 //! the daemon's tokio `JoinSet`.
 
-#[cfg(test)]
-mod tests;
-
 use std::fs::File;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -27,8 +24,9 @@ use async_tftp::packet;
 use async_tftp::server::{Handler, TftpServerBuilder};
 use blocking::Unblock;
 use futures_lite::io::AsyncRead;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::files::{resolve, Refusal};
 
 /// Largest block size we agree to (RFC 2348 allows 65464). 1468 bytes of data fill a
 /// 1500-byte Ethernet frame (minus IP, UDP and TFTP headers); anything larger is IP-fragmented,
@@ -41,90 +39,17 @@ pub const WINDOW_SIZE_LIMIT: u16 = 16;
 /// Read buffer per transfer: memory stays bounded whatever the file size.
 const READ_BUFFER: usize = 64 * 1024;
 
-/// Why a file was not served.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    /// `..`, an absolute path, a backslash or a NUL.
-    #[error("{0:?} is not a plain relative path (no '..', leading '/', backslash or NUL)")]
-    BadPath(String),
-    /// Not under any root.
-    #[error("{0:?} not found")]
-    NotFound(String),
-    /// Resolves (through a symlink) outside its root.
-    #[error("{0:?} leads outside the TFTP root")]
-    Escapes(String),
-    /// A directory or special file.
-    #[error("{0:?} is not a regular file")]
-    NotAFile(String),
-}
-
-impl Refusal {
-    fn to_packet(&self) -> packet::Error {
-        match self {
-            Refusal::NotFound(_) => packet::Error::FileNotFound,
-            _ => packet::Error::PermissionDenied,
-        }
+/// The TFTP error packet for a refusal (RFC 1350 error codes 1 and 2).
+fn refusal_packet(r: &Refusal) -> packet::Error {
+    match r {
+        Refusal::NotFound(_) => packet::Error::FileNotFound,
+        _ => packet::Error::PermissionDenied,
     }
 }
 
-/// Resolves a requested name beneath the first root that has it, refusing anything that
-/// would leave the root: `..` components, absolute paths, backslashes (a Windows-style
-/// separator some firmware sends, which would otherwise be a file name character here), and
-/// symlinks whose target is outside the root. Returns the canonical path.
-pub fn resolve(roots: &[PathBuf], name: &str) -> Result<PathBuf, Refusal> {
-    check_name(name)?;
-    let rel = Path::new(name);
-    for root in roots {
-        let candidate = root.join(rel);
-        if std::fs::symlink_metadata(&candidate).is_err() {
-            continue;
-        }
-        let Ok(real_root) = root.canonicalize() else {
-            continue;
-        };
-        let real = candidate
-            .canonicalize()
-            .map_err(|_| Refusal::NotFound(name.to_string()))?;
-        if !real.starts_with(&real_root) && !package_link(root, rel, &real) {
-            return Err(Refusal::Escapes(name.to_string()));
-        }
-        if !real.is_file() {
-            return Err(Refusal::NotAFile(name.to_string()));
-        }
-        return Ok(real);
-    }
-    Err(Refusal::NotFound(name.to_string()))
-}
-
-/// The directory the Debian `ipxe` package installs its binaries into.
-pub const SYSTEM_ROOT: &str = "/usr/lib/ipxe";
-
-/// The one exception to "symlinks may not leave the root": in the package-managed
-/// [`SYSTEM_ROOT`], Debian links `ipxe.efi` and `ipxe.lkrn` to `/boot/`. Those links are
-/// root-owned files put there by dpkg, not something a client or an operator's directory can
-/// plant; a name directly in that root whose link is owned by root may resolve to a
-/// root-owned regular file elsewhere.
-fn package_link(root: &Path, rel: &Path, real: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    if root != Path::new(SYSTEM_ROOT) || rel.components().count() != 1 {
-        return false;
-    }
-    let link = std::fs::symlink_metadata(root.join(rel));
-    let target = std::fs::metadata(real);
-    matches!((link, target), (Ok(l), Ok(t)) if l.uid() == 0 && t.uid() == 0 && t.is_file())
-}
-
-/// Checks that a requested name is a plain relative path: not empty, no `..`, no leading
-/// `/`, no backslash, no NUL.
-pub fn check_name(name: &str) -> Result<(), Refusal> {
-    let plain = Path::new(name)
-        .components()
-        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
-    if name.is_empty() || name.contains('\\') || name.contains('\0') || !plain {
-        return Err(Refusal::BadPath(name.to_string()));
-    }
-    Ok(())
-}
+/// Where transfers are reported (the boot service observes them on the machine's timeline).
+/// Called on the TFTP thread: it must not block.
+pub type Report = Arc<dyn Fn(Transfer) + Send + Sync>;
 
 /// What happened to one transfer, for the event log.
 #[derive(Debug, Clone)]
@@ -147,7 +72,7 @@ pub struct Tracked {
     inner: Unblock<File>,
     info: Transfer,
     eof: bool,
-    tx: mpsc::UnboundedSender<Transfer>,
+    report: Report,
     active: Arc<AtomicUsize>,
 }
 
@@ -182,14 +107,14 @@ impl Drop for Tracked {
                 format!("transfer ended after {} of {} bytes", info.bytes, info.size)
             });
         }
-        let _ = self.tx.send(info);
+        (self.report)(info);
     }
 }
 
 /// The confined, read-only handler.
 pub struct ConfinedHandler {
     roots: Arc<Vec<PathBuf>>,
-    tx: mpsc::UnboundedSender<Transfer>,
+    report: Report,
     /// Transfers in progress. async-tftp only refuses a second request from the same IP and
     /// port, so without a cap one host could open thousands (each an open file, a socket and
     /// a buffer) and exhaust the daemon's file descriptors.
@@ -200,11 +125,11 @@ pub struct ConfinedHandler {
 pub const MAX_TRANSFERS: usize = 256;
 
 impl ConfinedHandler {
-    /// Serves files from `roots` (first match wins), reporting transfers on `tx`.
-    pub fn new(roots: Vec<PathBuf>, tx: mpsc::UnboundedSender<Transfer>) -> Self {
+    /// Serves files from `roots` (first match wins), reporting transfers to `report`.
+    pub fn new(roots: Vec<PathBuf>, report: Report) -> Self {
         ConfinedHandler {
             roots: Arc::new(roots),
-            tx,
+            report,
             active: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -221,7 +146,7 @@ impl Handler for ConfinedHandler {
     ) -> Result<(Self::Reader, Option<u64>), packet::Error> {
         let name = path.to_string_lossy().into_owned();
         if self.active.load(Ordering::SeqCst) >= MAX_TRANSFERS {
-            let _ = self.tx.send(Transfer {
+            (self.report)(Transfer {
                 peer: *client,
                 file: name,
                 bytes: 0,
@@ -258,21 +183,21 @@ impl Handler for ConfinedHandler {
                             outcome: Ok(()),
                         },
                         eof: false,
-                        tx: self.tx.clone(),
+                        report: self.report.clone(),
                         active: self.active.clone(),
                     }
                 },
                 Some(size),
             )),
             Err(refusal) => {
-                let _ = self.tx.send(Transfer {
+                (self.report)(Transfer {
                     peer: *client,
                     file: name,
                     bytes: 0,
                     size: 0,
                     outcome: Err(refusal.to_string()),
                 });
-                Err(refusal.to_packet())
+                Err(refusal_packet(&refusal))
             }
         }
     }
@@ -294,13 +219,13 @@ impl Handler for ConfinedHandler {
 pub async fn run(
     socket: UdpSocket,
     roots: Vec<PathBuf>,
-    tx: mpsc::UnboundedSender<Transfer>,
+    report: Report,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     loop {
         let sock = socket.try_clone()?;
         let server =
-            TftpServerBuilder::with_handler(ConfinedHandler::new(roots.clone(), tx.clone()))
+            TftpServerBuilder::with_handler(ConfinedHandler::new(roots.clone(), report.clone()))
                 .std_socket(sock)?
                 .block_size_limit(BLOCK_SIZE_LIMIT)
                 .window_size_limit(WINDOW_SIZE_LIMIT)

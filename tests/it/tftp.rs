@@ -180,7 +180,10 @@ fn traversal_and_writes_are_refused() {
         events.contains("tftp_failed: ../secret to 127.0.0.1"),
         "{events}"
     );
-    assert!(events.contains("leads outside the TFTP root"), "{events}");
+    assert!(
+        events.contains("leads outside its boot file root"),
+        "{events}"
+    );
 }
 
 #[test]

@@ -1,12 +1,37 @@
-use super::*;
-use crate::policy::Platform;
+//! The services end to end over a real (temporary) SQLite inventory: enroll, boot, config,
+//! phone-home, previews, validation.
+
+use std::collections::BTreeMap;
+
+use crate::dto::{EnrollRequest, UpdateRequest};
+use crate::error::Error;
+use crate::mac::Mac;
+use crate::policy::{BootRequest, DiscoverAnswer, Platform, State};
+use crate::render::{ArtifactKind, RenderError};
+use crate::store::{EventQuery, MachineQuery, Sighting, StoreError};
+use crate::testkit::{stack, Stack};
 
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 provision";
 const BASE: &str = "http://10.0.0.1:8080";
 
-fn prov() -> Provisioner {
-    Provisioner::for_tests(DiscoverAnswer::LocalBoot)
+fn prov() -> Stack {
+    stack(DiscoverAnswer::LocalBoot)
+}
+
+async fn kinds(p: &Stack, mac: Mac) -> Vec<String> {
+    p.admin
+        .events(EventQuery {
+            mac: Some(mac),
+            after: 0,
+            limit: 100,
+            tail: false,
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind.as_str().to_string())
+        .collect()
 }
 
 fn enroll_req(mac: &str, profile: &str) -> EnrollRequest {
@@ -35,7 +60,7 @@ fn token_of(script: &str) -> String {
 #[tokio::test]
 async fn snapshots_of_every_builtin_render() {
     let p = prov();
-    let profiles: Vec<String> = p.catalog().profiles().keys().cloned().collect();
+    let profiles: Vec<String> = p.admin.catalog().profiles().keys().cloned().collect();
     assert!(profiles.len() >= 5, "{profiles:?}");
     for (i, profile) in profiles.iter().enumerate() {
         for (fixture, rich) in [("plain", false), ("rich", true)] {
@@ -58,10 +83,11 @@ async fn snapshots_of_every_builtin_render() {
             } else {
                 req.hostname = None;
             }
-            let m = p.enroll(req).await.unwrap();
+            let m = p.admin.enroll(req).await.unwrap();
             let mut names = vec!["ipxe".to_string()];
             names.extend(
-                p.catalog()
+                p.admin
+                    .catalog()
                     .profile(profile)
                     .unwrap()
                     .artifacts
@@ -69,12 +95,13 @@ async fn snapshots_of_every_builtin_render() {
                     .cloned(),
             );
             for a in names {
-                let (_, body) = p.preview(m.mac, &a, BASE).await.unwrap();
+                let (_, body) = p.admin.preview(m.mac, &a, BASE).await.unwrap();
                 insta::assert_snapshot!(format!("{profile}__{fixture}__{a}"), body);
             }
         }
     }
     let (_, local) = p
+        .admin
         .preview("52:54:00:00:00:00".parse().unwrap(), "ipxe", BASE)
         .await
         .unwrap();
@@ -82,17 +109,19 @@ async fn snapshots_of_every_builtin_render() {
         local.contains("kernel "),
         "enrolled machine previews an install"
     );
-    insta::assert_snapshot!("boot.ipxe", p.boot_ipxe(BASE).unwrap());
+    insta::assert_snapshot!("boot.ipxe", p.boot.boot_ipxe(BASE).unwrap());
 }
 
 #[tokio::test]
 async fn install_then_phone_home_then_local_boot() {
     let p = prov();
     let mac: Mac = "52:54:00:aa:00:01".parse().unwrap();
-    p.enroll(enroll_req("52-54-00-aa-00-01", "debian-12"))
+    p.admin
+        .enroll(enroll_req("52-54-00-aa-00-01", "debian-12"))
         .await
         .unwrap();
     let script = p
+        .boot
         .boot(mac, bios(), Sighting::default(), BASE)
         .await
         .unwrap()
@@ -108,34 +137,38 @@ async fn install_then_phone_home_then_local_boot() {
     )));
     let token = token_of(&script);
     assert!(script.contains(&format!("url={BASE}/config/{token}/preseed.cfg")));
-    assert_eq!(p.machine(mac).await.unwrap().state, State::Installing);
+    assert_eq!(p.admin.machine(mac).await.unwrap().state, State::Installing);
 
-    let (kind, preseed) = p.config(&token, "preseed.cfg", BASE).await.unwrap();
+    let (kind, preseed) = p.boot.config(&token, "preseed.cfg", BASE).await.unwrap();
     assert_eq!(kind, ArtifactKind::Preseed);
     assert!(preseed.contains("d-i netcfg/get_hostname string node1"));
     assert!(preseed.contains(&format!("'{BASE}/phone-home/{token}'")));
     // Unknown artifact and unknown token are refused.
     assert!(matches!(
-        p.config(&token, "nope", BASE).await,
+        p.boot.config(&token, "nope", BASE).await,
         Err(Error::Render(RenderError::NoArtifact { .. }))
     ));
     assert!(p
+        .boot
         .config(&"0".repeat(64), "preseed.cfg", BASE)
         .await
         .is_err());
 
     // A phone-home without a key changes nothing.
     assert!(matches!(
-        p.phone_home(&token, vec!["garbage".into()], None).await,
+        p.boot
+            .phone_home(&token, vec!["garbage".into()], None)
+            .await,
         Err(Error::Invalid(_))
     ));
     assert!(matches!(
-        p.phone_home(&token, vec![], None).await,
+        p.boot.phone_home(&token, vec![], None).await,
         Err(Error::Invalid(_))
     ));
-    assert_eq!(p.machine(mac).await.unwrap().state, State::Installing);
+    assert_eq!(p.admin.machine(mac).await.unwrap().state, State::Installing);
 
     let m = p
+        .boot
         .phone_home(&token, vec![format!("{KEY}\n"), String::new()], None)
         .await
         .unwrap();
@@ -148,13 +181,17 @@ async fn install_then_phone_home_then_local_boot() {
     );
     // The token is burnt: config and a second phone-home are refused.
     assert!(matches!(
-        p.config(&token, "preseed.cfg", BASE).await,
+        p.boot.config(&token, "preseed.cfg", BASE).await,
         Err(Error::Store(StoreError::Token(
             crate::store::TokenProblem::Used,
             _
         )))
     ));
-    assert!(p.phone_home(&token, vec![KEY.into()], None).await.is_err());
+    assert!(p
+        .boot
+        .phone_home(&token, vec![KEY.into()], None)
+        .await
+        .is_err());
 
     for platform in [Platform::Pcbios, Platform::Efi] {
         let req = BootRequest {
@@ -162,6 +199,7 @@ async fn install_then_phone_home_then_local_boot() {
             arch: None,
         };
         let s = p
+            .boot
             .boot(mac, req, Sighting::default(), BASE)
             .await
             .unwrap()
@@ -175,15 +213,8 @@ async fn install_then_phone_home_then_local_boot() {
         }
         assert!(!s.contains("kernel"), "no reinstall: {s}");
     }
-    let kinds: Vec<String> = p
-        .events(Some(mac), 0, 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.kind)
-        .collect();
     assert_eq!(
-        kinds,
+        kinds(&p, mac).await,
         [
             "enrolled",
             "install_started",
@@ -206,25 +237,30 @@ async fn unknown_machines_are_discovered_and_answered_per_config() {
         ip: Some("10.0.0.9".into()),
         ..Default::default()
     };
-    let s = p.boot(mac, bios(), sighting, BASE).await.unwrap().unwrap();
+    let s = p
+        .boot
+        .boot(mac, bios(), sighting, BASE)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(s.contains("sanboot"), "{s}");
-    let m = p.machine(mac).await.unwrap();
+    let m = p.admin.machine(mac).await.unwrap();
     assert_eq!(
         (m.state, m.last_ip.as_deref()),
         (State::Discovered, Some("10.0.0.9"))
     );
 
-    let mut ignoring = prov();
-    ignoring.settings.discover = DiscoverAnswer::Ignore;
+    let ignoring = stack(DiscoverAnswer::Ignore);
     assert_eq!(
         ignoring
+            .boot
             .boot(mac, bios(), Sighting::default(), BASE)
             .await
             .unwrap(),
         None
     );
     assert_eq!(
-        ignoring.machine(mac).await.unwrap().state,
+        ignoring.admin.machine(mac).await.unwrap().state,
         State::Discovered
     );
 }
@@ -233,43 +269,43 @@ async fn unknown_machines_are_discovered_and_answered_per_config() {
 async fn reboot_during_install_replaces_the_token_and_reprovision_reinstalls() {
     let p = prov();
     let mac: Mac = "52:54:00:aa:00:03".parse().unwrap();
-    p.enroll(enroll_req("525400aa0003", "fedora-coreos"))
+    p.admin
+        .enroll(enroll_req("525400aa0003", "fedora-coreos"))
         .await
         .unwrap();
     let t1 = token_of(
-        &p.boot(mac, bios(), Sighting::default(), BASE)
+        &p.boot
+            .boot(mac, bios(), Sighting::default(), BASE)
             .await
             .unwrap()
             .unwrap(),
     );
     let t2 = token_of(
-        &p.boot(mac, bios(), Sighting::default(), BASE)
+        &p.boot
+            .boot(mac, bios(), Sighting::default(), BASE)
             .await
             .unwrap()
             .unwrap(),
     );
     assert_ne!(t1, t2);
-    assert!(p.config(&t1, "config.ign", BASE).await.is_err());
-    p.config(&t2, "config.ign", BASE).await.unwrap();
+    assert!(p.boot.config(&t1, "config.ign", BASE).await.is_err());
+    p.boot.config(&t2, "config.ign", BASE).await.unwrap();
     // coreos-installer has the config and writes the disk; the installed system phones home
     // from its first boot, so the reboot must boot that disk, not install again.
     let s = p
+        .boot
         .boot(mac, bios(), Sighting::default(), BASE)
         .await
         .unwrap()
         .unwrap();
     assert!(s.contains("sanboot") && s.contains("installer-done"), "{s}");
-    assert_eq!(p.machine(mac).await.unwrap().state, State::Installing);
-    p.phone_home(&t2, vec![KEY.into()], None).await.unwrap();
-    let kinds: Vec<String> = p
-        .events(Some(mac), 0, 100)
+    assert_eq!(p.admin.machine(mac).await.unwrap().state, State::Installing);
+    p.boot
+        .phone_home(&t2, vec![KEY.into()], None)
         .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.kind)
-        .collect();
+        .unwrap();
     assert_eq!(
-        kinds,
+        kinds(&p, mac).await,
         [
             "enrolled",
             "install_started",
@@ -280,16 +316,17 @@ async fn reboot_during_install_replaces_the_token_and_reprovision_reinstalls() {
             "phoned_home"
         ]
     );
-    let r = p.reprovision(mac).await.unwrap();
+    let r = p.admin.reprovision(mac).await.unwrap();
     assert_eq!((r.state, r.generation), (State::Enrolled, 1));
     let s = p
+        .boot
         .boot(mac, bios(), Sighting::default(), BASE)
         .await
         .unwrap()
         .unwrap();
     assert!(s.contains("coreos.inst.ignition_url="), "{s}");
     let t3 = token_of(&s);
-    let (_, ign) = p.config(&t3, "config.ign", BASE).await.unwrap();
+    let (_, ign) = p.boot.config(&t3, "config.ign", BASE).await.unwrap();
     assert!(ign.contains(&t3), "new token in the phone-home URL");
 }
 
@@ -368,11 +405,15 @@ async fn enroll_refuses_bad_input_and_values_no_output_can_hold() {
         ),
     ];
     for (req, want) in cases {
-        let e = p.enroll(req.clone()).await.unwrap_err().to_string();
+        let e = p.admin.enroll(req.clone()).await.unwrap_err().to_string();
         assert!(e.contains(want), "{req:?}: {e}");
     }
     assert!(
-        p.machines(None).await.unwrap().is_empty(),
+        p.admin
+            .machines(MachineQuery::default())
+            .await
+            .unwrap()
+            .is_empty(),
         "nothing was written"
     );
 }
@@ -385,17 +426,19 @@ async fn hostile_vars_are_escaped_where_they_are_allowed() {
     // admin_user reaches the preseed (as a preseed value), timezone too; neither is on the
     // kernel command line.
     req.vars = BTreeMap::from([("admin_user".to_string(), hostile.to_string())]);
-    p.enroll(req).await.unwrap();
+    p.admin.enroll(req).await.unwrap();
     let mac: Mac = "52:54:00:aa:00:05".parse().unwrap();
-    let (_, preseed) = p.preview(mac, "preseed.cfg", BASE).await.unwrap();
+    let (_, preseed) = p.admin.preview(mac, "preseed.cfg", BASE).await.unwrap();
     assert!(preseed.contains(&format!("d-i passwd/username string {hostile}\n")));
-    let (_, script) = p.preview(mac, "ipxe", BASE).await.unwrap();
+    let (_, script) = p.admin.preview(mac, "ipxe", BASE).await.unwrap();
     assert!(!script.contains(hostile));
     // No iPXE script gains a line from inventory data: same shape as a plain machine's.
-    p.enroll(enroll_req("52:54:00:aa:00:15", "debian-12"))
+    p.admin
+        .enroll(enroll_req("52:54:00:aa:00:15", "debian-12"))
         .await
         .unwrap();
     let (_, plain) = p
+        .admin
         .preview("52:54:00:aa:00:15".parse().unwrap(), "ipxe", BASE)
         .await
         .unwrap();
@@ -406,9 +449,9 @@ async fn hostile_vars_are_escaped_where_they_are_allowed() {
         ("timezone".to_string(), hostile.to_string()),
         ("admin_user".to_string(), hostile.to_string()),
     ]);
-    p.enroll(req).await.unwrap();
+    p.admin.enroll(req).await.unwrap();
     let mac: Mac = "52:54:00:aa:00:06".parse().unwrap();
-    let (_, ud) = p.preview(mac, "user-data", BASE).await.unwrap();
+    let (_, ud) = p.admin.preview(mac, "user-data", BASE).await.unwrap();
     let y: serde_norway::Value = serde_norway::from_str(&ud).unwrap();
     assert_eq!(
         y["autoinstall"]["user-data"]["timezone"].as_str(),
@@ -424,14 +467,15 @@ async fn hostile_vars_are_escaped_where_they_are_allowed() {
 async fn update_checks_like_enroll() {
     let p = prov();
     let mac: Mac = "52:54:00:aa:00:07".parse().unwrap();
-    p.enroll(enroll_req("52:54:00:aa:00:07", "debian-12"))
+    p.admin
+        .enroll(enroll_req("52:54:00:aa:00:07", "debian-12"))
         .await
         .unwrap();
     let bad = UpdateRequest {
         set_vars: Some(BTreeMap::from([("domain".to_string(), "a b".to_string())])),
         ..Default::default()
     };
-    assert!(p.update(mac, bad).await.is_err());
+    assert!(p.admin.update(mac, bad).await.is_err());
     let good = UpdateRequest {
         hostname: Some("node7".into()),
         set_vars: Some(BTreeMap::from([(
@@ -440,12 +484,13 @@ async fn update_checks_like_enroll() {
         )])),
         ..Default::default()
     };
-    let m = p.update(mac, good).await.unwrap();
+    let m = p.admin.update(mac, good).await.unwrap();
     assert_eq!(
         (m.hostname.as_deref(), m.vars["domain"].as_str()),
         (Some("node7"), "lab.example")
     );
     let m = p
+        .admin
         .update(
             mac,
             UpdateRequest {

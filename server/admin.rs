@@ -1,0 +1,324 @@
+//! The admin service: what operators ask, through the REST API (and so the CLI and, later,
+//! the web UI). Every input is validated here and every profile artifact is trial-rendered
+//! with the machine's data before anything is written, so a value no output can hold is
+//! refused at the API rather than at boot.
+//!
+//! Reads first flush the observation queue, so what an operator sees includes what the
+//! machines just did.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use crate::dto::{EnrollRequest, UpdateRequest};
+use crate::error::{Error, Result};
+use crate::mac::Mac;
+use crate::policy::{self, BootDecision, BootRequest, DiscoverAnswer, MachineFacts, State};
+use crate::registrar;
+use crate::render::{ArtifactKind, Catalog, Renderer, NO_ROLE, REDACTED_TOKEN};
+use crate::store::{
+    self, Event, EventQuery, Inventory, Machine, MachinePatch, MachineQuery, NewMachine, Stats,
+    StoreError,
+};
+use crate::validate;
+
+/// The operator-facing service.
+pub struct AdminService {
+    inv: Arc<dyn Inventory>,
+    renderer: Arc<Renderer>,
+    discover: DiscoverAnswer,
+    registrar: registrar::Handle,
+}
+
+/// The `ip` variable is the machine's DHCP reservation in address mode: it must be an IPv4
+/// address.
+fn check_ip_var(vars: &BTreeMap<String, String>) -> Result<Option<Ipv4Addr>> {
+    vars.get("ip")
+        .map(|ip| {
+            ip.parse::<Ipv4Addr>().map_err(|_| {
+                Error::Invalid(format!(
+                    "variable ip {ip:?} must be an IPv4 address (it is the machine's DHCP reservation)"
+                ))
+            })
+        })
+        .transpose()
+}
+
+impl AdminService {
+    /// The service over `inv`.
+    pub fn new(
+        inv: Arc<dyn Inventory>,
+        renderer: Arc<Renderer>,
+        discover: DiscoverAnswer,
+        registrar: registrar::Handle,
+    ) -> AdminService {
+        AdminService {
+            inv,
+            renderer,
+            discover,
+            registrar,
+        }
+    }
+
+    /// The current profiles and templates.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.renderer.catalog()
+    }
+
+    /// Reloads profiles and templates; on error the old ones stay. Returns the profile count.
+    pub fn reload(&self) -> Result<usize> {
+        Ok(self.renderer.reload()?)
+    }
+
+    /// Enrolls a machine after validating every field and proving that every artifact of its
+    /// profile renders with its data.
+    pub async fn enroll(&self, req: EnrollRequest) -> Result<Machine> {
+        let mac: Mac = req
+            .mac
+            .parse()
+            .map_err(|e: crate::mac::MacError| Error::Invalid(e.to_string()))?;
+        validate::profile_name(&req.profile)?;
+        self.catalog().profile(&req.profile)?;
+        if let Some(h) = &req.hostname {
+            validate::hostname(h)?;
+        }
+        if let Some(u) = &req.uuid {
+            validate::uuid(u)?;
+        }
+        if let Some(s) = &req.serial {
+            validate::text("serial", s)?;
+        }
+        validate::vars(&req.vars)?;
+        check_ip_var(&req.vars)?;
+        validate::vars(&req.labels)?;
+        let new = NewMachine {
+            mac,
+            profile: req.profile,
+            hostname: req.hostname,
+            uuid: req.uuid.map(|u| u.to_lowercase()),
+            serial: req.serial,
+            vars: req.vars,
+            labels: req.labels,
+        };
+        let probe = Machine {
+            mac,
+            uuid: new.uuid.clone(),
+            serial: new.serial.clone(),
+            hostname: new.hostname.clone(),
+            profile: Some(new.profile.clone()),
+            state: State::Enrolled,
+            vars: new.vars.clone(),
+            labels: new.labels.clone(),
+            generation: 0,
+            arch: None,
+            platform: None,
+            last_ip: None,
+            last_seen: None,
+            failure: None,
+            host_keys: vec![],
+            register_steps: vec![],
+            cert_fingerprint: None,
+            created_at: 0,
+            updated_at: 0,
+            installer_done_at: None,
+        };
+        self.renderer.check_renders(&probe)?;
+        self.check_ip_unique(mac, &new.vars).await?;
+        Ok(self.inv.enroll(new, store::now_ms()).await?)
+    }
+
+    /// Changes a machine's profile, hostname, vars or labels, with the same checks as enroll.
+    pub async fn update(&self, mac: Mac, req: UpdateRequest) -> Result<Machine> {
+        let current = self.machine(mac).await?;
+        let mut patch = MachinePatch::default();
+        if let Some(p) = req.profile {
+            validate::profile_name(&p)?;
+            self.catalog().profile(&p)?;
+            patch.profile = Some(p);
+        }
+        if let Some(h) = req.hostname {
+            if h.is_empty() {
+                patch.hostname = Some(None);
+            } else {
+                validate::hostname(&h)?;
+                patch.hostname = Some(Some(h));
+            }
+        }
+        let mut vars = req.vars.unwrap_or_else(|| current.vars.clone());
+        vars.extend(req.set_vars.unwrap_or_default());
+        for k in req.unset_vars.unwrap_or_default() {
+            vars.remove(&k);
+        }
+        validate::vars(&vars)?;
+        check_ip_var(&vars)?;
+        if vars != current.vars {
+            patch.vars = Some(vars);
+        }
+        if let Some(l) = req.labels {
+            validate::vars(&l)?;
+            patch.labels = Some(l);
+        }
+        let mut probe = current;
+        if let Some(l) = &patch.labels {
+            probe.labels = l.clone();
+        }
+        if let Some(p) = &patch.profile {
+            probe.profile = Some(p.clone());
+        }
+        if let Some(h) = &patch.hostname {
+            probe.hostname = h.clone();
+        }
+        if let Some(v) = &patch.vars {
+            probe.vars = v.clone();
+        }
+        if probe.profile.is_some() {
+            self.renderer.check_renders(&probe)?;
+        }
+        self.check_ip_unique(mac, &probe.vars).await?;
+        Ok(self.inv.update(mac, patch, store::now_ms()).await?)
+    }
+
+    /// A DHCP reservation (`ip` variable) belongs to one machine only.
+    async fn check_ip_unique(&self, mac: Mac, vars: &BTreeMap<String, String>) -> Result<()> {
+        let Some(ip) = check_ip_var(vars)? else {
+            return Ok(());
+        };
+        if let Some((holder, _)) = self
+            .inv
+            .reservations()
+            .await?
+            .into_iter()
+            .find(|(m, r)| *m != mac && *r == ip)
+        {
+            return Err(Error::Invalid(format!(
+                "variable ip {ip} is already reserved for machine {holder}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// One machine, or NotFound.
+    pub async fn machine(&self, mac: Mac) -> Result<Machine> {
+        self.inv.flush().await?;
+        Ok(self
+            .inv
+            .machine(mac)
+            .await?
+            .ok_or(StoreError::NotFound(mac))?)
+    }
+
+    /// A page of machines.
+    pub async fn machines(&self, q: MachineQuery) -> Result<Vec<Machine>> {
+        self.inv.flush().await?;
+        Ok(self.inv.machines(q).await?)
+    }
+
+    /// Every machine with an installed OS (the states an Ansible inventory lists), page by
+    /// page.
+    pub async fn installed_machines(&self) -> Result<Vec<Machine>> {
+        let mut out = Vec::new();
+        for state in [
+            State::Installed,
+            State::Registering,
+            State::Registered,
+            State::HandedOff,
+            State::Failed,
+        ] {
+            let mut after = None;
+            loop {
+                let page = self
+                    .inv
+                    .machines(MachineQuery {
+                        state: Some(state),
+                        after,
+                        limit: store::MAX_PAGE,
+                    })
+                    .await?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.mac);
+                out.extend(page);
+            }
+        }
+        out.sort_by_key(|m| m.mac);
+        Ok(out)
+    }
+
+    /// Profile name → role name (`none` for no role), for inventories.
+    pub fn roles_by_profile(&self) -> BTreeMap<String, String> {
+        self.catalog()
+            .profiles()
+            .iter()
+            .map(|(n, p)| (n.clone(), p.role.clone().unwrap_or_else(|| NO_ROLE.into())))
+            .collect()
+    }
+
+    /// Deletes a machine (its events stay).
+    pub async fn delete(&self, mac: Mac) -> Result<()> {
+        Ok(self.inv.delete(mac, store::now_ms()).await?)
+    }
+
+    /// Reprovision: back to `enrolled` with a new generation; the next boot reinstalls.
+    pub async fn reprovision(&self, mac: Mac) -> Result<Machine> {
+        Ok(self.inv.reprovision(mac, store::now_ms()).await?)
+    }
+
+    /// Starts a fresh registration run.
+    pub async fn register(&self, mac: Mac) -> Result<Machine> {
+        self.registrar.start(mac).await
+    }
+
+    /// A page of events, oldest first.
+    pub async fn events(&self, q: EventQuery) -> Result<Vec<Event>> {
+        self.inv.flush().await?;
+        Ok(self.inv.events(q).await?)
+    }
+
+    /// Machines by state and what the inventory's bounds did since start.
+    pub async fn status(&self) -> Result<(BTreeMap<State, u64>, Stats)> {
+        self.inv.flush().await?;
+        Ok((self.inv.count_by_state().await?, self.inv.stats()))
+    }
+
+    /// Renders what a machine would be served now, with the install token redacted and
+    /// nothing recorded. `artifact` is `ipxe` (its `/ipxe` script) or a profile artifact.
+    pub async fn preview(
+        &self,
+        mac: Mac,
+        artifact: &str,
+        base_url: &str,
+    ) -> Result<(ArtifactKind, String)> {
+        let m = self.machine(mac).await?;
+        let cat = self.catalog();
+        if artifact == "ipxe" {
+            let facts = MachineFacts {
+                state: m.state,
+                profile: m.profile.as_deref(),
+                installer_done: m.installer_done_at.is_some(),
+            };
+            let req = BootRequest {
+                platform: policy::Platform::from_ipxe(m.platform.as_deref().unwrap_or("")),
+                arch: m.arch.clone(),
+            };
+            let body = match policy::decide(Some(&facts), &req, self.discover) {
+                BootDecision::Install { profile } => {
+                    self.renderer
+                        .install_script(&cat, &m, &profile, base_url, REDACTED_TOKEN)?
+                }
+                BootDecision::LocalBoot { platform, reason } => {
+                    self.renderer
+                        .local_script(&cat, mac, platform, reason.as_str(), base_url)?
+                }
+                BootDecision::Ignore => crate::boot::IGNORE_SCRIPT.to_string(),
+            };
+            return Ok((ArtifactKind::Ipxe, body));
+        }
+        if m.profile.is_none() {
+            return Err(Error::Invalid(format!(
+                "machine {mac} has no profile; enroll it first"
+            )));
+        }
+        Ok(self
+            .renderer
+            .artifact(&cat, &m, artifact, base_url, REDACTED_TOKEN)?)
+    }
+}

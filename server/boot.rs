@@ -1,0 +1,414 @@
+//! The boot service: what the machine-facing protocols ask. pixiecore's `Booter` question —
+//! "this MAC, this firmware: what should it boot?" — plus the installer's config fetches and
+//! the installed OS's phone-home.
+//!
+//! The hot path is reads: a machine that only gets the local-boot script (or a DHCP offer)
+//! costs one point read and an [`Observation`], which is written later in a batch. Only what
+//! changes state waits for the disk: a new MAC's discovery over HTTP, an install token, a
+//! served config, a phone-home.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::attribution::Attribution;
+use crate::error::{Error, Result};
+use crate::keys;
+use crate::mac::Mac;
+use crate::policy::{
+    self, BootDecision, BootRequest, DiscoverAnswer, EventKind, MachineFacts, Platform,
+};
+use crate::registrar;
+use crate::render::{ArtifactKind, RenderError, Renderer};
+use crate::store::{self, BootFacts, Inventory, Machine, Observation, Sighting, StoreError};
+use crate::validate::truncate;
+
+/// Behaviour settings from the configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How long an install token lives.
+    pub install_token_ttl: Duration,
+    /// What unknown machines are told.
+    pub discover: DiscoverAnswer,
+}
+
+/// The answer to an ignored machine that is already running iPXE: hand control back to the
+/// firmware, which tries its next boot device.
+pub const IGNORE_SCRIPT: &str = "#!ipxe\nexit\n";
+
+/// The machine-facing service.
+pub struct BootService {
+    inv: Arc<dyn Inventory>,
+    renderer: Arc<Renderer>,
+    settings: Settings,
+    registrar: registrar::Handle,
+    attribution: Arc<Attribution>,
+}
+
+fn facts_of(f: &BootFacts) -> MachineFacts<'_> {
+    MachineFacts {
+        state: f.state,
+        profile: f.profile.as_deref(),
+        installer_done: f.installer_done,
+    }
+}
+
+impl BootService {
+    /// The service over `inv`, rendering with `renderer`, queueing registrations on
+    /// `registrar`, attributing addresses with `attribution`.
+    pub fn new(
+        inv: Arc<dyn Inventory>,
+        renderer: Arc<Renderer>,
+        settings: Settings,
+        registrar: registrar::Handle,
+        attribution: Arc<Attribution>,
+    ) -> BootService {
+        BootService {
+            inv,
+            renderer,
+            settings,
+            registrar,
+            attribution,
+        }
+    }
+
+    /// Client IP → MAC, as DHCP learned it.
+    pub fn attribution(&self) -> &Attribution {
+        &self.attribution
+    }
+
+    /// The same, shared (address mode's lease book teaches it bound addresses).
+    pub fn attribution_handle(&self) -> Arc<Attribution> {
+        self.attribution.clone()
+    }
+
+    fn observe(&self, mac: Option<Mac>, kind: EventKind, detail: String) {
+        self.inv.observe(Observation::Event {
+            mac,
+            kind,
+            detail,
+            at: store::now_ms(),
+        });
+    }
+
+    /// The static first script (`/boot.ipxe`).
+    pub fn boot_ipxe(&self, base_url: &str) -> Result<String> {
+        Ok(self.renderer.boot_ipxe(base_url)?)
+    }
+
+    /// Answers `/ipxe` for one machine: an unknown MAC is recorded `discovered` (durably),
+    /// a known one's sighting is observed; then policy decides. An install mints a new
+    /// install token and moves the machine to `installing` only once the script has rendered.
+    /// `Ok(None)` means "ignore this machine".
+    pub async fn boot(
+        &self,
+        mac: Mac,
+        req: BootRequest,
+        sighting: Sighting,
+        base_url: &str,
+    ) -> Result<Option<String>> {
+        let now = store::now_ms();
+        let facts = match self.inv.boot_facts(mac).await? {
+            Some(f) => {
+                self.inv.observe(Observation::Seen {
+                    mac,
+                    sighting: sighting.clone(),
+                    discover: false,
+                    at: now,
+                });
+                f
+            }
+            None => {
+                let m = self.inv.discover(mac, sighting.clone(), now).await?;
+                BootFacts {
+                    state: m.state,
+                    profile: m.profile,
+                    installer_done: m.installer_done_at.is_some(),
+                }
+            }
+        };
+        match policy::decide(Some(&facts_of(&facts)), &req, self.settings.discover) {
+            BootDecision::Ignore => {
+                self.observe(
+                    Some(mac),
+                    EventKind::IpxeIgnored,
+                    "discovery answer is ignore".into(),
+                );
+                Ok(None)
+            }
+            BootDecision::LocalBoot { platform, reason } => {
+                let word = reason.as_str();
+                let cat = self.renderer.catalog();
+                match self
+                    .renderer
+                    .local_script(&cat, mac, platform, word, base_url)
+                {
+                    Ok(s) => {
+                        self.observe(
+                            Some(mac),
+                            EventKind::IpxeServed,
+                            format!("local boot ({word}, {})", platform.as_str()),
+                        );
+                        Ok(Some(s))
+                    }
+                    Err(e) => {
+                        self.observe(
+                            Some(mac),
+                            EventKind::RenderFailed,
+                            format!("local.ipxe: {e}"),
+                        );
+                        Err(e.into())
+                    }
+                }
+            }
+            BootDecision::Install { profile } => self
+                .install(mac, &profile, sighting, base_url, now)
+                .await
+                .map(Some),
+        }
+    }
+
+    async fn install(
+        &self,
+        mac: Mac,
+        profile: &str,
+        sighting: Sighting,
+        base_url: &str,
+        now: i64,
+    ) -> Result<String> {
+        let mut m = self
+            .inv
+            .machine(mac)
+            .await?
+            .ok_or(StoreError::NotFound(mac))?;
+        // Render with what this request said (the same values are recorded with the token).
+        m.uuid = m.uuid.or(sighting.uuid.clone());
+        let token = keys::random_token();
+        let cat = self.renderer.catalog();
+        let script = match self
+            .renderer
+            .install_script(&cat, &m, profile, base_url, &token)
+        {
+            Ok(s) => s,
+            Err(e) => {
+                self.observe(
+                    Some(mac),
+                    EventKind::RenderFailed,
+                    format!("install script for profile {profile}: {e}"),
+                );
+                return Err(e.into());
+            }
+        };
+        let expires = now + self.settings.install_token_ttl.as_millis() as i64;
+        self.inv
+            .start_install(mac, keys::token_hash(&token), expires, sighting, now)
+            .await?;
+        Ok(script)
+    }
+
+    /// DHCP asks whether a boot client gets an answer at all. The request is observed (an
+    /// unknown MAC becomes `discovered` when the batch is written: the OFFER never waits for
+    /// the disk); "ignore" means no reply. Only the ignore discovery answer needs a read.
+    pub async fn dhcp_answer(&self, mac: Mac, uuid: Option<String>, what: &str) -> bool {
+        self.inv.observe(Observation::Seen {
+            mac,
+            sighting: Sighting {
+                uuid,
+                ..Default::default()
+            },
+            discover: true,
+            at: store::now_ms(),
+        });
+        if policy::always_answers(self.settings.discover) {
+            return true;
+        }
+        let facts = match self.inv.boot_facts(mac).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(%mac, "reading the inventory for a DHCP request failed: {e}");
+                return false;
+            }
+        };
+        // The platform does not matter here: only "answer or not" is decided at DHCP time;
+        // what to boot is decided again when iPXE asks /ipxe.
+        let req = BootRequest {
+            platform: Platform::Pcbios,
+            arch: None,
+        };
+        let facts = facts.as_ref().map(facts_of);
+        if policy::decide(facts.as_ref(), &req, self.settings.discover) == BootDecision::Ignore {
+            self.observe(
+                Some(mac),
+                EventKind::DhcpIgnored,
+                format!("{what}: discovery answer is ignore"),
+            );
+            return false;
+        }
+        true
+    }
+
+    /// Records a DHCP event on a machine (an observation).
+    pub fn dhcp_event(&self, mac: Mac, kind: EventKind, detail: String) {
+        self.observe(Some(mac), kind, detail);
+    }
+
+    /// Serves a profile artifact to the installer holding a live install token.
+    pub async fn config(
+        &self,
+        token: &str,
+        artifact: &str,
+        base_url: &str,
+    ) -> Result<(ArtifactKind, String)> {
+        let now = store::now_ms();
+        let m = match self
+            .inv
+            .machine_by_token(&keys::token_hash(token), now)
+            .await
+        {
+            Ok(m) => m,
+            Err(StoreError::Token(problem, Some(mac))) => {
+                self.observe(
+                    Some(mac),
+                    EventKind::ConfigRefused,
+                    format!("{artifact}: {problem}"),
+                );
+                return Err(StoreError::Token(problem, Some(mac)).into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let cat = self.renderer.catalog();
+        match self.renderer.artifact(&cat, &m, artifact, base_url, token) {
+            Ok((kind, body)) => {
+                let last = m
+                    .profile
+                    .as_deref()
+                    .and_then(|p| cat.profile(p).ok())
+                    .and_then(|p| p.local_boot_after.clone());
+                let done = (last.as_deref() == Some(artifact)).then(|| {
+                    format!(
+                        "installer fetched {artifact}; network boots go to the local disk until it phones home"
+                    )
+                });
+                self.inv
+                    .config_served(
+                        m.mac,
+                        format!("{artifact} ({}, {} bytes)", kind.as_str(), body.len()),
+                        done,
+                        now,
+                    )
+                    .await?;
+                Ok((kind, body))
+            }
+            Err(e @ RenderError::NoArtifact { .. }) => {
+                self.observe(Some(m.mac), EventKind::ConfigRefused, e.to_string());
+                Err(e.into())
+            }
+            Err(e) => {
+                self.observe(
+                    Some(m.mac),
+                    EventKind::RenderFailed,
+                    format!("{artifact}: {e}"),
+                );
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Phone-home: pins the posted SSH host keys and moves the machine to `installed`,
+    /// burning its token; a machine whose profile has a role is queued for registration.
+    /// `key_lines` are OpenSSH public key lines; each must parse.
+    pub async fn phone_home(
+        &self,
+        token: &str,
+        key_lines: Vec<String>,
+        from: Option<IpAddr>,
+    ) -> Result<Machine> {
+        let mut keys = Vec::new();
+        for line in key_lines.iter().map(|l| l.trim()).filter(|l| !l.is_empty()) {
+            keys.push(registrar::ssh::host_key_line(line).map_err(|e| {
+                Error::Invalid(format!(
+                    "phone-home: {:?} is not an OpenSSH public key: {e}",
+                    truncate(line, 60)
+                ))
+            })?);
+        }
+        if keys.is_empty() {
+            return Err(Error::Invalid(
+                "phone-home carried no SSH host public key: post the lines of /etc/ssh/ssh_host_*_key.pub (text/plain) or cloud-init's pub_key_* form fields".into(),
+            ));
+        }
+        let algs: Vec<_> = keys.iter().map(|(a, _)| a.clone()).collect();
+        let detail = format!("{} SSH host key(s) pinned: {}", keys.len(), algs.join(", "));
+        let ip = from.map(|ip| ip.to_canonical().to_string());
+        let now = store::now_ms();
+        match self
+            .inv
+            .phone_home(keys::token_hash(token), keys, ip, detail, now)
+            .await
+        {
+            Ok(m) => {
+                if self.registrar.has_role(&m) {
+                    // Registration starts now; the installer's request does not wait for it.
+                    match self.registrar.start(m.mac).await {
+                        Ok(m) => return Ok(m),
+                        Err(e) => tracing::warn!(mac = %m.mac, "registration not started: {e}"),
+                    }
+                }
+                Ok(m)
+            }
+            Err(StoreError::Token(problem, Some(mac))) => {
+                self.observe(Some(mac), EventKind::PhoneHomeRefused, problem.to_string());
+                Err(StoreError::Token(problem, Some(mac)).into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records an iPXE binary served over HTTP (UEFI HTTP Boot) on the machine behind `ip`.
+    pub fn record_http_boot(&self, ip: IpAddr, file: &str, bytes: u64) {
+        let mac = self.attribution.mac_of(ip);
+        self.seen_at(mac, ip);
+        self.observe(
+            mac,
+            EventKind::HttpBootServed,
+            format!("{file} ({bytes} bytes) to {ip}"),
+        );
+    }
+
+    /// Records a TFTP transfer on the machine behind the client's address (seen in DHCP, or
+    /// the kernel's neighbour table), or as an unattributed event.
+    pub fn record_tftp(&self, t: crate::tftp::Transfer) {
+        let ip = t.peer.ip();
+        let mac = self.attribution.mac_of(ip);
+        let (kind, detail) = match &t.outcome {
+            Ok(()) => {
+                tracing::info!(?mac, peer = %t.peer, file = %t.file, bytes = t.size, "TFTP served");
+                (
+                    EventKind::TftpServed,
+                    format!("{} ({} bytes) to {ip}", t.file, t.size),
+                )
+            }
+            Err(why) => {
+                tracing::warn!(?mac, peer = %t.peer, file = %t.file, "TFTP failed: {why}");
+                (EventKind::TftpFailed, format!("{} to {ip}: {why}", t.file))
+            }
+        };
+        self.seen_at(mac, ip);
+        self.observe(mac, kind, detail);
+    }
+
+    /// A request from `ip` attributed to `mac` is a sighting (last seen, address).
+    fn seen_at(&self, mac: Option<Mac>, ip: IpAddr) {
+        if let Some(mac) = mac {
+            self.inv.observe(Observation::Seen {
+                mac,
+                sighting: Sighting {
+                    ip: Some(ip.to_canonical().to_string()),
+                    ..Default::default()
+                },
+                discover: false,
+                at: store::now_ms(),
+            });
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The REST API's request and response bodies: the contract between the daemon, the CLI and
+//! `provision lab`. The inventory's own types stay behind `store`; these change only with the
+//! API (docs/api.md).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::mac::Mac;
+use crate::policy::{EventKind, State};
+use crate::store::{self, StepRecord};
+
+/// A machine, as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Machine {
+    /// Normalised MAC.
+    pub mac: Mac,
+    /// SMBIOS UUID, if known.
+    pub uuid: Option<String>,
+    /// Serial number, if known.
+    pub serial: Option<String>,
+    /// Hostname given at enroll.
+    pub hostname: Option<String>,
+    /// The profile it installs.
+    pub profile: Option<String>,
+    /// Lifecycle state.
+    pub state: State,
+    /// Template variables.
+    pub vars: BTreeMap<String, String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Install generation.
+    pub generation: i64,
+    /// `${buildarch}` seen at the last boot.
+    pub arch: Option<String>,
+    /// `${platform}` seen at the last boot.
+    pub platform: Option<String>,
+    /// Source address of the last boot request or phone-home.
+    pub last_ip: Option<String>,
+    /// When it last asked for anything (DHCP, TFTP, `/ipxe`), Unix ms.
+    pub last_seen: Option<i64>,
+    /// In state `failed`: the step that failed.
+    pub failed_step: Option<String>,
+    /// In state `failed`: why.
+    pub failed_reason: Option<String>,
+    /// Pinned SSH host public keys.
+    pub host_keys: Vec<String>,
+    /// When the installer fetched its last artifact (this install).
+    pub installer_done_at: Option<i64>,
+    /// The current registration run's finished steps.
+    pub register_steps: Vec<StepRecord>,
+    /// SHA-256 fingerprint of its node certificate.
+    pub cert_fingerprint: Option<String>,
+    /// Creation time, Unix ms.
+    pub created_at: i64,
+    /// Last change, Unix ms.
+    pub updated_at: i64,
+}
+
+impl From<store::Machine> for Machine {
+    fn from(m: store::Machine) -> Machine {
+        let (failed_step, failed_reason) = match m.failure {
+            Some(f) => (Some(f.step), Some(f.reason)),
+            None => (None, None),
+        };
+        Machine {
+            mac: m.mac,
+            uuid: m.uuid,
+            serial: m.serial,
+            hostname: m.hostname,
+            profile: m.profile,
+            state: m.state,
+            vars: m.vars,
+            labels: m.labels,
+            generation: m.generation,
+            arch: m.arch,
+            platform: m.platform,
+            last_ip: m.last_ip,
+            last_seen: m.last_seen,
+            failed_step,
+            failed_reason,
+            host_keys: m.host_keys,
+            installer_done_at: m.installer_done_at,
+            register_steps: m.register_steps,
+            cert_fingerprint: m.cert_fingerprint,
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+        }
+    }
+}
+
+/// An event, as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    /// Monotonic id; page with `after`.
+    pub id: i64,
+    /// Unix ms.
+    pub at: i64,
+    /// The machine, if any.
+    pub mac: Option<Mac>,
+    /// What happened.
+    pub kind: EventKind,
+    /// State before (transitions), or the state it was in.
+    pub from_state: Option<State>,
+    /// State after.
+    pub to_state: Option<State>,
+    /// Details in words.
+    pub detail: String,
+    /// Identical observations this row stands for.
+    pub count: i64,
+}
+
+impl From<store::Event> for Event {
+    fn from(e: store::Event) -> Event {
+        Event {
+            id: e.id,
+            at: e.at,
+            mac: e.mac,
+            kind: e.kind,
+            from_state: e.from_state,
+            to_state: e.to_state,
+            detail: e.detail,
+            count: e.count,
+        }
+    }
+}
+
+/// `POST /machines`.
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// MAC in any accepted form.
+    pub mac: String,
+    /// Profile name.
+    pub profile: String,
+    /// Hostname (RFC 1123).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// SMBIOS UUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// Serial.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// Variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vars: BTreeMap<String, String>,
+    /// Labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `PATCH /machines/{mac}`.
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRequest {
+    /// New profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// New hostname; an empty string clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Replaces all variables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vars: Option<BTreeMap<String, String>>,
+    /// Variables to set, keeping the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_vars: Option<BTreeMap<String, String>>,
+    /// Variable names to remove.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unset_vars: Option<Vec<String>>,
+    /// Replaces all labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// `GET /status`: machine counts and what the database bounds have done since start.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    /// Machines by state.
+    pub machines: BTreeMap<State, u64>,
+    /// The inventory's counters.
+    pub inventory: store::Stats,
+}

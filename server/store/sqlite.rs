@@ -1,0 +1,1563 @@
+//! The embedded inventory: one SQLite file in WAL mode.
+//!
+//! It owns its threads. One *writer* thread holds the only write connection and commits
+//! concurrent requests together (group commit): it takes every request waiting in its queue,
+//! runs each in its own savepoint inside one `BEGIN IMMEDIATE` transaction (so one request's
+//! error rolls back only its own changes), commits once — one fsync for the whole batch with
+//! `synchronous=FULL` — and only then answers each caller. Under load many requests share a
+//! commit; alone, a request costs one commit, as before.
+//!
+//! Reads use a small pool of read-only connections. In WAL mode a reader never waits for the
+//! writer and sees every transaction committed before it began, so a point read by primary
+//! key (microseconds, no disk wait when the pages are cached) runs inline on the calling task;
+//! scans that return pages run on a blocking thread.
+//!
+//! Observations go into a bounded in-memory queue; the writer coalesces them (one sighting
+//! per MAC, identical events counted) and writes them every [`OBSERVATION_INTERVAL`], when the
+//! queue is half full, or when an admin read asks for a flush. The same thread enforces the
+//! bounds: the discovered-machine cap and event retention.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::Ipv4Addr;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use include_dir::{include_dir, Dir};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
+use rusqlite_migration::Migrations;
+use tokio::sync::oneshot;
+
+use super::leases::{self, BindRequest, Lease, OfferRequest};
+use super::{
+    BootFacts, Event, EventQuery, Inventory, Limits, Machine, MachinePatch, MachineQuery,
+    NewMachine, Observation, Result, Sighting, Stats, StepRecord, StepStatus, StoreError,
+    TokenProblem, MAX_PAGE,
+};
+use crate::mac::Mac;
+use crate::policy::{self, EventKind, Failure, State, Transition};
+
+static MIGRATIONS_DIR: Dir = include_dir!("$CARGO_MANIFEST_DIR/migrations");
+
+/// How often queued observations are written when nothing else asks.
+pub const OBSERVATION_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the discovered cap is enforced (when something was discovered).
+const CAP_INTERVAL: Duration = Duration::from_secs(1);
+/// How often event retention runs.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(30);
+/// Most requests in one group commit; more wait for the next one.
+const MAX_BATCH: usize = 512;
+/// Idle read connections kept open.
+const MAX_IDLE_READERS: usize = 8;
+
+/// The embedded inventory. Cheap to clone; the writer thread stops (after writing what is
+/// queued) when the last clone is dropped.
+#[derive(Clone)]
+pub struct SqliteInventory {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    path: PathBuf,
+    readers: Mutex<Vec<Connection>>,
+    to_writer: Mutex<Option<mpsc::Sender<Msg>>>,
+    queue: Arc<ObservationQueue>,
+    counters: Arc<Counters>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Keeps a test database's directory alive as long as the store.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Closing the channel tells the writer to write what is queued and stop.
+        self.to_writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    discoveries_shed: AtomicU64,
+    /// A machine was created `discovered` since the cap was last enforced (set by the
+    /// observation batches and by `discover`).
+    discovered: AtomicBool,
+    observations_dropped: AtomicU64,
+    observations_written: AtomicU64,
+    discovered_evicted: AtomicU64,
+    events_pruned: AtomicU64,
+    commits: AtomicU64,
+    writes: AtomicU64,
+}
+
+/// Called with the batch's commit result (`None`: durable) to answer one request.
+type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
+/// One durable request: runs inside the batch's transaction, returns how to answer.
+type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
+
+enum Msg {
+    Write(Job),
+    /// Write the queued observations, then answer.
+    Flush(oneshot::Sender<()>),
+    /// The observation queue is filling up.
+    Nudge,
+    /// Enforce the bounds now (cap and retention), then answer.
+    Maintain(oneshot::Sender<()>),
+}
+
+/// The bounded observation queue, shared by every protocol task and the writer.
+struct ObservationQueue {
+    items: Mutex<VecDeque<Observation>>,
+    cap: usize,
+    nudged: AtomicBool,
+}
+
+impl ObservationQueue {
+    /// Queues `o`, dropping the oldest when full; returns (dropped one, should nudge).
+    fn push(&self, o: Observation) -> (bool, bool) {
+        let mut q = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        let dropped = if q.len() >= self.cap {
+            q.pop_front();
+            true
+        } else {
+            false
+        };
+        q.push_back(o);
+        let nudge = q.len() >= self.cap / 2 && !self.nudged.swap(true, Ordering::Relaxed);
+        (dropped, nudge)
+    }
+
+    fn take(&self) -> VecDeque<Observation> {
+        self.nudged.store(false, Ordering::Relaxed);
+        std::mem::take(&mut *self.items.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+fn open_writer(path: &Path) -> Result<Connection> {
+    let mut conn = Connection::open(path)?;
+    // WAL lets readers proceed during a write; FULL syncs the WAL on every commit, so an
+    // acknowledged write survives power loss (NORMAL would not, in WAL mode).
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    let migrations = Migrations::from_directory(&MIGRATIONS_DIR)
+        .map_err(|e| StoreError::Migration(e.to_string()))?;
+    migrations
+        .to_latest(&mut conn)
+        .map_err(|e| StoreError::Migration(e.to_string()))?;
+    Ok(conn)
+}
+
+fn open_reader(path: &Path) -> Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+impl SqliteInventory {
+    /// Opens (creating if needed) the database at `path`, brings its schema up to date and
+    /// starts the writer thread.
+    pub fn open(path: &Path, limits: Limits) -> Result<SqliteInventory> {
+        Self::start(path.to_path_buf(), limits, None)
+    }
+
+    /// A database in a fresh temporary directory (removed on drop), for tests.
+    pub fn open_temp() -> Result<SqliteInventory> {
+        Self::open_temp_with(Limits::default())
+    }
+
+    /// A temporary database with the given limits, for tests.
+    pub fn open_temp_with(limits: Limits) -> Result<SqliteInventory> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Database(e.to_string()))?;
+        Self::start(dir.path().join("provision.db"), limits, Some(dir))
+    }
+
+    fn start(path: PathBuf, limits: Limits, dir: Option<tempfile::TempDir>) -> Result<Self> {
+        let conn = open_writer(&path)?;
+        let discovered: i64 = conn.query_row(
+            "SELECT count(*) FROM machines WHERE state = 'discovered'",
+            [],
+            |r| r.get(0),
+        )?;
+        let (tx, rx) = mpsc::channel();
+        let queue = Arc::new(ObservationQueue {
+            items: Mutex::new(VecDeque::new()),
+            cap: limits.observation_queue.max(2),
+            nudged: AtomicBool::new(false),
+        });
+        let counters = Arc::new(Counters::default());
+        let mut writer = Writer {
+            conn,
+            limits,
+            queue: queue.clone(),
+            counters: counters.clone(),
+            touched: HashSet::new(),
+            // A database opened with a lower bound than it was written with is brought
+            // under it at the first opportunity.
+            retention_pending: true,
+            discovered_estimate: discovered as u64,
+            last_observations: Instant::now(),
+            last_cap: Instant::now() - CAP_INTERVAL,
+            last_retention: Instant::now() - RETENTION_INTERVAL,
+        };
+        counters.discovered.store(true, Ordering::Relaxed);
+        let handle = std::thread::Builder::new()
+            .name("inventory-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Database(format!("starting the writer thread: {e}")))?;
+        let reader = open_reader(&path)?;
+        Ok(SqliteInventory {
+            shared: Arc::new(Shared {
+                path,
+                readers: Mutex::new(vec![reader]),
+                to_writer: Mutex::new(Some(tx)),
+                queue,
+                counters,
+                writer: Mutex::new(Some(handle)),
+                _dir: dir,
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Writes queued observations and enforces the bounds (discovered cap, event retention)
+    /// now rather than at their next interval.
+    pub async fn maintain(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Maintain(tx))?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// The writer connection's journal mode, synchronous level and foreign-key setting.
+    #[cfg(test)]
+    pub(super) async fn writer_pragmas(&self) -> Result<(String, i64, i64)> {
+        self.write(|c| {
+            let get = |name: &str| {
+                c.pragma_query_value(None, name, |r| r.get::<_, rusqlite::types::Value>(0))
+            };
+            let text = |v: rusqlite::types::Value| match v {
+                rusqlite::types::Value::Text(t) => t,
+                other => format!("{other:?}"),
+            };
+            let int = |v: rusqlite::types::Value| match v {
+                rusqlite::types::Value::Integer(i) => i,
+                _ => -1,
+            };
+            Ok((
+                text(get("journal_mode")?),
+                int(get("synchronous")?),
+                int(get("foreign_keys")?),
+            ))
+        })
+        .await
+    }
+
+    fn send(&self, m: Msg) -> Result<()> {
+        let guard = self
+            .shared
+            .to_writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        guard
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(m)
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Runs `f` in the next group commit and returns its result once the commit is durable.
+    pub(super) async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let out = in_savepoint(conn, f);
+            Box::new(move |commit_error| {
+                let _ = tx.send(match commit_error {
+                    None => out,
+                    Some(e) => Err(StoreError::Database(format!("commit failed: {e}"))),
+                });
+            })
+        });
+        self.send(Msg::Write(job))?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs a short read inline on a pooled read connection.
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        self.shared.read(f)
+    }
+
+    /// Runs a longer read (a page, a scan) on a blocking thread.
+    async fn read_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.read(f))
+            .await
+            .map_err(|e| StoreError::Database(format!("read task failed: {e}")))?
+    }
+}
+
+impl Shared {
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let pooled = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => open_reader(&self.path)?,
+        };
+        let out = f(&conn);
+        let mut pool = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < MAX_IDLE_READERS {
+            pool.push(conn);
+        }
+        out
+    }
+}
+
+/// Runs `f` in a savepoint: its changes are kept if it succeeds and rolled back if it fails
+/// or panics, leaving the rest of the batch alone.
+fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    conn.execute_batch("SAVEPOINT job")?;
+    let out = match std::panic::catch_unwind(AssertUnwindSafe(|| f(conn))) {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Database(
+            "internal error: a database operation panicked".into(),
+        )),
+    };
+    if out.is_ok() {
+        conn.execute_batch("RELEASE job")?;
+    } else {
+        conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+    }
+    out
+}
+
+struct Writer {
+    conn: Connection,
+    limits: Limits,
+    queue: Arc<ObservationQueue>,
+    counters: Arc<Counters>,
+    /// Machines that received observation events since the last retention run.
+    touched: HashSet<String>,
+    /// Retention has not run since start.
+    retention_pending: bool,
+    /// Discovered machines in the database: exact after each cap check, counted up by the
+    /// observation batches in between.
+    discovered_estimate: u64,
+    last_observations: Instant,
+    last_cap: Instant,
+    last_retention: Instant,
+}
+
+impl Writer {
+    fn run(&mut self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            let first = match rx.recv_timeout(OBSERVATION_INTERVAL) {
+                Ok(m) => Some(m),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.batch(Vec::new(), Vec::new(), true);
+                    return;
+                }
+            };
+            let mut jobs = Vec::new();
+            let mut flushes = Vec::new();
+            let mut nudged = false;
+            let mut next = first;
+            while let Some(m) = next {
+                match m {
+                    Msg::Write(j) => jobs.push(j),
+                    Msg::Flush(f) => flushes.push(f),
+                    Msg::Nudge => nudged = true,
+                    Msg::Maintain(f) => {
+                        self.last_cap = Instant::now() - CAP_INTERVAL;
+                        self.last_retention = Instant::now() - RETENTION_INTERVAL;
+                        self.retention_pending = true;
+                        self.counters.discovered.store(true, Ordering::Relaxed);
+                        flushes.push(f);
+                    }
+                }
+                next = if jobs.len() < MAX_BATCH {
+                    rx.try_recv().ok()
+                } else {
+                    None
+                };
+            }
+            let observe = nudged
+                || !flushes.is_empty()
+                || self.last_observations.elapsed() >= OBSERVATION_INTERVAL;
+            self.batch(jobs, flushes, observe);
+        }
+    }
+
+    /// One transaction: the queued observations (always with durable jobs, otherwise when
+    /// due), the jobs, and the bounds when due; one commit.
+    fn batch(&mut self, jobs: Vec<Job>, flushes: Vec<oneshot::Sender<()>>, observe: bool) {
+        let observations = if observe || !jobs.is_empty() {
+            self.last_observations = Instant::now();
+            self.queue.take()
+        } else {
+            VecDeque::new()
+        };
+        let cap_due = self.last_cap.elapsed() >= CAP_INTERVAL
+            && (self.counters.discovered.load(Ordering::Relaxed)
+                || observations
+                    .iter()
+                    .any(|o| matches!(o, Observation::Seen { discover: true, .. })));
+        let retention_due = (self.retention_pending || !self.touched.is_empty())
+            && self.last_retention.elapsed() >= RETENTION_INTERVAL;
+        if jobs.is_empty() && observations.is_empty() && !cap_due && !retention_due {
+            for f in flushes {
+                let _ = f.send(());
+            }
+            return;
+        }
+        let began = self.conn.execute_batch("BEGIN IMMEDIATE");
+        let mut completions = Vec::with_capacity(jobs.len());
+        let n_jobs = jobs.len() as u64;
+        if began.is_ok() {
+            if !observations.is_empty() {
+                let n = observations.len() as u64;
+                let budget = self
+                    .limits
+                    .max_discovered
+                    .saturating_sub(self.discovered_estimate);
+                match in_savepoint(&self.conn, |c| write_observations(c, observations, budget)) {
+                    Ok(w) => {
+                        if w.discovered > 0 {
+                            self.discovered_estimate += w.discovered;
+                            self.counters.discovered.store(true, Ordering::Relaxed);
+                        }
+                        if w.shed > 0 {
+                            self.counters
+                                .discoveries_shed
+                                .fetch_add(w.shed, Ordering::Relaxed);
+                        }
+                        self.touched.extend(w.touched);
+                        self.counters
+                            .observations_written
+                            .fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::error!("writing {n} observations failed: {e}"),
+                }
+            }
+            // After the observations queued before them: a machine's timeline stays in the
+            // order things happened.
+            for job in jobs {
+                completions.push(job(&self.conn));
+            }
+            if self.last_cap.elapsed() >= CAP_INTERVAL
+                && self.counters.discovered.swap(false, Ordering::Relaxed)
+            {
+                self.last_cap = Instant::now();
+                match in_savepoint(&self.conn, |c| self.enforce_cap(c)) {
+                    Ok(n) => self.discovered_estimate = n,
+                    Err(e) => tracing::error!("enforcing the discovered-machine cap failed: {e}"),
+                }
+            }
+            if retention_due {
+                self.last_retention = Instant::now();
+                self.retention_pending = false;
+                let touched = std::mem::take(&mut self.touched);
+                if let Err(e) = in_savepoint(&self.conn, |c| self.retention(c, &touched)) {
+                    tracing::error!("event retention failed: {e}");
+                }
+            }
+        }
+        let result = began.and_then(|()| self.conn.execute_batch("COMMIT"));
+        let error = match &result {
+            Ok(()) => {
+                self.counters.commits.fetch_add(1, Ordering::Relaxed);
+                self.counters.writes.fetch_add(n_jobs, Ordering::Relaxed);
+                None
+            }
+            Err(e) => {
+                tracing::error!("inventory commit failed: {e}");
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Some(e.to_string())
+            }
+        };
+        for done in completions {
+            done(error.as_deref());
+        }
+        for f in flushes {
+            let _ = f.send(());
+        }
+    }
+
+    /// Evicts the least recently seen discovered machines over the cap, with their events
+    /// (nothing else refers to a machine nobody enrolled).
+    fn enforce_cap(&self, c: &Connection) -> Result<u64> {
+        let n: i64 = c.query_row(
+            "SELECT count(*) FROM machines WHERE state = 'discovered'",
+            [],
+            |r| r.get(0),
+        )?;
+        let excess = n - self.limits.max_discovered as i64;
+        if excess <= 0 {
+            return Ok(n as u64);
+        }
+        c.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS evict (mac TEXT PRIMARY KEY); DELETE FROM evict;",
+        )?;
+        c.execute(
+            "INSERT INTO evict SELECT mac FROM machines WHERE state = 'discovered'
+             ORDER BY last_seen, mac LIMIT ?1",
+            [excess],
+        )?;
+        c.execute(
+            "DELETE FROM events WHERE mac IN (SELECT mac FROM evict)",
+            [],
+        )?;
+        let evicted = c.execute(
+            "DELETE FROM machines WHERE mac IN (SELECT mac FROM evict)",
+            [],
+        )?;
+        c.execute("DELETE FROM evict", [])?;
+        self.counters
+            .discovered_evicted
+            .fetch_add(evicted as u64, Ordering::Relaxed);
+        tracing::warn!(
+            evicted,
+            cap = self.limits.max_discovered,
+            "discovered machines over the cap: evicted the least recently seen (see --max-discovered)"
+        );
+        Ok((n as u64).saturating_sub(evicted as u64))
+    }
+
+    /// Keeps at most `events_per_machine` events per machine touched since the last run and
+    /// `max_events` in all, deleting observations (events that change no state) before
+    /// transitions, oldest first.
+    fn retention(&self, c: &Connection, touched: &HashSet<String>) -> Result<()> {
+        let mut pruned = 0usize;
+        let per = self.limits.events_per_machine as i64;
+        for mac in touched {
+            let n: i64 = c
+                .prepare_cached("SELECT count(*) FROM events WHERE mac = ?1")?
+                .query_row([mac], |r| r.get(0))?;
+            if n <= per {
+                continue;
+            }
+            pruned += prune(c, Some(mac), n - per)?;
+        }
+        let total: i64 = c.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
+        let max = self.limits.max_events as i64;
+        if total > max {
+            pruned += prune(c, None, total - max)?;
+        }
+        if pruned > 0 {
+            self.counters
+                .events_pruned
+                .fetch_add(pruned as u64, Ordering::Relaxed);
+            tracing::info!(pruned, "event retention deleted old events");
+        }
+        Ok(())
+    }
+}
+
+/// Writes a batch of observations: one sighting per MAC (an unknown MAC seen with `discover`
+/// becomes a discovered machine while `budget` lasts), identical events as one row with a
+/// count. Events about a MAC the inventory does not know are not kept (nobody enrolled or
+/// discovered it: noise, or a flood). Returns what it created, what it shed, and the machines
+/// whose events grew.
+fn write_observations(
+    c: &Connection,
+    obs: VecDeque<Observation>,
+    mut budget: u64,
+) -> Result<ObservationsWritten> {
+    let mut seen: HashMap<Mac, (Sighting, bool, i64, i64)> = HashMap::new();
+    let mut order: Vec<Mac> = Vec::new();
+    let mut events: Vec<(Option<Mac>, EventKind, String, i64, i64)> = Vec::new();
+    let mut event_index: HashMap<(Option<Mac>, EventKind, String), usize> = HashMap::new();
+    let mut out = ObservationsWritten::default();
+    for o in obs {
+        match o {
+            Observation::Seen {
+                mac,
+                sighting,
+                discover,
+                at,
+            } => match seen.get_mut(&mac) {
+                Some(e) => {
+                    e.0.merge(sighting);
+                    e.1 |= discover;
+                    e.3 = e.3.max(at);
+                }
+                None => {
+                    order.push(mac);
+                    seen.insert(mac, (sighting, discover, at, at));
+                }
+            },
+            Observation::Event {
+                mac,
+                kind,
+                detail,
+                at,
+            } => {
+                let key = (mac, kind, detail);
+                match event_index.get(&key) {
+                    Some(&i) => events[i].4 += 1,
+                    None => {
+                        event_index.insert(key.clone(), events.len());
+                        events.push((key.0, key.1, key.2, at, 1));
+                    }
+                }
+            }
+        }
+    }
+    for mac in order {
+        let (s, discover, first, last) = seen.remove(&mac).expect("ordered MACs are in the map");
+        let known = record_sighting(c, mac, &s, last)?;
+        if !known && discover {
+            if budget > 0 {
+                budget -= 1;
+                create_discovered(c, mac, &s, first, "first DHCP boot request")?;
+                out.discovered += 1;
+            } else {
+                out.shed += 1;
+            }
+        }
+    }
+    for (mac, kind, detail, at, count) in events {
+        if insert_observed_event(c, at, mac, kind, &detail, count)? {
+            if let Some(m) = mac {
+                out.touched.push(m.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What a batch of observations did.
+#[derive(Default)]
+struct ObservationsWritten {
+    discovered: u64,
+    shed: u64,
+    touched: Vec<String>,
+}
+
+/// Appends an observed event: of a known machine (stamped with its state), or of none.
+/// Returns whether it was kept.
+fn insert_observed_event(
+    c: &Connection,
+    now: i64,
+    mac: Option<Mac>,
+    kind: EventKind,
+    detail: &str,
+    count: i64,
+) -> Result<bool> {
+    let Some(m) = mac else {
+        insert_event(c, now, None, kind, detail, count)?;
+        return Ok(true);
+    };
+    let n = c
+        .prepare_cached(
+            "INSERT INTO events (at, mac, kind, from_state, to_state, detail, count)
+             SELECT ?1, mac, ?3, state, state, ?4, ?5 FROM machines WHERE mac = ?2",
+        )?
+        .execute(params![now, m.to_string(), kind.as_str(), detail, count])?;
+    Ok(n == 1)
+}
+
+/// Deletes `n` of the oldest events (of `mac`, or of all), observations first.
+fn prune(c: &Connection, mac: Option<&str>, n: i64) -> Result<usize> {
+    let mut done = 0;
+    for filter in ["from_state IS to_state", "1"] {
+        let left = n - done as i64;
+        if left <= 0 {
+            break;
+        }
+        done += c.execute(
+            &format!(
+                "DELETE FROM events WHERE id IN (SELECT id FROM events
+                 WHERE (?1 IS NULL OR mac = ?1) AND {filter} ORDER BY id LIMIT ?2)"
+            ),
+            params![mac, left],
+        )?;
+    }
+    Ok(done)
+}
+
+// --- SQL shared by the operations ---
+
+const MACHINE_COLS: &str = "m.mac, m.uuid, m.serial, m.hostname, m.profile, m.state, m.vars, m.labels, \
+     m.generation, m.arch, m.platform, m.last_ip, m.last_seen, m.failed_step, m.failed_reason, \
+     m.created_at, m.updated_at, \
+     (SELECT t.handed_over_at FROM install_tokens t WHERE t.mac = m.mac), \
+     (SELECT c.fingerprint FROM node_certs c WHERE c.mac = m.mac), \
+     (SELECT json_group_array(k.key) FROM (SELECT key FROM host_keys WHERE mac = m.mac ORDER BY algorithm) k), \
+     (SELECT json_group_array(json_array(s.seq, s.name, s.status, s.exit_code, s.output, s.at)) \
+        FROM (SELECT * FROM register_steps WHERE mac = m.mac ORDER BY seq) s)";
+
+fn conv(i: usize, e: impl std::fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.to_string().into())
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(i: usize, s: Option<String>) -> rusqlite::Result<T> {
+    serde_json::from_str(s.as_deref().unwrap_or("[]")).map_err(|e| conv(i, e))
+}
+
+fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<Machine> {
+    let mac: String = row.get(0)?;
+    let state: String = row.get(5)?;
+    let vars: String = row.get(6)?;
+    let labels: String = row.get(7)?;
+    let step: Option<String> = row.get(13)?;
+    let reason: Option<String> = row.get(14)?;
+    let steps: Vec<(i64, String, String, Option<i64>, String, i64)> = json_col(20, row.get(20)?)?;
+    Ok(Machine {
+        mac: mac.parse().map_err(|e| conv(0, e))?,
+        uuid: row.get(1)?,
+        serial: row.get(2)?,
+        hostname: row.get(3)?,
+        profile: row.get(4)?,
+        state: state.parse().map_err(|e| conv(5, e))?,
+        vars: serde_json::from_str(&vars).map_err(|e| conv(6, e))?,
+        labels: serde_json::from_str(&labels).map_err(|e| conv(7, e))?,
+        generation: row.get(8)?,
+        arch: row.get(9)?,
+        platform: row.get(10)?,
+        last_ip: row.get(11)?,
+        last_seen: row.get(12)?,
+        failure: step.map(|step| Failure {
+            step,
+            reason: reason.unwrap_or_default(),
+        }),
+        created_at: row.get(15)?,
+        updated_at: row.get(16)?,
+        installer_done_at: row.get(17)?,
+        cert_fingerprint: row.get(18)?,
+        host_keys: json_col(19, row.get(19)?)?,
+        register_steps: steps
+            .into_iter()
+            .map(|(seq, name, status, exit_code, output, at)| {
+                Ok(StepRecord {
+                    seq,
+                    name,
+                    status: match status.as_str() {
+                        "ok" => StepStatus::Ok,
+                        "failed" => StepStatus::Failed,
+                        other => return Err(conv(20, format!("step status {other:?}"))),
+                    },
+                    exit_code,
+                    output,
+                    at,
+                })
+            })
+            .collect::<rusqlite::Result<_>>()?,
+    })
+}
+
+fn load(c: &Connection, mac: Mac) -> Result<Option<Machine>> {
+    Ok(c.prepare_cached(&format!(
+        "SELECT {MACHINE_COLS} FROM machines m WHERE m.mac = ?1"
+    ))?
+    .query_row([mac.to_string()], machine_from_row)
+    .optional()?)
+}
+
+fn must_load(c: &Connection, mac: Mac) -> Result<Machine> {
+    load(c, mac)?.ok_or(StoreError::NotFound(mac))
+}
+
+fn map_json(m: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(m).expect("a map of strings always serialises")
+}
+
+/// Appends an event; the state columns are the machine's current state (an observation
+/// changes none). `count` identical occurrences.
+pub(super) fn insert_event(
+    c: &Connection,
+    now: i64,
+    mac: Option<Mac>,
+    kind: EventKind,
+    detail: &str,
+    count: i64,
+) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO events (at, mac, kind, from_state, to_state, detail, count)
+         SELECT ?1, ?2, ?3, s.state, s.state, ?4, ?5
+         FROM (SELECT (SELECT state FROM machines WHERE mac = ?2) AS state) s",
+    )?
+    .execute(params![
+        now,
+        mac.map(|m| m.to_string()),
+        kind.as_str(),
+        detail,
+        count
+    ])?;
+    Ok(())
+}
+
+/// Appends a transition's event.
+fn insert_transition(
+    c: &Connection,
+    now: i64,
+    mac: Mac,
+    kind: EventKind,
+    from: Option<State>,
+    to: Option<State>,
+    detail: &str,
+) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO events (at, mac, kind, from_state, to_state, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        now,
+        mac.to_string(),
+        kind.as_str(),
+        from.map(State::as_str),
+        to.map(State::as_str),
+        detail
+    ])?;
+    Ok(())
+}
+
+/// Moves `m` through `t` with a compare-and-set on its state, writing the state and its
+/// event; returns the new state. A machine whose state changed since it was read is a
+/// conflict, not a silent overwrite.
+fn apply(c: &Connection, now: i64, m: &Machine, t: &Transition, detail: &str) -> Result<State> {
+    let to = policy::transition(m.state, t)?;
+    let (step, reason) = match t {
+        Transition::Fail(f) => (Some(f.step.as_str()), Some(f.reason.as_str())),
+        _ => (None, None),
+    };
+    let n = c
+        .prepare_cached(
+            "UPDATE machines SET state = ?2, updated_at = ?3, failed_step = ?4, failed_reason = ?5
+             WHERE mac = ?1 AND state = ?6",
+        )?
+        .execute(params![
+            m.mac.to_string(),
+            to.as_str(),
+            now,
+            step,
+            reason,
+            m.state.as_str()
+        ])?;
+    if n != 1 {
+        return Err(StoreError::Conflict(m.mac));
+    }
+    insert_transition(
+        c,
+        now,
+        m.mac,
+        t.event_kind(),
+        Some(m.state),
+        Some(to),
+        detail,
+    )?;
+    Ok(to)
+}
+
+/// Keeps what a boot request said; returns whether the machine exists.
+fn record_sighting(c: &Connection, mac: Mac, s: &Sighting, now: i64) -> Result<bool> {
+    let n = c
+        .prepare_cached(
+            "UPDATE machines SET uuid = COALESCE(uuid, ?2), arch = COALESCE(?3, arch),
+             platform = COALESCE(?4, platform), last_ip = COALESCE(?5, last_ip),
+             last_seen = MAX(COALESCE(last_seen, 0), ?6) WHERE mac = ?1",
+        )?
+        .execute(params![
+            mac.to_string(),
+            s.uuid,
+            s.arch,
+            s.platform,
+            s.ip,
+            now
+        ])?;
+    Ok(n == 1)
+}
+
+/// Creates an unknown MAC as `discovered` with its event (no-op if it exists by now).
+fn create_discovered(c: &Connection, mac: Mac, s: &Sighting, now: i64, what: &str) -> Result<()> {
+    let n = c
+        .prepare_cached(
+            "INSERT INTO machines (mac, state, uuid, arch, platform, last_ip, last_seen, created_at, updated_at)
+             VALUES (?1, 'discovered', ?2, ?3, ?4, ?5, ?6, ?6, ?6) ON CONFLICT (mac) DO NOTHING",
+        )?
+        .execute(params![mac.to_string(), s.uuid, s.arch, s.platform, s.ip, now])?;
+    if n == 1 {
+        let detail = format!(
+            "{what}{}{}",
+            s.ip.as_deref()
+                .map(|ip| format!(" from {ip}"))
+                .unwrap_or_default(),
+            s.arch
+                .as_deref()
+                .map(|a| format!(", arch {a}"))
+                .unwrap_or_default()
+        );
+        insert_transition(
+            c,
+            now,
+            mac,
+            EventKind::Discovered,
+            None,
+            Some(State::Discovered),
+            &detail,
+        )?;
+    }
+    Ok(())
+}
+
+/// The machine behind a live token, or why the token is not live.
+fn token_machine(c: &Connection, token_hash: &str, now: i64) -> Result<Machine> {
+    let row: Option<(String, i64, Option<i64>, i64)> = c
+        .prepare_cached(
+            "SELECT mac, expires_at, burnt_at, generation FROM install_tokens WHERE hash = ?1",
+        )?
+        .query_row([token_hash], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()?;
+    let Some((mac, expires_at, burnt_at, generation)) = row else {
+        return Err(StoreError::Token(TokenProblem::Unknown, None));
+    };
+    let mac: Mac = mac
+        .parse()
+        .map_err(|_| StoreError::Token(TokenProblem::Unknown, None))?;
+    if burnt_at.is_some() {
+        return Err(StoreError::Token(TokenProblem::Used, Some(mac)));
+    }
+    if now >= expires_at {
+        return Err(StoreError::Token(TokenProblem::Expired, Some(mac)));
+    }
+    let m = must_load(c, mac)?;
+    // A token names one install generation; after a reprovision it is dead even if a row
+    // somehow survived.
+    if m.generation != generation || m.state != State::Installing {
+        return Err(StoreError::Token(TokenProblem::Unknown, Some(mac)));
+    }
+    Ok(m)
+}
+
+fn event_from_row(r: &Row<'_>) -> rusqlite::Result<Event> {
+    let mac: Option<String> = r.get(2)?;
+    let kind: String = r.get(3)?;
+    let from: Option<String> = r.get(4)?;
+    let to: Option<String> = r.get(5)?;
+    let state = |i: usize, s: Option<String>| -> rusqlite::Result<Option<State>> {
+        s.map(|s| s.parse().map_err(|e| conv(i, e))).transpose()
+    };
+    Ok(Event {
+        id: r.get(0)?,
+        at: r.get(1)?,
+        mac: mac.map(|m| m.parse().map_err(|e| conv(2, e))).transpose()?,
+        kind: kind.parse().map_err(|e| conv(3, e))?,
+        from_state: state(4, from)?,
+        to_state: state(5, to)?,
+        detail: r.get(6)?,
+        count: r.get(7)?,
+    })
+}
+
+/// A page size: 0 (unset) means the largest page.
+fn page(limit: usize) -> i64 {
+    if limit == 0 {
+        MAX_PAGE as i64
+    } else {
+        limit.min(MAX_PAGE) as i64
+    }
+}
+
+#[async_trait::async_trait]
+impl Inventory for SqliteInventory {
+    async fn machine(&self, mac: Mac) -> Result<Option<Machine>> {
+        self.read(|c| load(c, mac))
+    }
+
+    async fn boot_facts(&self, mac: Mac) -> Result<Option<BootFacts>> {
+        self.read(|c| {
+            let row: Option<(String, Option<String>, Option<i64>)> = c
+                .prepare_cached(
+                    "SELECT m.state, m.profile, t.handed_over_at FROM machines m
+                     LEFT JOIN install_tokens t ON t.mac = m.mac WHERE m.mac = ?1",
+                )?
+                .query_row([mac.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            row.map(|(state, profile, done)| {
+                Ok(BootFacts {
+                    state: state
+                        .parse()
+                        .map_err(|e: String| StoreError::Corrupt("state", e))?,
+                    profile,
+                    installer_done: done.is_some(),
+                })
+            })
+            .transpose()
+        })
+    }
+
+    async fn machines(&self, q: MachineQuery) -> Result<Vec<Machine>> {
+        self.read_blocking(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {MACHINE_COLS} FROM machines m
+                 WHERE (?1 IS NULL OR m.state = ?1) AND (?2 IS NULL OR m.mac > ?2)
+                 ORDER BY m.mac LIMIT ?3"
+            ))?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        q.state.map(State::as_str),
+                        q.after.map(|m| m.to_string()),
+                        page(q.limit)
+                    ],
+                    machine_from_row,
+                )?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn count_by_state(&self) -> Result<BTreeMap<State, u64>> {
+        self.read_blocking(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT state, count(*) FROM machines GROUP BY state")?;
+            let rows: Vec<(String, i64)> = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            rows.into_iter()
+                .map(|(s, n)| {
+                    Ok((
+                        s.parse()
+                            .map_err(|e: String| StoreError::Corrupt("state", e))?,
+                        n as u64,
+                    ))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn events(&self, q: EventQuery) -> Result<Vec<Event>> {
+        self.read_blocking(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT * FROM (SELECT id, at, mac, kind, from_state, to_state, detail, count
+                 FROM events WHERE (?1 IS NULL OR mac = ?1) AND id > ?2
+                 ORDER BY CASE WHEN ?4 THEN -id ELSE id END LIMIT ?3) ORDER BY id",
+            )?;
+            let rows = stmt
+                .query_map(
+                    params![q.mac.map(|m| m.to_string()), q.after, page(q.limit), q.tail],
+                    event_from_row,
+                )?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn machine_by_token(&self, token_hash: &str, now: i64) -> Result<Machine> {
+        self.read(|c| token_machine(c, token_hash, now))
+    }
+
+    async fn reservations(&self) -> Result<Vec<(Mac, Ipv4Addr)>> {
+        self.read(leases::reservations)
+    }
+
+    async fn leases(&self, now: i64) -> Result<Vec<Lease>> {
+        self.read(|c| leases::live(c, now))
+    }
+
+    async fn node_cert(&self, mac: Mac) -> Result<Option<(String, String)>> {
+        self.read(|c| {
+            Ok(
+                c.prepare_cached("SELECT cert_pem, fingerprint FROM node_certs WHERE mac = ?1")?
+                    .query_row([mac.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?,
+            )
+        })
+    }
+
+    fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            observations_dropped: get(&c.observations_dropped),
+            observations_written: get(&c.observations_written),
+            discovered_evicted: get(&c.discovered_evicted),
+            discoveries_shed: get(&c.discoveries_shed),
+            events_pruned: get(&c.events_pruned),
+            commits: get(&c.commits),
+            writes: get(&c.writes),
+        }
+    }
+
+    async fn enroll(&self, new: NewMachine, now: i64) -> Result<Machine> {
+        self.write(move |c| {
+            let mac = new.mac;
+            let detail = format!(
+                "profile {}{}",
+                new.profile,
+                new.hostname
+                    .as_deref()
+                    .map(|h| format!(", hostname {h}"))
+                    .unwrap_or_default()
+            );
+            match load(c, mac)? {
+                Some(m) if m.state != State::Discovered => {
+                    return Err(StoreError::AlreadyEnrolled(mac, m.state))
+                }
+                Some(m) => {
+                    c.execute(
+                        "UPDATE machines SET profile = ?2, hostname = ?3, uuid = COALESCE(?4, uuid),
+                         serial = COALESCE(?5, serial), vars = ?6, labels = ?7, updated_at = ?8
+                         WHERE mac = ?1",
+                        params![
+                            mac.to_string(),
+                            new.profile,
+                            new.hostname,
+                            new.uuid,
+                            new.serial,
+                            map_json(&new.vars),
+                            map_json(&new.labels),
+                            now
+                        ],
+                    )?;
+                    apply(c, now, &m, &Transition::Enroll, &detail)?;
+                }
+                None => {
+                    c.execute(
+                        "INSERT INTO machines (mac, uuid, serial, hostname, profile, state, vars, labels,
+                         created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, 'enrolled', ?6, ?7, ?8, ?8)",
+                        params![
+                            mac.to_string(),
+                            new.uuid,
+                            new.serial,
+                            new.hostname,
+                            new.profile,
+                            map_json(&new.vars),
+                            map_json(&new.labels),
+                            now
+                        ],
+                    )?;
+                    insert_transition(
+                        c,
+                        now,
+                        mac,
+                        EventKind::Enrolled,
+                        None,
+                        Some(State::Enrolled),
+                        &detail,
+                    )?;
+                }
+            }
+            must_load(c, mac)
+        })
+        .await
+    }
+
+    async fn update(&self, mac: Mac, patch: MachinePatch, now: i64) -> Result<Machine> {
+        self.write(move |c| {
+            must_load(c, mac)?;
+            let key = mac.to_string();
+            let mut changed = Vec::new();
+            if let Some(p) = &patch.profile {
+                c.execute(
+                    "UPDATE machines SET profile = ?2 WHERE mac = ?1",
+                    params![key, p],
+                )?;
+                changed.push(format!("profile {p}"));
+            }
+            if let Some(h) = &patch.hostname {
+                c.execute(
+                    "UPDATE machines SET hostname = ?2 WHERE mac = ?1",
+                    params![key, h],
+                )?;
+                changed.push(format!("hostname {}", h.as_deref().unwrap_or("(none)")));
+            }
+            if let Some(v) = &patch.vars {
+                c.execute(
+                    "UPDATE machines SET vars = ?2 WHERE mac = ?1",
+                    params![key, map_json(v)],
+                )?;
+                changed.push(format!(
+                    "vars {}",
+                    v.keys().cloned().collect::<Vec<_>>().join(",")
+                ));
+            }
+            if let Some(l) = &patch.labels {
+                c.execute(
+                    "UPDATE machines SET labels = ?2 WHERE mac = ?1",
+                    params![key, map_json(l)],
+                )?;
+                changed.push(format!(
+                    "labels {}",
+                    l.keys().cloned().collect::<Vec<_>>().join(",")
+                ));
+            }
+            c.execute(
+                "UPDATE machines SET updated_at = ?2 WHERE mac = ?1",
+                params![key, now],
+            )?;
+            insert_event(
+                c,
+                now,
+                Some(mac),
+                EventKind::Updated,
+                &changed.join("; "),
+                1,
+            )?;
+            must_load(c, mac)
+        })
+        .await
+    }
+
+    async fn delete(&self, mac: Mac, now: i64) -> Result<()> {
+        self.write(move |c| {
+            let m = must_load(c, mac)?;
+            c.execute("DELETE FROM machines WHERE mac = ?1", [mac.to_string()])?;
+            insert_transition(c, now, mac, EventKind::Deleted, Some(m.state), None, "")
+        })
+        .await
+    }
+
+    async fn discover(&self, mac: Mac, sighting: Sighting, now: i64) -> Result<Machine> {
+        let counters = self.shared.counters.clone();
+        self.write(move |c| {
+            if !record_sighting(c, mac, &sighting, now)? {
+                create_discovered(c, mac, &sighting, now, "first boot request")?;
+                counters.discovered.store(true, Ordering::Relaxed);
+            }
+            must_load(c, mac)
+        })
+        .await
+    }
+
+    async fn start_install(
+        &self,
+        mac: Mac,
+        token_hash: String,
+        expires_at: i64,
+        sighting: Sighting,
+        now: i64,
+    ) -> Result<Machine> {
+        self.write(move |c| {
+            record_sighting(c, mac, &sighting, now)?;
+            let m = must_load(c, mac)?;
+            let detail = format!(
+                "profile {}, generation {}, token expires {}",
+                m.profile.as_deref().unwrap_or("?"),
+                m.generation,
+                super::fmt_time(expires_at)
+            );
+            if m.state == State::Installing {
+                insert_event(c, now, Some(mac), EventKind::InstallRestarted, &detail, 1)?;
+            } else {
+                apply(c, now, &m, &Transition::StartInstall, &detail)?;
+            }
+            c.prepare_cached(
+                "INSERT INTO install_tokens (mac, hash, generation, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (mac) DO UPDATE SET hash = ?2, generation = ?3, created_at = ?4,
+                 expires_at = ?5, burnt_at = NULL, handed_over_at = NULL",
+            )?
+            .execute(params![
+                mac.to_string(),
+                token_hash,
+                m.generation,
+                now,
+                expires_at
+            ])?;
+            must_load(c, mac)
+        })
+        .await
+    }
+
+    async fn config_served(
+        &self,
+        mac: Mac,
+        detail: String,
+        installer_done: Option<String>,
+        now: i64,
+    ) -> Result<()> {
+        self.write(move |c| {
+            insert_event(c, now, Some(mac), EventKind::ConfigServed, &detail, 1)?;
+            if let Some(done) = installer_done {
+                let n = c.execute(
+                    "UPDATE install_tokens SET handed_over_at = ?2
+                     WHERE mac = ?1 AND handed_over_at IS NULL AND burnt_at IS NULL",
+                    params![mac.to_string(), now],
+                )?;
+                if n > 0 {
+                    insert_event(c, now, Some(mac), EventKind::InstallerDone, &done, 1)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn phone_home(
+        &self,
+        token_hash: String,
+        host_keys: Vec<(String, String)>,
+        from_ip: Option<String>,
+        detail: String,
+        now: i64,
+    ) -> Result<Machine> {
+        self.write(move |c| {
+            let m = token_machine(c, &token_hash, now)?;
+            let mac = m.mac.to_string();
+            // Burn first: of two phone-homes with one token, exactly one gets the row.
+            let burnt = c.execute(
+                "UPDATE install_tokens SET burnt_at = ?2 WHERE hash = ?1 AND burnt_at IS NULL",
+                params![token_hash, now],
+            )?;
+            if burnt != 1 {
+                return Err(StoreError::Token(TokenProblem::Used, Some(m.mac)));
+            }
+            c.execute("DELETE FROM host_keys WHERE mac = ?1", [&mac])?;
+            for (alg, key) in &host_keys {
+                c.execute(
+                    "INSERT OR REPLACE INTO host_keys (mac, algorithm, key, added_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![mac, alg, key, now],
+                )?;
+            }
+            apply(c, now, &m, &Transition::PhoneHome, &detail)?;
+            if let Some(ip) = &from_ip {
+                // The registrar's SSH target: the address the installed OS spoke from.
+                c.execute("UPDATE machines SET last_ip = ?2 WHERE mac = ?1", params![mac, ip])?;
+            }
+            must_load(c, m.mac)
+        })
+        .await
+    }
+
+    async fn reprovision(&self, mac: Mac, now: i64) -> Result<Machine> {
+        self.write(move |c| {
+            let m = must_load(c, mac)?;
+            let detail = format!("generation {}", m.generation + 1);
+            apply(c, now, &m, &Transition::Reprovision, &detail)?;
+            let key = mac.to_string();
+            c.execute(
+                "UPDATE machines SET generation = generation + 1 WHERE mac = ?1",
+                [&key],
+            )?;
+            for table in [
+                "install_tokens",
+                "host_keys",
+                "register_steps",
+                "node_certs",
+            ] {
+                c.execute(&format!("DELETE FROM {table} WHERE mac = ?1"), [&key])?;
+            }
+            must_load(c, mac)
+        })
+        .await
+    }
+
+    async fn transition(
+        &self,
+        mac: Mac,
+        t: Transition,
+        detail: String,
+        now: i64,
+    ) -> Result<Machine> {
+        self.write(move |c| {
+            let m = must_load(c, mac)?;
+            apply(c, now, &m, &t, &detail)?;
+            must_load(c, mac)
+        })
+        .await
+    }
+
+    async fn start_registration(&self, mac: Mac, detail: String, now: i64) -> Result<Machine> {
+        self.write(move |c| {
+            let m = must_load(c, mac)?;
+            apply(c, now, &m, &Transition::StartRegistration, &detail)?;
+            c.execute(
+                "DELETE FROM register_steps WHERE mac = ?1",
+                [mac.to_string()],
+            )?;
+            must_load(c, mac)
+        })
+        .await
+    }
+
+    async fn record_step(&self, mac: Mac, step: StepRecord, detail: String) -> Result<()> {
+        self.write(move |c| {
+            let m = must_load(c, mac)?;
+            if m.state != State::Registering {
+                // Illegal from every other state: the error names the state and the moves.
+                policy::transition(m.state, &Transition::FinishRegistration)?;
+            }
+            c.execute(
+                "INSERT OR REPLACE INTO register_steps (mac, seq, name, status, exit_code, output, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    mac.to_string(),
+                    step.seq,
+                    step.name,
+                    step.status.as_str(),
+                    step.exit_code,
+                    step.output,
+                    step.at
+                ],
+            )?;
+            let kind = match step.status {
+                StepStatus::Ok => EventKind::RegisterStep,
+                StepStatus::Failed => EventKind::RegisterStepFailed,
+            };
+            insert_event(c, step.at, Some(mac), kind, &detail, 1)
+        })
+        .await
+    }
+
+    async fn save_node_cert(
+        &self,
+        mac: Mac,
+        cert_pem: String,
+        fingerprint: String,
+        subject: String,
+        now: i64,
+    ) -> Result<()> {
+        self.write(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO node_certs (mac, cert_pem, fingerprint, subject, signed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![mac.to_string(), cert_pem, fingerprint, subject, now],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn expire_installs(&self, now: i64) -> Result<Vec<Mac>> {
+        self.write(move |c| {
+            let macs: Vec<String> = c
+                .prepare_cached(
+                    "SELECT m.mac FROM machines m LEFT JOIN install_tokens t ON t.mac = m.mac
+                     WHERE m.state = 'installing' AND (t.mac IS NULL OR t.expires_at <= ?1)",
+                )?
+                .query_map([now], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let failure = Failure::new(
+                "install",
+                "the install token expired before the machine phoned home",
+            );
+            let detail = failure.to_string();
+            let fail = Transition::Fail(failure);
+            let mut out = Vec::new();
+            for mac in macs {
+                let Ok(mac) = mac.parse::<Mac>() else {
+                    continue;
+                };
+                let m = must_load(c, mac)?;
+                match apply(c, now, &m, &fail, &detail) {
+                    Ok(_) => out.push(mac),
+                    // Another daemon moved it first (phone-home won the race): skip it.
+                    Err(StoreError::Conflict(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn record_event(
+        &self,
+        mac: Option<Mac>,
+        kind: EventKind,
+        detail: String,
+        now: i64,
+    ) -> Result<()> {
+        self.write(move |c| insert_event(c, now, mac, kind, &detail, 1))
+            .await
+    }
+
+    async fn lease_offer(&self, req: OfferRequest) -> Result<Option<Ipv4Addr>> {
+        self.write(move |c| leases::offer(c, &req)).await
+    }
+
+    async fn lease_bind(&self, req: BindRequest) -> Result<bool> {
+        self.write(move |c| leases::bind(c, &req)).await
+    }
+
+    async fn lease_release(&self, mac: Mac, ip: Option<Ipv4Addr>) -> Result<()> {
+        self.write(move |c| leases::release(c, mac, ip)).await
+    }
+
+    async fn lease_decline(&self, mac: Mac, ip: Ipv4Addr, until: i64, now: i64) -> Result<bool> {
+        self.write(move |c| leases::decline(c, mac, ip, until, now))
+            .await
+    }
+
+    fn observe(&self, o: Observation) {
+        let (dropped, nudge) = self.shared.queue.push(o);
+        if dropped {
+            self.shared
+                .counters
+                .observations_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if nudge {
+            let _ = self.send(Msg::Nudge);
+        }
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Flush(tx))?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_drops_the_oldest_and_nudges_once() {
+        let q = ObservationQueue {
+            items: Mutex::new(VecDeque::new()),
+            cap: 4,
+            nudged: AtomicBool::new(false),
+        };
+        let ev = |i: i64| Observation::Event {
+            mac: None,
+            kind: EventKind::IpxeServed,
+            detail: format!("n{i}"),
+            at: i,
+        };
+        let results: Vec<(bool, bool)> = (0..6).map(|i| q.push(ev(i))).collect();
+        assert_eq!(
+            results,
+            [
+                (false, false),
+                (false, true),
+                (false, false),
+                (false, false),
+                (true, false),
+                (true, false)
+            ]
+        );
+        let left: Vec<Observation> = q.take().into_iter().collect();
+        assert_eq!(left, (2..6).map(ev).collect::<Vec<_>>());
+        assert!(!q.nudged.load(Ordering::Relaxed), "taking resets the nudge");
+    }
+}

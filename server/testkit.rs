@@ -1,0 +1,56 @@
+//! The services wired over a temporary inventory, for tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::admin::AdminService;
+use crate::attribution::Attribution;
+use crate::boot::{BootService, Settings};
+use crate::policy::DiscoverAnswer;
+use crate::registrar;
+use crate::render::{Renderer, Sources};
+use crate::store::{Inventory, SqliteInventory};
+
+/// The SSH public key test services render into installs.
+pub const TEST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 provision";
+
+/// Boot and admin services sharing one temporary inventory and the built-in profiles.
+pub struct Stack {
+    /// The inventory.
+    pub inv: Arc<dyn Inventory>,
+    /// The machine-facing service.
+    pub boot: Arc<BootService>,
+    /// The operator-facing service.
+    pub admin: Arc<AdminService>,
+    /// The registrar's queue, kept open so registrations can be queued (nothing serves it
+    /// in these tests).
+    pub _queue: registrar::Queue,
+}
+
+/// A stack answering unknown machines with `discover`.
+pub fn stack(discover: DiscoverAnswer) -> Stack {
+    let inv: Arc<dyn Inventory> =
+        Arc::new(SqliteInventory::open_temp().expect("a temporary inventory"));
+    let renderer = Arc::new(
+        Renderer::new(Sources::default(), TEST_KEY.into()).expect("the built-in profiles load"),
+    );
+    let (handle, queue) = registrar::channel(inv.clone(), renderer.clone());
+    let boot = Arc::new(BootService::new(
+        inv.clone(),
+        renderer.clone(),
+        Settings {
+            install_token_ttl: Duration::from_secs(3600),
+            discover,
+        },
+        handle.clone(),
+        Arc::new(Attribution::default()),
+    ));
+    let admin = Arc::new(AdminService::new(inv.clone(), renderer, discover, handle));
+    Stack {
+        inv,
+        boot,
+        admin,
+        _queue: queue,
+    }
+}
