@@ -3,12 +3,16 @@
 //!
 //! The protocol engine is async-tftp; this module supplies its `Handler`. We do not use its
 //! `DirHandler` because it follows symlinks out of its root and gives every transfer an 8 MiB
-//! read-ahead buffer (testing.md measured 1.65 GB at 200 transfers). Files here are resolved
-//! beneath the configured roots without leaving them, and read through a 64 KiB buffer.
+//! read-ahead buffer (1.65 GB of memory at 200 concurrent transfers). Files here are resolved
+//! beneath the configured roots without leaving them (`crate::files`) and read through a
+//! buffer of [`READ_BUFFER`] bytes, so memory stays a few blocks per transfer.
 //!
-//! async-tftp runs on the smol/async-io stack; its futures are runtime-agnostic (async-io
-//! drives the sockets from its own reactor thread), so the server runs as an ordinary task in
-//! the daemon's tokio `JoinSet`.
+//! async-tftp runs on the smol/async-io stack. It runs here on a thread of its own under
+//! `async_io::block_on`, which drives async-io's reactor on that same thread: a block read
+//! from the file, sent, and its ACK received never cross threads (as a task on the tokio
+//! runtime, each block hopped between async-io's reactor thread, a tokio worker and a
+//! blocking-pool reader, several context switches per block). File reads are synchronous on
+//! this thread: boot files are small and stay in the page cache, so a read is a memory copy.
 
 use std::fs::File;
 use std::io;
@@ -22,7 +26,6 @@ use std::time::Duration;
 
 use async_tftp::packet;
 use async_tftp::server::{Handler, TftpServerBuilder};
-use blocking::Unblock;
 use futures_lite::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
@@ -36,8 +39,9 @@ pub const BLOCK_SIZE_LIMIT: u16 = 1468;
 /// the client's socket buffer is partly dropped (measured with atftp on loopback: 64 blocks
 /// of 8 KiB lost packets and stalled); 16 × 1468 bytes is 23 KiB, which fits any buffer.
 pub const WINDOW_SIZE_LIMIT: u16 = 16;
-/// Read buffer per transfer: memory stays bounded whatever the file size.
-const READ_BUFFER: usize = 64 * 1024;
+/// Read buffer per transfer: about a window of the largest blocks, so one read(2) serves many
+/// blocks and memory stays bounded whatever the file size.
+pub const READ_BUFFER: usize = 16 * 1024;
 
 /// The TFTP error packet for a refusal (RFC 1350 error codes 1 and 2).
 fn refusal_packet(r: &Refusal) -> packet::Error {
@@ -69,7 +73,7 @@ pub struct Transfer {
 /// The read side of one transfer: counts bytes and reports the outcome when async-tftp drops
 /// it at the end of the transfer (success or failure).
 pub struct Tracked {
-    inner: Unblock<File>,
+    inner: std::io::BufReader<File>,
     info: Transfer,
     eof: bool,
     report: Report,
@@ -82,15 +86,17 @@ impl AsyncRead for Tracked {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
+        let _ = cx;
         let this = &mut *self;
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
+        // A page-cache read: done now, never Pending (see the module comment).
+        let r = io::Read::read(&mut this.inner, buf);
+        if let Ok(n) = r {
             this.info.bytes += n as u64;
             if n == 0 {
                 this.eof = true;
             }
         }
-        r
+        Poll::Ready(r)
     }
 }
 
@@ -157,24 +163,19 @@ impl Handler for ConfinedHandler {
             });
             return Err(packet::Error::Msg("server busy, try again".into()));
         }
-        let roots = self.roots.clone();
-        let n = name.clone();
-        // File system calls off the async threads: async-tftp holds the handler's lock while
-        // this runs.
-        let opened = blocking::unblock(move || {
-            let p = resolve(&roots, &n)?;
-            let f = File::open(&p).map_err(|_| Refusal::NotFound(n.clone()))?;
+        // A few file system calls on the TFTP thread (resolving a name, opening it).
+        let opened = resolve(&self.roots, &name).and_then(|p| {
+            let f = File::open(&p).map_err(|_| Refusal::NotFound(name.clone()))?;
             let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-            Ok::<_, Refusal>((f, size))
-        })
-        .await;
+            Ok((f, size))
+        });
         match opened {
             Ok((file, size)) => Ok((
                 {
                     // Counted from here; Tracked's drop gives the slot back.
                     self.active.fetch_add(1, Ordering::SeqCst);
                     Tracked {
-                        inner: Unblock::with_capacity(READ_BUFFER, file),
+                        inner: std::io::BufReader::with_capacity(READ_BUFFER, file),
                         info: Transfer {
                             peer: *client,
                             file: name,
@@ -213,15 +214,35 @@ impl Handler for ConfinedHandler {
     }
 }
 
-/// Runs the TFTP server on an already-bound socket until `shutdown`. If the protocol loop
-/// ever fails (a socket error), it is logged and the loop starts again on the same socket: a
-/// bad packet or a transient error never ends the server.
+/// Runs the TFTP server on an already-bound socket until `shutdown`, on a thread of its own
+/// (see the module comment); returns when that thread has stopped. If the protocol loop ever
+/// fails (a socket error), it is logged and the loop starts again on the same socket: a bad
+/// packet or a transient error never ends the server.
 pub async fn run(
     socket: UdpSocket,
     roots: Vec<PathBuf>,
     report: Report,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("tftp".into())
+        .spawn(move || {
+            let r = async_io::block_on(serve(socket, roots, report, shutdown));
+            let _ = done_tx.send(r);
+        })?;
+    done_rx
+        .await
+        .map_err(|_| anyhow::anyhow!("the TFTP thread panicked"))?
+}
+
+async fn serve(
+    socket: UdpSocket,
+    roots: Vec<PathBuf>,
+    report: Report,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use futures_lite::FutureExt;
     loop {
         let sock = socket.try_clone()?;
         let server =
@@ -233,11 +254,16 @@ pub async fn run(
                 .max_send_retries(8)
                 .build()
                 .await?;
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            r = server.serve() => {
+        let stopped = async {
+            shutdown.cancelled().await;
+            None
+        };
+        let served = async { Some(server.serve().await) };
+        match served.or(stopped).await {
+            None => return Ok(()),
+            Some(r) => {
                 tracing::error!("TFTP server loop ended ({r:?}); restarting it");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                async_io::Timer::after(Duration::from_millis(200)).await;
             }
         }
     }
