@@ -48,6 +48,8 @@ pub mod tftp;
 pub mod validate;
 
 #[cfg(test)]
+mod invariants_tests;
+#[cfg(test)]
 mod services_tests;
 #[cfg(test)]
 pub(crate) mod testkit;

@@ -1,0 +1,129 @@
+//! The codemap's seams, checked against the source: each third-party protocol or storage
+//! crate is used only in its home module, and `policy/` stays pure (ARCHITECTURE.md,
+//! "Invariants").
+
+use std::path::{Path, PathBuf};
+
+fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            sources(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// Every source file under `server/`, as (path relative to `server/`, code without comments).
+fn code() -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("server");
+    let mut files = Vec::new();
+    sources(&root, &mut files);
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let rel = p
+                .strip_prefix(&root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let text = std::fs::read_to_string(&p).unwrap();
+            let code: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect();
+            (rel, code.join("\n"))
+        })
+        .collect()
+}
+
+/// Whether `code` names `krate` as a path (`krate::...`, `use krate`), not merely a word.
+fn uses(code: &str, krate: &str) -> bool {
+    code.match_indices(krate).any(|(i, _)| {
+        let before = code[..i].chars().next_back();
+        let after = &code[i + krate.len()..];
+        let boundary = !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':');
+        boundary && (after.starts_with("::") || after.starts_with(';') || after.starts_with(" as "))
+    })
+}
+
+#[test]
+fn each_crate_is_used_only_in_its_home() {
+    // crate → the files or directories (relative to server/) that may use it.
+    let homes: &[(&str, &[&str])] = &[
+        ("rusqlite", &["store/"]),
+        ("rusqlite_migration", &["store/"]),
+        ("minijinja", &["render/"]),
+        ("dhcproto", &["dhcp/"]),
+        ("async_tftp", &["tftp/"]),
+        ("async_io", &["tftp/"]),
+        ("russh", &["registrar/"]),
+        ("axum", &["http/", "daemon.rs"]),
+        ("tower_http", &["http/"]),
+        ("rcgen", &["pki.rs"]),
+        ("x509_parser", &["pki.rs"]),
+    ];
+    let mut wrong = Vec::new();
+    for (file, code) in code() {
+        for (krate, allowed) in homes {
+            let home = allowed.iter().any(|a| file.starts_with(a));
+            if !home && !file.ends_with("invariants_tests.rs") && uses(&code, krate) {
+                wrong.push(format!("{file} uses {krate} (its home: {allowed:?})"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "crates used outside their home:\n{}",
+        wrong.join("\n")
+    );
+}
+
+#[test]
+fn policy_does_no_io_and_nothing_async() {
+    let forbidden = [
+        "async ",
+        ".await",
+        "tokio",
+        "std::fs",
+        "std::io",
+        "std::net",
+        "std::thread",
+        "std::process",
+        "std::time",
+        "std::sync",
+        "crate::store",
+        "crate::render",
+        "crate::http",
+        "crate::dhcp",
+        "crate::tftp",
+        "crate::registrar",
+    ];
+    let mut wrong = Vec::new();
+    for (file, code) in code() {
+        if !file.starts_with("policy/") {
+            continue;
+        }
+        for f in forbidden {
+            if code.contains(f) {
+                wrong.push(format!("{file} contains {f:?}"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "policy/ must stay pure:\n{}",
+        wrong.join("\n")
+    );
+}
+
+#[test]
+fn the_check_itself_sees_a_use() {
+    assert!(uses("use rusqlite::Connection;", "rusqlite"));
+    assert!(uses("let c = rusqlite::Connection::open(p);", "rusqlite"));
+    assert!(!uses("let rusqlite_like = 1;", "rusqlite"));
+    assert!(!uses("crate::store::rusqlite_x", "rusqlite"));
+    assert!(!uses("rusqlite_migration::Migrations", "rusqlite"));
+}
