@@ -100,6 +100,12 @@ pub enum Command {
     },
     /// Reload profiles and templates in the running daemon.
     Reload,
+    /// Machines by state, and what the inventory's bounds dropped since the daemon started.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Build a VM lab against the running daemon and install VMs until each is installed
     /// (needs root and QEMU; everything created is removed afterwards, also on Ctrl-C).
     Lab(crate::lab::LabArgs),
@@ -359,6 +365,33 @@ fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
         Command::Reload => {
             let v = c.json("POST", "/reload", None)?;
             println!("reloaded {} profiles", v["profiles"]);
+            Ok(())
+        }
+        Command::Status { json } => {
+            let v = c.json("GET", "/status", None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                return Ok(());
+            }
+            let st: crate::dto::Status = serde_json::from_value(v)
+                .map_err(|e| Fail(format!("the daemon answered an unexpected status: {e}"), 1))?;
+            println!("machines:");
+            for (state, n) in &st.machines {
+                println!("  {:<12} {n}", state.as_str());
+            }
+            let i = &st.inventory;
+            println!("inventory since start:");
+            for (what, n) in [
+                ("writes", i.writes),
+                ("commits", i.commits),
+                ("observations written", i.observations_written),
+                ("observations dropped", i.observations_dropped),
+                ("discovered evicted", i.discovered_evicted),
+                ("discoveries shed", i.discoveries_shed),
+                ("events pruned", i.events_pruned),
+            ] {
+                println!("  {what:<22} {n}");
+            }
             Ok(())
         }
     }

@@ -235,3 +235,46 @@ fn a_missing_dhcp_interface_stops_the_start_with_its_name() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("nosuch0"), "{err}");
 }
+
+/// A flood of unknown MACs asking for `/ipxe` leaves the inventory at its discovered cap; the
+/// status the CLI prints says what was evicted, and the last ones seen are still there.
+#[test]
+fn a_flood_of_unknown_macs_stays_at_the_discovered_cap() {
+    let d = Daemon::start_in(tempfile::tempdir().unwrap(), &["--max-discovered", "20"]);
+    for i in 0..120u32 {
+        let (s, body) = d.get(&format!(
+            "/ipxe?mac=02-00-00-00-{:02x}-{:02x}",
+            i >> 8,
+            i & 0xff
+        ));
+        assert_eq!(s, 200, "{body}");
+        assert!(body.contains("sanboot"), "{body}");
+    }
+    // The cap is enforced at most once a second by the writer; a boot after that is
+    // recorded and evicts again, so poll the status until the count settles at the cap.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        let status = d.cli_ok(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+        if v["machines"]["discovered"] == 20 || std::time::Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(status["machines"]["discovered"], 20, "{status}");
+    assert_eq!(status["inventory"]["discovered_evicted"], 100, "{status}");
+    let list = d.cli_ok(&["machines", "list", "--state", "discovered"]);
+    assert!(
+        list.contains("02:00:00:00:00:77"),
+        "the last one seen stays: {list}"
+    );
+    assert!(
+        !list.contains("02:00:00:00:00:00"),
+        "the first one seen went: {list}"
+    );
+    let text = d.cli_ok(&["status"]);
+    assert!(
+        text.contains("discovered evicted") && text.contains("100"),
+        "{text}"
+    );
+}
