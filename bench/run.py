@@ -616,6 +616,25 @@ def section_dhcp(b):
                          f"at {nmacs * 4:,}/s")
         b.row(f"ProxyDHCP max rate ≤1% unanswered, {label} MACs [offers/s] vs dnsmasq",
               pm, qm, notes="; ".join(notes))
+        summary = []
+        for name, xs in (("provision", p), ("dnsmasq", q)):
+            bad = [x["bad"] for x in xs if x["bad"]]
+            if any(x["gen_bound"] for x in xs):
+                summary.append(f"{name} generator-bound in {sum(x['gen_bound'] for x in xs)} "
+                               f"of {len(xs)} rounds")
+            if bad:
+                sd = sum(x["srv_drop"] for x in bad)
+                cd = sum(x["cli_drop"] for x in bad)
+                if sd == cd == 0:
+                    summary.append(f"{name}'s unanswered DISCOVERs were not socket drops "
+                                   "(RcvbufErrors 0 on both sides): answers came later than "
+                                   "perfdhcp's 1 s drop time, or never")
+                else:
+                    side = "server" if sd > cd else "client"
+                    summary.append(f"{name} lost DISCOVERs on the {side} side (RcvbufErrors at "
+                                   f"its first failing steps: server {sd:,}, client {cd:,})")
+        b.notes.append(f"ProxyDHCP {label} MACs: perfdhcp offered at most {gen:,.0f}/s; "
+                       + "; ".join(summary) + ".")
         cc = [common_cpu(x, y) for x, y in zip(p, q)]
         rates = sorted({c[0] for c in cc if c[0]})
         b.row(f"ProxyDHCP server CPU per offer, {label} MACs [µs] vs dnsmasq",
@@ -1169,7 +1188,8 @@ def git_commit():
     r = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"],
                        capture_output=True, text=True)
     c = r.stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no",
+                            "--", ".", ":!bench/RESULTS.md"],
                            capture_output=True, text=True).stdout.strip()
     return c + ("+dirty" if dirty else "")
 
@@ -1274,6 +1294,7 @@ def main():
     b = Bench(a, cfg, work)
     b.in_tftpd = find_in_tftpd()
     started = datetime.datetime.now(datetime.timezone.utc)
+    commit = git_commit()
     load0 = open("/proc/loadavg").read().split()[:3]
     interrupted = False
     log(f"work dir {work}; binary {a.bin}; sections {','.join(only)}; "
@@ -1339,7 +1360,7 @@ def main():
         notes.append("Section failures: " + " | ".join(b.errors))
     if not a.no_append:
         with open(a.results, "a") as f:
-            f.write(f"\n## {started:%Y-%m-%d %H:%M} UTC — commit {git_commit()} — "
+            f.write(f"\n## {started:%Y-%m-%d %H:%M} UTC — commit {commit} — "
                     f"{machine_info()}\n\n")
             f.write(f"Command: `{cmd}`\n\n{tab}\n\n")
             for n in notes:
