@@ -56,9 +56,10 @@ it:
 # Benchmarks (not part of `make test`): installs the peers (bench/peers.sh), builds the release
 # binary, runs bench/run.py and appends its table to bench/RESULTS.md. Needs root and 2 CPUs.
 # BENCH_QUICK=1: short runs; BENCH_ONLY=dhcp,ipxe,tftp,storm,e2e,rss: a subset;
-# PROVISION_BIN=path: benchmark that binary instead of target/release/provision.
+# PROVISION_BIN=path: benchmark that binary instead of target/release/provision;
+# BENCH_NOTE='text': a note recorded with the results (e.g. what else the machine was doing).
 bench:
 	@bash bench/peers.sh
 	$(if $(PROVISION_BIN),,$(CARGO) build --release --locked)
 	BENCH_COMMAND='make bench$(if $(BENCH_QUICK), BENCH_QUICK=$(BENCH_QUICK))$(if $(BENCH_ONLY), BENCH_ONLY=$(BENCH_ONLY))$(if $(PROVISION_BIN), PROVISION_BIN=$(PROVISION_BIN))' \
-		/usr/bin/python3 bench/run.py $(if $(BENCH_QUICK),--quick) $(if $(BENCH_ONLY),--only $(BENCH_ONLY)) $(if $(PROVISION_BIN),--bin $(PROVISION_BIN))
+		/usr/bin/python3 bench/run.py $(if $(BENCH_QUICK),--quick) $(if $(BENCH_ONLY),--only $(BENCH_ONLY)) $(if $(PROVISION_BIN),--bin $(PROVISION_BIN)) $(if $(BENCH_NOTE),--note '$(BENCH_NOTE)')
