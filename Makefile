@@ -61,5 +61,5 @@ it:
 bench:
 	@bash bench/peers.sh
 	$(if $(PROVISION_BIN),,$(CARGO) build --release --locked)
-	BENCH_COMMAND='make bench$(if $(BENCH_QUICK), BENCH_QUICK=$(BENCH_QUICK))$(if $(BENCH_ONLY), BENCH_ONLY=$(BENCH_ONLY))$(if $(PROVISION_BIN), PROVISION_BIN=$(PROVISION_BIN))' \
+	BENCH_COMMAND='make bench$(if $(BENCH_QUICK), BENCH_QUICK=$(BENCH_QUICK))$(if $(BENCH_ONLY), BENCH_ONLY=$(BENCH_ONLY))$(if $(PROVISION_BIN), PROVISION_BIN=$(PROVISION_BIN))$(if $(BENCH_NOTE), BENCH_NOTE="$(BENCH_NOTE)")' \
 		/usr/bin/python3 bench/run.py $(if $(BENCH_QUICK),--quick) $(if $(BENCH_ONLY),--only $(BENCH_ONLY)) $(if $(PROVISION_BIN),--bin $(PROVISION_BIN)) $(if $(BENCH_NOTE),--note '$(BENCH_NOTE)')
