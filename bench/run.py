@@ -279,10 +279,13 @@ def udp_bound(port):
         return any(int(line.split()[1].split(":")[1], 16) == port for line in f)
 
 
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def http_get(url, timeout=5.0, headers=None):
     req = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with NO_PROXY.open(req, timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -983,7 +986,8 @@ def section_storm(b):
     n = cfg["storm_clients"]
     total = n * sum(sizes)
     www = b.fresh("www-storm")
-    argv = b.pin_c() + ["curl", "-sS", "--max-time", "300", "-w", "%{http_code} %{size_download}\\n"]
+    argv = b.pin_c() + ["curl", "-sS", "--noproxy", "*", "--max-time", "300",
+                        "-w", "%{http_code} %{size_download}\\n"]
     for f in files:
         argv += ["-o", "/dev/null", f"http://127.0.0.1:8080/assets/storm/{f}"]
     res = {"provision": [], "nginx": []}
@@ -1134,8 +1138,8 @@ def section_e2e(b):
             kinds[k] = kinds.get(k, 0) + v
     b.row(f"End-to-end storm, {n} machines: time until the last one phoned home [s]", done_s,
           None, fmt="{:,.2f}",
-          notes=f"median of {len(results)}; per machine p50 {median([x['p50_s'] for x in results])} s, "
-                f"p99 {median([x['p99_s'] for x in results])} s; DHCP retransmits "
+          notes=f"median of {len(results)}; per machine p50 {median([x['p50_s'] for x in results]):.2f} s, "
+                f"p99 {median([x['p99_s'] for x in results]):.2f} s; DHCP retransmits "
                 f"{median([x['dhcp_retransmits'] for x in results]):,.0f}, server RcvbufErrors "
                 f"{median([x['srv_drop'] for x in results]):,.0f}; installed per API "
                 f"{[x['installed_api'] for x in results]}; server CPU "
