@@ -58,8 +58,8 @@ it:
 # BENCH_QUICK=1: short runs; BENCH_ONLY=dhcp,ipxe,tftp,storm,e2e,rss: a subset;
 # PROVISION_BIN=path: benchmark that binary instead of target/release/provision;
 # BENCH_NOTE='text': a note recorded with the results (e.g. what else the machine was doing).
+# bench/run.py reads PROVISION_BIN and BENCH_NOTE from the environment (make exports them).
 bench:
 	@bash bench/peers.sh
 	$(if $(PROVISION_BIN),,$(CARGO) build --release --locked)
-	BENCH_COMMAND='make bench$(if $(BENCH_QUICK), BENCH_QUICK=$(BENCH_QUICK))$(if $(BENCH_ONLY), BENCH_ONLY=$(BENCH_ONLY))$(if $(PROVISION_BIN), PROVISION_BIN=$(PROVISION_BIN))$(if $(BENCH_NOTE), BENCH_NOTE="$(BENCH_NOTE)")' \
-		/usr/bin/python3 bench/run.py $(if $(BENCH_QUICK),--quick) $(if $(BENCH_ONLY),--only $(BENCH_ONLY)) $(if $(PROVISION_BIN),--bin $(PROVISION_BIN)) $(if $(BENCH_NOTE),--note '$(BENCH_NOTE)')
+	/usr/bin/python3 bench/run.py $(if $(BENCH_QUICK),--quick) $(if $(BENCH_ONLY),--only $(BENCH_ONLY))

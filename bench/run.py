@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -1242,6 +1243,17 @@ def table(rows):
     return "\n".join(out)
 
 
+def command_line():
+    """`make bench VAR=...` when make ran us (it exports its command-line variables), else
+    this script's own command line."""
+    own = " ".join(shlex.quote(x) for x in ["bench/run.py"] + sys.argv[1:])
+    if os.environ.get("MAKELEVEL"):
+        vs = [f"{k}={shlex.quote(os.environ[k])}" for k in
+              ("BENCH_QUICK", "BENCH_ONLY", "PROVISION_BIN", "BENCH_NOTE") if os.environ.get(k)]
+        return " ".join(["make bench"] + vs) + f" (ran {own})"
+    return own
+
+
 def on_signal(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -1261,11 +1273,12 @@ def main():
     ap.add_argument("--client-cpu", type=int, default=1)
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--no-append", action="store_true", help="print the table only")
-    ap.add_argument("--note", action="append", default=[], help="a note for RESULTS.md")
+    ap.add_argument("--note", action="append", default=[],
+                    help="a note for RESULTS.md [also BENCH_NOTE]")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--command", default=os.environ.get("BENCH_COMMAND", ""),
-                    help="the command line to record (make passes it)")
     a = ap.parse_args()
+    if os.environ.get("BENCH_NOTE"):
+        a.note.insert(0, os.environ["BENCH_NOTE"])
 
     if os.geteuid() != 0:
         sys.exit("bench/run.py needs root: namespaces, veth pairs, ports 67 and 69.")
@@ -1354,7 +1367,7 @@ def main():
     load1 = open("/proc/loadavg").read().split()[:3]
     tab = table(b.rows)
     print(tab)
-    cmd = a.command or ("/usr/bin/python3 bench/run.py " + " ".join(sys.argv[1:])).strip()
+    cmd = command_line()
     binfo = a.bin
     if Path(a.bin) != (REPO / "target/release/provision").resolve():
         binfo += f" (sha256 {hashlib.sha256(Path(a.bin).read_bytes()).hexdigest()[:16]})"
