@@ -610,7 +610,7 @@ def section_dhcp(b):
         for name, xs in (("provision", p), ("dnsmasq", q)):
             bad = [x["bad"] for x in xs if x["bad"]]
             if bad:
-                notes.append(f"{name} first >1% step: server RcvbufErrors "
+                notes.append(f"{name} first >1% step (median): server RcvbufErrors "
                              f"{median([x['srv_drop'] for x in bad]):,.0f}, client "
                              f"{median([x['cli_drop'] for x in bad]):,.0f}")
             if any(x["died"] for x in xs):
@@ -635,8 +635,9 @@ def section_dhcp(b):
                                    "perfdhcp's 1 s drop time, or never")
                 else:
                     side = "server" if sd > cd else "client"
-                    summary.append(f"{name} lost DISCOVERs on the {side} side (RcvbufErrors at "
-                                   f"its first failing steps: server {sd:,}, client {cd:,})")
+                    summary.append(f"{name} lost DISCOVERs on the {side} side (RcvbufErrors "
+                                   f"summed over its first failing step of each round: server "
+                                   f"{sd:,}, client {cd:,})")
         b.notes.append(f"ProxyDHCP {label} MACs: perfdhcp offered at most {gen:,.0f}/s; "
                        + "; ".join(summary) + ".")
         cc = [common_cpu(x, y) for x, y in zip(p, q)]
