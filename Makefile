@@ -22,7 +22,7 @@ DEBIAN_PACKAGES := cloud-init ignition debconf util-linux tftp-hpa atftp ipxe \
 
 CARGO ?= cargo
 
-.PHONY: test deps lint unit it
+.PHONY: test deps lint unit it bench
 
 test: deps lint unit it
 
@@ -52,3 +52,14 @@ unit:
 # checked by cloud-init, ignition-validate and debconf.
 it:
 	$(CARGO) test --locked --test it
+
+# Benchmarks (not part of `make test`): installs the peers (bench/peers.sh), builds the release
+# binary, runs bench/run.py and appends its table to bench/RESULTS.md. Needs root and 2 CPUs.
+# BENCH_QUICK=1: short runs; BENCH_ONLY=dhcp,ipxe,tftp,storm,e2e,rss: a subset;
+# PROVISION_BIN=path: benchmark that binary instead of target/release/provision;
+# BENCH_NOTE='text': a note recorded with the results (e.g. what else the machine was doing).
+# bench/run.py reads PROVISION_BIN and BENCH_NOTE from the environment (make exports them).
+bench:
+	@bash bench/peers.sh
+	$(if $(PROVISION_BIN),,$(CARGO) build --release --locked)
+	/usr/bin/python3 bench/run.py $(if $(BENCH_QUICK),--quick) $(if $(BENCH_ONLY),--only $(BENCH_ONLY))
