@@ -6,12 +6,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{Client, ClientError};
 use crate::config::{Config, ServeArgs};
 use crate::mac::Mac;
+use crate::policy::State;
 
 /// provision: bare-metal provisioning from power-on to a registered node.
 #[derive(Parser, Debug)]
@@ -277,18 +277,10 @@ fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
         Command::Enroll(a) => enroll(c, a),
         Command::Machines(m) => machines(c, m),
         Command::Events { mac, json, limit } => {
-            let limit = limit.clamp(1, crate::store::MAX_PAGE);
-            let path = match &mac {
-                Some(m) => format!("/machines/{}/events?tail=true&limit={limit}", parse_mac(m)?),
-                None => format!("/events?tail=true&limit={limit}"),
-            };
-            let v = c.json("GET", &path, None)?;
-            let tail = v.as_array().cloned().unwrap_or_default();
+            let mac = mac.as_deref().map(parse_mac).transpose()?;
+            let tail = c.events(mac, limit)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&tail).unwrap_or_default()
-                );
+                print_json(&tail);
             } else {
                 print_events(&tail, mac.is_none());
             }
@@ -296,28 +288,29 @@ fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
         }
         Command::Render { mac, artifact } => {
             let mac = parse_mac(&mac)?;
-            let body = c.call("GET", &format!("/machines/{mac}/render/{artifact}"), None)?;
+            let body = c.call(
+                "GET",
+                &format!("/machines/{mac}/render/{artifact}"),
+                None::<&()>,
+            )?;
             print!("{body}");
             Ok(())
         }
         Command::Profiles { name, json } => {
             match name {
-                Some(n) => {
-                    let v = c.json("GET", &format!("/profiles/{n}"), None)?;
-                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                }
+                Some(n) => print_json(&c.profile(&n)?),
                 None => {
-                    let v = c.json("GET", "/profiles", None)?;
+                    let list: Vec<crate::dto::Profile> = c.get("/profiles")?;
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                        print_json(&list);
                     } else {
                         println!("{:<24} {:<11} DESCRIPTION", "PROFILE", "ROLE");
-                        for p in v.as_array().into_iter().flatten() {
+                        for p in list {
                             println!(
                                 "{:<24} {:<11} {}",
-                                s(&p["name"]),
-                                s(&p["role"]),
-                                s(&p["description"])
+                                p.name,
+                                p.role.as_deref().unwrap_or(crate::render::NO_ROLE),
+                                p.description
                             );
                         }
                     }
@@ -331,15 +324,16 @@ fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
         }
         Command::Register { mac, wait, timeout } => {
             let mac = parse_mac(&mac)?;
-            let m = c.json("POST", &format!("/machines/{mac}/register"), None)?;
-            println!("{mac}: {} (registration queued)", s(&m["state"]));
+            let m = c.register(mac)?;
+            println!("{mac}: {} (registration queued)", m.state);
             if !wait {
                 return Ok(());
             }
-            let p = c.json("GET", &format!("/profiles/{}", s(&m["profile"])), None)?;
-            let hook = p["register"]["handoff"].is_string();
+            let hook = c
+                .profile(m.profile.as_deref().unwrap_or_default())?
+                .has_handoff();
             wait_for(c, mac, timeout, |st| {
-                st == "handed_off" || (st == "registered" && !hook)
+                st == State::HandedOff || (st == State::Registered && !hook)
             })
         }
         Command::Inventory {
@@ -348,7 +342,7 @@ fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
             known_hosts,
         } => {
             if known_hosts {
-                print!("{}", c.call("GET", "/inventory/known_hosts", None)?);
+                print!("{}", c.call("GET", "/inventory/known_hosts", None::<&()>)?);
                 return Ok(());
             }
             let path = match host {
@@ -358,23 +352,22 @@ fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
                 ),
                 None => "/inventory/ansible".to_string(),
             };
-            let v = c.json("GET", &path, None)?;
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            // Ansible's own format: passed through as it is.
+            let v: serde_json::Value = c.get(&path)?;
+            print_json(&v);
             Ok(())
         }
         Command::Reload => {
-            let v = c.json("POST", "/reload", None)?;
+            let v: serde_json::Value = c.send("POST", "/reload", None::<&()>)?;
             println!("reloaded {} profiles", v["profiles"]);
             Ok(())
         }
         Command::Status { json } => {
-            let v = c.json("GET", "/status", None)?;
+            let st: crate::dto::Status = c.get("/status")?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                print_json(&st);
                 return Ok(());
             }
-            let st: crate::dto::Status = serde_json::from_value(v)
-                .map_err(|e| Fail(format!("the daemon answered an unexpected status: {e}"), 1))?;
             println!("machines:");
             for (state, n) in &st.machines {
                 println!("  {:<12} {n}", state.as_str());
@@ -397,18 +390,18 @@ fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
     }
 }
 
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-fn time(v: &Value) -> String {
-    v.as_i64()
-        .map(crate::store::fmt_time)
+fn opt(v: &Option<impl std::fmt::Display>) -> String {
+    v.as_ref()
+        .map(|x| x.to_string())
         .unwrap_or_else(|| "-".into())
+}
+
+fn time(ms: i64) -> String {
+    crate::store::fmt_time(ms)
 }
 
 /// Event details can quote what a client sent; control characters are shown escaped so
@@ -425,27 +418,35 @@ fn printable(s: &str) -> String {
         .collect()
 }
 
-fn print_events(events: &[Value], with_mac: bool) {
+fn print_events(events: &[crate::dto::Event], with_mac: bool) {
     for e in events {
-        let states = match (e["from_state"].as_str(), e["to_state"].as_str()) {
-            (f, Some(t)) if f != Some(t) => format!(" {} → {}", f.unwrap_or("(new)"), t),
+        let states = match (e.from_state, e.to_state) {
+            (f, Some(t)) if f != Some(t) => format!(
+                " {} → {t}",
+                f.map(|f| f.to_string()).unwrap_or_else(|| "(new)".into())
+            ),
             (Some(f), None) => format!(" {f} → (deleted)"),
             _ => String::new(),
         };
         let mac = if with_mac {
-            format!("{} ", s(&e["mac"]))
+            format!("{} ", opt(&e.mac))
         } else {
             String::new()
         };
-        let detail = e["detail"]
-            .as_str()
-            .filter(|d| !d.is_empty())
-            .map(|d| format!(": {d}"))
-            .unwrap_or_default();
+        let detail = if e.detail.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", e.detail)
+        };
+        let count = if e.count > 1 {
+            format!(" (×{})", e.count)
+        } else {
+            String::new()
+        };
         println!(
-            "{} {mac}{}{states}{}",
-            time(&e["at"]),
-            printable(&s(&e["kind"])),
+            "{} {mac}{}{states}{}{count}",
+            time(e.at),
+            e.kind,
             printable(&detail)
         );
     }
@@ -453,20 +454,20 @@ fn print_events(events: &[Value], with_mac: bool) {
 
 fn enroll(c: &Client, a: EnrollArgs) -> Result<(), Fail> {
     let mac = parse_mac(&a.mac)?;
-    let body = json!({
-        "mac": mac.to_string(),
-        "profile": a.profile,
-        "hostname": a.hostname,
-        "uuid": a.uuid,
-        "serial": a.serial,
-        "vars": parse_pairs("--var", &a.vars)?,
-        "labels": parse_pairs("--label", &a.labels)?,
-    });
-    let m = c.json("POST", "/machines", Some(&body))?;
+    let req = crate::dto::EnrollRequest {
+        mac: mac.to_string(),
+        profile: a.profile,
+        hostname: a.hostname,
+        uuid: a.uuid,
+        serial: a.serial,
+        vars: parse_pairs("--var", &a.vars)?,
+        labels: parse_pairs("--label", &a.labels)?,
+    };
+    let m = c.enroll(&req)?;
     println!(
         "enrolled {} with profile {}: its next network boot installs",
-        s(&m["mac"]),
-        s(&m["profile"])
+        m.mac,
+        opt(&m.profile)
     );
     if !a.wait {
         return Ok(());
@@ -474,7 +475,7 @@ fn enroll(c: &Client, a: EnrollArgs) -> Result<(), Fail> {
     wait_for(c, mac, a.timeout, |st| {
         matches!(
             st,
-            "installed" | "registering" | "registered" | "handed_off"
+            State::Installed | State::Registering | State::Registered | State::HandedOff
         )
     })
 }
@@ -485,26 +486,25 @@ fn wait_for(
     c: &Client,
     mac: Mac,
     timeout: Duration,
-    done: impl Fn(&str) -> bool,
+    done: impl Fn(State) -> bool,
 ) -> Result<(), Fail> {
     let start = Instant::now();
-    let mut last = String::new();
+    let mut last = None;
     loop {
-        let m = c.json("GET", &format!("/machines/{mac}"), None)?;
-        let state = s(&m["state"]);
-        if state != last {
-            println!("{mac}: {state}");
-            last = state.clone();
+        let m = c.machine(mac)?;
+        if last != Some(m.state) {
+            println!("{mac}: {}", m.state);
+            last = Some(m.state);
         }
-        if done(&state) {
+        if done(m.state) {
             return Ok(());
         }
-        if state == "failed" {
+        if m.state == State::Failed {
             return Err(Fail(
                 format!(
                     "{mac} failed at {}: {}",
-                    s(&m["failed_step"]),
-                    s(&m["failed_reason"])
+                    opt(&m.failed_step),
+                    opt(&m.failed_reason)
                 ),
                 1,
             ));
@@ -512,7 +512,8 @@ fn wait_for(
         if start.elapsed() > timeout {
             return Err(Fail(
                 format!(
-                    "{mac} is still {state} after {}",
+                    "{mac} is still {} after {}",
+                    m.state,
                     humantime::format_duration(timeout)
                 ),
                 1,
@@ -525,109 +526,92 @@ fn wait_for(
 fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
     match cmd {
         MachinesCmd::List { state, json } => {
-            let filter = match state {
-                Some(st) => {
-                    st.parse::<crate::policy::State>().map_err(bad)?;
-                    format!("state={st}&")
-                }
-                None => String::new(),
-            };
-            // The API answers a page at a time; walk every page in MAC order.
-            let mut all = Vec::new();
-            loop {
-                let after = all
-                    .last()
-                    .map(|m: &Value| format!("after={}&", s(&m["mac"])))
-                    .unwrap_or_default();
-                let page = c.json("GET", &format!("/machines?{filter}{after}"), None)?;
-                let page = page.as_array().cloned().unwrap_or_default();
-                if page.is_empty() {
-                    break;
-                }
-                all.extend(page);
-            }
-            let v = Value::Array(all);
+            let state = state
+                .map(|st| st.parse::<State>().map_err(bad))
+                .transpose()?;
+            let all = c.machines(state)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                print_json(&all);
                 return Ok(());
             }
             println!(
                 "{:<17} {:<12} {:<22} {:<24} UPDATED",
                 "MAC", "STATE", "PROFILE", "HOSTNAME"
             );
-            for m in v.as_array().into_iter().flatten() {
+            for m in &all {
                 println!(
                     "{:<17} {:<12} {:<22} {:<24} {}",
-                    s(&m["mac"]),
-                    s(&m["state"]),
-                    s(&m["profile"]),
-                    s(&m["hostname"]),
-                    time(&m["updated_at"])
+                    m.mac.to_string(),
+                    m.state.as_str(),
+                    opt(&m.profile),
+                    opt(&m.hostname),
+                    time(m.updated_at)
                 );
             }
             Ok(())
         }
         MachinesCmd::Show { mac, json } => {
             let mac = parse_mac(&mac)?;
-            let m = c.json("GET", &format!("/machines/{mac}"), None)?;
+            let m = c.machine(mac)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&m).unwrap_or_default());
+                print_json(&m);
                 return Ok(());
             }
-            for k in [
-                "mac",
-                "state",
-                "profile",
-                "hostname",
-                "uuid",
-                "serial",
-                "generation",
-                "arch",
-                "platform",
-                "last_ip",
+            for (k, v) in [
+                ("mac", m.mac.to_string()),
+                ("state", m.state.to_string()),
+                ("profile", opt(&m.profile)),
+                ("hostname", opt(&m.hostname)),
+                ("uuid", opt(&m.uuid)),
+                ("serial", opt(&m.serial)),
+                ("generation", m.generation.to_string()),
+                ("arch", opt(&m.arch)),
+                ("platform", opt(&m.platform)),
+                ("last_ip", opt(&m.last_ip)),
+                ("last_seen", m.last_seen.map(time).unwrap_or_else(|| "-".into())),
             ] {
-                println!("{k:<11} {}", s(&m[k]));
+                println!("{k:<11} {}", printable(&v));
             }
-            if m["state"] == "failed" {
+            if m.state == State::Failed {
                 println!(
                     "{:<11} {}: {}",
                     "failed",
-                    s(&m["failed_step"]),
-                    s(&m["failed_reason"])
+                    opt(&m.failed_step),
+                    printable(&opt(&m.failed_reason))
                 );
             }
-            for (k, v) in m["vars"].as_object().into_iter().flatten() {
-                println!("var        {k}={}", s(v));
+            for (k, v) in &m.vars {
+                println!("var        {k}={}", printable(v));
             }
-            for k in m["host_keys"].as_array().into_iter().flatten() {
-                println!("host key   {}", s(k));
+            for k in &m.host_keys {
+                println!("host key   {k}");
             }
-            if !m["cert_fingerprint"].is_null() {
-                println!("node cert  SHA256 {}", s(&m["cert_fingerprint"]));
+            if let Some(fp) = &m.cert_fingerprint {
+                println!("node cert  SHA256 {fp}");
             }
-            let steps = m["register_steps"].as_array().cloned().unwrap_or_default();
-            if !steps.is_empty() {
+            if !m.register_steps.is_empty() {
                 println!("registration steps:");
-                for st in &steps {
-                    let code = st["exit_code"]
-                        .as_i64()
+                for st in &m.register_steps {
+                    let code = st
+                        .exit_code
                         .map(|c| format!("exit {c}"))
                         .unwrap_or_else(|| "-".into());
-                    let out = s(&st["output"]);
-                    let last_line = out.lines().last().unwrap_or("").trim();
+                    let last_line = st.output.lines().last().unwrap_or("").trim();
+                    let status = match st.status {
+                        crate::store::StepStatus::Ok => "ok",
+                        crate::store::StepStatus::Failed => "failed",
+                    };
                     println!(
                         "  {:<12} {:<7} {:<8} {}",
-                        s(&st["name"]),
-                        s(&st["status"]),
+                        st.name,
+                        status,
                         code,
                         printable(last_line)
                     );
                 }
             }
-            let ev = c.json("GET", &format!("/machines/{mac}/events"), None)?;
-            let all = ev.as_array().cloned().unwrap_or_default();
             println!("events:");
-            print_events(&all[all.len().saturating_sub(20)..], false);
+            print_events(&c.events(Some(mac), 20)?, false);
             Ok(())
         }
         MachinesCmd::Update {
@@ -638,30 +622,29 @@ fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
             unset,
         } => {
             let mac = parse_mac(&mac)?;
-            let body = json!({
-                "profile": profile,
-                "hostname": hostname,
-                "set_vars": parse_pairs("--var", &vars)?,
-                "unset_vars": unset,
-            });
-            let m = c.json("PATCH", &format!("/machines/{mac}"), Some(&body))?;
-            println!("updated {} ({})", s(&m["mac"]), s(&m["state"]));
+            let req = crate::dto::UpdateRequest {
+                profile,
+                hostname,
+                set_vars: Some(parse_pairs("--var", &vars)?),
+                unset_vars: Some(unset),
+                ..Default::default()
+            };
+            let m = c.update(mac, &req)?;
+            println!("updated {} ({})", m.mac, m.state);
             Ok(())
         }
         MachinesCmd::Delete { mac } => {
             let mac = parse_mac(&mac)?;
-            c.call("DELETE", &format!("/machines/{mac}"), None)?;
+            c.delete(mac)?;
             println!("deleted {mac}");
             Ok(())
         }
         MachinesCmd::Reprovision { mac } => {
             let mac = parse_mac(&mac)?;
-            let m = c.json("POST", &format!("/machines/{mac}/reprovision"), None)?;
+            let m = c.reprovision(mac)?;
             println!(
                 "{} is {} (generation {}): its next network boot reinstalls",
-                s(&m["mac"]),
-                s(&m["state"]),
-                m["generation"]
+                m.mac, m.state, m.generation
             );
             Ok(())
         }

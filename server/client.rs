@@ -2,7 +2,13 @@
 
 use std::path::PathBuf;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
+
+use crate::dto;
+use crate::mac::Mac;
+use crate::policy::State;
 
 /// Where the daemon is and how to authenticate.
 pub struct Client {
@@ -68,7 +74,7 @@ impl Client {
         &self,
         method: &str,
         path: &str,
-        body: Option<&Value>,
+        body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<String, ClientError> {
         let url = format!("{}/api/v1{path}", self.base);
         let auth = format!("Bearer {}", self.token);
@@ -115,20 +121,92 @@ impl Client {
         })
     }
 
-    /// Calls the API and parses JSON.
-    pub fn json(
+    /// Calls the API and parses its JSON answer as `T`.
+    pub fn send<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
-        body: Option<&Value>,
-    ) -> Result<Value, ClientError> {
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T, ClientError> {
         let text = self.call(method, path, body)?;
-        if text.is_empty() {
-            return Ok(Value::Null);
-        }
         serde_json::from_str(&text).map_err(|e| ClientError {
-            message: format!("the server's answer is not JSON: {e}"),
+            message: format!("the server's answer to {method} {path} is not what this client expects ({e}); are the daemon and the CLI the same version?"),
             bad_input: false,
         })
+    }
+
+    /// `GET` a JSON answer.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send("GET", path, None::<&()>)
+    }
+
+    /// One machine.
+    pub fn machine(&self, mac: Mac) -> Result<dto::Machine, ClientError> {
+        self.get(&format!("/machines/{mac}"))
+    }
+
+    /// Every machine (in one state), walking the API's pages in MAC order.
+    pub fn machines(&self, state: Option<State>) -> Result<Vec<dto::Machine>, ClientError> {
+        let filter = state.map(|s| format!("state={s}&")).unwrap_or_default();
+        let mut all: Vec<dto::Machine> = Vec::new();
+        loop {
+            let after = all
+                .last()
+                .map(|m| format!("after={}", m.mac))
+                .unwrap_or_default();
+            let page: Vec<dto::Machine> = self.get(&format!("/machines?{filter}{after}"))?;
+            if page.is_empty() {
+                return Ok(all);
+            }
+            all.extend(page);
+        }
+    }
+
+    /// The newest `n` events (of one machine, or all), oldest first.
+    pub fn events(&self, mac: Option<Mac>, n: usize) -> Result<Vec<dto::Event>, ClientError> {
+        let n = n.clamp(1, crate::store::MAX_PAGE);
+        self.get(&match mac {
+            Some(m) => format!("/machines/{m}/events?tail=true&limit={n}"),
+            None => format!("/events?tail=true&limit={n}"),
+        })
+    }
+
+    /// Enrolls a machine.
+    pub fn enroll(&self, req: &dto::EnrollRequest) -> Result<dto::Machine, ClientError> {
+        self.send("POST", "/machines", Some(req))
+    }
+
+    /// Changes a machine.
+    pub fn update(
+        &self,
+        mac: Mac,
+        req: &dto::UpdateRequest,
+    ) -> Result<dto::Machine, ClientError> {
+        self.send("PATCH", &format!("/machines/{mac}"), Some(req))
+    }
+
+    /// Deletes a machine.
+    pub fn delete(&self, mac: Mac) -> Result<(), ClientError> {
+        self.call("DELETE", &format!("/machines/{mac}"), None::<&()>)
+            .map(drop)
+    }
+
+    /// Sends a machine round again.
+    pub fn reprovision(&self, mac: Mac) -> Result<dto::Machine, ClientError> {
+        self.send(
+            "POST",
+            &format!("/machines/{mac}/reprovision"),
+            None::<&()>,
+        )
+    }
+
+    /// Starts a registration run.
+    pub fn register(&self, mac: Mac) -> Result<dto::Machine, ClientError> {
+        self.send("POST", &format!("/machines/{mac}/register"), None::<&()>)
+    }
+
+    /// One profile.
+    pub fn profile(&self, name: &str) -> Result<dto::Profile, ClientError> {
+        self.get(&format!("/profiles/{name}"))
     }
 }

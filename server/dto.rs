@@ -182,3 +182,82 @@ pub struct Status {
     /// The inventory's counters.
     pub inventory: store::Stats,
 }
+
+/// A profile, as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Profile {
+    /// The file name without `.toml`.
+    pub name: String,
+    /// One line for `provision profiles`.
+    pub description: String,
+    /// Kernel URL template.
+    pub kernel: String,
+    /// Initrd URL templates.
+    pub initrds: Vec<String>,
+    /// Kernel command line template.
+    pub cmdline: String,
+    /// Registration role, if any.
+    pub role: Option<String>,
+    /// Registration parameters (and the `handoff` hook).
+    pub register: BTreeMap<String, serde_json::Value>,
+    /// Default variables.
+    pub vars: BTreeMap<String, String>,
+    /// Artifacts by name: template and kind.
+    pub artifacts: BTreeMap<String, Artifact>,
+    /// The artifact after which network boots go to the local disk, if any.
+    pub local_boot_after: Option<String>,
+}
+
+/// One artifact of a profile.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Artifact {
+    /// Template path.
+    pub template: String,
+    /// How it is checked and served.
+    pub kind: crate::render::ArtifactKind,
+}
+
+impl Profile {
+    /// Whether the profile runs a hand-off hook after registration.
+    pub fn has_handoff(&self) -> bool {
+        self.register.get("handoff").is_some_and(|h| h.is_string())
+    }
+}
+
+impl From<&crate::render::Profile> for Profile {
+    fn from(p: &crate::render::Profile) -> Profile {
+        Profile {
+            name: p.name.clone(),
+            description: p.description.clone(),
+            kernel: p.kernel.clone(),
+            initrds: p.initrds.clone(),
+            cmdline: p.cmdline.clone(),
+            role: p.role.clone(),
+            register: p
+                .register
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        serde_json::to_value(v).unwrap_or(serde_json::Value::Null),
+                    )
+                })
+                .collect(),
+            vars: p.vars.clone(),
+            artifacts: p
+                .artifacts
+                .iter()
+                .map(|(k, a)| {
+                    (
+                        k.clone(),
+                        Artifact {
+                            template: a.template.clone(),
+                            kind: a.kind,
+                        },
+                    )
+                })
+                .collect(),
+            local_boot_after: p.local_boot_after.clone(),
+        }
+    }
+}

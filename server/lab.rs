@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde_json::{json, Value};
 
 use crate::client::Client;
 
@@ -249,7 +248,12 @@ pub fn qemu_args(v: &VmSpec<'_>) -> Vec<String> {
     a
 }
 
-const DONE: [&str; 4] = ["installed", "registering", "registered", "handed_off"];
+const DONE: [crate::policy::State; 4] = [
+    crate::policy::State::Installed,
+    crate::policy::State::Registering,
+    crate::policy::State::Registered,
+    crate::policy::State::HandedOff,
+];
 
 /// Checks the options before anything is touched; the message is for the operator.
 pub fn check_args(a: &LabArgs) -> Result<(), String> {
@@ -297,7 +301,7 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
     }
     // The profile must exist before anything is built.
     client
-        .json("GET", &format!("/profiles/{}", a.profile), None)
+        .profile(&a.profile)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -338,12 +342,18 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
             id & 0xff,
             i
         );
-        let body = json!({ "mac": mac, "profile": a.profile, "hostname": format!("lab-{i}") });
-        match client.json("POST", "/machines", Some(&body)) {
+        let req = crate::dto::EnrollRequest {
+            mac: mac.clone(),
+            profile: a.profile.clone(),
+            hostname: Some(format!("lab-{i}")),
+            ..Default::default()
+        };
+        match client.enroll(&req) {
             Ok(_) => {}
             Err(e) if e.message.contains("already enrolled") => {
+                let m: crate::mac::Mac = mac.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
                 client
-                    .json("POST", &format!("/machines/{mac}/reprovision"), None)
+                    .reprovision(m)
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
             }
             Err(e) => bail!("enrolling {mac}: {e}"),
@@ -379,36 +389,28 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
     loop {
         let mut all_done = true;
         for vm in &vms {
-            let m = client
-                .json("GET", &format!("/machines/{}", vm.mac), None)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let state = m["state"].as_str().unwrap_or("?").to_string();
-            let events = client
-                .json("GET", &format!("/machines/{}/events", vm.mac), None)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let last = events
-                .as_array()
-                .and_then(|e| e.last())
-                .cloned()
-                .unwrap_or(Value::Null);
-            let what = format!(
-                "{}: {}",
-                last["kind"].as_str().unwrap_or(""),
-                last["detail"].as_str().unwrap_or("")
-            );
-            if DONE.contains(&state.as_str()) {
+            let mac: crate::mac::Mac = vm.mac.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let m = client.machine(mac).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let state = m.state;
+            let what = client
+                .events(Some(mac), 1)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .last()
+                .map(|e| format!("{}: {}", e.kind, e.detail))
+                .unwrap_or_default();
+            if DONE.contains(&state) {
                 if !vm.bar.is_finished() {
                     vm.bar.finish_with_message(format!("{state} ({what})"));
                 }
                 continue;
             }
             all_done = false;
-            if state == "failed" {
+            if state == crate::policy::State::Failed {
                 failed.get_or_insert(format!(
                     "{} failed at {}: {}",
                     vm.mac,
-                    m["failed_step"].as_str().unwrap_or("?"),
-                    m["failed_reason"].as_str().unwrap_or("?")
+                    m.failed_step.as_deref().unwrap_or("?"),
+                    m.failed_reason.as_deref().unwrap_or("?")
                 ));
             }
             vm.bar.set_message(format!("{state} — {what}"));

@@ -133,9 +133,9 @@ impl Context {
     }
 }
 
-/// A per-client-MAC limit: at most `MAX` packets in a fixed `WINDOW`. PXE firmware retries a
-/// handful of times a minute; a flood from one MAC (or a spoofing loop) is dropped, not
-/// processed. O(1) per packet: the counts are forgotten together when a window ends, and past
+/// A per-client-MAC limit: at most `MAX` packets in a fixed `WINDOW` (100 a second on
+/// average). PXE firmware retries a handful of times a minute; a flood from one MAC (a loop, a
+/// broken NIC) is dropped, not processed. O(1) per packet: the counts are forgotten together when a window ends, and past
 /// `MAX_TRACKED` MACs in one window new ones are not tracked (a flood of random MACs cannot be
 /// limited by MAC anyway, and must not grow the map).
 struct RateLimit {
@@ -145,7 +145,7 @@ struct RateLimit {
 
 impl RateLimit {
     const WINDOW: Duration = Duration::from_secs(10);
-    const MAX: u32 = 40;
+    const MAX: u32 = 1000;
     const MAX_TRACKED: usize = 65_536;
 
     fn new(now: Instant) -> Self {

@@ -248,7 +248,7 @@ pub async fn render(
 /// `GET /profiles`.
 pub async fn profiles(State(st): State<AppState>) -> Response {
     let cat = st.admin.catalog();
-    let list: Vec<_> = cat.profiles().values().cloned().collect();
+    let list: Vec<dto::Profile> = cat.profiles().values().map(Into::into).collect();
     Json(list).into_response()
 }
 
@@ -259,7 +259,7 @@ pub async fn profile(
 ) -> Result<Response, AppError> {
     let cat = st.admin.catalog();
     let p = cat.profile(&name).map_err(crate::error::Error::from)?;
-    Ok(Json(p.clone()).into_response())
+    Ok(Json(dto::Profile::from(p)).into_response())
 }
 
 /// `POST /reload`: re-read profiles and templates; the old ones stay on error.
