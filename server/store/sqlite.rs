@@ -443,7 +443,9 @@ impl Writer {
                     .limits
                     .max_discovered
                     .saturating_sub(self.discovered_estimate);
-                match in_savepoint(&self.conn, |c| write_observations(c, observations, budget)) {
+                // Not in a savepoint of its own: a failed statement undoes only itself, and an
+                // observation lost to an I/O error is no loss worth a savepoint per batch.
+                match write_observations(&self.conn, observations, budget) {
                     Ok(w) => {
                         if w.discovered > 0 {
                             self.discovered_estimate += w.discovered;
