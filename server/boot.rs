@@ -36,6 +36,28 @@ pub struct Settings {
 /// firmware, which tries its next boot device.
 pub const IGNORE_SCRIPT: &str = "#!ipxe\nexit\n";
 
+/// A machine's iPXE script.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Script {
+    /// The script.
+    pub body: String,
+    /// It installs: the client's next requests are its kernel and initrds.
+    pub install: bool,
+}
+
+impl std::fmt::Display for Script {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.body)
+    }
+}
+
+impl std::ops::Deref for Script {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.body
+    }
+}
+
 /// The machine-facing service.
 pub struct BootService {
     inv: Arc<dyn Inventory>,
@@ -106,7 +128,7 @@ impl BootService {
         req: BootRequest,
         sighting: Sighting,
         base_url: &str,
-    ) -> Result<Option<String>> {
+    ) -> Result<Option<Script>> {
         let now = store::now_ms();
         let facts = match self.inv.boot_facts(mac).await? {
             Some(f) => {
@@ -143,13 +165,16 @@ impl BootService {
                     .renderer
                     .local_script(&cat, mac, platform, word, base_url)
                 {
-                    Ok(s) => {
+                    Ok(body) => {
                         self.observe(
                             Some(mac),
                             EventKind::IpxeServed,
                             format!("local boot ({word}, {})", platform.as_str()),
                         );
-                        Ok(Some(s))
+                        Ok(Some(Script {
+                            body,
+                            install: false,
+                        }))
                     }
                     Err(e) => {
                         self.observe(
@@ -161,10 +186,13 @@ impl BootService {
                     }
                 }
             }
-            BootDecision::Install { profile } => self
-                .install(mac, &profile, sighting, base_url, now)
-                .await
-                .map(Some),
+            BootDecision::Install { profile } => {
+                let body = self.install(mac, &profile, sighting, base_url, now).await?;
+                Ok(Some(Script {
+                    body,
+                    install: true,
+                }))
+            }
         }
     }
 

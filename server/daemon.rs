@@ -92,8 +92,30 @@ async fn bind_tcp(addr: SocketAddr, what: &str, flag: &str) -> anyhow::Result<Tc
         .map_err(|e| bind_error(e, addr, what, flag))
 }
 
+/// Raises the soft limit on open files to the hard limit: every TFTP transfer holds a socket
+/// and a file, every HTTP connection a socket, and the default soft limit (1024) is below what
+/// a boot storm needs. Returns the limit in force.
+fn raise_open_files_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}
+
 /// Runs the daemon until `shutdown` is cancelled.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let files = raise_open_files_limit();
+    let needed = 2 * crate::tftp::MAX_TRANSFERS as u64 + 1024;
+    if files < needed {
+        tracing::warn!(
+            "open files limit is {files}; {needed} lets {} TFTP transfers and 1000 HTTP connections run at once (raise it with ulimit -n or LimitNOFILE=)",
+            crate::tftp::MAX_TRANSFERS
+        );
+    }
     let created = !cfg.data_dir.exists();
     fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
@@ -201,6 +223,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         boot_roots: Arc::new(cfg.tftp_roots.clone()),
     };
     let app = http::router(state, &cfg.assets_dir);
+    let statics = Arc::new(http::Statics {
+        assets: cfg.assets_dir.clone(),
+        boot_roots: Arc::new(cfg.tftp_roots.clone()),
+        boot: boot.clone(),
+    });
     let mut tasks = JoinSet::new();
 
     let registrar = crate::registrar::Registrar::new(
@@ -223,13 +250,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
 
     let sd = shutdown.clone();
     tasks.spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { sd.cancelled().await })
-        .await
-        .context("HTTP server")
+        http::serve(listener, app, statics, sd)
+            .await
+            .context("HTTP server")
     });
 
     if let Some(sock) = tftp_socket {

@@ -82,7 +82,16 @@ pub async fn ipxe(
         ip: Some(peer.ip().to_string()),
     };
     match st.boot.boot(mac, req, sighting, &base).await {
-        Ok(Some(script)) => Ok(ipxe_response(script)),
+        // An install script's next requests are big downloads: closing this connection
+        // makes iPXE open fresh ones, which the connection loop answers with sendfile
+        // (http/front.rs) instead of through hyper.
+        Ok(Some(script)) if script.install => {
+            let mut r = ipxe_response(script.body);
+            r.headers_mut()
+                .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            Ok(r)
+        }
+        Ok(Some(script)) => Ok(ipxe_response(script.body)),
         // "Ignore" over HTTP: iPXE is already running, so hand control back to the firmware.
         Ok(None) => Ok(ipxe_response(crate::boot::IGNORE_SCRIPT.into())),
         Err(e) => Err(AppError::from(e).text()),

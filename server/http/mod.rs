@@ -5,6 +5,9 @@
 
 mod api;
 mod boot;
+mod front;
+
+pub use front::{serve, Statics};
 
 #[cfg(test)]
 mod tests;

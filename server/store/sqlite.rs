@@ -148,6 +148,7 @@ fn open_writer(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "mmap_size", MMAP_SIZE)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.set_prepared_statement_cache_capacity(64);
     let migrations = Migrations::from_directory(&MIGRATIONS_DIR)
@@ -158,11 +159,16 @@ fn open_writer(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// Bytes of the database file mapped into memory: reads of the main file are then page-cache
+/// lookups instead of pread(2) copies (the WAL is still read with pread).
+const MMAP_SIZE: i64 = 256 << 20;
+
 fn open_reader(path: &Path) -> Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
+    conn.pragma_update(None, "mmap_size", MMAP_SIZE)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
@@ -206,6 +212,7 @@ impl SqliteInventory {
             queue: queue.clone(),
             counters: counters.clone(),
             touched: HashSet::new(),
+            recent: RecentEvents::default(),
             // A database opened with a lower bound than it was written with is brought
             // under it at the first opportunity.
             retention_pending: true,
@@ -360,6 +367,8 @@ struct Writer {
     counters: Arc<Counters>,
     /// Machines that received observation events since the last retention run.
     touched: HashSet<String>,
+    /// Recent observation rows, for merging repeats.
+    recent: RecentEvents,
     /// Retention has not run since start.
     retention_pending: bool,
     /// Discovered machines in the database: exact after each cap check, counted up by the
@@ -445,7 +454,7 @@ impl Writer {
                     .saturating_sub(self.discovered_estimate);
                 // Not in a savepoint of its own: a failed statement undoes only itself, and an
                 // observation lost to an I/O error is no loss worth a savepoint per batch.
-                match write_observations(&self.conn, observations, budget) {
+                match write_observations(&self.conn, observations, budget, &mut self.recent) {
                     Ok(w) => {
                         if w.discovered > 0 {
                             self.discovered_estimate += w.discovered;
@@ -587,6 +596,7 @@ fn write_observations(
     c: &Connection,
     obs: VecDeque<Observation>,
     mut budget: u64,
+    recent: &mut RecentEvents,
 ) -> Result<ObservationsWritten> {
     let mut seen: HashMap<Mac, (Sighting, bool, i64, i64)> = HashMap::new();
     let mut order: Vec<Mac> = Vec::new();
@@ -642,13 +652,75 @@ fn write_observations(
         }
     }
     for (mac, kind, detail, at, count) in events {
+        if let Some(m) = mac {
+            if recent.merge(c, m, kind, &detail, at, count)? {
+                continue;
+            }
+        }
         if insert_observed_event(c, at, mac, kind, &detail, count)? {
             if let Some(m) = mac {
+                recent.remember(m, kind, detail, c.last_insert_rowid(), at);
                 out.touched.push(m.to_string());
             }
         }
     }
     Ok(out)
+}
+
+/// Identical observations of a machine within this window are one row with a count, across
+/// batches too: a machine that keeps asking (a boot loop, a storm) adds a row a minute, not a
+/// row a request.
+const MERGE_WINDOW_MS: i64 = 60_000;
+/// Most rows remembered for merging; past it the oldest are forgotten.
+const MAX_RECENT: usize = 65_536;
+
+/// The observation rows written in the last [`MERGE_WINDOW_MS`], by machine, kind and detail.
+#[derive(Default)]
+struct RecentEvents {
+    rows: HashMap<(Mac, EventKind, String), (i64, i64)>,
+}
+
+impl RecentEvents {
+    /// Adds `count` to the row of an identical observation written less than a window ago,
+    /// if that row is still the machine's newest event (so the timeline keeps its order).
+    fn merge(
+        &mut self,
+        c: &Connection,
+        mac: Mac,
+        kind: EventKind,
+        detail: &str,
+        at: i64,
+        count: i64,
+    ) -> Result<bool> {
+        let key = (mac, kind, detail.to_string());
+        let Some(&(row, first)) = self.rows.get(&key) else {
+            return Ok(false);
+        };
+        if at - first >= MERGE_WINDOW_MS {
+            self.rows.remove(&key);
+            return Ok(false);
+        }
+        let n = c
+            .prepare_cached(
+                "UPDATE events SET count = count + ?2
+                 WHERE id = ?1 AND id = (SELECT max(id) FROM events WHERE mac = ?3)",
+            )?
+            .execute(params![row, count, mac.to_string()])?;
+        if n == 0 {
+            self.rows.remove(&key);
+        }
+        Ok(n == 1)
+    }
+
+    fn remember(&mut self, mac: Mac, kind: EventKind, detail: String, row: i64, at: i64) {
+        if self.rows.len() >= MAX_RECENT {
+            self.rows.retain(|_, (_, first)| at - *first < MERGE_WINDOW_MS);
+            if self.rows.len() >= MAX_RECENT {
+                self.rows.clear();
+            }
+        }
+        self.rows.insert((mac, kind, detail), (row, at));
+    }
 }
 
 /// What a batch of observations did.
@@ -873,23 +945,37 @@ fn apply(c: &Connection, now: i64, m: &Machine, t: &Transition, detail: &str) ->
     Ok(to)
 }
 
-/// Keeps what a boot request said; returns whether the machine exists.
+/// `last_seen` is kept to this resolution: a machine that keeps asking (a boot loop, a storm)
+/// does not rewrite its row for every request.
+const SEEN_RESOLUTION_MS: i64 = 60_000;
+
+/// Keeps what a boot request said (unless it says nothing new and the machine was seen within
+/// [`SEEN_RESOLUTION_MS`]); returns whether the machine exists.
 fn record_sighting(c: &Connection, mac: Mac, s: &Sighting, now: i64) -> Result<bool> {
+    let key = mac.to_string();
     let n = c
         .prepare_cached(
             "UPDATE machines SET uuid = COALESCE(uuid, ?2), arch = COALESCE(?3, arch),
              platform = COALESCE(?4, platform), last_ip = COALESCE(?5, last_ip),
-             last_seen = MAX(COALESCE(last_seen, 0), ?6) WHERE mac = ?1",
+             last_seen = MAX(COALESCE(last_seen, 0), ?6)
+             WHERE mac = ?1 AND (last_seen IS NULL OR last_seen < ?6 - ?7
+                OR (uuid IS NULL AND ?2 IS NOT NULL) OR (?3 IS NOT NULL AND arch IS NOT ?3)
+                OR (?4 IS NOT NULL AND platform IS NOT ?4) OR (?5 IS NOT NULL AND last_ip IS NOT ?5))",
         )?
         .execute(params![
-            mac.to_string(),
+            key,
             s.uuid,
             s.arch,
             s.platform,
             s.ip,
-            now
+            now,
+            SEEN_RESOLUTION_MS
         ])?;
-    Ok(n == 1)
+    if n == 1 {
+        return Ok(true);
+    }
+    Ok(c.prepare_cached("SELECT 1 FROM machines WHERE mac = ?1")?
+        .exists([key])?)
 }
 
 /// Creates an unknown MAC as `discovered` with its event (no-op if it exists by now).

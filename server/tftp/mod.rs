@@ -127,8 +127,9 @@ pub struct ConfinedHandler {
     active: Arc<AtomicUsize>,
 }
 
-/// Most TFTP transfers at once; a rack booting together needs far fewer.
-pub const MAX_TRANSFERS: usize = 256;
+/// Most TFTP transfers at once (each holds a socket and an open file: the daemon raises its
+/// file limit at start to fit them). A refused client retries its request.
+pub const MAX_TRANSFERS: usize = 1024;
 
 impl ConfinedHandler {
     /// Serves files from `roots` (first match wins), reporting transfers to `report`.
