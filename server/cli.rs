@@ -568,7 +568,10 @@ fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
                 ("arch", opt(&m.arch)),
                 ("platform", opt(&m.platform)),
                 ("last_ip", opt(&m.last_ip)),
-                ("last_seen", m.last_seen.map(time).unwrap_or_else(|| "-".into())),
+                (
+                    "last_seen",
+                    m.last_seen.map(time).unwrap_or_else(|| "-".into()),
+                ),
             ] {
                 println!("{k:<11} {}", printable(&v));
             }

@@ -177,11 +177,7 @@ impl Client {
     }
 
     /// Changes a machine.
-    pub fn update(
-        &self,
-        mac: Mac,
-        req: &dto::UpdateRequest,
-    ) -> Result<dto::Machine, ClientError> {
+    pub fn update(&self, mac: Mac, req: &dto::UpdateRequest) -> Result<dto::Machine, ClientError> {
         self.send("PATCH", &format!("/machines/{mac}"), Some(req))
     }
 
@@ -193,11 +189,7 @@ impl Client {
 
     /// Sends a machine round again.
     pub fn reprovision(&self, mac: Mac) -> Result<dto::Machine, ClientError> {
-        self.send(
-            "POST",
-            &format!("/machines/{mac}/reprovision"),
-            None::<&()>,
-        )
+        self.send("POST", &format!("/machines/{mac}/reprovision"), None::<&()>)
     }
 
     /// Starts a registration run.

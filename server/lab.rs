@@ -352,9 +352,7 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
             Ok(_) => {}
             Err(e) if e.message.contains("already enrolled") => {
                 let m: crate::mac::Mac = mac.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-                client
-                    .reprovision(m)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                client.reprovision(m).map_err(|e| anyhow::anyhow!("{e}"))?;
             }
             Err(e) => bail!("enrolling {mac}: {e}"),
         }

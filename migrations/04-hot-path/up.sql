@@ -2,10 +2,11 @@
 -- the indexes that eviction, retention and reservations read.
 
 -- When a boot request (DHCP, TFTP attribution, /ipxe) last came from the machine, Unix ms.
--- Discovered machines over the cap are evicted least recently seen first.
+-- Discovered machines over the cap are evicted least recently seen first. The index covers
+-- discovered machines only, so a sighting of any other machine rewrites no index.
 ALTER TABLE machines ADD COLUMN last_seen INTEGER;
 UPDATE machines SET last_seen = updated_at;
-CREATE INDEX machines_state_seen ON machines (state, last_seen);
+CREATE INDEX machines_discovered_seen ON machines (last_seen) WHERE state = 'discovered';
 
 -- DHCP reservations (the `ip` variable) without scanning every machine.
 CREATE INDEX machines_reservation ON machines (json_extract(vars, '$.ip'))

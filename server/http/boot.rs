@@ -87,8 +87,10 @@ pub async fn ipxe(
         // (http/front.rs) instead of through hyper.
         Ok(Some(script)) if script.install => {
             let mut r = ipxe_response(script.body);
-            r.headers_mut()
-                .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            r.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
             Ok(r)
         }
         Ok(Some(script)) => Ok(ipxe_response(script.body)),

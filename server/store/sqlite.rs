@@ -111,6 +111,9 @@ enum Msg {
     Nudge,
     /// Enforce the bounds now (cap and retention), then answer.
     Maintain(oneshot::Sender<()>),
+    /// Write the queued observations as the interval would, then answer (tests).
+    #[cfg(test)]
+    Tick(oneshot::Sender<()>),
 }
 
 /// The bounded observation queue, shared by every protocol task and the writer.
@@ -212,7 +215,7 @@ impl SqliteInventory {
             queue: queue.clone(),
             counters: counters.clone(),
             touched: HashSet::new(),
-            recent: RecentEvents::default(),
+            recent: Recent::default(),
             // A database opened with a lower bound than it was written with is brought
             // under it at the first opportunity.
             retention_pending: true,
@@ -251,6 +254,15 @@ impl SqliteInventory {
         let (tx, rx) = oneshot::channel();
         self.send(Msg::Maintain(tx))?;
         rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Writes the queued observations as the writer's interval does (repeats stay counted in
+    /// memory), for tests.
+    #[cfg(test)]
+    pub(super) async fn maintain_observations_only(&self) {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Tick(tx)).unwrap();
+        rx.await.unwrap();
     }
 
     /// The writer connection's journal mode, synchronous level and foreign-key setting.
@@ -367,8 +379,8 @@ struct Writer {
     counters: Arc<Counters>,
     /// Machines that received observation events since the last retention run.
     touched: HashSet<String>,
-    /// Recent observation rows, for merging repeats.
-    recent: RecentEvents,
+    /// What was written in the last minute, so repeats are written once.
+    recent: Recent,
     /// Retention has not run since start.
     retention_pending: bool,
     /// Discovered machines in the database: exact after each cap check, counted up by the
@@ -392,6 +404,8 @@ impl Writer {
             };
             let mut jobs = Vec::new();
             let mut flushes = Vec::new();
+            #[cfg(test)]
+            let mut ticks = Vec::new();
             let mut nudged = false;
             let mut next = first;
             while let Some(m) = next {
@@ -399,6 +413,11 @@ impl Writer {
                     Msg::Write(j) => jobs.push(j),
                     Msg::Flush(f) => flushes.push(f),
                     Msg::Nudge => nudged = true,
+                    #[cfg(test)]
+                    Msg::Tick(f) => {
+                        nudged = true;
+                        ticks.push(f);
+                    }
                     Msg::Maintain(f) => {
                         self.last_cap = Instant::now() - CAP_INTERVAL;
                         self.last_retention = Instant::now() - RETENTION_INTERVAL;
@@ -417,6 +436,10 @@ impl Writer {
                 || !flushes.is_empty()
                 || self.last_observations.elapsed() >= OBSERVATION_INTERVAL;
             self.batch(jobs, flushes, observe);
+            #[cfg(test)]
+            for t in ticks {
+                let _ = t.send(());
+            }
         }
     }
 
@@ -436,7 +459,16 @@ impl Writer {
                     .any(|o| matches!(o, Observation::Seen { discover: true, .. })));
         let retention_due = (self.retention_pending || !self.touched.is_empty())
             && self.last_retention.elapsed() >= RETENTION_INTERVAL;
-        if jobs.is_empty() && observations.is_empty() && !cap_due && !retention_due {
+        // Repeats counted in memory are written when their window closes, and all of them
+        // before a durable write (the timeline's order) or for a flush (an admin read).
+        let now = crate::store::now_ms();
+        let write_all = !jobs.is_empty() || !flushes.is_empty();
+        let counts_due = if write_all {
+            self.recent.pending()
+        } else {
+            self.recent.closing.front().is_some_and(|(t, _)| *t <= now)
+        };
+        if jobs.is_empty() && observations.is_empty() && !cap_due && !retention_due && !counts_due {
             for f in flushes {
                 let _ = f.send(());
             }
@@ -472,6 +504,9 @@ impl Writer {
                     }
                     Err(e) => tracing::error!("writing {n} observations failed: {e}"),
                 }
+            }
+            if let Err(e) = self.recent.write_due(&self.conn, now, write_all) {
+                tracing::error!("writing repeated observations failed: {e}");
             }
             // After the observations queued before them: a machine's timeline stays in the
             // order things happened.
@@ -589,14 +624,16 @@ impl Writer {
 
 /// Writes a batch of observations: one sighting per MAC (an unknown MAC seen with `discover`
 /// becomes a discovered machine while `budget` lasts), identical events as one row with a
-/// count. Events about a MAC the inventory does not know are not kept (nobody enrolled or
-/// discovered it: noise, or a flood). Returns what it created, what it shed, and the machines
-/// whose events grew.
+/// count. A machine seen again within [`WINDOW_MS`] saying nothing new is not rewritten, and a
+/// repeat of an event written within the window only adds to that row's count in `recent`
+/// (written out later, see [`Recent::write_due`]). Events about a MAC the inventory does not
+/// know are not kept (nobody enrolled or discovered it: noise, or a flood). Returns what it
+/// created, what it shed, and the machines whose events grew.
 fn write_observations(
     c: &Connection,
     obs: VecDeque<Observation>,
     mut budget: u64,
-    recent: &mut RecentEvents,
+    recent: &mut Recent,
 ) -> Result<ObservationsWritten> {
     let mut seen: HashMap<Mac, (Sighting, bool, i64, i64)> = HashMap::new();
     let mut order: Vec<Mac> = Vec::new();
@@ -640,87 +677,164 @@ fn write_observations(
     }
     for mac in order {
         let (s, discover, first, last) = seen.remove(&mac).expect("ordered MACs are in the map");
-        let known = record_sighting(c, mac, &s, last)?;
-        if !known && discover {
-            if budget > 0 {
-                budget -= 1;
-                create_discovered(c, mac, &s, first, "first DHCP boot request")?;
-                out.discovered += 1;
-            } else {
-                out.shed += 1;
+        if recent.seen_recently(mac, &s, last) {
+            continue;
+        }
+        match record_sighting(c, mac, &s, last, discover)? {
+            Sighted::Updated | Sighted::Unchanged => recent.written(mac, s, last),
+            Sighted::Unknown if discover => {
+                if budget > 0 {
+                    budget -= 1;
+                    create_discovered(c, mac, &s, first, "first DHCP boot request")?;
+                    recent.written(mac, s, last);
+                    out.discovered += 1;
+                } else {
+                    out.shed += 1;
+                }
             }
+            Sighted::Unknown => {}
         }
     }
     for (mac, kind, detail, at, count) in events {
-        if let Some(m) = mac {
-            if recent.merge(c, m, kind, &detail, at, count)? {
-                continue;
-            }
+        let Some(m) = mac else {
+            insert_observed_event(c, at, None, kind, &detail, count)?;
+            continue;
+        };
+        if recent.add_to_row(m, kind, &detail, at, count) {
+            continue;
         }
         if insert_observed_event(c, at, mac, kind, &detail, count)? {
-            if let Some(m) = mac {
-                recent.remember(m, kind, detail, c.last_insert_rowid(), at);
-                out.touched.push(m.to_string());
-            }
+            recent.new_row(m, kind, detail, c.last_insert_rowid(), at);
+            out.touched.push(m.to_string());
         }
     }
     Ok(out)
 }
 
-/// Identical observations of a machine within this window are one row with a count, across
-/// batches too: a machine that keeps asking (a boot loop, a storm) adds a row a minute, not a
+/// The window within which a machine's repeated sightings and identical observations are
+/// one write: a machine that keeps asking (a boot loop, a storm) costs a row a minute, not a
 /// row a request.
-const MERGE_WINDOW_MS: i64 = 60_000;
-/// Most rows remembered for merging; past it the oldest are forgotten.
-const MAX_RECENT: usize = 65_536;
+const WINDOW_MS: i64 = 60_000;
+/// Most machines and rows remembered for that; past it the oldest are written and forgotten.
+const MAX_RECENT: usize = 131_072;
 
-/// The observation rows written in the last [`MERGE_WINDOW_MS`], by machine, kind and detail.
-#[derive(Default)]
-struct RecentEvents {
-    rows: HashMap<(Mac, EventKind, String), (i64, i64)>,
+/// An observation row written within the window, with the repeats not yet added to it.
+struct RecentRow {
+    row: i64,
+    first: i64,
+    unwritten: i64,
 }
 
-impl RecentEvents {
-    /// Adds `count` to the row of an identical observation written less than a window ago,
-    /// if that row is still the machine's newest event (so the timeline keeps its order).
-    fn merge(
-        &mut self,
-        c: &Connection,
-        mac: Mac,
-        kind: EventKind,
-        detail: &str,
-        at: i64,
-        count: i64,
-    ) -> Result<bool> {
-        let key = (mac, kind, detail.to_string());
-        let Some(&(row, first)) = self.rows.get(&key) else {
-            return Ok(false);
+type RowKey = (Mac, EventKind, String);
+
+/// What the writer wrote in the last [`WINDOW_MS`]: sightings (so they are not rewritten)
+/// and observation rows (so repeats are counted in memory). Pending counts are written when
+/// their window closes, before any durable write of the same transaction (so a machine's
+/// timeline keeps its order), and on every flush (so an admin read sees them).
+#[derive(Default)]
+struct Recent {
+    sightings: HashMap<Mac, (i64, Sighting)>,
+    rows: HashMap<RowKey, RecentRow>,
+    /// Keys of `rows` in the order their windows close.
+    closing: VecDeque<(i64, RowKey)>,
+}
+
+impl Recent {
+    /// Whether `s` says nothing new about a machine written less than a window ago.
+    fn seen_recently(&self, mac: Mac, s: &Sighting, at: i64) -> bool {
+        let Some((written, last)) = self.sightings.get(&mac) else {
+            return false;
         };
-        if at - first >= MERGE_WINDOW_MS {
-            self.rows.remove(&key);
-            return Ok(false);
-        }
-        let n = c
-            .prepare_cached(
-                "UPDATE events SET count = count + ?2
-                 WHERE id = ?1 AND id = (SELECT max(id) FROM events WHERE mac = ?3)",
-            )?
-            .execute(params![row, count, mac.to_string()])?;
-        if n == 0 {
-            self.rows.remove(&key);
-        }
-        Ok(n == 1)
+        let new = |a: &Option<String>, b: &Option<String>| a.is_some() && a != b;
+        at - written < WINDOW_MS
+            && !new(&s.uuid, &last.uuid)
+            && !new(&s.arch, &last.arch)
+            && !new(&s.platform, &last.platform)
+            && !new(&s.ip, &last.ip)
     }
 
-    fn remember(&mut self, mac: Mac, kind: EventKind, detail: String, row: i64, at: i64) {
-        if self.rows.len() >= MAX_RECENT {
-            self.rows.retain(|_, (_, first)| at - *first < MERGE_WINDOW_MS);
-            if self.rows.len() >= MAX_RECENT {
-                self.rows.clear();
+    /// Remembers a sighting that was written.
+    fn written(&mut self, mac: Mac, s: Sighting, at: i64) {
+        if self.sightings.len() >= MAX_RECENT {
+            self.sightings.clear();
+        }
+        let entry = self
+            .sightings
+            .entry(mac)
+            .or_insert((at, Sighting::default()));
+        entry.0 = at;
+        entry.1.merge(s);
+    }
+
+    /// Counts a repeat of a row written less than a window ago; false if there is none.
+    fn add_to_row(&mut self, mac: Mac, kind: EventKind, detail: &str, at: i64, n: i64) -> bool {
+        match self.rows.get_mut(&(mac, kind, detail.to_string())) {
+            Some(r) if at - r.first < WINDOW_MS => {
+                r.unwritten += n;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Remembers a row just written.
+    fn new_row(&mut self, mac: Mac, kind: EventKind, detail: String, row: i64, at: i64) {
+        let key = (mac, kind, detail);
+        self.closing.push_back((at + WINDOW_MS, key.clone()));
+        let old = self.rows.insert(
+            key,
+            RecentRow {
+                row,
+                first: at,
+                unwritten: 0,
+            },
+        );
+        debug_assert!(old.is_none_or(|o| o.unwritten == 0));
+    }
+
+    /// Writes the pending counts of the rows whose window closed by `now` — of every row with
+    /// `all`, and of the oldest half when more than [`MAX_RECENT`] are remembered — and
+    /// forgets those rows.
+    fn write_due(&mut self, c: &Connection, now: i64, all: bool) -> Result<()> {
+        let keep = if self.rows.len() > MAX_RECENT {
+            MAX_RECENT / 2
+        } else {
+            usize::MAX
+        };
+        while let Some((closes, _)) = self.closing.front() {
+            if !all && *closes > now && self.rows.len() <= keep {
+                break;
+            }
+            let (_, key) = self.closing.pop_front().expect("checked above");
+            if let Some(r) = self.rows.remove(&key) {
+                write_count(c, &key, &r)?;
             }
         }
-        self.rows.insert((mac, kind, detail), (row, at));
+        Ok(())
     }
+
+    /// Whether any repeat waits to be written.
+    fn pending(&self) -> bool {
+        self.rows.values().any(|r| r.unwritten > 0)
+    }
+}
+
+/// Adds a row's pending repeats to it if it is still its machine's newest event; otherwise
+/// they become a row of their own after what came between.
+fn write_count(c: &Connection, key: &RowKey, r: &RecentRow) -> Result<()> {
+    if r.unwritten == 0 {
+        return Ok(());
+    }
+    let n = c
+        .prepare_cached(
+            "UPDATE events SET count = count + ?2
+             WHERE id = ?1 AND id = (SELECT max(id) FROM events WHERE mac = ?3)",
+        )?
+        .execute(params![r.row, r.unwritten, key.0.to_string()])?;
+    if n == 0 {
+        insert_observed_event(c, r.first, Some(key.0), key.1, &key.2, r.unwritten)?;
+    }
+    Ok(())
 }
 
 /// What a batch of observations did.
@@ -945,13 +1059,28 @@ fn apply(c: &Connection, now: i64, m: &Machine, t: &Transition, detail: &str) ->
     Ok(to)
 }
 
-/// `last_seen` is kept to this resolution: a machine that keeps asking (a boot loop, a storm)
-/// does not rewrite its row for every request.
-const SEEN_RESOLUTION_MS: i64 = 60_000;
+/// What a sighting found.
+enum Sighted {
+    /// The machine's row was updated.
+    Updated,
+    /// The machine exists (or was not looked up) and the sighting said nothing new within
+    /// [`WINDOW_MS`].
+    Unchanged,
+    /// No such machine.
+    Unknown,
+}
 
-/// Keeps what a boot request said (unless it says nothing new and the machine was seen within
-/// [`SEEN_RESOLUTION_MS`]); returns whether the machine exists.
-fn record_sighting(c: &Connection, mac: Mac, s: &Sighting, now: i64) -> Result<bool> {
+/// Keeps what a boot request said, unless it says nothing new and the machine was seen
+/// within [`WINDOW_MS`] (`last_seen` has that resolution: a machine that keeps asking does
+/// not rewrite its row for every request). Tells a known machine from an unknown one only if
+/// `must_know`.
+fn record_sighting(
+    c: &Connection,
+    mac: Mac,
+    s: &Sighting,
+    now: i64,
+    must_know: bool,
+) -> Result<Sighted> {
     let key = mac.to_string();
     let n = c
         .prepare_cached(
@@ -962,20 +1091,17 @@ fn record_sighting(c: &Connection, mac: Mac, s: &Sighting, now: i64) -> Result<b
                 OR (uuid IS NULL AND ?2 IS NOT NULL) OR (?3 IS NOT NULL AND arch IS NOT ?3)
                 OR (?4 IS NOT NULL AND platform IS NOT ?4) OR (?5 IS NOT NULL AND last_ip IS NOT ?5))",
         )?
-        .execute(params![
-            key,
-            s.uuid,
-            s.arch,
-            s.platform,
-            s.ip,
-            now,
-            SEEN_RESOLUTION_MS
-        ])?;
+        .execute(params![key, s.uuid, s.arch, s.platform, s.ip, now, WINDOW_MS])?;
     if n == 1 {
-        return Ok(true);
+        return Ok(Sighted::Updated);
     }
-    Ok(c.prepare_cached("SELECT 1 FROM machines WHERE mac = ?1")?
-        .exists([key])?)
+    if !must_know
+        || c.prepare_cached("SELECT 1 FROM machines WHERE mac = ?1")?
+            .exists([key])?
+    {
+        return Ok(Sighted::Unchanged);
+    }
+    Ok(Sighted::Unknown)
 }
 
 /// Creates an unknown MAC as `discovered` with its event (no-op if it exists by now).
@@ -1326,7 +1452,7 @@ impl Inventory for SqliteInventory {
     async fn discover(&self, mac: Mac, sighting: Sighting, now: i64) -> Result<Machine> {
         let counters = self.shared.counters.clone();
         self.write(move |c| {
-            if !record_sighting(c, mac, &sighting, now)? {
+            if let Sighted::Unknown = record_sighting(c, mac, &sighting, now, true)? {
                 create_discovered(c, mac, &sighting, now, "first boot request")?;
                 counters.discovered.store(true, Ordering::Relaxed);
             }
@@ -1344,7 +1470,7 @@ impl Inventory for SqliteInventory {
         now: i64,
     ) -> Result<Machine> {
         self.write(move |c| {
-            record_sighting(c, mac, &sighting, now)?;
+            record_sighting(c, mac, &sighting, now, false)?;
             let m = must_load(c, mac)?;
             let detail = format!(
                 "profile {}, generation {}, token expires {}",
