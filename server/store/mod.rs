@@ -517,8 +517,10 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// A Unix-ms time as RFC 3339 (UTC, seconds).
+/// A Unix-ms time as RFC 3339 (UTC, seconds); times past year 9999 (which RFC 3339 cannot
+/// write) are shown as the last second of 9999.
 pub fn fmt_time(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    const MAX_MS: i64 = 253_402_300_799_000;
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.clamp(0, MAX_MS) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
 }

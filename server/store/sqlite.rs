@@ -66,6 +66,7 @@ struct Shared {
     to_writer: Mutex<Option<mpsc::Sender<Msg>>>,
     queue: Arc<ObservationQueue>,
     counters: Arc<Counters>,
+    facts: Arc<FactsCache>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Keeps a test database's directory alive as long as the store.
     _dir: Option<tempfile::TempDir>,
@@ -101,7 +102,75 @@ struct Counters {
 /// Called with the batch's commit result (`None`: durable) to answer one request.
 type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
 /// One durable request: runs inside the batch's transaction, returns how to answer.
-type Job = Box<dyn FnOnce(&Connection) -> Completion + Send>;
+type Job = (Touch, Box<dyn FnOnce(&Connection) -> Completion + Send>);
+
+/// Which machines' boot facts a durable request may change (the cache forgets them when the
+/// request commits).
+#[derive(Clone, Copy, Debug)]
+enum Touch {
+    /// None: events, steps, certificates, leases.
+    Nothing,
+    /// This machine's.
+    One(Mac),
+    /// Any machine's.
+    All,
+}
+
+/// The boot decision's inputs, cached: every boot request reads them, and in WAL mode every
+/// commit makes each reader connection drop its page cache, so at scale the read costs more
+/// than the rest of the answer. The writer is the only writer of the file (one process), so it
+/// invalidates exactly: in the same step as the commit that changes a machine, before the
+/// request that changed it is answered. A reader inserts what it read only if no commit
+/// happened since it began (the generation), so a stale value never outlives the commit that
+/// made it stale.
+struct FactsCache {
+    inner: Mutex<(u64, HashMap<Mac, Option<BootFacts>>)>,
+}
+
+/// Most machines (known or not) whose facts are cached.
+const MAX_CACHED_FACTS: usize = 262_144;
+
+impl FactsCache {
+    fn get(&self, mac: Mac) -> Result<Option<BootFacts>, u64> {
+        let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match g.1.get(&mac) {
+            Some(f) => Ok(f.clone()),
+            None => Err(g.0),
+        }
+    }
+
+    fn insert(&self, generation: u64, mac: Mac, facts: Option<BootFacts>) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if g.0 != generation {
+            return;
+        }
+        if g.1.len() >= MAX_CACHED_FACTS {
+            g.1.clear();
+        }
+        g.1.insert(mac, facts);
+    }
+
+    /// After a commit: forget what it may have changed.
+    fn committed(&self, touched: &[Touch], created: &[Mac]) {
+        if touched.iter().all(|t| matches!(t, Touch::Nothing)) && created.is_empty() {
+            return;
+        }
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 += 1;
+        if touched.iter().any(|t| matches!(t, Touch::All)) {
+            g.1.clear();
+            return;
+        }
+        for t in touched {
+            if let Touch::One(m) = t {
+                g.1.remove(m);
+            }
+        }
+        for m in created {
+            g.1.remove(m);
+        }
+    }
+}
 
 enum Msg {
     Write(Job),
@@ -209,11 +278,15 @@ impl SqliteInventory {
             nudged: AtomicBool::new(false),
         });
         let counters = Arc::new(Counters::default());
+        let facts = Arc::new(FactsCache {
+            inner: Mutex::new((0, HashMap::new())),
+        });
         let mut writer = Writer {
             conn,
             limits,
             queue: queue.clone(),
             counters: counters.clone(),
+            facts: facts.clone(),
             touched: HashSet::new(),
             recent: Recent::default(),
             // A database opened with a lower bound than it was written with is brought
@@ -237,6 +310,7 @@ impl SqliteInventory {
                 to_writer: Mutex::new(Some(tx)),
                 queue,
                 counters,
+                facts,
                 writer: Mutex::new(Some(handle)),
                 _dir: dir,
             }),
@@ -307,16 +381,26 @@ impl SqliteInventory {
         &self,
         f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        self.write_touching(Touch::Nothing, f).await
+    }
+
+    /// Runs `f` in the next group commit, which forgets the cached boot facts `touch` names.
+    async fn write_touching<T: Send + 'static>(
+        &self,
+        touch: Touch,
+        f: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
+        let run: Box<dyn FnOnce(&Connection) -> Completion + Send> = Box::new(move |conn| {
             let out = in_savepoint(conn, f);
-            Box::new(move |commit_error| {
+            Box::new(move |commit_error: Option<&str>| {
                 let _ = tx.send(match commit_error {
                     None => out,
                     Some(e) => Err(StoreError::Database(format!("commit failed: {e}"))),
                 });
             })
         });
+        let job: Job = (touch, run);
         self.send(Msg::Write(job))?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
@@ -377,6 +461,7 @@ struct Writer {
     limits: Limits,
     queue: Arc<ObservationQueue>,
     counters: Arc<Counters>,
+    facts: Arc<FactsCache>,
     /// Machines that received observation events since the last retention run.
     touched: HashSet<String>,
     /// What was written in the last minute, so repeats are written once.
@@ -476,6 +561,8 @@ impl Writer {
         }
         let began = self.conn.execute_batch("BEGIN IMMEDIATE");
         let mut completions = Vec::with_capacity(jobs.len());
+        let mut touched = Vec::with_capacity(jobs.len());
+        let mut created = Vec::new();
         let n_jobs = jobs.len() as u64;
         if began.is_ok() {
             if !observations.is_empty() {
@@ -488,6 +575,7 @@ impl Writer {
                 // observation lost to an I/O error is no loss worth a savepoint per batch.
                 match write_observations(&self.conn, observations, budget, &mut self.recent) {
                     Ok(w) => {
+                        created = w.created;
                         if w.discovered > 0 {
                             self.discovered_estimate += w.discovered;
                             self.counters.discovered.store(true, Ordering::Relaxed);
@@ -510,7 +598,8 @@ impl Writer {
             }
             // After the observations queued before them: a machine's timeline stays in the
             // order things happened.
-            for job in jobs {
+            for (touch, job) in jobs {
+                touched.push(touch);
                 completions.push(job(&self.conn));
             }
             if self.last_cap.elapsed() >= CAP_INTERVAL
@@ -518,7 +607,12 @@ impl Writer {
             {
                 self.last_cap = Instant::now();
                 match in_savepoint(&self.conn, |c| self.enforce_cap(c)) {
-                    Ok(n) => self.discovered_estimate = n,
+                    Ok((n, evicted)) => {
+                        self.discovered_estimate = n;
+                        if evicted {
+                            touched.push(Touch::All);
+                        }
+                    }
                     Err(e) => tracing::error!("enforcing the discovered-machine cap failed: {e}"),
                 }
             }
@@ -532,6 +626,8 @@ impl Writer {
             }
         }
         let result = began.and_then(|()| self.conn.execute_batch("COMMIT"));
+        // Before anyone is answered: a caller that reads after its write sees it.
+        self.facts.committed(&touched, &created);
         let error = match &result {
             Ok(()) => {
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
@@ -554,7 +650,7 @@ impl Writer {
 
     /// Evicts the least recently seen discovered machines over the cap, with their events
     /// (nothing else refers to a machine nobody enrolled).
-    fn enforce_cap(&self, c: &Connection) -> Result<u64> {
+    fn enforce_cap(&self, c: &Connection) -> Result<(u64, bool)> {
         let n: i64 = c.query_row(
             "SELECT count(*) FROM machines WHERE state = 'discovered'",
             [],
@@ -562,7 +658,7 @@ impl Writer {
         )?;
         let excess = n - self.limits.max_discovered as i64;
         if excess <= 0 {
-            return Ok(n as u64);
+            return Ok((n as u64, false));
         }
         c.execute_batch(
             "CREATE TEMP TABLE IF NOT EXISTS evict (mac TEXT PRIMARY KEY); DELETE FROM evict;",
@@ -589,7 +685,7 @@ impl Writer {
             cap = self.limits.max_discovered,
             "discovered machines over the cap: evicted the least recently seen (see --max-discovered)"
         );
-        Ok((n as u64).saturating_sub(evicted as u64))
+        Ok(((n as u64).saturating_sub(evicted as u64), evicted > 0))
     }
 
     /// Keeps at most `events_per_machine` events per machine touched since the last run and
@@ -687,6 +783,7 @@ fn write_observations(
                     budget -= 1;
                     create_discovered(c, mac, &s, first, "first DHCP boot request")?;
                     recent.written(mac, s, last);
+                    out.created.push(mac);
                     out.discovered += 1;
                 } else {
                     out.shed += 1;
@@ -840,6 +937,8 @@ fn write_count(c: &Connection, key: &RowKey, r: &RecentRow) -> Result<()> {
 /// What a batch of observations did.
 #[derive(Default)]
 struct ObservationsWritten {
+    /// Machines it created (discovered).
+    created: Vec<Mac>,
     discovered: u64,
     shed: u64,
     touched: Vec<String>,
@@ -1203,7 +1302,11 @@ impl Inventory for SqliteInventory {
     }
 
     async fn boot_facts(&self, mac: Mac) -> Result<Option<BootFacts>> {
-        self.read(|c| {
+        let generation = match self.shared.facts.get(mac) {
+            Ok(f) => return Ok(f),
+            Err(g) => g,
+        };
+        let facts = self.read(|c| {
             let row: Option<(String, Option<String>, Option<i64>)> = c
                 .prepare_cached(
                     "SELECT m.state, m.profile, t.handed_over_at FROM machines m
@@ -1221,7 +1324,9 @@ impl Inventory for SqliteInventory {
                 })
             })
             .transpose()
-        })
+        })?;
+        self.shared.facts.insert(generation, mac, facts.clone());
+        Ok(facts)
     }
 
     async fn machines(&self, q: MachineQuery) -> Result<Vec<Machine>> {
@@ -1321,7 +1426,7 @@ impl Inventory for SqliteInventory {
     }
 
     async fn enroll(&self, new: NewMachine, now: i64) -> Result<Machine> {
-        self.write(move |c| {
+        self.write_touching(Touch::One(new.mac), move |c| {
             let mac = new.mac;
             let detail = format!(
                 "profile {}{}",
@@ -1385,7 +1490,7 @@ impl Inventory for SqliteInventory {
     }
 
     async fn update(&self, mac: Mac, patch: MachinePatch, now: i64) -> Result<Machine> {
-        self.write(move |c| {
+        self.write_touching(Touch::One(mac), move |c| {
             must_load(c, mac)?;
             let key = mac.to_string();
             let mut changed = Vec::new();
@@ -1441,7 +1546,7 @@ impl Inventory for SqliteInventory {
     }
 
     async fn delete(&self, mac: Mac, now: i64) -> Result<()> {
-        self.write(move |c| {
+        self.write_touching(Touch::One(mac), move |c| {
             let m = must_load(c, mac)?;
             c.execute("DELETE FROM machines WHERE mac = ?1", [mac.to_string()])?;
             insert_transition(c, now, mac, EventKind::Deleted, Some(m.state), None, "")
@@ -1451,7 +1556,7 @@ impl Inventory for SqliteInventory {
 
     async fn discover(&self, mac: Mac, sighting: Sighting, now: i64) -> Result<Machine> {
         let counters = self.shared.counters.clone();
-        self.write(move |c| {
+        self.write_touching(Touch::One(mac), move |c| {
             if let Sighted::Unknown = record_sighting(c, mac, &sighting, now, true)? {
                 create_discovered(c, mac, &sighting, now, "first boot request")?;
                 counters.discovered.store(true, Ordering::Relaxed);
@@ -1469,7 +1574,7 @@ impl Inventory for SqliteInventory {
         sighting: Sighting,
         now: i64,
     ) -> Result<Machine> {
-        self.write(move |c| {
+        self.write_touching(Touch::One(mac), move |c| {
             record_sighting(c, mac, &sighting, now, false)?;
             let m = must_load(c, mac)?;
             let detail = format!(
@@ -1508,7 +1613,7 @@ impl Inventory for SqliteInventory {
         installer_done: Option<String>,
         now: i64,
     ) -> Result<()> {
-        self.write(move |c| {
+        self.write_touching(Touch::One(mac), move |c| {
             insert_event(c, now, Some(mac), EventKind::ConfigServed, &detail, 1)?;
             if let Some(done) = installer_done {
                 let n = c.execute(
@@ -1533,7 +1638,7 @@ impl Inventory for SqliteInventory {
         detail: String,
         now: i64,
     ) -> Result<Machine> {
-        self.write(move |c| {
+        self.write_touching(Touch::All, move |c| {
             let m = token_machine(c, &token_hash, now)?;
             let mac = m.mac.to_string();
             // Burn first: of two phone-homes with one token, exactly one gets the row.
@@ -1562,7 +1667,7 @@ impl Inventory for SqliteInventory {
     }
 
     async fn reprovision(&self, mac: Mac, now: i64) -> Result<Machine> {
-        self.write(move |c| {
+        self.write_touching(Touch::One(mac), move |c| {
             let m = must_load(c, mac)?;
             let detail = format!("generation {}", m.generation + 1);
             apply(c, now, &m, &Transition::Reprovision, &detail)?;
@@ -1591,7 +1696,7 @@ impl Inventory for SqliteInventory {
         detail: String,
         now: i64,
     ) -> Result<Machine> {
-        self.write(move |c| {
+        self.write_touching(Touch::One(mac), move |c| {
             let m = must_load(c, mac)?;
             apply(c, now, &m, &t, &detail)?;
             must_load(c, mac)
@@ -1600,7 +1705,7 @@ impl Inventory for SqliteInventory {
     }
 
     async fn start_registration(&self, mac: Mac, detail: String, now: i64) -> Result<Machine> {
-        self.write(move |c| {
+        self.write_touching(Touch::One(mac), move |c| {
             let m = must_load(c, mac)?;
             apply(c, now, &m, &Transition::StartRegistration, &detail)?;
             c.execute(
@@ -1661,7 +1766,7 @@ impl Inventory for SqliteInventory {
     }
 
     async fn expire_installs(&self, now: i64) -> Result<Vec<Mac>> {
-        self.write(move |c| {
+        self.write_touching(Touch::All, move |c| {
             let macs: Vec<String> = c
                 .prepare_cached(
                     "SELECT m.mac FROM machines m LEFT JOIN install_tokens t ON t.mac = m.mac

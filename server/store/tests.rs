@@ -667,3 +667,85 @@ async fn a_machine_seen_again_within_a_minute_is_not_rewritten() {
         Some(100_000)
     );
 }
+
+/// The cached boot facts never show what was true before a write that has returned, even
+/// with readers filling the cache while the writes commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cached_boot_facts_follow_every_write() {
+    let s = Arc::new(store());
+    let m = mac("52:54:00:00:00:14");
+    assert_eq!(
+        s.boot_facts(m).await.unwrap(),
+        None,
+        "unknown (and cached so)"
+    );
+    s.enroll(new("52:54:00:00:00:14"), 1).await.unwrap();
+    let state = |f: Option<BootFacts>| f.map(|f| (f.state, f.installer_done));
+    assert_eq!(
+        state(s.boot_facts(m).await.unwrap()),
+        Some((State::Enrolled, false))
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        let (s, stop) = (s.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                s.boot_facts(m).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    for i in 0..50 {
+        s.start_install(m, format!("h{i}"), i64::MAX, Sighting::default(), 2)
+            .await
+            .unwrap();
+        assert_eq!(
+            state(s.boot_facts(m).await.unwrap()),
+            Some((State::Installing, false))
+        );
+        s.config_served(m, "x".into(), Some("done".into()), 3)
+            .await
+            .unwrap();
+        assert_eq!(
+            state(s.boot_facts(m).await.unwrap()),
+            Some((State::Installing, true))
+        );
+        s.reprovision(m, 4).await.unwrap();
+        assert_eq!(
+            state(s.boot_facts(m).await.unwrap()),
+            Some((State::Enrolled, false))
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    // Phone-home (found by token) and a DHCP discovery (an observation) are seen too.
+    s.start_install(m, "last".into(), i64::MAX, Sighting::default(), 5)
+        .await
+        .unwrap();
+    s.boot_facts(m).await.unwrap();
+    s.phone_home("last".into(), key(), None, String::new(), 6)
+        .await
+        .unwrap();
+    assert_eq!(
+        state(s.boot_facts(m).await.unwrap()),
+        Some((State::Installed, false))
+    );
+    let d = mac("52:54:00:00:00:15");
+    assert_eq!(s.boot_facts(d).await.unwrap(), None);
+    s.observe(Observation::Seen {
+        mac: d,
+        sighting: Sighting::default(),
+        discover: true,
+        at: 7,
+    });
+    s.flush().await.unwrap();
+    assert_eq!(
+        state(s.boot_facts(d).await.unwrap()),
+        Some((State::Discovered, false))
+    );
+    s.delete(d, 8).await.unwrap();
+    assert_eq!(s.boot_facts(d).await.unwrap(), None);
+}
