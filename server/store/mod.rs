@@ -433,7 +433,7 @@ pub trait Inventory: Send + Sync + 'static {
         expires_at: i64,
         sighting: Sighting,
         now: i64,
-    ) -> Result<Machine>;
+    ) -> Result<()>;
     /// A config artifact was served by install token: its event, and with `installer_done`
     /// the mark that the installer fetched its last artifact (network boots go to the disk
     /// it writes from then on), in one transaction.

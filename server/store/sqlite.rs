@@ -68,6 +68,9 @@ struct Shared {
     counters: Arc<Counters>,
     facts: Arc<FactsCache>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Dropping it stops the checkpointer.
+    to_checkpointer: Mutex<Option<mpsc::Sender<()>>>,
+    checkpointer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Keeps a test database's directory alive as long as the store.
     _dir: Option<tempfile::TempDir>,
 }
@@ -81,6 +84,59 @@ impl Drop for Shared {
             .take();
         if let Some(h) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = h.join();
+        }
+        self.to_checkpointer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = self
+            .checkpointer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = h.join();
+        }
+    }
+}
+
+/// How often the checkpointer looks at the WAL.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// WAL size past which the checkpointer copies it into the database (PASSIVE: never waits).
+const CHECKPOINT_AT: u64 = 4 << 20;
+/// WAL size past which it also waits for readers so the WAL can start over (RESTART).
+const RESTART_AT: u64 = 64 << 20;
+
+/// Copies the WAL into the database on its own thread and connection. SQLite would otherwise
+/// checkpoint inside the commit that crosses its threshold, on the writer thread, holding up
+/// every request in the next group commit.
+fn checkpointer(path: PathBuf, conn: Connection, stop: mpsc::Receiver<()>) {
+    let wal = path.with_extension("db-wal");
+    loop {
+        match stop.recv_timeout(CHECKPOINT_INTERVAL) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        if size < CHECKPOINT_AT {
+            continue;
+        }
+        let mode = if size >= RESTART_AT {
+            "RESTART"
+        } else {
+            "PASSIVE"
+        };
+        match conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        }) {
+            Ok((busy, frames, done)) => {
+                tracing::debug!(mode, busy, frames, done, wal_bytes = size, "WAL checkpoint")
+            }
+            Err(e) => tracing::warn!("WAL checkpoint ({mode}) failed: {e}"),
         }
     }
 }
@@ -221,6 +277,8 @@ fn open_writer(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "mmap_size", MMAP_SIZE)?;
+    // Checkpoints run on their own thread (see `checkpointer`).
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.set_prepared_statement_cache_capacity(64);
     let migrations = Migrations::from_directory(&MIGRATIONS_DIR)
@@ -303,6 +361,14 @@ impl SqliteInventory {
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Database(format!("starting the writer thread: {e}")))?;
         let reader = open_reader(&path)?;
+        let cp_conn = Connection::open(&path)?;
+        cp_conn.busy_timeout(Duration::from_secs(5))?;
+        let (cp_tx, cp_rx) = mpsc::channel();
+        let cp_path = path.clone();
+        let cp = std::thread::Builder::new()
+            .name("inventory-ckpt".into())
+            .spawn(move || checkpointer(cp_path, cp_conn, cp_rx))
+            .map_err(|e| StoreError::Database(format!("starting the checkpoint thread: {e}")))?;
         Ok(SqliteInventory {
             shared: Arc::new(Shared {
                 path,
@@ -312,6 +378,8 @@ impl SqliteInventory {
                 counters,
                 facts,
                 writer: Mutex::new(Some(handle)),
+                to_checkpointer: Mutex::new(Some(cp_tx)),
+                checkpointer: Mutex::new(Some(cp)),
                 _dir: dir,
             }),
         })
@@ -1121,11 +1189,66 @@ fn insert_transition(
     Ok(())
 }
 
+/// What a transition needs to know of the machine it moves: who, and the state it was read in.
+trait Current {
+    fn mac(&self) -> Mac;
+    fn state(&self) -> State;
+}
+
+impl Current for Machine {
+    fn mac(&self) -> Mac {
+        self.mac
+    }
+    fn state(&self) -> State {
+        self.state
+    }
+}
+
+/// The few columns most writes decide on, without the full machine's joins.
+struct Head {
+    mac: Mac,
+    state: State,
+    generation: i64,
+    profile: Option<String>,
+}
+
+impl Current for Head {
+    fn mac(&self) -> Mac {
+        self.mac
+    }
+    fn state(&self) -> State {
+        self.state
+    }
+}
+
+fn head(c: &Connection, mac: Mac) -> Result<Head> {
+    let row: Option<(String, i64, Option<String>)> = c
+        .prepare_cached("SELECT state, generation, profile FROM machines WHERE mac = ?1")?
+        .query_row([mac.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let (state, generation, profile) = row.ok_or(StoreError::NotFound(mac))?;
+    Ok(Head {
+        mac,
+        state: state
+            .parse()
+            .map_err(|e: String| StoreError::Corrupt("state", e))?,
+        generation,
+        profile,
+    })
+}
+
 /// Moves `m` through `t` with a compare-and-set on its state, writing the state and its
 /// event; returns the new state. A machine whose state changed since it was read is a
 /// conflict, not a silent overwrite.
-fn apply(c: &Connection, now: i64, m: &Machine, t: &Transition, detail: &str) -> Result<State> {
-    let to = policy::transition(m.state, t)?;
+fn apply(
+    c: &Connection,
+    now: i64,
+    m: &impl Current,
+    t: &Transition,
+    detail: &str,
+) -> Result<State> {
+    let (mac, state) = (m.mac(), m.state());
+    let to = policy::transition(state, t)?;
     let (step, reason) = match t {
         Transition::Fail(f) => (Some(f.step.as_str()), Some(f.reason.as_str())),
         _ => (None, None),
@@ -1136,25 +1259,17 @@ fn apply(c: &Connection, now: i64, m: &Machine, t: &Transition, detail: &str) ->
              WHERE mac = ?1 AND state = ?6",
         )?
         .execute(params![
-            m.mac.to_string(),
+            mac.to_string(),
             to.as_str(),
             now,
             step,
             reason,
-            m.state.as_str()
+            state.as_str()
         ])?;
     if n != 1 {
-        return Err(StoreError::Conflict(m.mac));
+        return Err(StoreError::Conflict(mac));
     }
-    insert_transition(
-        c,
-        now,
-        m.mac,
-        t.event_kind(),
-        Some(m.state),
-        Some(to),
-        detail,
-    )?;
+    insert_transition(c, now, mac, t.event_kind(), Some(state), Some(to), detail)?;
     Ok(to)
 }
 
@@ -1573,10 +1688,10 @@ impl Inventory for SqliteInventory {
         expires_at: i64,
         sighting: Sighting,
         now: i64,
-    ) -> Result<Machine> {
+    ) -> Result<()> {
         self.write_touching(Touch::One(mac), move |c| {
             record_sighting(c, mac, &sighting, now, false)?;
-            let m = must_load(c, mac)?;
+            let m = head(c, mac)?;
             let detail = format!(
                 "profile {}, generation {}, token expires {}",
                 m.profile.as_deref().unwrap_or("?"),
@@ -1601,7 +1716,7 @@ impl Inventory for SqliteInventory {
                 now,
                 expires_at
             ])?;
-            must_load(c, mac)
+            Ok(())
         })
         .await
     }

@@ -109,11 +109,13 @@ async fn token_lifecycle() {
         .unwrap();
     assert_eq!(s.machine_by_token("h1", 3).await.unwrap().mac, m);
     // A second boot replaces the token.
-    let again = s
-        .start_install(m, "h2".into(), 100, Sighting::default(), 4)
+    s.start_install(m, "h2".into(), 100, Sighting::default(), 4)
         .await
         .unwrap();
-    assert_eq!(again.state, State::Installing);
+    assert_eq!(
+        s.machine(m).await.unwrap().unwrap().state,
+        State::Installing
+    );
     assert!(matches!(
         s.machine_by_token("h1", 5).await,
         Err(StoreError::Token(TokenProblem::Unknown, _))
