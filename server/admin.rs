@@ -224,20 +224,7 @@ impl AdminService {
             State::HandedOff,
             State::Failed,
         ] {
-            let mut after = None;
-            loop {
-                let page = self
-                    .inv
-                    .machines(MachineQuery {
-                        state: Some(state),
-                        after,
-                        limit: store::MAX_PAGE,
-                    })
-                    .await?;
-                let Some(last) = page.last() else { break };
-                after = Some(last.mac);
-                out.extend(page);
-            }
+            out.extend(store::all_in_state(self.inv.as_ref(), state).await?);
         }
         out.sort_by_key(|m| m.mac);
         Ok(out)

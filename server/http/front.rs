@@ -163,7 +163,9 @@ async fn connection(
 ) -> io::Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     loop {
-        // Read until a whole head is here (or hand over what we have).
+        // Read until a whole head is here (or hand over what we have), within one deadline
+        // for the whole head: a client trickling bytes cannot hold the connection.
+        let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
         let head = loop {
             match parse_head(&buf) {
                 Head::Partial if buf.len() < MAX_HEAD => {}
@@ -175,7 +177,7 @@ async fn connection(
             let mut chunk = [0u8; 4096];
             let n = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                r = tokio::time::timeout(HEAD_TIMEOUT, stream.read(&mut chunk)) => match r {
+                r = tokio::time::timeout_at(deadline, stream.read(&mut chunk)) => match r {
                     Ok(r) => r?,
                     Err(_) => return Ok(()),
                 },
@@ -196,7 +198,7 @@ async fn connection(
             }
             Head::Bad => return respond_error(&mut stream, 400, "not an HTTP/1 request").await,
             Head::Other | Head::Partial => {
-                return hand_over(stream, buf, peer, app, shutdown).await;
+                return hand_over(stream, buf, peer, app, shutdown).await
             }
         }
     }

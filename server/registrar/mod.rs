@@ -23,7 +23,7 @@ use crate::mac::Mac;
 use crate::pki::Ca;
 use crate::policy::{EventKind, Failure, State, Transition};
 use crate::render::{shell_quote, Renderer, RoleDef, RoleStep};
-use crate::store::{self, Inventory, Machine, MachineQuery, StepRecord, StepStatus};
+use crate::store::{self, Inventory, Machine, StepRecord, StepStatus};
 use crate::validate::truncate;
 
 /// Registrar settings from the configuration.
@@ -106,26 +106,13 @@ impl Handle {
     pub async fn resume(&self) -> Result<usize, Error> {
         let mut n = 0;
         for state in [State::Registering, State::Installed] {
-            let mut after = None;
-            loop {
-                let page = self
-                    .inv
-                    .machines(MachineQuery {
-                        state: Some(state),
-                        after,
-                        limit: store::MAX_PAGE,
-                    })
-                    .await?;
-                let Some(last) = page.last() else { break };
-                after = Some(last.mac);
-                for m in page {
-                    if state == State::Registering {
-                        if self.tx.send(m.mac).is_ok() {
-                            n += 1;
-                        }
-                    } else if self.has_role(&m) && self.start(m.mac).await.is_ok() {
+            for m in store::all_in_state(self.inv.as_ref(), state).await? {
+                if state == State::Registering {
+                    if self.tx.send(m.mac).is_ok() {
                         n += 1;
                     }
+                } else if self.has_role(&m) && self.start(m.mac).await.is_ok() {
+                    n += 1;
                 }
             }
         }

@@ -509,6 +509,24 @@ pub trait Inventory: Send + Sync + 'static {
 
 pub use leases::{BindRequest, OfferRequest};
 
+/// Every machine in `state`, walking the inventory's pages in MAC order.
+pub async fn all_in_state(inv: &dyn Inventory, state: State) -> Result<Vec<Machine>> {
+    let mut out: Vec<Machine> = Vec::new();
+    loop {
+        let page = inv
+            .machines(MachineQuery {
+                state: Some(state),
+                after: out.last().map(|m| m.mac),
+                limit: MAX_PAGE,
+            })
+            .await?;
+        if page.is_empty() {
+            return Ok(out);
+        }
+        out.extend(page);
+    }
+}
+
 /// Now, in Unix milliseconds.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
