@@ -551,7 +551,10 @@ impl Writer {
                 Ok(m) => Some(m),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => {
-                    self.batch(Vec::new(), Vec::new(), true);
+                    // The last batch writes everything, as a flush does: queued observations
+                    // and the repeats still counted in memory.
+                    let (last, _) = oneshot::channel();
+                    self.batch(Vec::new(), vec![last], true);
                     return;
                 }
             };

@@ -751,3 +751,36 @@ async fn cached_boot_facts_follow_every_write() {
     s.delete(d, 8).await.unwrap();
     assert_eq!(s.boot_facts(d).await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn a_clean_close_writes_what_is_still_counted_in_memory() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("provision.db");
+    let m = mac("52:54:00:00:00:16");
+    let t0 = now_ms();
+    {
+        let s = SqliteInventory::open(&path, Limits::default()).unwrap();
+        s.enroll(new("52:54:00:00:00:16"), 1).await.unwrap();
+        for dt in [0, 1_000, 2_000] {
+            s.observe(Observation::Event {
+                mac: Some(m),
+                kind: EventKind::IpxeServed,
+                detail: "local boot (installed, pcbios)".into(),
+                at: t0 + dt,
+            });
+            s.maintain_observations_only().await;
+        }
+    }
+    let s = SqliteInventory::open(&path, Limits::default()).unwrap();
+    let ev = s
+        .events(EventQuery {
+            mac: Some(m),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        ev.last().map(|e| (e.kind, e.count)),
+        Some((EventKind::IpxeServed, 3))
+    );
+}
