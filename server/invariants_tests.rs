@@ -57,8 +57,6 @@ fn each_crate_is_used_only_in_its_home() {
         ("rusqlite_migration", &["store/"]),
         ("minijinja", &["render/"]),
         ("dhcproto", &["dhcp/"]),
-        ("async_tftp", &["tftp/"]),
-        ("async_io", &["tftp/"]),
         ("russh", &["registrar/"]),
         ("axum", &["http/"]),
         ("tower_http", &["http/"]),

@@ -224,3 +224,129 @@ fn transfers_are_events_and_garbage_does_not_stop_the_server() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// A raw RFC 1350/7440 client, to drive what the real clients never do on loopback: lost
+/// blocks, repeated ACKs, a silent client, a repeated request.
+struct Raw {
+    sock: std::net::UdpSocket,
+    server: std::net::SocketAddr,
+}
+
+impl Raw {
+    fn new(port: &str) -> Raw {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        Raw {
+            sock,
+            server: format!("127.0.0.1:{port}").parse().unwrap(),
+        }
+    }
+
+    /// The next packet: (from, opcode, block or code, payload).
+    fn recv(&self) -> (std::net::SocketAddr, u16, u16, Vec<u8>) {
+        let mut b = [0u8; 2048];
+        let (n, from) = self
+            .sock
+            .recv_from(&mut b)
+            .expect("no packet from the server");
+        assert!(n >= 4, "short packet {:?}", &b[..n]);
+        (
+            from,
+            u16::from_be_bytes([b[0], b[1]]),
+            u16::from_be_bytes([b[2], b[3]]),
+            b[4..n].to_vec(),
+        )
+    }
+
+    fn ack(&self, to: std::net::SocketAddr, block: u16) {
+        let mut p = vec![0, 4];
+        p.extend_from_slice(&block.to_be_bytes());
+        self.sock.send_to(&p, to).unwrap();
+    }
+
+    /// Expects DATA blocks `blocks` in order from `from`; returns their data.
+    fn data(&self, from: std::net::SocketAddr, blocks: std::ops::RangeInclusive<u16>) -> Vec<u8> {
+        let mut got = Vec::new();
+        for want in blocks {
+            let (f, op, block, data) = self.recv();
+            assert_eq!((f, op, block), (from, 3, want), "expected DATA {want}");
+            got.extend(data);
+        }
+        got
+    }
+}
+
+#[test]
+fn lost_blocks_repeated_acks_and_repeated_requests() {
+    let l = lab();
+    let raw = Raw::new(&l.port());
+    // Sent twice, as a client does when its first answer is slow: one transfer answers.
+    let rrq = b"\x00\x01undionly.kpxe\x00octet\x00blksize\x00512\x00windowsize\x004\x00timeout\x001\x00tsize\x000\x00";
+    raw.sock.send_to(rrq, raw.server).unwrap();
+    raw.sock.send_to(rrq, raw.server).unwrap();
+    let (tid, op, first, rest) = raw.recv();
+    assert_eq!(op, 6, "an OACK first");
+    let opts = [&first.to_be_bytes()[..], &rest].concat();
+    assert_eq!(
+        String::from_utf8_lossy(&opts),
+        "blksize\x00512\x00timeout\x001\x00tsize\x0020480\x00windowsize\x004\x00"
+    );
+    raw.ack(tid, 0);
+    let mut file = raw.data(tid, 1..=4);
+    // Block 3 "lost": the ACK of 2 makes the server send from 3 on.
+    file.truncate(2 * 512);
+    raw.ack(tid, 2);
+    file.extend(raw.data(tid, 3..=6));
+    // The ACK of the block before the window (2 again: nothing of 3..=6 arrived) sends the
+    // window again at once, not after the timeout.
+    raw.ack(tid, 2);
+    assert_eq!(raw.data(tid, 3..=6), file[2 * 512..].to_vec());
+    // Silence: after the 1 s timeout the window comes again.
+    let t = std::time::Instant::now();
+    assert_eq!(raw.data(tid, 3..=6), file[2 * 512..].to_vec());
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    // Then to the end: 40 blocks of 512 bytes exactly, so block 41 is empty (RFC 1350).
+    let mut next = 7u16;
+    raw.ack(tid, 6);
+    while next <= 41 {
+        let end = (next + 3).min(41);
+        file.extend(raw.data(tid, next..=end));
+        raw.ack(tid, end);
+        next = end + 1;
+    }
+    assert_eq!(file, std::fs::read(l.root.join("undionly.kpxe")).unwrap());
+    // One transfer, one event: the repeated request started nothing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let events = l.d.cli_ok(&["events"]);
+        let served = events.matches("tftp_served: undionly.kpxe").count();
+        if served == 1 {
+            assert!(!events.contains("tftp_failed"), "{events}");
+            break;
+        }
+        assert!(
+            served == 0 && std::time::Instant::now() < deadline,
+            "{events}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_file_past_65535_blocks_rolls_block_numbers_over() {
+    // 65,536 blocks of 512 bytes and a short one: block numbers wrap to 0 (tftp-hpa, atftp
+    // and iPXE all expect that).
+    let l = lab();
+    let data: Vec<u8> = (0..(65536u32 * 512 + 100))
+        .map(|i| (i % 251) as u8)
+        .collect();
+    std::fs::write(l.root.join("big.bin"), &data).unwrap();
+    let out = l.hpa_get("big.bin", "big");
+    assert!(out.status.success(), "{out:?}");
+    assert!(l.same("big.bin", "big"));
+}
