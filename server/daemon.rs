@@ -222,11 +222,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         advertise: cfg.advertise.clone().map(Arc::new),
         boot_roots: Arc::new(cfg.tftp_roots.clone()),
     };
-    let app = http::router(state, &cfg.assets_dir);
+    let app = http::router(state.clone(), &cfg.assets_dir);
     let statics = Arc::new(http::Statics {
         assets: cfg.assets_dir.clone(),
-        boot_roots: Arc::new(cfg.tftp_roots.clone()),
-        boot: boot.clone(),
+        state,
     });
     let mut tasks = JoinSet::new();
 

@@ -9,7 +9,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{base_url, AppError, AppState};
+use super::{base_url, base_url_for, AppError, AppState};
+use crate::boot::Script;
 use crate::mac::Mac;
 use crate::policy::{BootRequest, Platform};
 use crate::store::Sighting;
@@ -23,12 +24,16 @@ pub async fn boot_ipxe(
     State(st): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
-    let base = base_url(&st, &headers).map_err(AppError::text)?;
-    let body = st
-        .boot
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    Ok(ipxe_response(boot_ipxe_answer(&st, host)?))
+}
+
+/// The body of `/boot.ipxe` (also answered by the connection loop, `front.rs`).
+pub(super) fn boot_ipxe_answer(st: &AppState, host: Option<&str>) -> Result<String, AppError> {
+    let base = base_url_for(st, host).map_err(AppError::text)?;
+    st.boot
         .boot_ipxe(&base)
-        .map_err(|e| AppError::from(e).text())?;
-    Ok(ipxe_response(body))
+        .map_err(|e| AppError::from(e).text())
 }
 
 /// The query iPXE sends from `boot.ipxe`.
@@ -56,7 +61,31 @@ pub async fn ipxe(
     headers: HeaderMap,
     Query(q): Query<IpxeQuery>,
 ) -> Result<Response, AppError> {
-    let base = base_url(&st, &headers).map_err(AppError::text)?;
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let script = ipxe_answer(&st, peer, host, q).await?;
+    let install = script.install;
+    let mut r = ipxe_response(script.body);
+    if install {
+        // An install script's next requests are big downloads. The connection loop answers
+        // `/ipxe` itself and keeps the connection, so this route only sees a connection that
+        // hyper already owns: closing it makes iPXE open fresh ones, which the connection
+        // loop answers with sendfile (http/front.rs) instead of through hyper.
+        r.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    Ok(r)
+}
+
+/// The answer to `GET /ipxe` (also answered by the connection loop, `front.rs`).
+pub(super) async fn ipxe_answer(
+    st: &AppState,
+    peer: SocketAddr,
+    host: Option<&str>,
+    q: IpxeQuery,
+) -> Result<Script, AppError> {
+    let base = base_url_for(st, host).map_err(AppError::text)?;
     let Some(mac) = q.mac.as_deref() else {
         return Err(AppError::new(
             StatusCode::BAD_REQUEST,
@@ -82,20 +111,12 @@ pub async fn ipxe(
         ip: Some(peer.ip().to_string()),
     };
     match st.boot.boot(mac, req, sighting, &base).await {
-        // An install script's next requests are big downloads: closing this connection
-        // makes iPXE open fresh ones, which the connection loop answers with sendfile
-        // (http/front.rs) instead of through hyper.
-        Ok(Some(script)) if script.install => {
-            let mut r = ipxe_response(script.body);
-            r.headers_mut().insert(
-                header::CONNECTION,
-                header::HeaderValue::from_static("close"),
-            );
-            Ok(r)
-        }
-        Ok(Some(script)) => Ok(ipxe_response(script.body)),
+        Ok(Some(script)) => Ok(script),
         // "Ignore" over HTTP: iPXE is already running, so hand control back to the firmware.
-        Ok(None) => Ok(ipxe_response(crate::boot::IGNORE_SCRIPT.into())),
+        Ok(None) => Ok(Script {
+            body: crate::boot::IGNORE_SCRIPT.into(),
+            install: false,
+        }),
         Err(e) => Err(AppError::from(e).text()),
     }
 }

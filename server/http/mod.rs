@@ -146,21 +146,27 @@ impl IntoResponse for AppError {
 }
 
 /// The base URL to put in scripts: the advertised one, or `http://` + the request's Host
-/// header. The Host header comes from the client, so it must be a plain host[:port] (letters,
-/// digits, `.`, `-`, `:`, brackets for IPv6) before it is placed in any script.
+/// header.
 fn base_url(state: &AppState, headers: &HeaderMap) -> Result<String, AppError> {
+    base_url_for(
+        state,
+        headers.get(header::HOST).and_then(|h| h.to_str().ok()),
+    )
+}
+
+/// [`base_url`] from the Host header's value. The Host header comes from the client, so it
+/// must be a plain host[:port] (letters, digits, `.`, `-`, `:`, brackets for IPv6) before it
+/// is placed in any script.
+fn base_url_for(state: &AppState, host: Option<&str>) -> Result<String, AppError> {
     if let Some(a) = &state.advertise {
         return Ok(a.to_string());
     }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .ok_or_else(|| {
-            AppError::new(
-                StatusCode::BAD_REQUEST,
-                "request has no Host header; set --advertise so provision knows its own URL",
-            )
-        })?;
+    let host = host.ok_or_else(|| {
+        AppError::new(
+            StatusCode::BAD_REQUEST,
+            "request has no Host header; set --advertise so provision knows its own URL",
+        )
+    })?;
     let ok = !host.is_empty()
         && host.len() <= 255
         && host

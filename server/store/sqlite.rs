@@ -48,6 +48,11 @@ pub const OBSERVATION_INTERVAL: Duration = Duration::from_millis(250);
 const CAP_INTERVAL: Duration = Duration::from_secs(1);
 /// How often event retention runs.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(30);
+/// Machines whose event count one batch checks for retention: a run over the machines touched
+/// in [`RETENTION_INTERVAL`] (100,000 in a boot storm) is spread over the batches that follow,
+/// so no group commit waits for all of it (perf: one run over 10,000 machines held a commit
+/// up for a quarter of a second).
+pub(super) const RETENTION_CHUNK: usize = 256;
 /// Most requests in one group commit; more wait for the next one.
 const MAX_BATCH: usize = 512;
 /// Idle read connections kept open.
@@ -102,47 +107,63 @@ impl Drop for Shared {
 
 /// How often the checkpointer looks at the WAL.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
-/// WAL size past which the checkpointer copies it into the database (PASSIVE: never waits).
-const CHECKPOINT_AT: u64 = 4 << 20;
-/// WAL size past which it also waits for readers so the WAL can start over (RESTART).
-const RESTART_AT: u64 = 64 << 20;
+/// WAL size (in frames, as bytes) past which the WAL is made to start over (RESTART) once a
+/// PASSIVE checkpoint has copied it all.
+const RESTART_AT: i64 = 64 << 20;
+/// How long a RESTART may wait for readers to leave the WAL. It runs on the writer thread, so
+/// writes wait meanwhile: it gives up quickly, and is asked for again a second later.
+const RESTART_WAIT: Duration = Duration::from_millis(20);
+/// The writer's busy timeout otherwise (only another process could hold the write lock).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The WAL file is cut back to this size when it starts over (`journal_size_limit`): without
+/// it the file keeps its largest size forever, and every read of a page still in it is a
+/// pread(2) instead of a mapped page.
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
 
 /// Copies the WAL into the database on its own thread and connection. SQLite would otherwise
 /// checkpoint inside the commit that crosses its threshold, on the writer thread, holding up
 /// every request in the next group commit.
-fn checkpointer(path: PathBuf, conn: Connection, stop: mpsc::Receiver<()>) {
-    let wal = path.with_extension("db-wal");
+///
+/// Every second a PASSIVE checkpoint copies what it can without waiting for anybody (cheap
+/// when there is nothing to copy). PASSIVE never makes the WAL start over, and under a
+/// constant write load the WAL is never wholly copied at the moment a write begins, so it
+/// would grow without end, and every read of a page in it is a pread(2) and a WAL-index
+/// search instead of a mapped page (perf at 100,000 machines: half the CPU of an install
+/// answer's machine read, with a 500 MB WAL). So once the WAL holds more than
+/// [`RESTART_AT`] and PASSIVE has copied it all, the checkpointer asks the writer for a
+/// RESTART between two batches (`Writer::restart_wal`): from the checkpointer thread it would
+/// first wait for the busy writer, holding up every write while it waits.
+fn checkpointer(conn: Connection, counters: Arc<Counters>, stop: mpsc::Receiver<()>) {
+    let page_size: i64 = conn
+        .pragma_query_value(None, "page_size", |r| r.get(0))
+        .unwrap_or(4096);
     loop {
         match stop.recv_timeout(CHECKPOINT_INTERVAL) {
             Err(RecvTimeoutError::Timeout) => {}
             _ => return,
         }
-        let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
-        if size < CHECKPOINT_AT {
-            continue;
-        }
-        let mode = if size >= RESTART_AT {
-            "RESTART"
-        } else {
-            "PASSIVE"
-        };
-        match conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        }) {
+        match wal_checkpoint(&conn, "PASSIVE") {
             Ok((busy, frames, done)) => {
-                tracing::debug!(mode, busy, frames, done, wal_bytes = size, "WAL checkpoint")
+                if busy == 0 && frames > 0 && frames == done && frames * page_size >= RESTART_AT {
+                    counters.wal_restart.store(true, Ordering::Relaxed);
+                }
             }
-            Err(e) => tracing::warn!("WAL checkpoint ({mode}) failed: {e}"),
+            Err(e) => tracing::warn!("WAL checkpoint failed: {e}"),
         }
     }
 }
 
+/// `PRAGMA wal_checkpoint(mode)`: (busy, frames in the WAL, frames copied into the database).
+fn wal_checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(i64, i64, i64)> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })
+}
+
 #[derive(Default)]
 struct Counters {
+    /// The checkpointer asks the writer to make the WAL start over (see `checkpointer`).
+    wal_restart: AtomicBool,
     discoveries_shed: AtomicU64,
     /// A machine was created `discovered` since the cap was last enforced (set by the
     /// observation batches and by `discover`).
@@ -239,6 +260,9 @@ enum Msg {
     /// Write the queued observations as the interval would, then answer (tests).
     #[cfg(test)]
     Tick(oneshot::Sender<()>),
+    /// Tests: one batch, with a retention run due.
+    #[cfg(test)]
+    RetentionRun(oneshot::Sender<()>),
 }
 
 /// The bounded observation queue, shared by every protocol task and the writer.
@@ -279,7 +303,13 @@ fn open_writer(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "mmap_size", MMAP_SIZE)?;
     // Checkpoints run on their own thread (see `checkpointer`).
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
+    // A group commit touches pages all over the machines table and its indexes; with
+    // SQLite's default 2 MiB cache a large batch spilled dirty pages into the WAL before its
+    // commit and read them back (perf: a quarter of the writer's time at 100,000 machines).
+    // Memory is taken only as pages are used.
+    conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.set_prepared_statement_cache_capacity(64);
     let migrations = Migrations::from_directory(&MIGRATIONS_DIR)
         .map_err(|e| StoreError::Migration(e.to_string()))?;
@@ -288,6 +318,9 @@ fn open_writer(path: &Path) -> Result<Connection> {
         .map_err(|e| StoreError::Migration(e.to_string()))?;
     Ok(conn)
 }
+
+/// The writer's page cache, in KiB as `PRAGMA cache_size` takes it (negative: KiB).
+const WRITER_CACHE_KIB: i64 = -(32 << 10);
 
 /// Bytes of the database file mapped into memory: reads of the main file are then page-cache
 /// lookups instead of pread(2) copies (the WAL is still read with pread).
@@ -346,6 +379,9 @@ impl SqliteInventory {
             counters: counters.clone(),
             facts: facts.clone(),
             touched: HashSet::new(),
+            retention_queue: Vec::new(),
+            retention_total: false,
+            retention_drain: false,
             recent: Recent::default(),
             // A database opened with a lower bound than it was written with is brought
             // under it at the first opportunity.
@@ -362,12 +398,12 @@ impl SqliteInventory {
             .map_err(|e| StoreError::Database(format!("starting the writer thread: {e}")))?;
         let reader = open_reader(&path)?;
         let cp_conn = Connection::open(&path)?;
-        cp_conn.busy_timeout(Duration::from_secs(5))?;
+        cp_conn.busy_timeout(BUSY_TIMEOUT)?;
         let (cp_tx, cp_rx) = mpsc::channel();
-        let cp_path = path.clone();
+        let cp_counters = counters.clone();
         let cp = std::thread::Builder::new()
             .name("inventory-ckpt".into())
-            .spawn(move || checkpointer(cp_path, cp_conn, cp_rx))
+            .spawn(move || checkpointer(cp_conn, cp_counters, cp_rx))
             .map_err(|e| StoreError::Database(format!("starting the checkpoint thread: {e}")))?;
         Ok(SqliteInventory {
             shared: Arc::new(Shared {
@@ -404,6 +440,14 @@ impl SqliteInventory {
     pub(super) async fn maintain_observations_only(&self) {
         let (tx, rx) = oneshot::channel();
         self.send(Msg::Tick(tx)).unwrap();
+        rx.await.unwrap();
+    }
+
+    /// One batch with a retention run due (as if its interval had passed), for tests.
+    #[cfg(test)]
+    pub(super) async fn start_retention_run(&self) {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::RetentionRun(tx)).unwrap();
         rx.await.unwrap();
     }
 
@@ -532,6 +576,12 @@ struct Writer {
     facts: Arc<FactsCache>,
     /// Machines that received observation events since the last retention run.
     touched: HashSet<String>,
+    /// Machines of the current retention run not checked yet (see [`RETENTION_CHUNK`]), and
+    /// whether the total is still to be checked.
+    retention_queue: Vec<String>,
+    retention_total: bool,
+    /// Finish the retention run in this batch (an admin asked for the bounds now).
+    retention_drain: bool,
     /// What was written in the last minute, so repeats are written once.
     recent: Recent,
     /// Retention has not run since start.
@@ -570,6 +620,12 @@ impl Writer {
                     Msg::Flush(f) => flushes.push(f),
                     Msg::Nudge => nudged = true,
                     #[cfg(test)]
+                    Msg::RetentionRun(f) => {
+                        self.last_retention = Instant::now() - RETENTION_INTERVAL;
+                        nudged = true;
+                        ticks.push(f);
+                    }
+                    #[cfg(test)]
                     Msg::Tick(f) => {
                         nudged = true;
                         ticks.push(f);
@@ -578,6 +634,7 @@ impl Writer {
                         self.last_cap = Instant::now() - CAP_INTERVAL;
                         self.last_retention = Instant::now() - RETENTION_INTERVAL;
                         self.retention_pending = true;
+                        self.retention_drain = true;
                         self.counters.discovered.store(true, Ordering::Relaxed);
                         flushes.push(f);
                     }
@@ -592,11 +649,27 @@ impl Writer {
                 || !flushes.is_empty()
                 || self.last_observations.elapsed() >= OBSERVATION_INTERVAL;
             self.batch(jobs, flushes, observe);
+            if self.counters.wal_restart.swap(false, Ordering::Relaxed) {
+                self.restart_wal();
+            }
             #[cfg(test)]
             for t in ticks {
                 let _ = t.send(());
             }
         }
+    }
+
+    /// Makes the WAL start over, between two batches (see `checkpointer`): a RESTART
+    /// checkpoint copies the few frames written since the last PASSIVE one and waits up to
+    /// [`RESTART_WAIT`] for readers to finish with the WAL; the next write then begins at its
+    /// start, and `journal_size_limit` cuts the file back.
+    fn restart_wal(&self) {
+        let _ = self.conn.busy_timeout(RESTART_WAIT);
+        match wal_checkpoint(&self.conn, "RESTART") {
+            Ok((busy, frames, done)) => tracing::debug!(busy, frames, done, "WAL restart"),
+            Err(e) => tracing::warn!("WAL restart checkpoint failed: {e}"),
+        }
+        let _ = self.conn.busy_timeout(BUSY_TIMEOUT);
     }
 
     /// One transaction: the queued observations (always with durable jobs, otherwise when
@@ -613,8 +686,9 @@ impl Writer {
                 || observations
                     .iter()
                     .any(|o| matches!(o, Observation::Seen { discover: true, .. })));
-        let retention_due = (self.retention_pending || !self.touched.is_empty())
+        let run_due = (self.retention_pending || !self.touched.is_empty())
             && self.last_retention.elapsed() >= RETENTION_INTERVAL;
+        let retention_due = run_due || self.retention_total || !self.retention_queue.is_empty();
         // Repeats counted in memory are written when their window closes, and all of them
         // before a durable write (the timeline's order) or for a flush (an admin read).
         let now = crate::store::now_ms();
@@ -687,14 +761,31 @@ impl Writer {
                     Err(e) => tracing::error!("enforcing the discovered-machine cap failed: {e}"),
                 }
             }
-            if retention_due {
+            if run_due {
+                // A new run: this interval's machines (this batch's included), after what is
+                // left of the last run.
                 self.last_retention = Instant::now();
                 self.retention_pending = false;
-                let touched = std::mem::take(&mut self.touched);
-                if let Err(e) = in_savepoint(&self.conn, |c| self.retention(c, &touched)) {
+                self.retention_queue
+                    .extend(std::mem::take(&mut self.touched));
+                self.retention_total = true;
+            }
+            if retention_due {
+                let take = if self.retention_drain {
+                    self.retention_queue.len()
+                } else {
+                    RETENTION_CHUNK.min(self.retention_queue.len())
+                };
+                let macs: Vec<String> = self.retention_queue.drain(..take).collect();
+                let total = self.retention_queue.is_empty() && self.retention_total;
+                if let Err(e) = in_savepoint(&self.conn, |c| self.retention(c, &macs, total)) {
                     tracing::error!("event retention failed: {e}");
                 }
+                if total {
+                    self.retention_total = false;
+                }
             }
+            self.retention_drain = false;
         }
         let result = began.and_then(|()| self.conn.execute_batch("COMMIT"));
         // Before anyone is answered: a caller that reads after its write sees it.
@@ -759,13 +850,13 @@ impl Writer {
         Ok(((n as u64).saturating_sub(evicted as u64), evicted > 0))
     }
 
-    /// Keeps at most `events_per_machine` events per machine touched since the last run and
+    /// Keeps at most `events_per_machine` events for each of `macs` and (with `total`)
     /// `max_events` in all, deleting observations (events that change no state) before
     /// transitions, oldest first.
-    fn retention(&self, c: &Connection, touched: &HashSet<String>) -> Result<()> {
+    fn retention(&self, c: &Connection, macs: &[String], total: bool) -> Result<()> {
         let mut pruned = 0usize;
         let per = self.limits.events_per_machine as i64;
-        for mac in touched {
+        for mac in macs {
             let n: i64 = c
                 .prepare_cached("SELECT count(*) FROM events WHERE mac = ?1")?
                 .query_row([mac], |r| r.get(0))?;
@@ -774,10 +865,21 @@ impl Writer {
             }
             pruned += prune(c, Some(mac), n - per)?;
         }
-        let total: i64 = c.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
         let max = self.limits.max_events as i64;
-        if total > max {
-            pruned += prune(c, None, total - max)?;
+        // count(*) reads a whole index (tens of milliseconds at a million events); the span of
+        // ids bounds it from above in two index lookups, and is enough while under the cap.
+        let span = |c: &Connection| {
+            c.query_row(
+                "SELECT coalesce(max(id) - min(id) + 1, 0) FROM events",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+        };
+        if total && span(c)? > max {
+            let n: i64 = c.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
+            if n > max {
+                pruned += prune(c, None, n - max)?;
+            }
         }
         if pruned > 0 {
             self.counters

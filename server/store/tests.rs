@@ -524,6 +524,51 @@ async fn retention_keeps_transitions_longest() {
 }
 
 #[tokio::test]
+async fn a_retention_run_is_spread_over_batches() {
+    let s = SqliteInventory::open_temp_with(Limits {
+        events_per_machine: 3,
+        ..Limits::default()
+    })
+    .unwrap();
+    let n = super::sqlite::RETENTION_CHUNK as u32 * 2 + 88;
+    let mut enrolls = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let s = s.clone();
+        let mut m = new("52:54:00:00:00:00");
+        m.mac = nth(i);
+        enrolls.spawn(async move { s.enroll(m, 1).await.unwrap() });
+    }
+    while enrolls.join_next().await.is_some() {}
+    // Six events each (enrolled + five served): three over the limit.
+    for i in 0..n {
+        for j in 0..5 {
+            s.observe(Observation::Event {
+                mac: Some(nth(i)),
+                kind: EventKind::IpxeServed,
+                detail: format!("n{j}"),
+                at: 10 + j,
+            });
+        }
+    }
+    s.maintain_observations_only().await;
+    assert_eq!(s.stats().events_pruned, 0);
+    // One chunk of machines per batch, until the run is done.
+    let chunk = super::sqlite::RETENTION_CHUNK as u64;
+    s.start_retention_run().await;
+    assert_eq!(s.stats().events_pruned, 3 * chunk);
+    s.maintain_observations_only().await;
+    assert_eq!(s.stats().events_pruned, 6 * chunk);
+    s.maintain_observations_only().await;
+    assert_eq!(s.stats().events_pruned, 3 * u64::from(n));
+    for i in [0, n / 2, n - 1] {
+        assert_eq!(
+            kinds(&s, nth(i)).await,
+            ["enrolled", "ipxe_served", "ipxe_served"]
+        );
+    }
+}
+
+#[tokio::test]
 async fn pages_of_machines_and_events() {
     let s = store();
     for i in 0..25u32 {
