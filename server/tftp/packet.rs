@@ -250,6 +250,36 @@ mod tests {
     }
 
     #[test]
+    fn random_and_mutated_packets_never_panic() {
+        // xorshift: deterministic noise, and valid packets with bytes flipped or cut.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let valid: &[&[u8]] = &[
+            b"\x00\x01a/b.efi\x00octet\x00blksize\x001468\x00tsize\x000\x00windowsize\x008\x00",
+            b"\x00\x04\x12\x34",
+            b"\x00\x05\x00\x08no\x00",
+        ];
+        for i in 0..20_000 {
+            let p: Vec<u8> = if i % 2 == 0 {
+                (0..next() % 64).map(|_| next() as u8).collect()
+            } else {
+                let mut p = valid[i % valid.len()].to_vec();
+                let at = next() as usize % p.len();
+                p[at] = next() as u8;
+                p.truncate(next() as usize % (p.len() + 1));
+                p
+            };
+            let _ = parse_request(&p);
+            let _ = parse_reply(&p);
+        }
+    }
+
+    #[test]
     fn replies() {
         assert_eq!(parse_reply(b"\x00\x04\x01\x02"), Some(Reply::Ack(0x0102)));
         assert_eq!(
