@@ -686,8 +686,12 @@ impl Writer {
                 || observations
                     .iter()
                     .any(|o| matches!(o, Observation::Seen { discover: true, .. })));
+        // A run starts only when the last one is done (so the queue never holds a machine
+        // twice and stays within the machines touched in one interval), unless an admin asked
+        // for the bounds now, which finishes both in this batch.
         let run_due = (self.retention_pending || !self.touched.is_empty())
-            && self.last_retention.elapsed() >= RETENTION_INTERVAL;
+            && self.last_retention.elapsed() >= RETENTION_INTERVAL
+            && (self.retention_drain || (self.retention_queue.is_empty() && !self.retention_total));
         let retention_due = run_due || self.retention_total || !self.retention_queue.is_empty();
         // Repeats counted in memory are written when their window closes, and all of them
         // before a durable write (the timeline's order) or for a flush (an admin read).
@@ -762,8 +766,7 @@ impl Writer {
                 }
             }
             if run_due {
-                // A new run: this interval's machines (this batch's included), after what is
-                // left of the last run.
+                // A new run: this interval's machines (this batch's included).
                 self.last_retention = Instant::now();
                 self.retention_pending = false;
                 self.retention_queue
