@@ -50,6 +50,31 @@ fn walkthrough_enroll_install_phone_home_local_boot() {
     let (s, preseed) = d.get(&format!("/config/{token}/preseed.cfg"));
     assert_eq!(s, 200);
     assert!(preseed.contains("d-i netcfg/get_domain string lab.example"));
+    // Only the token's hash is stored: not in the database, its WAL, nor the log so far.
+    // (Every file of the data dir is read: the WAL holds the commit that minted it.)
+    let (s, health) = d.get("/healthz");
+    assert_eq!((s, health.as_str()), (200, "ok\n"));
+    let logged: Vec<String> = d.log.try_iter().collect();
+    assert!(!logged.iter().any(|l| l.contains(&token)), "{logged:?}");
+    let hash = provision::keys::token_hash(&token);
+    let mut hash_seen = false;
+    for entry in std::fs::read_dir(d.dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            let has = |s: &str| bytes.windows(s.len()).any(|w| w == s.as_bytes());
+            assert!(
+                !has(&token),
+                "the install token is in {} in clear",
+                path.display()
+            );
+            hash_seen |= has(&hash);
+        }
+    }
+    assert!(
+        hash_seen,
+        "the files read hold the token's hash: the search works"
+    );
     let (s, refused) = d.get(&format!("/config/{}/preseed.cfg", "0".repeat(64)));
     assert_eq!(s, 403, "{refused}");
 
