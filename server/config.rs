@@ -20,7 +20,7 @@ pub struct ServeArgs {
     /// TOML configuration file (keys as the flags, with underscores: data_dir, http, ...).
     #[arg(long, env = "PROVISION_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Data directory: SQLite database, admin token, SSH key, assets [default: /var/lib/provision as root, else ~/.local/share/provision].
+    /// Data directory: SQLite database, admin token, SSH key, assets [default: /var/lib/provision as root, else $XDG_DATA_HOME/provision or ~/.local/share/provision].
     #[arg(long, env = "PROVISION_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// HTTP listen address; port 0 picks a free port [default: 0.0.0.0:8080].
