@@ -180,11 +180,16 @@ fn enroll_wait_returns_when_installed() {
         .spawn()
         .unwrap();
     // Boot it once enrolled, then phone home.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let script = loop {
         let (s, body) = d.get("/ipxe?mac=52-54-00-00-00-42&platform=efi");
         if s == 200 && body.contains("kernel") {
             break body;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "enroll --wait did not enroll the machine within 30 s: {s} {body}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
     let (s, _) = d.post(

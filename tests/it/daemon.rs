@@ -125,14 +125,26 @@ fn privileged_port_without_permission_says_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let data = dir.path().join("data");
-    // As root, drop to nobody for this one command (setpriv from util-linux); otherwise the
-    // test user already lacks the permission.
+    // As root: in a network namespace of its own, where ports below 1024 are privileged
+    // whatever the host's net.ipv4.ip_unprivileged_port_start says (the setting is per
+    // namespace), drop to nobody for this one command (setpriv from util-linux). Otherwise the
+    // test user already lacks the permission. `timeout`: were the bind to succeed after all,
+    // the daemon would run on and the test would hang instead of failing.
     let mut cmd = if unsafe { libc::geteuid() } == 0 {
-        let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+        let mut c = Command::new("unshare");
+        c.args([
+            "--net",
+            "sh",
+            "-c",
+            "ip link set lo up && echo 1024 > /proc/sys/net/ipv4/ip_unprivileged_port_start \
+             && exec timeout 30 setpriv --reuid=65534 --regid=65534 --clear-groups \"$0\" \"$@\"",
+            BIN,
+        ]);
         c
     } else {
-        Command::new(BIN)
+        let mut c = Command::new("timeout");
+        c.args(["30", BIN]);
+        c
     };
     let out = cmd
         .args(["serve", "--http", "127.0.0.1:81", "--data-dir"])
