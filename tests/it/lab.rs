@@ -658,15 +658,30 @@ fn provision_lab_installs_vms_and_cleans_up() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Waits until the lab has started QEMU (a qemu-system process whose parent is the lab):
+    // the VMs are booting.
+    let lab_pid = child.id().to_string();
+    let qemu_in_lab = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            let dir = e.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+            // Field 4 of /proc/PID/stat, after the parenthesised command name.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            comm.starts_with("qemu-system") && ppid == Some(lab_pid.as_str())
+        })
+    };
     let start = Instant::now();
-    while !namespaces().contains("provision-lab-") {
+    while !qemu_in_lab() {
         assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the lab never started"
+            start.elapsed() < Duration::from_secs(60),
+            "the lab never started a VM: {}",
+            namespaces()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    std::thread::sleep(Duration::from_secs(3));
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());
