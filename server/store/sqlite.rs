@@ -714,6 +714,10 @@ impl Writer {
         let mut created = Vec::new();
         let n_jobs = jobs.len() as u64;
         if began.is_ok() {
+            // Rows whose window closed first: a repeat after that starts a row of its own.
+            if let Err(e) = self.recent.write_closed(&self.conn, now) {
+                tracing::error!("writing repeated observations failed: {e}");
+            }
             if !observations.is_empty() {
                 let n = observations.len() as u64;
                 let budget = self
@@ -742,8 +746,10 @@ impl Writer {
                     Err(e) => tracing::error!("writing {n} observations failed: {e}"),
                 }
             }
-            if let Err(e) = self.recent.write_due(&self.conn, now, write_all) {
-                tracing::error!("writing repeated observations failed: {e}");
+            if write_all {
+                if let Err(e) = self.recent.write_pending(&self.conn) {
+                    tracing::error!("writing repeated observations failed: {e}");
+                }
             }
             // After the observations queued before them: a machine's timeline stays in the
             // order things happened.
@@ -898,7 +904,7 @@ impl Writer {
 /// becomes a discovered machine while `budget` lasts), identical events as one row with a
 /// count. A machine seen again within [`WINDOW_MS`] saying nothing new is not rewritten, and a
 /// repeat of an event written within the window only adds to that row's count in `recent`
-/// (written out later, see [`Recent::write_due`]). Events about a MAC the inventory does not
+/// (written out later, see [`Recent::write_closed`], [`Recent::write_pending`]). Events about a MAC the inventory does not
 /// know are not kept (nobody enrolled or discovered it: noise, or a flood). Returns what it
 /// created, what it shed, and the machines whose events grew.
 fn write_observations(
@@ -996,6 +1002,8 @@ struct RecentRow {
     row: i64,
     first: i64,
     unwritten: i64,
+    /// When the first of the `unwritten` repeats happened (the time of a row of their own).
+    since: i64,
 }
 
 type RowKey = (Mac, EventKind, String);
@@ -1010,6 +1018,9 @@ struct Recent {
     rows: HashMap<RowKey, RecentRow>,
     /// Keys of `rows` in the order their windows close.
     closing: VecDeque<(i64, RowKey)>,
+    /// Keys of the rows with repeats not yet written: what a flush or a durable write must
+    /// write first, found without walking every remembered row.
+    dirty: HashSet<RowKey>,
 }
 
 impl Recent {
@@ -1041,9 +1052,14 @@ impl Recent {
 
     /// Counts a repeat of a row written less than a window ago; false if there is none.
     fn add_to_row(&mut self, mac: Mac, kind: EventKind, detail: &str, at: i64, n: i64) -> bool {
-        match self.rows.get_mut(&(mac, kind, detail.to_string())) {
+        let key = (mac, kind, detail.to_string());
+        match self.rows.get_mut(&key) {
             Some(r) if at - r.first < WINDOW_MS => {
+                if r.unwritten == 0 {
+                    r.since = at;
+                }
                 r.unwritten += n;
+                self.dirty.insert(key);
                 true
             }
             _ => false,
@@ -1060,25 +1076,26 @@ impl Recent {
                 row,
                 first: at,
                 unwritten: 0,
+                since: at,
             },
         );
         debug_assert!(old.is_none_or(|o| o.unwritten == 0));
     }
 
-    /// Writes the pending counts of the rows whose window closed by `now` — of every row with
-    /// `all`, and of the oldest half when more than [`MAX_RECENT`] are remembered — and
-    /// forgets those rows.
-    fn write_due(&mut self, c: &Connection, now: i64, all: bool) -> Result<()> {
+    /// Writes the pending counts of the rows whose window closed by `now` (and of the oldest
+    /// half when more than [`MAX_RECENT`] are remembered), and forgets those rows.
+    fn write_closed(&mut self, c: &Connection, now: i64) -> Result<()> {
         let keep = if self.rows.len() > MAX_RECENT {
             MAX_RECENT / 2
         } else {
             usize::MAX
         };
         while let Some((closes, _)) = self.closing.front() {
-            if !all && *closes > now && self.rows.len() <= keep {
+            if *closes > now && self.rows.len() <= keep {
                 break;
             }
             let (_, key) = self.closing.pop_front().expect("checked above");
+            self.dirty.remove(&key);
             if let Some(r) = self.rows.remove(&key) {
                 write_count(c, &key, &r)?;
             }
@@ -1086,17 +1103,34 @@ impl Recent {
         Ok(())
     }
 
+    /// Writes every pending count now (before a durable write, for the timeline's order; for
+    /// a flush, so an admin read sees them). The rows stay remembered until their window
+    /// closes, so later repeats still add to them: an admin polling the API does not split a
+    /// machine's repeats into a row per poll.
+    fn write_pending(&mut self, c: &Connection) -> Result<()> {
+        for key in std::mem::take(&mut self.dirty) {
+            if let Some(r) = self.rows.get_mut(&key) {
+                if let Some(row) = write_count(c, &key, r)? {
+                    r.row = row;
+                }
+                r.unwritten = 0;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether any repeat waits to be written.
     fn pending(&self) -> bool {
-        self.rows.values().any(|r| r.unwritten > 0)
+        !self.dirty.is_empty()
     }
 }
 
 /// Adds a row's pending repeats to it if it is still its machine's newest event; otherwise
-/// they become a row of their own after what came between.
-fn write_count(c: &Connection, key: &RowKey, r: &RecentRow) -> Result<()> {
+/// they become a row of their own after what came between (its id returned: later repeats
+/// add to it).
+fn write_count(c: &Connection, key: &RowKey, r: &RecentRow) -> Result<Option<i64>> {
     if r.unwritten == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let n = c
         .prepare_cached(
@@ -1104,10 +1138,10 @@ fn write_count(c: &Connection, key: &RowKey, r: &RecentRow) -> Result<()> {
              WHERE id = ?1 AND id = (SELECT max(id) FROM events WHERE mac = ?3)",
         )?
         .execute(params![r.row, r.unwritten, key.0.to_string()])?;
-    if n == 0 {
-        insert_observed_event(c, r.first, Some(key.0), key.1, &key.2, r.unwritten)?;
+    if n == 0 && insert_observed_event(c, r.since, Some(key.0), key.1, &key.2, r.unwritten)? {
+        return Ok(Some(c.last_insert_rowid()));
     }
-    Ok(())
+    Ok(None)
 }
 
 /// What a batch of observations did.

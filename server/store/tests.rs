@@ -616,6 +616,33 @@ async fn pages_of_machines_and_events() {
 }
 
 #[tokio::test]
+async fn reads_between_repeats_do_not_split_their_row() {
+    // An admin polling the API flushes before every read: the repeats it makes visible still
+    // add to one row, not a row per poll.
+    let s = store();
+    let m = s.enroll(new("52:54:00:00:00:13"), 1).await.unwrap().mac;
+    let t0 = now_ms();
+    for dt in [0, 1_000, 2_000, 3_000] {
+        s.observe(Observation::Event {
+            mac: Some(m),
+            kind: EventKind::IpxeServed,
+            detail: "local boot (installed, pcbios)".into(),
+            at: t0 + dt,
+        });
+        s.flush().await.unwrap();
+        let ev = s
+            .events(EventQuery {
+                mac: Some(m),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let got: Vec<(&str, i64)> = ev.iter().map(|e| (e.kind.as_str(), e.count)).collect();
+        assert_eq!(got, [("enrolled", 1), ("ipxe_served", dt / 1_000 + 1)]);
+    }
+}
+
+#[tokio::test]
 async fn repeats_within_a_minute_add_to_the_newest_row() {
     let s = store();
     let m = s.enroll(new("52:54:00:00:00:12"), 1).await.unwrap().mac;

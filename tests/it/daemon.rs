@@ -92,10 +92,36 @@ fn check_config_validates_and_exits() {
 #[test]
 fn sigterm_stops_gracefully() {
     let mut d = Daemon::start();
+    let boot = |d: &Daemon| {
+        let (s, body) = d.get("/ipxe?mac=52-54-00-00-00-31&platform=pcbios");
+        assert_eq!(s, 200, "{body}");
+    };
+    // ipxe_served occurrences on the timeline: a row stands for 1, or for n when it says (×n).
+    let served = |ev: &str| -> u32 {
+        ev.lines()
+            .filter(|l| l.contains("ipxe_served"))
+            .map(|l| {
+                l.split("(×")
+                    .nth(1)
+                    .and_then(|n| n.trim_end_matches(')').parse().ok())
+                    .unwrap_or(1)
+            })
+            .sum()
+    };
+    // The first boot discovers the machine; the events read writes its ipxe_served.
+    boot(&d);
+    let ev = d.cli_ok(&["events", "52:54:00:00:00:31"]);
+    assert_eq!(served(&ev), 1, "{ev}");
+    // The second, within the minute, is only queued or counted in memory when SIGTERM comes.
+    boot(&d);
     let st = d.terminate();
     assert!(st.success(), "{st:?}");
     d.wait_log("SIGTERM: shutting down");
     d.wait_log("provision stopped");
+    // A graceful stop wrote it: nothing the daemon saw is lost.
+    let d = Daemon::start_in(d.take_dir(), &[]);
+    let ev = d.cli_ok(&["events", "52:54:00:00:00:31"]);
+    assert_eq!(served(&ev), 2, "{ev}");
 }
 
 #[test]

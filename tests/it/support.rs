@@ -164,6 +164,12 @@ impl Daemon {
         panic!("the daemon did not stop within 10 s of SIGTERM");
     }
 
+    /// The data dir (a fresh empty one takes its place), to start again on it after
+    /// `terminate`.
+    pub fn take_dir(&mut self) -> tempfile::TempDir {
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
     /// Kills the process (SIGKILL) and returns its data dir, as a crash would leave it.
     pub fn crash(mut self) -> tempfile::TempDir {
         self.child.kill().unwrap();
