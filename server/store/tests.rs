@@ -30,6 +30,11 @@ fn store() -> SqliteInventory {
 }
 
 async fn kinds(s: &SqliteInventory, m: Mac) -> Vec<String> {
+    counts(s, m).await.into_iter().map(|(k, _)| k).collect()
+}
+
+/// A machine's timeline as (kind, count), after a flush.
+async fn counts(s: &SqliteInventory, m: Mac) -> Vec<(String, i64)> {
     s.flush().await.unwrap();
     s.events(EventQuery {
         mac: Some(m),
@@ -39,7 +44,7 @@ async fn kinds(s: &SqliteInventory, m: Mac) -> Vec<String> {
     .await
     .unwrap()
     .into_iter()
-    .map(|e| e.kind.as_str().to_string())
+    .map(|e| (e.kind.as_str().to_string(), e.count))
     .collect()
 }
 
@@ -629,16 +634,13 @@ async fn reads_between_repeats_do_not_split_their_row() {
             detail: "local boot (installed, pcbios)".into(),
             at: t0 + dt,
         });
-        s.flush().await.unwrap();
-        let ev = s
-            .events(EventQuery {
-                mac: Some(m),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let got: Vec<(&str, i64)> = ev.iter().map(|e| (e.kind.as_str(), e.count)).collect();
-        assert_eq!(got, [("enrolled", 1), ("ipxe_served", dt / 1_000 + 1)]);
+        assert_eq!(
+            counts(&s, m).await,
+            [
+                ("enrolled".to_string(), 1),
+                ("ipxe_served".to_string(), dt / 1_000 + 1)
+            ]
+        );
     }
 }
 
