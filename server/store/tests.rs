@@ -33,8 +33,8 @@ async fn kinds(s: &SqliteInventory, m: Mac) -> Vec<String> {
     counts(s, m).await.into_iter().map(|(k, _)| k).collect()
 }
 
-/// A machine's timeline as (kind, count), after a flush.
-async fn counts(s: &SqliteInventory, m: Mac) -> Vec<(String, i64)> {
+/// A machine's timeline (up to 1000 events), after a flush.
+async fn timeline(s: &SqliteInventory, m: Mac) -> Vec<Event> {
     s.flush().await.unwrap();
     s.events(EventQuery {
         mac: Some(m),
@@ -43,9 +43,15 @@ async fn counts(s: &SqliteInventory, m: Mac) -> Vec<(String, i64)> {
     })
     .await
     .unwrap()
-    .into_iter()
-    .map(|e| (e.kind.as_str().to_string(), e.count))
-    .collect()
+}
+
+/// A machine's timeline as (kind, count), after a flush.
+async fn counts(s: &SqliteInventory, m: Mac) -> Vec<(String, i64)> {
+    timeline(s, m)
+        .await
+        .into_iter()
+        .map(|e| (e.kind.as_str().to_string(), e.count))
+        .collect()
 }
 
 fn key() -> Vec<(String, String)> {
@@ -363,14 +369,7 @@ async fn observations_are_coalesced_and_written_in_order() {
     s.start_install(m, "h".into(), 100, Sighting::default(), 20)
         .await
         .unwrap();
-    s.flush().await.unwrap();
-    let ev = s
-        .events(EventQuery {
-            mac: Some(m),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let ev = timeline(&s, m).await;
     let got: Vec<(&str, i64)> = ev.iter().map(|e| (e.kind.as_str(), e.count)).collect();
     assert_eq!(
         got,
@@ -686,14 +685,7 @@ async fn repeats_within_a_minute_add_to_the_newest_row() {
     s.flush().await.unwrap();
     // More than a minute after the row began: a new row.
     s.observe(served(t0 + 200_000));
-    s.flush().await.unwrap();
-    let ev = s
-        .events(EventQuery {
-            mac: Some(m),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let ev = timeline(&s, m).await;
     let got: Vec<(&str, i64, i64)> = ev
         .iter()
         .map(|e| (e.kind.as_str(), e.count, e.at - t0))

@@ -185,72 +185,74 @@ impl Server {
             size: 0,
             outcome: Err(why),
         };
-        {
-            let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-            if active.contains(&peer) {
-                return; // a retransmitted request: its transfer is already answering
+        // Checked here and inserted below without an await in between: the request loop and
+        // every transfer run on this one thread, so nothing else changes the set meanwhile.
+        let (running, busy) = {
+            let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+            (active.contains(&peer), active.len() >= MAX_TRANSFERS)
+        };
+        if running {
+            return; // a retransmitted request: its transfer is already answering
+        }
+        if busy {
+            (self.report)(failed(format!(
+                "refused: {MAX_TRANSFERS} transfers already in progress"
+            )));
+            return self.refuse(peer, ErrorCode::Undefined, "server busy, try again");
+        }
+        // A few file system calls on the TFTP thread (resolving a name, opening it).
+        let opened = resolve(&self.roots, &req.filename).and_then(|p| {
+            let f = File::open(&p).map_err(|_| Refusal::NotFound(req.filename.clone()))?;
+            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            Ok((f, size))
+        });
+        let (file, size) = match opened {
+            Ok(o) => o,
+            Err(refusal) => {
+                (self.report)(failed(refusal.to_string()));
+                return self.refuse(peer, refusal_code(&refusal), &refusal.to_string());
             }
-            if active.len() >= MAX_TRANSFERS {
-                drop(active);
-                (self.report)(failed(format!(
-                    "refused: {MAX_TRANSFERS} transfers already in progress"
-                )));
-                return self.refuse(peer, ErrorCode::Undefined, "server busy, try again");
+        };
+        let sock = match self.transfer_socket(peer) {
+            Ok(s) => s,
+            Err(e) => {
+                (self.report)(failed(format!("no socket for the transfer: {e}")));
+                return;
             }
-            // A few file system calls on the TFTP thread (resolving a name, opening it).
-            let opened = resolve(&self.roots, &req.filename).and_then(|p| {
-                let f = File::open(&p).map_err(|_| Refusal::NotFound(req.filename.clone()))?;
-                let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-                Ok((f, size))
-            });
-            let (file, size) = match opened {
-                Ok(o) => o,
-                Err(refusal) => {
-                    drop(active);
-                    (self.report)(failed(refusal.to_string()));
-                    return self.refuse(peer, refusal_code(&refusal), &refusal.to_string());
-                }
-            };
-            let sock = match self.transfer_socket(peer) {
-                Ok(s) => s,
-                Err(e) => {
-                    drop(active);
-                    (self.report)(failed(format!("no socket for the transfer: {e}")));
-                    return;
-                }
-            };
-            active.insert(peer);
-            let plan = Plan::negotiate(&req.options, size);
-            let server = self.clone();
-            let info = Transfer {
+        };
+        self.active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(peer);
+        let plan = Plan::negotiate(&req.options, size);
+        let server = self.clone();
+        let file_name = req.filename;
+        tokio::spawn(async move {
+            // Gives the slot back however the task ends (also when the runtime stops).
+            let _slot = Slot(&server, peer);
+            let mut info = Transfer {
                 peer,
-                file: req.filename,
+                file: file_name,
                 bytes: 0,
                 size,
                 outcome: Ok(()),
             };
-            tokio::spawn(async move {
-                // Gives the slot back however the task ends (also when the runtime stops).
-                let _slot = Slot(&server, peer);
-                let mut info = info;
-                match Sender::new(sock, file, plan).run(peer).await {
-                    Ok(bytes) => info.bytes = bytes,
-                    Err(Ended::AfterOack(why)) => {
-                        info.outcome = Err(format!(
-                            "the client stopped after the option acknowledgement (a size probe, as UEFI firmware does before downloading, or a client that gave up): {why}"
-                        ))
-                    }
-                    Err(Ended::Midway(bytes, why)) => {
-                        info.bytes = bytes;
-                        info.outcome = Err(format!(
-                            "transfer ended after {bytes} of {} bytes: {why}",
-                            info.size
-                        ))
-                    }
+            match Sender::new(sock, file, plan).run(peer).await {
+                Ok(bytes) => info.bytes = bytes,
+                Err(Ended::AfterOack(why)) => {
+                    info.outcome = Err(format!(
+                        "the client stopped after the option acknowledgement (a size probe, as UEFI firmware does before downloading, or a client that gave up): {why}"
+                    ))
                 }
-                (server.report)(info);
-            });
-        }
+                Err(Ended::Midway(bytes, why)) => {
+                    info.bytes = bytes;
+                    info.outcome = Err(format!(
+                        "transfer ended after {bytes} of {size} bytes: {why}"
+                    ))
+                }
+            }
+            (server.report)(info);
+        });
     }
 
     /// A new socket on the server's IP, connected to the client (see `transfer::Sender`).
