@@ -20,7 +20,9 @@ use crate::policy::{
 };
 use crate::registrar;
 use crate::render::{ArtifactKind, RenderError, Renderer};
-use crate::store::{self, BootFacts, Inventory, Machine, Observation, Sighting, StoreError};
+use crate::store::{
+    self, BootFacts, BootLookup, Inventory, Machine, Observation, Sighting, StoreError,
+};
 use crate::validate::truncate;
 
 /// Behaviour settings from the configuration.
@@ -130,25 +132,23 @@ impl BootService {
         base_url: &str,
     ) -> Result<Option<Script>> {
         let now = store::now_ms();
-        let facts = match self.inv.boot_facts(mac).await? {
-            Some(f) => {
-                self.inv.observe(Observation::Seen {
-                    mac,
-                    sighting: sighting.clone(),
-                    discover: false,
-                    at: now,
-                });
-                f
-            }
-            None => {
+        let (facts, machine, discovered) = match self.inv.boot_lookup(mac).await? {
+            BootLookup::Cached(f) => (f, None, false),
+            BootLookup::Read(m) => (BootFacts::of(&m), Some(m), false),
+            BootLookup::Unknown => {
                 let m = self.inv.discover(mac, sighting.clone(), now).await?;
-                BootFacts {
-                    state: m.state,
-                    profile: m.profile,
-                    installer_done: m.installer_done_at.is_some(),
-                }
+                (BootFacts::of(&m), Some(Box::new(m)), true)
             }
         };
+        // A machine discovered by this request was created with its sighting.
+        if !discovered {
+            self.inv.observe(Observation::Seen {
+                mac,
+                sighting: sighting.clone(),
+                discover: false,
+                at: now,
+            });
+        }
         match policy::decide(Some(&facts_of(&facts)), &req, self.settings.discover) {
             BootDecision::Ignore => {
                 self.observe(
@@ -187,7 +187,9 @@ impl BootService {
                 }
             }
             BootDecision::Install { profile } => {
-                let body = self.install(mac, &profile, sighting, base_url, now).await?;
+                let body = self
+                    .install(mac, machine, &profile, sighting, base_url, now)
+                    .await?;
                 Ok(Some(Script {
                     body,
                     install: true,
@@ -196,19 +198,25 @@ impl BootService {
         }
     }
 
+    /// Renders the install script for `mac` (from `machine` if this request already read it)
+    /// and mints its token.
     async fn install(
         &self,
         mac: Mac,
+        machine: Option<Box<Machine>>,
         profile: &str,
         sighting: Sighting,
         base_url: &str,
         now: i64,
     ) -> Result<String> {
-        let mut m = self
-            .inv
-            .machine(mac)
-            .await?
-            .ok_or(StoreError::NotFound(mac))?;
+        let mut m = match machine {
+            Some(m) => *m,
+            None => self
+                .inv
+                .machine(mac)
+                .await?
+                .ok_or(StoreError::NotFound(mac))?,
+        };
         // Render with what this request said (the same values are recorded with the token).
         m.uuid = m.uuid.or(sighting.uuid.clone());
         let token = keys::random_token();

@@ -163,6 +163,41 @@ pub struct BootFacts {
     pub installer_done: bool,
 }
 
+impl BootFacts {
+    /// A machine's boot facts.
+    pub fn of(m: &Machine) -> BootFacts {
+        BootFacts {
+            state: m.state,
+            profile: m.profile.clone(),
+            installer_done: m.installer_done_at.is_some(),
+        }
+    }
+}
+
+/// What `/ipxe` learns of a machine: its boot facts from the cache, or, when they had to be
+/// read, the whole machine in the same read (an install renders from it, so it is not read
+/// twice).
+#[derive(Clone, Debug)]
+pub enum BootLookup {
+    /// Cached facts of a known machine.
+    Cached(BootFacts),
+    /// The machine, read.
+    Read(Box<Machine>),
+    /// No such machine.
+    Unknown,
+}
+
+impl BootLookup {
+    /// The boot facts, if the machine is known.
+    pub fn facts(&self) -> Option<BootFacts> {
+        match self {
+            BootLookup::Cached(f) => Some(f.clone()),
+            BootLookup::Read(m) => Some(BootFacts::of(m)),
+            BootLookup::Unknown => None,
+        }
+    }
+}
+
 /// How a registration step ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -394,6 +429,8 @@ pub trait Inventory: Send + Sync + 'static {
     async fn machine(&self, mac: Mac) -> Result<Option<Machine>>;
     /// The boot decision's inputs for this MAC, if it is known (the hot path).
     async fn boot_facts(&self, mac: Mac) -> Result<Option<BootFacts>>;
+    /// The same for `/ipxe`: the cached facts, or the whole machine when it had to be read.
+    async fn boot_lookup(&self, mac: Mac) -> Result<BootLookup>;
     /// A page of machines.
     async fn machines(&self, q: MachineQuery) -> Result<Vec<Machine>>;
     /// How many machines there are, by state.

@@ -33,9 +33,9 @@ use tokio::sync::oneshot;
 
 use super::leases::{self, BindRequest, Lease, OfferRequest};
 use super::{
-    BootFacts, Event, EventQuery, Inventory, Limits, Machine, MachinePatch, MachineQuery,
-    NewMachine, Observation, Result, Sighting, Stats, StepRecord, StepStatus, StoreError,
-    TokenProblem, MAX_PAGE,
+    BootFacts, BootLookup, Event, EventQuery, Inventory, Limits, Machine, MachinePatch,
+    MachineQuery, NewMachine, Observation, Result, Sighting, Stats, StepRecord, StepStatus,
+    StoreError, TokenProblem, MAX_PAGE,
 };
 use crate::mac::Mac;
 use crate::policy::{self, EventKind, Failure, State, Transition};
@@ -693,14 +693,20 @@ impl Writer {
             && self.last_retention.elapsed() >= RETENTION_INTERVAL
             && (self.retention_drain || (self.retention_queue.is_empty() && !self.retention_total));
         let retention_due = run_due || self.retention_total || !self.retention_queue.is_empty();
-        // Repeats counted in memory are written when their window closes, and all of them
-        // before a durable write (the timeline's order) or for a flush (an admin read).
+        // Repeats counted in memory are written when their window closes; all of them for a
+        // flush (an admin read) or before a durable write that may touch any machine's
+        // timeline; a machine's own before a durable write of that machine (its timeline's
+        // order). Not all of them before every install: after a burst of local boots that
+        // held one install's commit for half a second.
         let now = crate::store::now_ms();
-        let write_all = !jobs.is_empty() || !flushes.is_empty();
+        let write_all =
+            !flushes.is_empty() || jobs.iter().any(|(t, _)| !matches!(t, Touch::One(_)));
         let counts_due = if write_all {
             self.recent.pending()
         } else {
-            self.recent.closing.front().is_some_and(|(t, _)| *t <= now)
+            jobs.iter()
+                .any(|(t, _)| matches!(t, Touch::One(m) if self.recent.pending_of(*m)))
+                || self.recent.closing.front().is_some_and(|(t, _)| *t <= now)
         };
         if jobs.is_empty() && observations.is_empty() && !cap_due && !retention_due && !counts_due {
             for f in flushes {
@@ -746,10 +752,16 @@ impl Writer {
                     Err(e) => tracing::error!("writing {n} observations failed: {e}"),
                 }
             }
-            if write_all {
-                if let Err(e) = self.recent.write_pending(&self.conn) {
-                    tracing::error!("writing repeated observations failed: {e}");
-                }
+            let written = if write_all {
+                self.recent.write_pending(&self.conn)
+            } else {
+                jobs.iter().try_for_each(|(t, _)| match t {
+                    Touch::One(m) => self.recent.write_pending_of(&self.conn, *m),
+                    _ => Ok(()),
+                })
+            };
+            if let Err(e) = written {
+                tracing::error!("writing repeated observations failed: {e}");
             }
             // After the observations queued before them: a machine's timeline stays in the
             // order things happened.
@@ -1010,17 +1022,19 @@ type RowKey = (Mac, EventKind, String);
 
 /// What the writer wrote in the last [`WINDOW_MS`]: sightings (so they are not rewritten)
 /// and observation rows (so repeats are counted in memory). Pending counts are written when
-/// their window closes, before any durable write of the same transaction (so a machine's
-/// timeline keeps its order), and on every flush (so an admin read sees them).
+/// their window closes, a machine's before a durable write of that machine in the same
+/// transaction (so its timeline keeps its order; all of them before a durable write that
+/// names no one machine), and all on every flush (so an admin read sees them).
 #[derive(Default)]
 struct Recent {
     sightings: HashMap<Mac, (i64, Sighting)>,
     rows: HashMap<RowKey, RecentRow>,
     /// Keys of `rows` in the order their windows close.
     closing: VecDeque<(i64, RowKey)>,
-    /// Keys of the rows with repeats not yet written: what a flush or a durable write must
-    /// write first, found without walking every remembered row.
-    dirty: HashSet<RowKey>,
+    /// The rows with repeats not yet written, by machine: what a flush must write first, and
+    /// what a durable write of one machine must write of that machine's, found without walking
+    /// every remembered row. A row is here exactly when its `unwritten` is not zero.
+    dirty: HashMap<Mac, Vec<(EventKind, String)>>,
 }
 
 impl Recent {
@@ -1057,9 +1071,9 @@ impl Recent {
             Some(r) if at - r.first < WINDOW_MS => {
                 if r.unwritten == 0 {
                     r.since = at;
+                    self.dirty.entry(mac).or_default().push((key.1, key.2));
                 }
                 r.unwritten += n;
-                self.dirty.insert(key);
                 true
             }
             _ => false,
@@ -1095,8 +1109,10 @@ impl Recent {
                 break;
             }
             let (_, key) = self.closing.pop_front().expect("checked above");
-            self.dirty.remove(&key);
             if let Some(r) = self.rows.remove(&key) {
+                if r.unwritten != 0 {
+                    self.undirty(&key);
+                }
                 write_count(c, &key, &r)?;
             }
         }
@@ -1108,7 +1124,29 @@ impl Recent {
     /// closes, so later repeats still add to them: an admin polling the API does not split a
     /// machine's repeats into a row per poll.
     fn write_pending(&mut self, c: &Connection) -> Result<()> {
-        for key in std::mem::take(&mut self.dirty) {
+        for (mac, keys) in std::mem::take(&mut self.dirty) {
+            self.write_rows(c, mac, keys)?;
+        }
+        Ok(())
+    }
+
+    /// The same for one machine's rows (before a durable write of that machine: the order of
+    /// its timeline is all that write needs).
+    fn write_pending_of(&mut self, c: &Connection, mac: Mac) -> Result<()> {
+        match self.dirty.remove(&mac) {
+            Some(keys) => self.write_rows(c, mac, keys),
+            None => Ok(()),
+        }
+    }
+
+    fn write_rows(
+        &mut self,
+        c: &Connection,
+        mac: Mac,
+        keys: Vec<(EventKind, String)>,
+    ) -> Result<()> {
+        for (kind, detail) in keys {
+            let key = (mac, kind, detail);
             if let Some(r) = self.rows.get_mut(&key) {
                 if let Some(row) = write_count(c, &key, r)? {
                     r.row = row;
@@ -1119,9 +1157,23 @@ impl Recent {
         Ok(())
     }
 
+    fn undirty(&mut self, key: &RowKey) {
+        if let Some(keys) = self.dirty.get_mut(&key.0) {
+            keys.retain(|(k, d)| (k, d) != (&key.1, &key.2));
+            if keys.is_empty() {
+                self.dirty.remove(&key.0);
+            }
+        }
+    }
+
     /// Whether any repeat waits to be written.
     fn pending(&self) -> bool {
         !self.dirty.is_empty()
+    }
+
+    /// Whether any of `mac`'s repeats waits to be written.
+    fn pending_of(&self, mac: Mac) -> bool {
+        self.dirty.contains_key(&mac)
     }
 }
 
@@ -1584,6 +1636,22 @@ impl Inventory for SqliteInventory {
         })?;
         self.shared.facts.insert(generation, mac, facts.clone());
         Ok(facts)
+    }
+
+    async fn boot_lookup(&self, mac: Mac) -> Result<BootLookup> {
+        let generation = match self.shared.facts.get(mac) {
+            Ok(Some(f)) => return Ok(BootLookup::Cached(f)),
+            Ok(None) => return Ok(BootLookup::Unknown),
+            Err(g) => g,
+        };
+        let m = self.read(|c| load(c, mac))?;
+        self.shared
+            .facts
+            .insert(generation, mac, m.as_ref().map(BootFacts::of));
+        Ok(match m {
+            Some(m) => BootLookup::Read(Box::new(m)),
+            None => BootLookup::Unknown,
+        })
     }
 
     async fn machines(&self, q: MachineQuery) -> Result<Vec<Machine>> {

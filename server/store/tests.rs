@@ -261,6 +261,32 @@ async fn file_database_keeps_writes_across_reopen_with_durable_settings() {
 }
 
 #[tokio::test]
+async fn a_boot_lookup_reads_the_machine_once_then_uses_the_cache() {
+    let s = store();
+    let m = s.enroll(new("52:54:00:00:00:0c"), 1).await.unwrap().mac;
+    assert!(matches!(
+        s.boot_lookup(mac("52:54:00:00:00:0d")).await.unwrap(),
+        BootLookup::Unknown
+    ));
+    let first = s.boot_lookup(m).await.unwrap();
+    let BootLookup::Read(read) = &first else {
+        panic!("a first lookup reads the machine: {first:?}");
+    };
+    assert_eq!((read.mac, read.state), (m, State::Enrolled));
+    let again = s.boot_lookup(m).await.unwrap();
+    assert!(matches!(&again, BootLookup::Cached(_)), "{again:?}");
+    assert_eq!(again.facts(), first.facts());
+    // A write of the machine makes the next lookup read it again, with the new state.
+    s.start_install(m, "h".into(), 100, Sighting::default(), 2)
+        .await
+        .unwrap();
+    match s.boot_lookup(m).await.unwrap() {
+        BootLookup::Read(read) => assert_eq!(read.state, State::Installing),
+        other => panic!("expected a read after the write: {other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn boot_facts_are_the_decision_inputs() {
     let s = store();
     let m = s.enroll(new("52:54:00:00:00:0a"), 1).await.unwrap().mac;
@@ -699,6 +725,69 @@ async fn repeats_within_a_minute_add_to_the_newest_row() {
             ("ipxe_served", 1, 42_000),
             ("ipxe_served", 1, 200_000)
         ]
+    );
+}
+
+#[tokio::test]
+async fn a_durable_write_writes_its_own_machines_repeats_first_and_only_those() {
+    // After a burst of local boots every machine has repeats counted in memory; an install
+    // of one machine must put that machine's before its install_started (its timeline's
+    // order) and need not write everybody else's in its commit.
+    let s = store();
+    let a = s.enroll(new("52:54:00:00:00:21"), 1).await.unwrap().mac;
+    let b = s.enroll(new("52:54:00:00:00:22"), 1).await.unwrap().mac;
+    let t0 = now_ms();
+    let served = |mac, at| Observation::Event {
+        mac: Some(mac),
+        kind: EventKind::IpxeServed,
+        detail: "local boot (installed, pcbios)".into(),
+        at,
+    };
+    for dt in [0, 1_000, 2_000] {
+        s.observe(served(a, t0 + dt));
+        s.observe(served(b, t0 + dt));
+        s.maintain_observations_only().await;
+    }
+    s.start_install(
+        a,
+        "h".into(),
+        t0 + 1_000_000,
+        Sighting::default(),
+        t0 + 3_000,
+    )
+    .await
+    .unwrap();
+    let written = |m| {
+        let s = &s;
+        async move {
+            s.events(EventQuery {
+                mac: Some(m),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.kind.as_str().to_string(), e.count))
+            .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        written(a).await,
+        [
+            ("enrolled".to_string(), 1),
+            ("ipxe_served".to_string(), 3),
+            ("install_started".to_string(), 1)
+        ]
+    );
+    assert_eq!(
+        written(b).await,
+        [("enrolled".to_string(), 1), ("ipxe_served".to_string(), 1)],
+        "b's repeats wait for their window, a flush or a write of b"
+    );
+    // They are not lost: a flush (an admin read) writes them.
+    assert_eq!(
+        counts(&s, b).await,
+        [("enrolled".to_string(), 1), ("ipxe_served".to_string(), 3)]
     );
 }
 
