@@ -113,6 +113,7 @@ impl AdminService {
             arch: None,
             platform: None,
             last_ip: None,
+            boot_ip: None,
             last_seen: None,
             failure: None,
             host_keys: vec![],

@@ -11,17 +11,17 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::attribution::Attribution;
+use crate::attribution::{Attribution, Evidence, EVIDENCE_MAX_AGE};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::mac::Mac;
 use crate::policy::{
-    self, BootDecision, BootRequest, DiscoverAnswer, EventKind, MachineFacts, Platform,
+    self, BootDecision, BootRequest, ClaimPolicy, DiscoverAnswer, EventKind, MachineFacts, Platform,
 };
 use crate::registrar;
 use crate::render::{ArtifactKind, RenderError, Renderer};
 use crate::store::{
-    self, BootFacts, BootLookup, Inventory, Machine, Observation, Sighting, StoreError,
+    self, BootFacts, Inventory, Machine, Observation, Sighting, StoreError, TokenProblem,
 };
 use crate::validate::truncate;
 
@@ -32,6 +32,8 @@ pub struct Settings {
     pub install_token_ttl: Duration,
     /// What unknown machines are told.
     pub discover: DiscoverAnswer,
+    /// Which install claims are believed (a profile may say otherwise).
+    pub claims: ClaimPolicy,
 }
 
 /// The answer to an ignored machine that is already running iPXE: hand control back to the
@@ -58,6 +60,16 @@ impl std::ops::Deref for Script {
     fn deref(&self) -> &str {
         &self.body
     }
+}
+
+/// An install claim that passed [`BootService::check_claim`].
+struct Claim {
+    /// Who asked (canonical form): the install token is issued to this address.
+    from: IpAddr,
+    /// On what evidence it was believed.
+    evidence: String,
+    /// What the boot request said.
+    sighting: Sighting,
 }
 
 /// The machine-facing service.
@@ -120,35 +132,38 @@ impl BootService {
         Ok(self.renderer.boot_ipxe(base_url)?)
     }
 
-    /// Answers `/ipxe` for one machine: an unknown MAC is recorded `discovered` (durably),
-    /// a known one's sighting is observed; then policy decides. An install mints a new
-    /// install token and moves the machine to `installing` only once the script has rendered.
-    /// `Ok(None)` means "ignore this machine".
+    /// Answers `/ipxe` for one machine asking from `from`: an unknown MAC is recorded
+    /// `discovered` (durably), a known one's sighting is observed; then policy decides. An
+    /// install mints a new install token, only for a claim backed by evidence (see
+    /// [`BootService::check_claim`]), and moves the machine to `installing` only once the
+    /// script has rendered. `Ok(None)` means "ignore this machine".
     pub async fn boot(
         &self,
         mac: Mac,
         req: BootRequest,
         sighting: Sighting,
+        from: IpAddr,
         base_url: &str,
     ) -> Result<Option<Script>> {
         let now = store::now_ms();
-        let (facts, machine, discovered) = match self.inv.boot_lookup(mac).await? {
-            BootLookup::Cached(f) => (f, None, false),
-            BootLookup::Read(m) => (BootFacts::of(&m), Some(m), false),
-            BootLookup::Unknown => {
+        // The three columns the decision needs (usually cached): a local boot, by far the
+        // most common answer, never reads the whole machine.
+        let (facts, machine) = match self.inv.boot_facts(mac).await? {
+            Some(f) => {
+                self.inv.observe(Observation::Seen {
+                    mac,
+                    sighting: sighting.clone(),
+                    discover: false,
+                    at: now,
+                });
+                (f, None)
+            }
+            None => {
+                // Created with this sighting.
                 let m = self.inv.discover(mac, sighting.clone(), now).await?;
-                (BootFacts::of(&m), Some(Box::new(m)), true)
+                (BootFacts::of(&m), Some(Box::new(m)))
             }
         };
-        // A machine discovered by this request was created with its sighting.
-        if !discovered {
-            self.inv.observe(Observation::Seen {
-                mac,
-                sighting: sighting.clone(),
-                discover: false,
-                at: now,
-            });
-        }
         match policy::decide(Some(&facts_of(&facts)), &req, self.settings.discover) {
             BootDecision::Ignore => {
                 self.observe(
@@ -187,8 +202,27 @@ impl BootService {
                 }
             }
             BootDecision::Install { profile } => {
+                let from = from.to_canonical();
+                let evidence = match self.check_claim(mac, from, &profile) {
+                    Ok(how) => how,
+                    Err(why) => {
+                        self.observe(
+                            Some(mac),
+                            EventKind::ClaimRefused,
+                            format!("install claim from {from}: {why}"),
+                        );
+                        return Err(Error::Forbidden(format!(
+                            "install claim for {mac} from {from} refused: {why}"
+                        )));
+                    }
+                };
+                let claim = Claim {
+                    from,
+                    evidence,
+                    sighting,
+                };
                 let body = self
-                    .install(mac, machine, &profile, sighting, base_url, now)
+                    .install(mac, machine, &profile, claim, base_url, now)
                     .await?;
                 Ok(Some(Script {
                     body,
@@ -198,17 +232,48 @@ impl BootService {
         }
     }
 
+    /// Whether to believe that `from` is `mac`, for an install of `profile`: `Ok` says on
+    /// what evidence, `Err` why not. A MAC is a claim, not a credential: an install hands
+    /// its claimant a token that reads every rendered config and pins host keys, so it needs
+    /// something the daemon observed itself. Evidence to the contrary always refuses;
+    /// no evidence refuses unless the profile (or the daemon) says `claims = "any"`.
+    fn check_claim(&self, mac: Mac, from: IpAddr, profile: &str) -> Result<String, String> {
+        let policy = self
+            .renderer
+            .catalog()
+            .profile(profile)
+            .ok()
+            .and_then(|p| p.claims)
+            .unwrap_or(self.settings.claims);
+        match self.attribution.evidence(from, mac) {
+            Evidence::Matches(how) => Ok(how),
+            Evidence::Contradicts(why) => Err(why),
+            Evidence::None if policy == ClaimPolicy::Any => {
+                Ok(format!("no evidence for {from}, accepted by claims = \"any\""))
+            }
+            Evidence::None => Err(format!(
+                "no evidence that {from} is {mac}: the neighbour table has no entry for it and DHCP saw no request of {mac} for it in the last {} minutes. A relayed or routed client needs claims = \"any\" (see docs/security.md)",
+                EVIDENCE_MAX_AGE.as_secs() / 60
+            )),
+        }
+    }
+
     /// Renders the install script for `mac` (from `machine` if this request already read it)
-    /// and mints its token.
+    /// and mints its token, issued to the claim's address.
     async fn install(
         &self,
         mac: Mac,
         machine: Option<Box<Machine>>,
         profile: &str,
-        sighting: Sighting,
+        claim: Claim,
         base_url: &str,
         now: i64,
     ) -> Result<String> {
+        let Claim {
+            from,
+            evidence,
+            sighting,
+        } = claim;
         let mut m = match machine {
             Some(m) => *m,
             None => self
@@ -236,10 +301,32 @@ impl BootService {
             }
         };
         let expires = now + self.settings.install_token_ttl.as_millis() as i64;
-        self.inv
-            .start_install(mac, keys::token_hash(&token), expires, sighting, now)
-            .await?;
-        Ok(script)
+        match self
+            .inv
+            .start_install(
+                mac,
+                keys::token_hash(&token),
+                expires,
+                sighting,
+                from.to_string(),
+                now,
+            )
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(%mac, %from, "install token issued ({evidence})");
+                Ok(script)
+            }
+            Err(e @ StoreError::TokenHeld { .. }) => {
+                self.observe(
+                    Some(mac),
+                    EventKind::ClaimRefused,
+                    format!("install claim from {from}: {e}"),
+                );
+                Err(e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// DHCP asks whether a boot client gets an answer at all. The request is observed (an
@@ -288,25 +375,56 @@ impl BootService {
         self.observe(Some(mac), kind, detail);
     }
 
-    /// Serves a profile artifact to the installer holding a live install token.
+    /// Moves the live token `hash` of `mac` to `from` if the daemon has evidence that `from`
+    /// is `mac` (an installer that changed address on the same link); false if it has none.
+    async fn move_token_on_evidence(
+        &self,
+        hash: &str,
+        from: IpAddr,
+        mac: Mac,
+        now: i64,
+    ) -> Result<bool> {
+        let Evidence::Matches(why) = self.attribution.evidence(from, mac) else {
+            return Ok(false);
+        };
+        self.inv
+            .move_token(hash.to_string(), from.to_string(), why, now)
+            .await?;
+        Ok(true)
+    }
+
+    /// Serves a profile artifact to the installer holding a live install token, asking from
+    /// the address the token was issued to (or one the daemon has evidence is the same
+    /// machine: the token moves there).
     pub async fn config(
         &self,
         token: &str,
         artifact: &str,
+        from: IpAddr,
         base_url: &str,
     ) -> Result<(ArtifactKind, String)> {
         let now = store::now_ms();
-        let m = match self
+        let from = from.to_canonical();
+        let hash = keys::token_hash(token);
+        let mut found = self
             .inv
-            .machine_by_token(&keys::token_hash(token), now)
-            .await
-        {
+            .machine_by_token(&hash, &from.to_string(), now)
+            .await;
+        if let Err(StoreError::Token(TokenProblem::OtherAddress, Some(mac))) = found {
+            if self.move_token_on_evidence(&hash, from, mac, now).await? {
+                found = self
+                    .inv
+                    .machine_by_token(&hash, &from.to_string(), now)
+                    .await;
+            }
+        }
+        let m = match found {
             Ok(m) => m,
             Err(StoreError::Token(problem, Some(mac))) => {
                 self.observe(
                     Some(mac),
                     EventKind::ConfigRefused,
-                    format!("{artifact}: {problem}"),
+                    format!("{artifact} from {from}: {problem}"),
                 );
                 return Err(StoreError::Token(problem, Some(mac)).into());
             }
@@ -351,13 +469,14 @@ impl BootService {
     }
 
     /// Phone-home: pins the posted SSH host keys and moves the machine to `installed`,
-    /// burning its token; a machine whose profile has a role is queued for registration.
+    /// burning its token, if `from` is the address the token was issued to (or the profile
+    /// allows any); a machine whose profile has a role is queued for registration.
     /// `key_lines` are OpenSSH public key lines; each must parse.
     pub async fn phone_home(
         &self,
         token: &str,
         key_lines: Vec<String>,
-        from: Option<IpAddr>,
+        from: IpAddr,
     ) -> Result<Machine> {
         let mut keys = Vec::new();
         for line in key_lines.iter().map(|l| l.trim()).filter(|l| !l.is_empty()) {
@@ -375,13 +494,36 @@ impl BootService {
         }
         let algs: Vec<_> = keys.iter().map(|(a, _)| a.clone()).collect();
         let detail = format!("{} SSH host key(s) pinned: {}", keys.len(), algs.join(", "));
-        let ip = from.map(|ip| ip.to_canonical().to_string());
+        let ip = from.to_canonical().to_string();
+        let any_address: std::collections::BTreeSet<String> = self
+            .renderer
+            .catalog()
+            .profiles()
+            .values()
+            .filter(|p| p.phone_home_any_address)
+            .map(|p| p.name.clone())
+            .collect();
         let now = store::now_ms();
-        match self
-            .inv
-            .phone_home(keys::token_hash(token), keys, ip, detail, now)
-            .await
-        {
+        let hash = keys::token_hash(token);
+        let home = |hash: String, keys| {
+            self.inv.phone_home(
+                hash,
+                keys,
+                ip.clone(),
+                any_address.clone(),
+                detail.clone(),
+                now,
+            )
+        };
+        let mut result = home(hash.clone(), keys.clone()).await;
+        if let Err(StoreError::Token(TokenProblem::OtherAddress, Some(mac))) = result {
+            // An installed OS that took a new DHCP lease: the token follows it there, if the
+            // daemon has evidence that the new address is the same machine.
+            if self.move_token_on_evidence(&hash, from, mac, now).await? {
+                result = home(hash, keys).await;
+            }
+        }
+        match result {
             Ok(m) => {
                 if self.registrar.has_role(&m) {
                     // Registration starts now; the installer's request does not wait for it.
@@ -393,7 +535,11 @@ impl BootService {
                 Ok(m)
             }
             Err(StoreError::Token(problem, Some(mac))) => {
-                self.observe(Some(mac), EventKind::PhoneHomeRefused, problem.to_string());
+                self.observe(
+                    Some(mac),
+                    EventKind::PhoneHomeRefused,
+                    format!("from {ip}: {problem}"),
+                );
                 Err(StoreError::Token(problem, Some(mac)).into())
             }
             Err(e) => Err(e.into()),

@@ -568,6 +568,7 @@ fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
                 ("arch", opt(&m.arch)),
                 ("platform", opt(&m.platform)),
                 ("last_ip", opt(&m.last_ip)),
+                ("boot_ip", opt(&m.boot_ip)),
                 (
                     "last_seen",
                     m.last_seen.map(time).unwrap_or_else(|| "-".into()),

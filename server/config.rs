@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
-use crate::policy::DiscoverAnswer;
+use crate::policy::{ClaimPolicy, DiscoverAnswer};
 
 /// `provision serve` flags. Each may also come from `PROVISION_<NAME>` or the config file.
 #[derive(clap::Args, Debug, Default, Clone)]
@@ -93,6 +93,11 @@ pub struct ServeArgs {
     /// What unknown machines are told: local_boot or ignore [default: local_boot].
     #[arg(long, env = "PROVISION_DISCOVER", value_name = "ANSWER")]
     pub discover: Option<String>,
+    /// Which install claims are believed: evidence (the asking address is the MAC's, as the
+    /// neighbour table or DHCP showed) or any (also relayed/routed clients; see
+    /// docs/security.md) [default: evidence].
+    #[arg(long, env = "PROVISION_CLAIMS", value_name = "POLICY")]
+    pub claims: Option<String>,
     /// Machines the registrar registers at once [default: 4].
     #[arg(long, env = "PROVISION_REGISTER_WORKERS", value_name = "N")]
     pub register_workers: Option<usize>,
@@ -147,6 +152,7 @@ struct FileConfig {
     assets_dir: Option<PathBuf>,
     install_token_ttl: Option<String>,
     discover: Option<String>,
+    claims: Option<String>,
     register_workers: Option<usize>,
     register_attempts: Option<u32>,
     ssh_timeout: Option<String>,
@@ -184,6 +190,7 @@ const KNOWN_ENV: &[&str] = &[
     "PROVISION_ASSETS_DIR",
     "PROVISION_INSTALL_TOKEN_TTL",
     "PROVISION_DISCOVER",
+    "PROVISION_CLAIMS",
     "PROVISION_URL",
     "PROVISION_TOKEN",
     "PROVISION_TOKEN_FILE",
@@ -225,6 +232,8 @@ pub struct Config {
     pub install_token_ttl: Duration,
     /// Discovery answer.
     pub discover: DiscoverAnswer,
+    /// Which install claims are believed.
+    pub claims: ClaimPolicy,
     /// Registrar settings.
     pub register: crate::registrar::Settings,
     /// The bounds on what the network can make the database hold.
@@ -516,6 +525,13 @@ impl Config {
                 .or(file.discover)
                 .unwrap_or_else(|| "local_boot".into()),
         )?;
+        let claims: ClaimPolicy = args
+            .claims
+            .clone()
+            .or(file.claims)
+            .map(|s| s.parse().map_err(anyhow::Error::msg))
+            .transpose()?
+            .unwrap_or_default();
         let workers = args.register_workers.or(file.register_workers).unwrap_or(4);
         if !(1..=256).contains(&workers) {
             bail!("register_workers {workers} is out of range: between 1 and 256");
@@ -607,6 +623,7 @@ impl Config {
             assets_dir,
             install_token_ttl,
             discover,
+            claims,
             register,
         })
     }
@@ -622,7 +639,7 @@ mod tests {
         let f = d.path().join("p.toml");
         std::fs::write(
             &f,
-            "http = \"127.0.0.1:9000\"\ninstall_token_ttl = \"2h\"\ndiscover = \"ignore\"\n",
+            "http = \"127.0.0.1:9000\"\ninstall_token_ttl = \"2h\"\ndiscover = \"ignore\"\nclaims = \"any\"\n",
         )
         .unwrap();
         let mut args = ServeArgs {
@@ -634,9 +651,19 @@ mod tests {
         assert_eq!(c.http.to_string(), "127.0.0.1:9000");
         assert_eq!(c.install_token_ttl, Duration::from_secs(7200));
         assert_eq!(c.discover, DiscoverAnswer::Ignore);
+        assert_eq!(c.claims, ClaimPolicy::Any);
         assert_eq!(c.assets_dir, d.path().join("assets"));
         args.http = Some("127.0.0.1:0".into());
         assert_eq!(Config::from_args(&args).unwrap().http.port(), 0);
+        // Without a word on it, install claims need evidence.
+        let plain = ServeArgs {
+            data_dir: Some(d.path().into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::from_args(&plain).unwrap().claims,
+            ClaimPolicy::Evidence
+        );
     }
 
     #[test]
@@ -685,6 +712,13 @@ mod tests {
                     ..Default::default()
                 },
                 "local_boot or ignore",
+            ),
+            (
+                ServeArgs {
+                    claims: Some("trust".into()),
+                    ..Default::default()
+                },
+                "must be evidence (the default) or any",
             ),
         ] {
             let e = format!("{:#}", Config::from_args(&args).unwrap_err());

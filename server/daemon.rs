@@ -35,7 +35,7 @@ pub fn check_config(cfg: &Config) -> anyhow::Result<String> {
     let cat = Catalog::load(sources(cfg))?;
     let names: Vec<_> = cat.profiles().keys().cloned().collect();
     Ok(format!(
-        "configuration OK\n  data dir: {}\n  http: {}\n  dhcp: {}\n  tftp: {}\n  advertise: {}\n  assets: {}\n  install token ttl: {}\n  discover: {:?}\n  profiles: {}\n",
+        "configuration OK\n  data dir: {}\n  http: {}\n  dhcp: {}\n  tftp: {}\n  advertise: {}\n  assets: {}\n  install token ttl: {}\n  discover: {:?}\n  claims: {}\n  profiles: {}\n",
         cfg.data_dir.display(),
         cfg.http,
         match cfg.dhcp {
@@ -67,6 +67,7 @@ pub fn check_config(cfg: &Config) -> anyhow::Result<String> {
         cfg.assets_dir.display(),
         humantime::format_duration(cfg.install_token_ttl),
         cfg.discover,
+        cfg.claims.as_str(),
         names.join(", ")
     ))
 }
@@ -145,6 +146,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         Settings {
             install_token_ttl: cfg.install_token_ttl,
             discover: cfg.discover,
+            claims: cfg.claims,
         },
         registrar_handle.clone(),
         attribution,

@@ -35,8 +35,12 @@ pub struct Machine {
     pub arch: Option<String>,
     /// `${platform}` seen at the last boot.
     pub platform: Option<String>,
-    /// Source address of the last boot request or phone-home.
+    /// The address provision SSHes to and Ansible gets: set by the phone-home, never by a
+    /// boot request.
     pub last_ip: Option<String>,
+    /// Source address of the last boot request (DHCP, TFTP, `/ipxe`): an observation.
+    #[serde(default)]
+    pub boot_ip: Option<String>,
     /// When it last asked for anything (DHCP, TFTP, `/ipxe`), Unix ms.
     pub last_seen: Option<i64>,
     /// In state `failed`: the step that failed.
@@ -76,6 +80,7 @@ impl From<store::Machine> for Machine {
             arch: m.arch,
             platform: m.platform,
             last_ip: m.last_ip,
+            boot_ip: m.boot_ip,
             last_seen: m.last_seen,
             failed_step,
             failed_reason,

@@ -16,6 +16,9 @@ pub enum Error {
     /// Input that fails validation.
     #[error("{0}")]
     Invalid(String),
+    /// A claim the daemon does not believe (an install claim without evidence).
+    #[error("{0}")]
+    Forbidden(String),
     /// A request that does not fit the machine as it is.
     #[error("{0}")]
     Conflict(String),

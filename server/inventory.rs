@@ -151,6 +151,7 @@ mod tests {
             arch: None,
             platform: None,
             last_ip: ip.map(str::to_string),
+            boot_ip: None,
             last_seen: None,
             failure: None,
             host_keys: vec![

@@ -2,6 +2,7 @@
 //! phone-home, previews, validation.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
 
 use crate::dto::{EnrollRequest, UpdateRequest};
 use crate::error::Error;
@@ -14,6 +15,8 @@ use crate::testkit::{stack, Stack};
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 provision";
 const BASE: &str = "http://10.0.0.1:8080";
+/// The address the test machines ask from.
+const PEER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9));
 
 fn prov() -> Stack {
     stack(DiscoverAnswer::LocalBoot)
@@ -122,7 +125,7 @@ async fn install_then_phone_home_then_local_boot() {
         .unwrap();
     let script = p
         .boot
-        .boot(mac, bios(), Sighting::default(), BASE)
+        .boot(mac, bios(), Sighting::default(), PEER, BASE)
         .await
         .unwrap()
         .unwrap();
@@ -139,37 +142,41 @@ async fn install_then_phone_home_then_local_boot() {
     assert!(script.contains(&format!("url={BASE}/config/{token}/preseed.cfg")));
     assert_eq!(p.admin.machine(mac).await.unwrap().state, State::Installing);
 
-    let (kind, preseed) = p.boot.config(&token, "preseed.cfg", BASE).await.unwrap();
+    let (kind, preseed) = p
+        .boot
+        .config(&token, "preseed.cfg", PEER, BASE)
+        .await
+        .unwrap();
     assert_eq!(kind, ArtifactKind::Preseed);
     assert!(preseed.contains("d-i netcfg/get_hostname string node1"));
     assert!(preseed.contains(&format!("'{BASE}/phone-home/{token}'")));
     // Unknown artifact and unknown token are refused.
     assert!(matches!(
-        p.boot.config(&token, "nope", BASE).await,
+        p.boot.config(&token, "nope", PEER, BASE).await,
         Err(Error::Render(RenderError::NoArtifact { .. }))
     ));
     assert!(p
         .boot
-        .config(&"0".repeat(64), "preseed.cfg", BASE)
+        .config(&"0".repeat(64), "preseed.cfg", PEER, BASE)
         .await
         .is_err());
 
     // A phone-home without a key changes nothing.
     assert!(matches!(
         p.boot
-            .phone_home(&token, vec!["garbage".into()], None)
+            .phone_home(&token, vec!["garbage".into()], PEER)
             .await,
         Err(Error::Invalid(_))
     ));
     assert!(matches!(
-        p.boot.phone_home(&token, vec![], None).await,
+        p.boot.phone_home(&token, vec![], PEER).await,
         Err(Error::Invalid(_))
     ));
     assert_eq!(p.admin.machine(mac).await.unwrap().state, State::Installing);
 
     let m = p
         .boot
-        .phone_home(&token, vec![format!("{KEY}\n"), String::new()], None)
+        .phone_home(&token, vec![format!("{KEY}\n"), String::new()], PEER)
         .await
         .unwrap();
     assert_eq!(m.state, State::Installed);
@@ -181,7 +188,7 @@ async fn install_then_phone_home_then_local_boot() {
     );
     // The token is burnt: config and a second phone-home are refused.
     assert!(matches!(
-        p.boot.config(&token, "preseed.cfg", BASE).await,
+        p.boot.config(&token, "preseed.cfg", PEER, BASE).await,
         Err(Error::Store(StoreError::Token(
             crate::store::TokenProblem::Used,
             _
@@ -189,7 +196,7 @@ async fn install_then_phone_home_then_local_boot() {
     ));
     assert!(p
         .boot
-        .phone_home(&token, vec![KEY.into()], None)
+        .phone_home(&token, vec![KEY.into()], PEER)
         .await
         .is_err());
 
@@ -200,7 +207,7 @@ async fn install_then_phone_home_then_local_boot() {
         };
         let s = p
             .boot
-            .boot(mac, req, Sighting::default(), BASE)
+            .boot(mac, req, Sighting::default(), PEER, BASE)
             .await
             .unwrap()
             .unwrap();
@@ -239,22 +246,22 @@ async fn unknown_machines_are_discovered_and_answered_per_config() {
     };
     let s = p
         .boot
-        .boot(mac, bios(), sighting, BASE)
+        .boot(mac, bios(), sighting, PEER, BASE)
         .await
         .unwrap()
         .unwrap();
     assert!(s.contains("sanboot"), "{s}");
     let m = p.admin.machine(mac).await.unwrap();
     assert_eq!(
-        (m.state, m.last_ip.as_deref()),
-        (State::Discovered, Some("10.0.0.9"))
+        (m.state, m.boot_ip.as_deref(), m.last_ip.as_deref()),
+        (State::Discovered, Some("10.0.0.9"), None)
     );
 
     let ignoring = stack(DiscoverAnswer::Ignore);
     assert_eq!(
         ignoring
             .boot
-            .boot(mac, bios(), Sighting::default(), BASE)
+            .boot(mac, bios(), Sighting::default(), PEER, BASE)
             .await
             .unwrap(),
         None
@@ -275,33 +282,33 @@ async fn reboot_during_install_replaces_the_token_and_reprovision_reinstalls() {
         .unwrap();
     let t1 = token_of(
         &p.boot
-            .boot(mac, bios(), Sighting::default(), BASE)
+            .boot(mac, bios(), Sighting::default(), PEER, BASE)
             .await
             .unwrap()
             .unwrap(),
     );
     let t2 = token_of(
         &p.boot
-            .boot(mac, bios(), Sighting::default(), BASE)
+            .boot(mac, bios(), Sighting::default(), PEER, BASE)
             .await
             .unwrap()
             .unwrap(),
     );
     assert_ne!(t1, t2);
-    assert!(p.boot.config(&t1, "config.ign", BASE).await.is_err());
-    p.boot.config(&t2, "config.ign", BASE).await.unwrap();
+    assert!(p.boot.config(&t1, "config.ign", PEER, BASE).await.is_err());
+    p.boot.config(&t2, "config.ign", PEER, BASE).await.unwrap();
     // coreos-installer has the config and writes the disk; the installed system phones home
     // from its first boot, so the reboot must boot that disk, not install again.
     let s = p
         .boot
-        .boot(mac, bios(), Sighting::default(), BASE)
+        .boot(mac, bios(), Sighting::default(), PEER, BASE)
         .await
         .unwrap()
         .unwrap();
     assert!(s.contains("sanboot") && s.contains("installer-done"), "{s}");
     assert_eq!(p.admin.machine(mac).await.unwrap().state, State::Installing);
     p.boot
-        .phone_home(&t2, vec![KEY.into()], None)
+        .phone_home(&t2, vec![KEY.into()], PEER)
         .await
         .unwrap();
     assert_eq!(
@@ -320,13 +327,13 @@ async fn reboot_during_install_replaces_the_token_and_reprovision_reinstalls() {
     assert_eq!((r.state, r.generation), (State::Enrolled, 1));
     let s = p
         .boot
-        .boot(mac, bios(), Sighting::default(), BASE)
+        .boot(mac, bios(), Sighting::default(), PEER, BASE)
         .await
         .unwrap()
         .unwrap();
     assert!(s.contains("coreos.inst.ignition_url="), "{s}");
     let t3 = token_of(&s);
-    let (_, ign) = p.boot.config(&t3, "config.ign", BASE).await.unwrap();
+    let (_, ign) = p.boot.config(&t3, "config.ign", PEER, BASE).await.unwrap();
     assert!(ign.contains(&t3), "new token in the phone-home URL");
 }
 
@@ -502,4 +509,244 @@ async fn update_checks_like_enroll() {
         .await
         .unwrap();
     assert!(m.vars.is_empty() && m.hostname.is_none());
+}
+
+/// A stack that believes install claims only with evidence, as the daemon does by default.
+fn strict() -> Stack {
+    crate::testkit::stack_with(
+        DiscoverAnswer::LocalBoot,
+        crate::policy::ClaimPolicy::Evidence,
+    )
+}
+
+fn v4(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))
+}
+
+/// DHCP saw `mac` take `ip` (the evidence a real boot leaves).
+fn dhcp_saw(p: &Stack, ip: IpAddr, mac: Mac) {
+    let IpAddr::V4(ip) = ip else { unreachable!() };
+    p.boot
+        .attribution()
+        .learn(ip, mac, crate::attribution::Learned::Requested);
+}
+
+async fn events_of(p: &Stack, mac: Mac) -> Vec<(String, String)> {
+    p.inv.flush().await.unwrap();
+    p.admin
+        .events(EventQuery {
+            mac: Some(mac),
+            after: 0,
+            limit: 100,
+            tail: false,
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.kind.as_str().to_string(), e.detail))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_install_claim_without_evidence_is_refused_and_changes_nothing() {
+    let p = strict();
+    let mac: Mac = "52:54:00:aa:00:21".parse().unwrap();
+    p.admin
+        .enroll(enroll_req("52-54-00-aa-00-21", "debian-12"))
+        .await
+        .unwrap();
+    // Nobody vouches for 10.0.0.5: no neighbour entry (not on this host's links), no DHCP.
+    let refused = p
+        .boot
+        .boot(mac, bios(), Sighting::default(), v4(5), BASE)
+        .await;
+    let Err(Error::Forbidden(why)) = refused else {
+        panic!("expected a refusal: {refused:?}")
+    };
+    assert!(
+        why.contains("no evidence that 10.0.0.5 is 52:54:00:aa:00:21"),
+        "{why}"
+    );
+    assert!(why.contains("claims = \"any\""), "says what to do: {why}");
+    let m = p.admin.machine(mac).await.unwrap();
+    assert_eq!(m.state, State::Enrolled);
+    let ev = events_of(&p, mac).await;
+    assert_eq!(ev.len(), 2, "{ev:?}");
+    assert_eq!(ev[1].0, "claim_refused");
+    assert!(ev[1].1.contains("from 10.0.0.5"), "{ev:?}");
+
+    // DHCP saw another machine take that address: contrary evidence, refused too.
+    let other: Mac = "52:54:00:aa:00:99".parse().unwrap();
+    dhcp_saw(&p, v4(5), other);
+    let refused = p
+        .boot
+        .boot(mac, bios(), Sighting::default(), v4(5), BASE)
+        .await;
+    assert!(
+        matches!(&refused, Err(Error::Forbidden(w)) if w.contains("52:54:00:aa:00:99")),
+        "{refused:?}"
+    );
+    assert_eq!(p.admin.machine(mac).await.unwrap().state, State::Enrolled);
+
+    // The real machine's DHCP request is the evidence: it installs.
+    dhcp_saw(&p, v4(6), mac);
+    let script = p
+        .boot
+        .boot(mac, bios(), Sighting::default(), v4(6), BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(script.install);
+    let m = p.admin.machine(mac).await.unwrap();
+    assert_eq!(m.state, State::Installing);
+    let started = events_of(&p, mac).await;
+    assert!(
+        started
+            .iter()
+            .any(|(k, d)| k == "install_started" && d.contains("token issued to 10.0.0.6")),
+        "{started:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_serves_only_the_address_it_was_issued_to() {
+    let p = strict();
+    let mac: Mac = "52:54:00:aa:00:22".parse().unwrap();
+    p.admin
+        .enroll(enroll_req("52-54-00-aa-00-22", "debian-12"))
+        .await
+        .unwrap();
+    let (victim, attacker) = (v4(10), v4(66));
+    dhcp_saw(&p, victim, mac);
+    let script = p
+        .boot
+        .boot(mac, bios(), Sighting::default(), victim, BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let token = token_of(&script);
+
+    // A stolen token is useless from another address: no config, no phone-home.
+    let r = p.boot.config(&token, "preseed.cfg", attacker, BASE).await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::Store(StoreError::Token(
+                crate::store::TokenProblem::OtherAddress,
+                _
+            )))
+        ),
+        "{r:?}"
+    );
+    let r = p.boot.phone_home(&token, vec![KEY.into()], attacker).await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::Store(StoreError::Token(
+                crate::store::TokenProblem::OtherAddress,
+                _
+            )))
+        ),
+        "{r:?}"
+    );
+    // Even with DHCP evidence for the attacker's address (it spoofed a DHCP request with the
+    // victim's MAC), the live token is not handed over.
+    dhcp_saw(&p, attacker, mac);
+    let r = p
+        .boot
+        .boot(mac, bios(), Sighting::default(), attacker, BASE)
+        .await;
+    assert!(
+        matches!(&r, Err(Error::Store(StoreError::TokenHeld { holder, .. })) if holder == "10.0.0.10"),
+        "{r:?}"
+    );
+    let ev = events_of(&p, mac).await;
+    let kinds: Vec<&str> = ev.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "enrolled",
+            "install_started",
+            "config_refused",
+            "phone_home_refused",
+            "claim_refused"
+        ],
+        "{ev:?}"
+    );
+    assert!(ev[2].1.contains("from 10.0.0.66"), "{ev:?}");
+
+    // The real installer is undisturbed: its token still works, and its phone-home sets the
+    // SSH address; the boot requests only ever set boot_ip.
+    p.boot
+        .config(&token, "preseed.cfg", victim, BASE)
+        .await
+        .unwrap();
+    let m = p.admin.machine(mac).await.unwrap();
+    assert_eq!(m.last_ip, None, "a boot request never sets the SSH address");
+    let m = p
+        .boot
+        .phone_home(&token, vec![KEY.into()], victim)
+        .await
+        .unwrap();
+    assert_eq!(
+        (m.state, m.last_ip.as_deref()),
+        (State::Installed, Some("10.0.0.10"))
+    );
+}
+
+#[tokio::test]
+async fn a_token_follows_its_machine_to_a_new_address_only_on_evidence() {
+    // An installer (or the installed OS) that took a new DHCP lease keeps its install: the
+    // daemon saw the machine take the new address.
+    let p = strict();
+    let mac: Mac = "52:54:00:aa:00:23".parse().unwrap();
+    p.admin
+        .enroll(enroll_req("52-54-00-aa-00-23", "debian-12"))
+        .await
+        .unwrap();
+    dhcp_saw(&p, v4(30), mac);
+    let script = p
+        .boot
+        .boot(mac, bios(), Sighting::default(), v4(30), BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    let token = token_of(&script);
+    // From an address nothing ties to the machine: refused, and the token stays put.
+    assert!(p
+        .boot
+        .config(&token, "preseed.cfg", v4(31), BASE)
+        .await
+        .is_err());
+    // From one DHCP saw it take: served, and the token moves there.
+    dhcp_saw(&p, v4(31), mac);
+    p.boot
+        .config(&token, "preseed.cfg", v4(31), BASE)
+        .await
+        .unwrap();
+    assert!(p
+        .boot
+        .config(&token, "preseed.cfg", v4(33), BASE)
+        .await
+        .is_err());
+    // The installed OS comes up on yet another address DHCP saw it take: phone-home works
+    // and sets the SSH address there.
+    dhcp_saw(&p, v4(32), mac);
+    let m = p
+        .boot
+        .phone_home(&token, vec![KEY.into()], v4(32))
+        .await
+        .unwrap();
+    assert_eq!(m.last_ip.as_deref(), Some("10.0.0.32"));
+    let moved: Vec<String> = events_of(&p, mac)
+        .await
+        .into_iter()
+        .filter(|(k, _)| k == "token_moved")
+        .map(|(_, d)| d)
+        .collect();
+    assert_eq!(moved.len(), 2, "{moved:?}");
+    assert!(
+        moved[0].starts_with("install token moved from 10.0.0.30 to 10.0.0.31: DHCP saw"),
+        "{moved:?}"
+    );
 }

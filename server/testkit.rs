@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::admin::AdminService;
 use crate::attribution::Attribution;
 use crate::boot::{BootService, Settings};
-use crate::policy::DiscoverAnswer;
+use crate::policy::{ClaimPolicy, DiscoverAnswer};
 use crate::registrar;
 use crate::render::{Renderer, Sources};
 use crate::store::{Inventory, SqliteInventory};
@@ -28,8 +28,15 @@ pub struct Stack {
     pub _queue: registrar::Queue,
 }
 
-/// A stack answering unknown machines with `discover`.
+/// A stack answering unknown machines with `discover` and believing every install claim (the
+/// tests of anything but claims play machines from addresses nothing vouches for).
 pub fn stack(discover: DiscoverAnswer) -> Stack {
+    stack_with(discover, ClaimPolicy::Any)
+}
+
+/// A stack answering unknown machines with `discover` and believing install claims by
+/// `claims`.
+pub fn stack_with(discover: DiscoverAnswer, claims: ClaimPolicy) -> Stack {
     let inv: Arc<dyn Inventory> =
         Arc::new(SqliteInventory::open_temp().expect("a temporary inventory"));
     let renderer = Arc::new(
@@ -42,6 +49,7 @@ pub fn stack(discover: DiscoverAnswer) -> Stack {
         Settings {
             install_token_ttl: Duration::from_secs(3600),
             discover,
+            claims,
         },
         handle.clone(),
         Arc::new(Attribution::default()),

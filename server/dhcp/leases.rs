@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use crate::attribution::Attribution;
+use crate::attribution::{Attribution, Learned};
 use crate::mac::Mac;
 use crate::policy::EventKind;
 use crate::store::{self, BindRequest, Inventory, Observation, OfferRequest, Pool};
@@ -123,7 +123,7 @@ impl LeaseBook {
         };
         match self.inv.lease_bind(req).await {
             Ok(true) => {
-                self.attribution.learn(ip, mac);
+                self.attribution.learn(ip, mac, Learned::Lease);
                 true
             }
             Ok(false) => {

@@ -33,6 +33,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
+use crate::attribution::Learned;
 use crate::boot::BootService;
 use crate::policy::EventKind;
 use crate::store::Inventory;
@@ -416,7 +417,7 @@ async fn handle(
             .requested_ip
             .or((!req.ciaddr.is_unspecified()).then_some(req.ciaddr))
         {
-            ctx.boot.attribution().learn(ip, mac);
+            ctx.boot.attribution().learn(ip, mac, Learned::Requested);
         }
         return None;
     }
@@ -426,7 +427,7 @@ async fn handle(
         } else {
             req.ciaddr
         };
-        ctx.boot.attribution().learn(ip, mac);
+        ctx.boot.attribution().learn(ip, mac, Learned::PxeRequest);
     }
     let server = ctx
         .advertise_ip

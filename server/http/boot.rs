@@ -108,9 +108,9 @@ pub(super) async fn ipxe_answer(
         uuid,
         arch: claim(q.arch, 16),
         platform: platform_claim,
-        ip: Some(peer.ip().to_string()),
+        ip: Some(peer.ip().to_canonical().to_string()),
     };
-    match st.boot.boot(mac, req, sighting, &base).await {
+    match st.boot.boot(mac, req, sighting, peer.ip(), &base).await {
         Ok(Some(script)) => Ok(script),
         // "Ignore" over HTTP: iPXE is already running, so hand control back to the firmware.
         Ok(None) => Ok(Script {
@@ -124,13 +124,14 @@ pub(super) async fn ipxe_answer(
 /// `GET /config/{token}/{artifact}`: a rendered config, only with a live install token.
 pub async fn config(
     State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path((token, artifact)): Path<(String, String)>,
 ) -> Result<Response, AppError> {
     let base = base_url(&st, &headers).map_err(AppError::text)?;
     let (kind, body) = st
         .boot
-        .config(&token, &artifact, &base)
+        .config(&token, &artifact, peer.ip(), &base)
         .await
         .map_err(|e| AppError::from(e).text())?;
     Ok(([(header::CONTENT_TYPE, kind.content_type())], body).into_response())
@@ -171,7 +172,7 @@ pub async fn phone_home(
     };
     let m = st
         .boot
-        .phone_home(&token, lines, Some(peer.ip()))
+        .phone_home(&token, lines, peer.ip())
         .await
         .map_err(|e| AppError::from(e).text())?;
     Ok((

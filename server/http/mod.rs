@@ -106,11 +106,17 @@ impl From<Error> for AppError {
         let status = match &e {
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Forbidden(_) | Error::Store(StoreError::TokenHeld { .. }) => {
+                StatusCode::FORBIDDEN
+            }
             Error::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
             Error::Store(StoreError::AlreadyEnrolled(..))
             | Error::Store(StoreError::Illegal(_))
             | Error::Store(StoreError::Conflict(_)) => StatusCode::CONFLICT,
-            Error::Store(StoreError::Token(TokenProblem::Unknown, _)) => StatusCode::FORBIDDEN,
+            Error::Store(StoreError::Token(
+                TokenProblem::Unknown | TokenProblem::OtherAddress,
+                _,
+            )) => StatusCode::FORBIDDEN,
             Error::Store(StoreError::Token(_, _)) => StatusCode::GONE,
             Error::Store(StoreError::Closed) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -61,6 +61,13 @@ event_kinds! {
     RenderFailed = "render_failed";
     /// A phone-home was refused.
     PhoneHomeRefused = "phone_home_refused";
+    /// An install claim (`/ipxe` for a machine due to install) was refused: no evidence, or
+    /// contrary evidence, that the address asking is that machine's; or a live token is held
+    /// by another address.
+    ClaimRefused = "claim_refused";
+    /// A live install token now serves another address: the daemon has evidence that it is
+    /// the same machine (an installer that took a new DHCP lease).
+    TokenMoved = "token_moved";
     /// An iPXE script was served.
     IpxeServed = "ipxe_served";
     /// The machine got the ignore answer over HTTP.

@@ -296,6 +296,43 @@ pub enum DiscoverAnswer {
     Ignore,
 }
 
+/// Which install claims are believed: a request for `/ipxe?mac=M` that would mint M's install
+/// token says "I am M", and a MAC is a claim, not a credential.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClaimPolicy {
+    /// Only with evidence the daemon observed that the asking address is M's (the kernel's
+    /// neighbour table, provision's own lease, a recent DHCP request of M for that address).
+    #[default]
+    Evidence,
+    /// Also without evidence, for relayed or routed clients where none can exist (evidence
+    /// to the contrary still refuses).
+    Any,
+}
+
+impl ClaimPolicy {
+    /// The configuration word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClaimPolicy::Evidence => "evidence",
+            ClaimPolicy::Any => "any",
+        }
+    }
+}
+
+impl FromStr for ClaimPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "evidence" => Ok(ClaimPolicy::Evidence),
+            "any" => Ok(ClaimPolicy::Any),
+            _ => Err(format!(
+                "claims {s:?} must be evidence (the default) or any (relayed or routed clients; see docs/security.md)"
+            )),
+        }
+    }
+}
+
 /// The stored facts `decide` reads about a machine.
 #[derive(Clone, Debug)]
 pub struct MachineFacts<'a> {

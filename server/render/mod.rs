@@ -258,6 +258,14 @@ pub struct Profile {
     /// network boot goes to that disk instead of installing again.
     #[serde(default)]
     pub local_boot_after: Option<String>,
+    /// Which install claims are believed for this profile's machines; unset: the daemon's
+    /// `--claims`. `any` is for relayed or routed clients (see docs/security.md).
+    #[serde(default)]
+    pub claims: Option<crate::policy::ClaimPolicy>,
+    /// Accept the phone-home from another address than the one the install began from (an
+    /// installer that changes address), with an event saying so.
+    #[serde(default)]
+    pub phone_home_any_address: bool,
 }
 
 /// Where templates come from, besides the built-in ones.

@@ -25,7 +25,7 @@
 //! [`Inventory::observe`], which never waits: they are coalesced and written in batches behind
 //! a bounded queue that drops the oldest (and counts the drops) when it overflows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
@@ -60,6 +60,17 @@ pub enum StoreError {
     /// issued to, when that is known.
     #[error("{0}")]
     Token(TokenProblem, Option<Mac>),
+    /// An install claim from one address while a live install token of the machine is held
+    /// by another (a MAC is a claim: the token is not handed to whoever says it next).
+    #[error("{mac} is installing with a live install token issued to {holder} (until {until}); a claim from another address is refused. If the machine really moved, wait for the token to expire or start over with `provision machines reprovision {mac}`", until = fmt_time(*.expires_at))]
+    TokenHeld {
+        /// The machine.
+        mac: Mac,
+        /// The address holding the live token.
+        holder: String,
+        /// When the token expires, Unix ms.
+        expires_at: i64,
+    },
     /// The database itself failed.
     #[error("database error: {0}")]
     Database(String),
@@ -89,6 +100,8 @@ pub enum TokenProblem {
     Expired,
     /// The token was burnt by a phone-home.
     Used,
+    /// The token was issued to another address than the one using it.
+    OtherAddress,
 }
 
 impl std::fmt::Display for TokenProblem {
@@ -99,6 +112,9 @@ impl std::fmt::Display for TokenProblem {
             }
             TokenProblem::Expired => "install token expired; reprovision the machine",
             TokenProblem::Used => "install token already used by a phone-home",
+            TokenProblem::OtherAddress => {
+                "install token used from another address than the one it was issued to"
+            }
         })
     }
 }
@@ -131,8 +147,13 @@ pub struct Machine {
     pub arch: Option<String>,
     /// `${platform}` seen at the last boot.
     pub platform: Option<String>,
-    /// Source address of the last boot request (or of the phone-home).
+    /// The address provision SSHes to and Ansible gets: set by the phone-home (from the
+    /// address its install token was issued to), never by a boot request; `vars.ssh_host`
+    /// overrides it.
     pub last_ip: Option<String>,
+    /// Source address of the last boot request (DHCP, TFTP, `/ipxe`): an observation.
+    #[serde(default)]
+    pub boot_ip: Option<String>,
     /// When a boot request (DHCP, TFTP attribution, `/ipxe`) last came from it, Unix ms.
     pub last_seen: Option<i64>,
     /// The step that failed and why, in state `failed`.
@@ -170,30 +191,6 @@ impl BootFacts {
             state: m.state,
             profile: m.profile.clone(),
             installer_done: m.installer_done_at.is_some(),
-        }
-    }
-}
-
-/// What `/ipxe` learns of a machine: its boot facts from the cache, or, when they had to be
-/// read, the whole machine in the same read (an install renders from it, so it is not read
-/// twice).
-#[derive(Clone, Debug)]
-pub enum BootLookup {
-    /// Cached facts of a known machine.
-    Cached(BootFacts),
-    /// The machine, read.
-    Read(Box<Machine>),
-    /// No such machine.
-    Unknown,
-}
-
-impl BootLookup {
-    /// The boot facts, if the machine is known.
-    pub fn facts(&self) -> Option<BootFacts> {
-        match self {
-            BootLookup::Cached(f) => Some(f.clone()),
-            BootLookup::Read(m) => Some(BootFacts::of(m)),
-            BootLookup::Unknown => None,
         }
     }
 }
@@ -429,16 +426,15 @@ pub trait Inventory: Send + Sync + 'static {
     async fn machine(&self, mac: Mac) -> Result<Option<Machine>>;
     /// The boot decision's inputs for this MAC, if it is known (the hot path).
     async fn boot_facts(&self, mac: Mac) -> Result<Option<BootFacts>>;
-    /// The same for `/ipxe`: the cached facts, or the whole machine when it had to be read.
-    async fn boot_lookup(&self, mac: Mac) -> Result<BootLookup>;
     /// A page of machines.
     async fn machines(&self, q: MachineQuery) -> Result<Vec<Machine>>;
     /// How many machines there are, by state.
     async fn count_by_state(&self) -> Result<BTreeMap<State, u64>>;
     /// A page of events.
     async fn events(&self, q: EventQuery) -> Result<Vec<Event>>;
-    /// The machine a live install token (by hash) belongs to, or why the token is not live.
-    async fn machine_by_token(&self, token_hash: &str, now: i64) -> Result<Machine>;
+    /// The machine a live install token (by hash) belongs to, or why the token is not live
+    /// or not `from`'s (the address it was issued to).
+    async fn machine_by_token(&self, token_hash: &str, from: &str, now: i64) -> Result<Machine>;
     /// Every DHCP reservation: machines whose `ip` variable is set.
     async fn reservations(&self) -> Result<Vec<(Mac, Ipv4Addr)>>;
     /// Live leases, by address.
@@ -462,13 +458,16 @@ pub trait Inventory: Send + Sync + 'static {
     async fn discover(&self, mac: Mac, sighting: Sighting, now: i64) -> Result<Machine>;
     /// Hands the installer of `mac` a new install token (only its hash is given):
     /// `enrolled → installing`, or an `install_restarted` event for a machine already
-    /// installing. Any older token is replaced; what the boot request said is recorded.
+    /// installing. An older token is replaced, unless it is live and was issued to another
+    /// address than `from` ([`StoreError::TokenHeld`]); the token records `from`; what the
+    /// boot request said is recorded.
     async fn start_install(
         &self,
         mac: Mac,
         token_hash: String,
         expires_at: i64,
         sighting: Sighting,
+        from: String,
         now: i64,
     ) -> Result<()>;
     /// A config artifact was served by install token: its event, and with `installer_done`
@@ -481,14 +480,25 @@ pub trait Inventory: Send + Sync + 'static {
         installer_done: Option<String>,
         now: i64,
     ) -> Result<()>;
-    /// Phone-home: with a live token, pins the host keys (`(algorithm, key)` pairs), moves
-    /// `installing → installed`, records `from_ip` as the machine's address and burns the
-    /// token, in one transaction.
+    /// Moves a live install token to the address `from` (the caller has evidence that it is
+    /// the token's machine), with a `token_moved` event saying `why`. Returns the machine.
+    async fn move_token(
+        &self,
+        token_hash: String,
+        from: String,
+        why: String,
+        now: i64,
+    ) -> Result<Machine>;
+    /// Phone-home: with a live token used from the address it was issued to (or from any
+    /// address for a machine whose profile is in `any_address`, which the event then says),
+    /// pins the host keys (`(algorithm, key)` pairs), moves `installing → installed`, records
+    /// `from_ip` as the machine's SSH address and burns the token, in one transaction.
     async fn phone_home(
         &self,
         token_hash: String,
         host_keys: Vec<(String, String)>,
-        from_ip: Option<String>,
+        from_ip: String,
+        any_address: BTreeSet<String>,
         detail: String,
         now: i64,
     ) -> Result<Machine>;

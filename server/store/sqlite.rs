@@ -17,7 +17,7 @@
 //! queue is half full, or when an admin read asks for a flush. The same thread enforces the
 //! bounds: the discovered-machine cap and event retention.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -33,9 +33,9 @@ use tokio::sync::oneshot;
 
 use super::leases::{self, BindRequest, Lease, OfferRequest};
 use super::{
-    BootFacts, BootLookup, Event, EventQuery, Inventory, Limits, Machine, MachinePatch,
-    MachineQuery, NewMachine, Observation, Result, Sighting, Stats, StepRecord, StepStatus,
-    StoreError, TokenProblem, MAX_PAGE,
+    BootFacts, Event, EventQuery, Inventory, Limits, Machine, MachinePatch, MachineQuery,
+    NewMachine, Observation, Result, Sighting, Stats, StepRecord, StepStatus, StoreError,
+    TokenProblem, MAX_PAGE,
 };
 use crate::mac::Mac;
 use crate::policy::{self, EventKind, Failure, State, Transition};
@@ -1257,7 +1257,8 @@ const MACHINE_COLS: &str = "m.mac, m.uuid, m.serial, m.hostname, m.profile, m.st
      (SELECT c.fingerprint FROM node_certs c WHERE c.mac = m.mac), \
      (SELECT json_group_array(k.key) FROM (SELECT key FROM host_keys WHERE mac = m.mac ORDER BY algorithm) k), \
      (SELECT json_group_array(json_array(s.seq, s.name, s.status, s.exit_code, s.output, s.at)) \
-        FROM (SELECT * FROM register_steps WHERE mac = m.mac ORDER BY seq) s)";
+        FROM (SELECT * FROM register_steps WHERE mac = m.mac ORDER BY seq) s), \
+     m.boot_ip";
 
 fn conv(i: usize, e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.to_string().into())
@@ -1288,6 +1289,7 @@ fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<Machine> {
         arch: row.get(9)?,
         platform: row.get(10)?,
         last_ip: row.get(11)?,
+        boot_ip: row.get(21)?,
         last_seen: row.get(12)?,
         failure: step.map(|step| Failure {
             step,
@@ -1493,11 +1495,11 @@ fn record_sighting(
     let n = c
         .prepare_cached(
             "UPDATE machines SET uuid = COALESCE(uuid, ?2), arch = COALESCE(?3, arch),
-             platform = COALESCE(?4, platform), last_ip = COALESCE(?5, last_ip),
+             platform = COALESCE(?4, platform), boot_ip = COALESCE(?5, boot_ip),
              last_seen = MAX(COALESCE(last_seen, 0), ?6)
              WHERE mac = ?1 AND (last_seen IS NULL OR last_seen < ?6 - ?7
                 OR (uuid IS NULL AND ?2 IS NOT NULL) OR (?3 IS NOT NULL AND arch IS NOT ?3)
-                OR (?4 IS NOT NULL AND platform IS NOT ?4) OR (?5 IS NOT NULL AND last_ip IS NOT ?5))",
+                OR (?4 IS NOT NULL AND platform IS NOT ?4) OR (?5 IS NOT NULL AND boot_ip IS NOT ?5))",
         )?
         .execute(params![key, s.uuid, s.arch, s.platform, s.ip, now, WINDOW_MS])?;
     if n == 1 {
@@ -1516,7 +1518,7 @@ fn record_sighting(
 fn create_discovered(c: &Connection, mac: Mac, s: &Sighting, now: i64, what: &str) -> Result<()> {
     let n = c
         .prepare_cached(
-            "INSERT INTO machines (mac, state, uuid, arch, platform, last_ip, last_seen, created_at, updated_at)
+            "INSERT INTO machines (mac, state, uuid, arch, platform, boot_ip, last_seen, created_at, updated_at)
              VALUES (?1, 'discovered', ?2, ?3, ?4, ?5, ?6, ?6, ?6) ON CONFLICT (mac) DO NOTHING",
         )?
         .execute(params![mac.to_string(), s.uuid, s.arch, s.platform, s.ip, now])?;
@@ -1544,17 +1546,21 @@ fn create_discovered(c: &Connection, mac: Mac, s: &Sighting, now: i64, what: &st
     Ok(())
 }
 
-/// The machine behind a live token, or why the token is not live.
-fn token_machine(c: &Connection, token_hash: &str, now: i64) -> Result<Machine> {
-    let row: Option<(String, i64, Option<i64>, i64)> = c
+/// An install token's row: MAC, expiry, burnt at, generation, the address it was issued to.
+type TokenRow = (String, i64, Option<i64>, i64, Option<String>);
+
+/// The machine behind a live token and the address the token was issued to, or why the token
+/// is not live.
+fn token_machine(c: &Connection, token_hash: &str, now: i64) -> Result<(Machine, Option<String>)> {
+    let row: Option<TokenRow> = c
         .prepare_cached(
-            "SELECT mac, expires_at, burnt_at, generation FROM install_tokens WHERE hash = ?1",
+            "SELECT mac, expires_at, burnt_at, generation, ip FROM install_tokens WHERE hash = ?1",
         )?
         .query_row([token_hash], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })
         .optional()?;
-    let Some((mac, expires_at, burnt_at, generation)) = row else {
+    let Some((mac, expires_at, burnt_at, generation, issued_to)) = row else {
         return Err(StoreError::Token(TokenProblem::Unknown, None));
     };
     let mac: Mac = mac
@@ -1572,7 +1578,7 @@ fn token_machine(c: &Connection, token_hash: &str, now: i64) -> Result<Machine> 
     if m.generation != generation || m.state != State::Installing {
         return Err(StoreError::Token(TokenProblem::Unknown, Some(mac)));
     }
-    Ok(m)
+    Ok((m, issued_to))
 }
 
 fn event_from_row(r: &Row<'_>) -> rusqlite::Result<Event> {
@@ -1638,22 +1644,6 @@ impl Inventory for SqliteInventory {
         Ok(facts)
     }
 
-    async fn boot_lookup(&self, mac: Mac) -> Result<BootLookup> {
-        let generation = match self.shared.facts.get(mac) {
-            Ok(Some(f)) => return Ok(BootLookup::Cached(f)),
-            Ok(None) => return Ok(BootLookup::Unknown),
-            Err(g) => g,
-        };
-        let m = self.read(|c| load(c, mac))?;
-        self.shared
-            .facts
-            .insert(generation, mac, m.as_ref().map(BootFacts::of));
-        Ok(match m {
-            Some(m) => BootLookup::Read(Box::new(m)),
-            None => BootLookup::Unknown,
-        })
-    }
-
     async fn machines(&self, q: MachineQuery) -> Result<Vec<Machine>> {
         self.read_blocking(move |c| {
             let mut stmt = c.prepare_cached(&format!(
@@ -1714,8 +1704,14 @@ impl Inventory for SqliteInventory {
         .await
     }
 
-    async fn machine_by_token(&self, token_hash: &str, now: i64) -> Result<Machine> {
-        self.read(|c| token_machine(c, token_hash, now))
+    async fn machine_by_token(&self, token_hash: &str, from: &str, now: i64) -> Result<Machine> {
+        self.read(|c| {
+            let (m, issued_to) = token_machine(c, token_hash, now)?;
+            if issued_to.as_deref().is_some_and(|ip| ip != from) {
+                return Err(StoreError::Token(TokenProblem::OtherAddress, Some(m.mac)));
+            }
+            Ok(m)
+        })
     }
 
     async fn reservations(&self) -> Result<Vec<(Mac, Ipv4Addr)>> {
@@ -1897,13 +1893,34 @@ impl Inventory for SqliteInventory {
         token_hash: String,
         expires_at: i64,
         sighting: Sighting,
+        from: String,
         now: i64,
     ) -> Result<()> {
         self.write_touching(Touch::One(mac), move |c| {
             record_sighting(c, mac, &sighting, now, false)?;
             let m = head(c, mac)?;
+            if m.state == State::Installing {
+                let live: Option<(Option<String>, i64)> = c
+                    .prepare_cached(
+                        "SELECT ip, expires_at FROM install_tokens
+                         WHERE mac = ?1 AND generation = ?2 AND burnt_at IS NULL AND expires_at > ?3",
+                    )?
+                    .query_row(params![mac.to_string(), m.generation, now], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .optional()?;
+                if let Some((Some(holder), expires_at)) = live {
+                    if holder != from {
+                        return Err(StoreError::TokenHeld {
+                            mac,
+                            holder,
+                            expires_at,
+                        });
+                    }
+                }
+            }
             let detail = format!(
-                "profile {}, generation {}, token expires {}",
+                "profile {}, generation {}, token issued to {from}, expires {}",
                 m.profile.as_deref().unwrap_or("?"),
                 m.generation,
                 super::fmt_time(expires_at)
@@ -1914,17 +1931,18 @@ impl Inventory for SqliteInventory {
                 apply(c, now, &m, &Transition::StartInstall, &detail)?;
             }
             c.prepare_cached(
-                "INSERT INTO install_tokens (mac, hash, generation, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO install_tokens (mac, hash, generation, created_at, expires_at, ip)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (mac) DO UPDATE SET hash = ?2, generation = ?3, created_at = ?4,
-                 expires_at = ?5, burnt_at = NULL, handed_over_at = NULL",
+                 expires_at = ?5, burnt_at = NULL, handed_over_at = NULL, ip = ?6",
             )?
             .execute(params![
                 mac.to_string(),
                 token_hash,
                 m.generation,
                 now,
-                expires_at
+                expires_at,
+                from
             ])?;
             Ok(())
         })
@@ -1959,12 +1977,22 @@ impl Inventory for SqliteInventory {
         &self,
         token_hash: String,
         host_keys: Vec<(String, String)>,
-        from_ip: Option<String>,
+        from_ip: String,
+        any_address: BTreeSet<String>,
         detail: String,
         now: i64,
     ) -> Result<Machine> {
         self.write_touching(Touch::All, move |c| {
-            let m = token_machine(c, &token_hash, now)?;
+            let (m, issued_to) = token_machine(c, &token_hash, now)?;
+            let mut detail = detail;
+            if let Some(issued_to) = issued_to.filter(|ip| *ip != from_ip) {
+                if !m.profile.as_ref().is_some_and(|p| any_address.contains(p)) {
+                    return Err(StoreError::Token(TokenProblem::OtherAddress, Some(m.mac)));
+                }
+                detail.push_str(&format!(
+                    "; from {from_ip}, not {issued_to} where the install began (the profile allows phone_home_any_address)"
+                ));
+            }
             let mac = m.mac.to_string();
             // Burn first: of two phone-homes with one token, exactly one gets the row.
             let burnt = c.execute(
@@ -1982,11 +2010,33 @@ impl Inventory for SqliteInventory {
                 )?;
             }
             apply(c, now, &m, &Transition::PhoneHome, &detail)?;
-            if let Some(ip) = &from_ip {
-                // The registrar's SSH target: the address the installed OS spoke from.
-                c.execute("UPDATE machines SET last_ip = ?2 WHERE mac = ?1", params![mac, ip])?;
-            }
+            // The registrar's SSH target: the address the installed OS spoke from.
+            c.execute(
+                "UPDATE machines SET last_ip = ?2 WHERE mac = ?1",
+                params![mac, from_ip],
+            )?;
             must_load(c, m.mac)
+        })
+        .await
+    }
+
+    async fn move_token(
+        &self,
+        token_hash: String,
+        from: String,
+        why: String,
+        now: i64,
+    ) -> Result<Machine> {
+        self.write(move |c| {
+            let (m, issued_to) = token_machine(c, &token_hash, now)?;
+            c.prepare_cached("UPDATE install_tokens SET ip = ?2 WHERE hash = ?1")?
+                .execute(params![token_hash, from])?;
+            let detail = format!(
+                "install token moved from {} to {from}: {why}",
+                issued_to.as_deref().unwrap_or("(no address)")
+            );
+            insert_event(c, now, Some(m.mac), EventKind::TokenMoved, &detail, 1)?;
+            Ok(m)
         })
         .await
     }

@@ -1,8 +1,11 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use super::*;
 use crate::store::now_ms;
+
+/// The address the test machines ask from.
+const FROM: &str = "10.0.0.9";
 
 fn mac(s: &str) -> Mac {
     s.parse().unwrap()
@@ -112,15 +115,15 @@ async fn token_lifecycle() {
     let s = store();
     let m = s.enroll(new("52:54:00:00:00:03"), 1).await.unwrap().mac;
     assert!(matches!(
-        s.machine_by_token("h1", 2).await,
+        s.machine_by_token("h1", FROM, 2).await,
         Err(StoreError::Token(TokenProblem::Unknown, _))
     ));
-    s.start_install(m, "h1".into(), 100, Sighting::default(), 2)
+    s.start_install(m, "h1".into(), 100, Sighting::default(), FROM.into(), 2)
         .await
         .unwrap();
-    assert_eq!(s.machine_by_token("h1", 3).await.unwrap().mac, m);
+    assert_eq!(s.machine_by_token("h1", FROM, 3).await.unwrap().mac, m);
     // A second boot replaces the token.
-    s.start_install(m, "h2".into(), 100, Sighting::default(), 4)
+    s.start_install(m, "h2".into(), 100, Sighting::default(), FROM.into(), 4)
         .await
         .unwrap();
     assert_eq!(
@@ -128,18 +131,19 @@ async fn token_lifecycle() {
         State::Installing
     );
     assert!(matches!(
-        s.machine_by_token("h1", 5).await,
+        s.machine_by_token("h1", FROM, 5).await,
         Err(StoreError::Token(TokenProblem::Unknown, _))
     ));
     assert!(matches!(
-        s.machine_by_token("h2", 100).await,
+        s.machine_by_token("h2", FROM, 100).await,
         Err(StoreError::Token(TokenProblem::Expired, _))
     ));
     let done = s
         .phone_home(
             "h2".into(),
             key(),
-            Some("10.0.0.9".into()),
+            FROM.into(),
+            BTreeSet::new(),
             "1 host key".into(),
             6,
         )
@@ -149,8 +153,15 @@ async fn token_lifecycle() {
     assert_eq!(done.host_keys, ["ssh-ed25519 AAAA k"]);
     assert_eq!(done.last_ip.as_deref(), Some("10.0.0.9"));
     assert!(matches!(
-        s.phone_home("h2".into(), key(), None, String::new(), 7)
-            .await,
+        s.phone_home(
+            "h2".into(),
+            key(),
+            FROM.into(),
+            BTreeSet::new(),
+            String::new(),
+            7
+        )
+        .await,
         Err(StoreError::Token(TokenProblem::Used, _))
     ));
     assert_eq!(
@@ -165,28 +176,150 @@ async fn token_lifecycle() {
 }
 
 #[tokio::test]
+async fn a_token_is_bound_to_the_address_it_was_issued_to() {
+    let s = store();
+    let m = s.enroll(new("52:54:00:00:00:33"), 1).await.unwrap().mac;
+    s.start_install(m, "h1".into(), 100, Sighting::default(), FROM.into(), 2)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.machine_by_token("h1", "10.0.0.66", 3).await,
+        Err(StoreError::Token(TokenProblem::OtherAddress, Some(x))) if x == m
+    ));
+    // A live token is not replaced by a claim from another address; from its own, it is.
+    let held = s
+        .start_install(
+            m,
+            "h2".into(),
+            100,
+            Sighting::default(),
+            "10.0.0.66".into(),
+            3,
+        )
+        .await;
+    assert!(
+        matches!(&held, Err(StoreError::TokenHeld { holder, expires_at: 100, .. }) if holder == FROM),
+        "{held:?}"
+    );
+    assert!(held
+        .unwrap_err()
+        .to_string()
+        .contains("machines reprovision"));
+    assert_eq!(s.machine_by_token("h1", FROM, 4).await.unwrap().mac, m);
+    // Once it expired, another address may start over.
+    s.start_install(
+        m,
+        "h3".into(),
+        200,
+        Sighting::default(),
+        "10.0.0.66".into(),
+        100,
+    )
+    .await
+    .unwrap();
+    // A phone-home from elsewhere is refused unless the machine's profile allows it, and
+    // then the event says so; the SSH address is the phone-home's.
+    assert!(matches!(
+        s.phone_home(
+            "h3".into(),
+            key(),
+            FROM.into(),
+            BTreeSet::new(),
+            String::new(),
+            101
+        )
+        .await,
+        Err(StoreError::Token(TokenProblem::OtherAddress, _))
+    ));
+    let allowed: BTreeSet<String> = ["debian-12".to_string()].into();
+    let done = s
+        .phone_home(
+            "h3".into(),
+            key(),
+            FROM.into(),
+            allowed,
+            "1 key".into(),
+            102,
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.last_ip.as_deref(), Some(FROM));
+    let ev = timeline(&s, m).await;
+    let last = ev.last().unwrap();
+    assert_eq!(last.kind, EventKind::PhonedHome);
+    assert!(
+        last.detail
+            .contains("from 10.0.0.9, not 10.0.0.66 where the install began"),
+        "{}",
+        last.detail
+    );
+}
+
+#[tokio::test]
+async fn boot_requests_set_the_boot_address_never_the_ssh_address() {
+    let s = store();
+    let m = s.enroll(new("52:54:00:00:00:34"), 1).await.unwrap().mac;
+    let at = |ip: &str| Sighting {
+        ip: Some(ip.into()),
+        ..Default::default()
+    };
+    s.start_install(m, "h".into(), 100, at("10.0.0.5"), "10.0.0.5".into(), 2)
+        .await
+        .unwrap();
+    s.phone_home(
+        "h".into(),
+        key(),
+        "10.0.0.5".into(),
+        BTreeSet::new(),
+        String::new(),
+        3,
+    )
+    .await
+    .unwrap();
+    s.observe(Observation::Seen {
+        mac: m,
+        sighting: at("10.0.0.77"),
+        discover: false,
+        at: 4,
+    });
+    s.flush().await.unwrap();
+    let got = s.machine(m).await.unwrap().unwrap();
+    assert_eq!(
+        (got.last_ip.as_deref(), got.boot_ip.as_deref()),
+        (Some("10.0.0.5"), Some("10.0.0.77"))
+    );
+}
+
+#[tokio::test]
 async fn reprovision_kills_token_and_keys() {
     let s = store();
     let m = s.enroll(new("52:54:00:00:00:04"), 1).await.unwrap().mac;
-    s.start_install(m, "h1".into(), 100, Sighting::default(), 2)
+    s.start_install(m, "h1".into(), 100, Sighting::default(), FROM.into(), 2)
         .await
         .unwrap();
-    s.phone_home("h1".into(), key(), None, String::new(), 3)
-        .await
-        .unwrap();
+    s.phone_home(
+        "h1".into(),
+        key(),
+        FROM.into(),
+        BTreeSet::new(),
+        String::new(),
+        3,
+    )
+    .await
+    .unwrap();
     let r = s.reprovision(m, 4).await.unwrap();
     assert_eq!((r.state, r.generation), (State::Enrolled, 1));
     assert!(r.host_keys.is_empty());
     assert!(matches!(
-        s.machine_by_token("h1", 5).await,
+        s.machine_by_token("h1", FROM, 5).await,
         Err(StoreError::Token(TokenProblem::Unknown, _))
     ));
     // Reprovision during an install invalidates the live token too.
-    s.start_install(m, "h2".into(), 100, Sighting::default(), 6)
+    s.start_install(m, "h2".into(), 100, Sighting::default(), FROM.into(), 6)
         .await
         .unwrap();
     s.reprovision(m, 7).await.unwrap();
-    assert!(s.machine_by_token("h2", 8).await.is_err());
+    assert!(s.machine_by_token("h2", FROM, 8).await.is_err());
 }
 
 #[tokio::test]
@@ -206,10 +339,10 @@ async fn expired_installs_fail_with_step_and_reason() {
     let s = store();
     let a = s.enroll(new("52:54:00:00:00:06"), 1).await.unwrap().mac;
     let b = s.enroll(new("52:54:00:00:00:07"), 1).await.unwrap().mac;
-    s.start_install(a, "ha".into(), 50, Sighting::default(), 2)
+    s.start_install(a, "ha".into(), 50, Sighting::default(), FROM.into(), 2)
         .await
         .unwrap();
-    s.start_install(b, "hb".into(), 500, Sighting::default(), 2)
+    s.start_install(b, "hb".into(), 500, Sighting::default(), FROM.into(), 2)
         .await
         .unwrap();
     assert_eq!(s.expire_installs(100).await.unwrap(), vec![a]);
@@ -261,32 +394,6 @@ async fn file_database_keeps_writes_across_reopen_with_durable_settings() {
 }
 
 #[tokio::test]
-async fn a_boot_lookup_reads_the_machine_once_then_uses_the_cache() {
-    let s = store();
-    let m = s.enroll(new("52:54:00:00:00:0c"), 1).await.unwrap().mac;
-    assert!(matches!(
-        s.boot_lookup(mac("52:54:00:00:00:0d")).await.unwrap(),
-        BootLookup::Unknown
-    ));
-    let first = s.boot_lookup(m).await.unwrap();
-    let BootLookup::Read(read) = &first else {
-        panic!("a first lookup reads the machine: {first:?}");
-    };
-    assert_eq!((read.mac, read.state), (m, State::Enrolled));
-    let again = s.boot_lookup(m).await.unwrap();
-    assert!(matches!(&again, BootLookup::Cached(_)), "{again:?}");
-    assert_eq!(again.facts(), first.facts());
-    // A write of the machine makes the next lookup read it again, with the new state.
-    s.start_install(m, "h".into(), 100, Sighting::default(), 2)
-        .await
-        .unwrap();
-    match s.boot_lookup(m).await.unwrap() {
-        BootLookup::Read(read) => assert_eq!(read.state, State::Installing),
-        other => panic!("expected a read after the write: {other:?}"),
-    }
-}
-
-#[tokio::test]
 async fn boot_facts_are_the_decision_inputs() {
     let s = store();
     let m = s.enroll(new("52:54:00:00:00:0a"), 1).await.unwrap().mac;
@@ -300,7 +407,7 @@ async fn boot_facts_are_the_decision_inputs() {
             installer_done: false
         }
     );
-    s.start_install(m, "h".into(), 100, Sighting::default(), 2)
+    s.start_install(m, "h".into(), 100, Sighting::default(), FROM.into(), 2)
         .await
         .unwrap();
     s.config_served(m, "x".into(), Some("done".into()), 3)
@@ -392,7 +499,7 @@ async fn observations_are_coalesced_and_written_in_order() {
         });
     }
     // A durable write after them comes after them on the timeline.
-    s.start_install(m, "h".into(), 100, Sighting::default(), 20)
+    s.start_install(m, "h".into(), 100, Sighting::default(), FROM.into(), 20)
         .await
         .unwrap();
     let ev = timeline(&s, m).await;
@@ -405,7 +512,7 @@ async fn observations_are_coalesced_and_written_in_order() {
     let mm = s.machine(m).await.unwrap().unwrap();
     // The install's own (empty) sighting, within a minute, says nothing new.
     assert_eq!(
-        (mm.last_ip.as_deref(), mm.last_seen),
+        (mm.boot_ip.as_deref(), mm.last_seen),
         (Some("10.0.0.14"), Some(14))
     );
     assert_eq!(s.stats().observations_written, 10);
@@ -535,7 +642,7 @@ async fn retention_keeps_transitions_longest() {
     })
     .unwrap();
     let m = s.enroll(new("52:54:00:00:00:11"), 1).await.unwrap().mac;
-    s.start_install(m, "h".into(), 1000, Sighting::default(), 2)
+    s.start_install(m, "h".into(), 1000, Sighting::default(), FROM.into(), 2)
         .await
         .unwrap();
     for i in 0..30 {
@@ -703,6 +810,7 @@ async fn repeats_within_a_minute_add_to_the_newest_row() {
         "h".into(),
         t0 + 1_000_000,
         Sighting::default(),
+        FROM.into(),
         t0 + 41_000,
     )
     .await
@@ -753,6 +861,7 @@ async fn a_durable_write_writes_its_own_machines_repeats_first_and_only_those() 
         "h".into(),
         t0 + 1_000_000,
         Sighting::default(),
+        FROM.into(),
         t0 + 3_000,
     )
     .await
@@ -814,7 +923,7 @@ async fn a_machine_seen_again_within_a_minute_is_not_rewritten() {
     s.flush().await.unwrap();
     let mm = s.machine(m).await.unwrap().unwrap();
     assert_eq!(
-        (mm.last_seen, mm.last_ip.as_deref()),
+        (mm.last_seen, mm.boot_ip.as_deref()),
         (Some(31_000), Some("10.0.0.2"))
     );
     s.observe(seen(100_000, "10.0.0.2"));
@@ -854,9 +963,16 @@ async fn cached_boot_facts_follow_every_write() {
         }));
     }
     for i in 0..50 {
-        s.start_install(m, format!("h{i}"), i64::MAX, Sighting::default(), 2)
-            .await
-            .unwrap();
+        s.start_install(
+            m,
+            format!("h{i}"),
+            i64::MAX,
+            Sighting::default(),
+            FROM.into(),
+            2,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             state(s.boot_facts(m).await.unwrap()),
             Some((State::Installing, false))
@@ -879,13 +995,27 @@ async fn cached_boot_facts_follow_every_write() {
         r.await.unwrap();
     }
     // Phone-home (found by token) and a DHCP discovery (an observation) are seen too.
-    s.start_install(m, "last".into(), i64::MAX, Sighting::default(), 5)
-        .await
-        .unwrap();
+    s.start_install(
+        m,
+        "last".into(),
+        i64::MAX,
+        Sighting::default(),
+        FROM.into(),
+        5,
+    )
+    .await
+    .unwrap();
     s.boot_facts(m).await.unwrap();
-    s.phone_home("last".into(), key(), None, String::new(), 6)
-        .await
-        .unwrap();
+    s.phone_home(
+        "last".into(),
+        key(),
+        FROM.into(),
+        BTreeSet::new(),
+        String::new(),
+        6,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         state(s.boot_facts(m).await.unwrap()),
         Some((State::Installed, false))

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod claims;
 mod cli;
 mod daemon;
 mod lab;

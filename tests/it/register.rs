@@ -24,7 +24,9 @@ fn write(path: &Path, text: &str) {
 
 /// A templates dir with the test profiles: `test-hv` (the built-in hypervisor role on the
 /// userspace datapath, one uplink, the test manager, a hand-off hook writing `handoff_log`)
-/// and `test-pause` (a three-step role whose middle step waits for a file on the node).
+/// and `test-pause` (a three-step role whose middle step waits for a file on the node). Both
+/// accept the phone-home from another address than the install's: the tests play the boot
+/// request from the root namespace and phone home from the node.
 fn templates(dir: &Path, handoff_log: &Path) {
     write(
         &dir.join("profiles/test-hv.toml"),
@@ -33,6 +35,7 @@ fn templates(dir: &Path, handoff_log: &Path) {
 kernel = "{{{{ assets_url }}}}/k"
 cmdline = "url={{{{ config_url }}}}/"
 role = "hypervisor"
+phone_home_any_address = true
 
 [register]
 datapath_type = "netdev"
@@ -49,6 +52,7 @@ handoff = "echo {{{{ hostname }}}} {{{{ role }}}} >> {}"
 kernel = "{{ assets_url }}/k"
 cmdline = "url={{ config_url }}/"
 role = "test-pause"
+phone_home_any_address = true
 "#,
     );
     write(
