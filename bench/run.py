@@ -245,6 +245,10 @@ def make_namespaces():
     sh("ip", "-n", NS, "link", "set", VS, "up")
     sh("ip", "-n", NSC, "link", "set", VC, "up")
     sh("ip", "-n", NS, "route", "add", MACHINE_NET, "via", CLI_IP)
+    # ...and their ARP requests for SRV_IP name CLI_IP as the sender (the address in SRV_IP's
+    # subnet), as a router's would: with a machine address as sender, the server would
+    # learn that address at VC's MAC from the ARP request itself.
+    sh("ip", "netns", "exec", NSC, "sysctl", "-q", "-w", "net.ipv4.conf.all.arp_announce=2")
     # Enter NS (this is the only thread, so every later thread and child is in NS too).
     HOST_NS_FD = os.open("/proc/self/ns/net", os.O_RDONLY)
     fd = os.open(f"/run/netns/{NS}", os.O_RDONLY)

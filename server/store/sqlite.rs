@@ -181,16 +181,30 @@ type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
 /// One durable request: runs inside the batch's transaction, returns how to answer.
 type Job = (Touch, Box<dyn FnOnce(&Connection) -> Completion + Send>);
 
-/// Which machines' boot facts a durable request may change (the cache forgets them when the
-/// request commits).
+/// Which machines a durable request may change: their boot facts (the cache forgets them
+/// when the request commits) or their timeline (the repeats counted in memory for them are
+/// written first, so the timeline keeps the order things happened in).
 #[derive(Clone, Copy, Debug)]
 enum Touch {
-    /// None: events, steps, certificates, leases.
+    /// No machine's facts or events: certificates, lease releases, pragmas.
     Nothing,
-    /// This machine's.
+    /// This machine's events, not its boot facts: an event, a step, a lease.
+    Timeline(Mac),
+    /// This machine's facts and events.
     One(Mac),
-    /// Any machine's.
+    /// Any machine's (rare: the first durable batch after a burst of local boots then writes
+    /// every counted repeat).
     All,
+}
+
+impl Touch {
+    /// The one machine whose timeline it writes, if it names one.
+    fn timeline(self) -> Option<Mac> {
+        match self {
+            Touch::Timeline(m) | Touch::One(m) => Some(m),
+            Touch::Nothing | Touch::All => None,
+        }
+    }
 }
 
 /// The boot decision's inputs, cached: every boot request reads them, and in WAL mode every
@@ -229,7 +243,11 @@ impl FactsCache {
 
     /// After a commit: forget what it may have changed.
     fn committed(&self, touched: &[Touch], created: &[Mac]) {
-        if touched.iter().all(|t| matches!(t, Touch::Nothing)) && created.is_empty() {
+        if touched
+            .iter()
+            .all(|t| matches!(t, Touch::Nothing | Touch::Timeline(_)))
+            && created.is_empty()
+        {
             return;
         }
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -517,6 +535,12 @@ impl SqliteInventory {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// The machine a live token belongs to, read before a durable write that uses the token
+    /// (so the write names its machine; it checks the token again inside its transaction).
+    fn token_owner(&self, token_hash: &str, now: i64) -> Result<Mac> {
+        self.read(|c| token_machine(c, token_hash, now).map(|(m, _)| m.mac))
+    }
+
     /// Runs a short read inline on a pooled read connection.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         self.shared.read(f)
@@ -696,16 +720,15 @@ impl Writer {
         // Repeats counted in memory are written when their window closes; all of them for a
         // flush (an admin read) or before a durable write that may touch any machine's
         // timeline; a machine's own before a durable write of that machine (its timeline's
-        // order). Not all of them before every install: after a burst of local boots that
-        // held one install's commit for half a second.
+        // order). Not all of them before every install or phone-home: after a burst of local
+        // boots that held one commit for half a second.
         let now = crate::store::now_ms();
-        let write_all =
-            !flushes.is_empty() || jobs.iter().any(|(t, _)| !matches!(t, Touch::One(_)));
+        let write_all = !flushes.is_empty() || jobs.iter().any(|(t, _)| matches!(t, Touch::All));
         let counts_due = if write_all {
             self.recent.pending()
         } else {
             jobs.iter()
-                .any(|(t, _)| matches!(t, Touch::One(m) if self.recent.pending_of(*m)))
+                .any(|(t, _)| t.timeline().is_some_and(|m| self.recent.pending_of(m)))
                 || self.recent.closing.front().is_some_and(|(t, _)| *t <= now)
         };
         if jobs.is_empty() && observations.is_empty() && !cap_due && !retention_due && !counts_due {
@@ -755,9 +778,9 @@ impl Writer {
             let written = if write_all {
                 self.recent.write_pending(&self.conn)
             } else {
-                jobs.iter().try_for_each(|(t, _)| match t {
-                    Touch::One(m) => self.recent.write_pending_of(&self.conn, *m),
-                    _ => Ok(()),
+                jobs.iter().try_for_each(|(t, _)| match t.timeline() {
+                    Some(m) => self.recent.write_pending_of(&self.conn, m),
+                    None => Ok(()),
                 })
             };
             if let Err(e) = written {
@@ -1546,6 +1569,16 @@ fn create_discovered(c: &Connection, mac: Mac, s: &Sighting, now: i64, what: &st
     Ok(())
 }
 
+/// Machines `installing` whose token expired (or is gone) by `now`.
+fn expired_installs(c: &Connection, now: i64) -> Result<Vec<String>> {
+    Ok(c.prepare_cached(
+        "SELECT m.mac FROM machines m LEFT JOIN install_tokens t ON t.mac = m.mac
+         WHERE m.state = 'installing' AND (t.mac IS NULL OR t.expires_at <= ?1)",
+    )?
+    .query_map([now], |r| r.get(0))?
+    .collect::<rusqlite::Result<_>>()?)
+}
+
 /// An install token's row: MAC, expiry, burnt at, generation, the address it was issued to.
 type TokenRow = (String, i64, Option<i64>, i64, Option<String>);
 
@@ -1982,8 +2015,12 @@ impl Inventory for SqliteInventory {
         detail: String,
         now: i64,
     ) -> Result<Machine> {
-        self.write_touching(Touch::All, move |c| {
+        let owner = self.token_owner(&token_hash, now)?;
+        self.write_touching(Touch::One(owner), move |c| {
             let (m, issued_to) = token_machine(c, &token_hash, now)?;
+            if m.mac != owner {
+                return Err(StoreError::Conflict(owner));
+            }
             let mut detail = detail;
             if let Some(issued_to) = issued_to.filter(|ip| *ip != from_ip) {
                 if !m.profile.as_ref().is_some_and(|p| any_address.contains(p)) {
@@ -2027,8 +2064,12 @@ impl Inventory for SqliteInventory {
         why: String,
         now: i64,
     ) -> Result<Machine> {
-        self.write(move |c| {
+        let owner = self.token_owner(&token_hash, now)?;
+        self.write_touching(Touch::Timeline(owner), move |c| {
             let (m, issued_to) = token_machine(c, &token_hash, now)?;
+            if m.mac != owner {
+                return Err(StoreError::Conflict(owner));
+            }
             c.prepare_cached("UPDATE install_tokens SET ip = ?2 WHERE hash = ?1")?
                 .execute(params![token_hash, from])?;
             let detail = format!(
@@ -2093,7 +2134,7 @@ impl Inventory for SqliteInventory {
     }
 
     async fn record_step(&self, mac: Mac, step: StepRecord, detail: String) -> Result<()> {
-        self.write(move |c| {
+        self.write_touching(Touch::Timeline(mac), move |c| {
             let m = must_load(c, mac)?;
             if m.state != State::Registering {
                 // Illegal from every other state: the error names the state and the moves.
@@ -2141,14 +2182,14 @@ impl Inventory for SqliteInventory {
     }
 
     async fn expire_installs(&self, now: i64) -> Result<Vec<Mac>> {
+        // Read first: the sweeper runs every 30 s and nearly always finds nothing, and a
+        // durable write that may touch any machine first writes every repeat counted in
+        // memory (half a second after a burst of local boots).
+        if self.read(|c| expired_installs(c, now))?.is_empty() {
+            return Ok(Vec::new());
+        }
         self.write_touching(Touch::All, move |c| {
-            let macs: Vec<String> = c
-                .prepare_cached(
-                    "SELECT m.mac FROM machines m LEFT JOIN install_tokens t ON t.mac = m.mac
-                     WHERE m.state = 'installing' AND (t.mac IS NULL OR t.expires_at <= ?1)",
-                )?
-                .query_map([now], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
+            let macs = expired_installs(c, now)?;
             let failure = Failure::new(
                 "install",
                 "the install token expired before the machine phoned home",
@@ -2180,16 +2221,19 @@ impl Inventory for SqliteInventory {
         detail: String,
         now: i64,
     ) -> Result<()> {
-        self.write(move |c| insert_event(c, now, mac, kind, &detail, 1))
+        let touch = mac.map_or(Touch::Nothing, Touch::Timeline);
+        self.write_touching(touch, move |c| insert_event(c, now, mac, kind, &detail, 1))
             .await
     }
 
     async fn lease_offer(&self, req: OfferRequest) -> Result<Option<Ipv4Addr>> {
-        self.write(move |c| leases::offer(c, &req)).await
+        self.write_touching(Touch::Timeline(req.mac), move |c| leases::offer(c, &req))
+            .await
     }
 
     async fn lease_bind(&self, req: BindRequest) -> Result<bool> {
-        self.write(move |c| leases::bind(c, &req)).await
+        self.write_touching(Touch::Timeline(req.mac), move |c| leases::bind(c, &req))
+            .await
     }
 
     async fn lease_release(&self, mac: Mac, ip: Option<Ipv4Addr>) -> Result<()> {
@@ -2197,8 +2241,10 @@ impl Inventory for SqliteInventory {
     }
 
     async fn lease_decline(&self, mac: Mac, ip: Ipv4Addr, until: i64, now: i64) -> Result<bool> {
-        self.write(move |c| leases::decline(c, mac, ip, until, now))
-            .await
+        self.write_touching(Touch::Timeline(mac), move |c| {
+            leases::decline(c, mac, ip, until, now)
+        })
+        .await
     }
 
     fn observe(&self, o: Observation) {

@@ -893,6 +893,26 @@ async fn a_durable_write_writes_its_own_machines_repeats_first_and_only_those() 
         [("enrolled".to_string(), 1), ("ipxe_served".to_string(), 1)],
         "b's repeats wait for their window, a flush or a write of b"
     );
+    // Nor do the sweeper finding nothing to expire, a's phone-home (its token names a), or
+    // an event of a write them.
+    assert!(s.expire_installs(t0 + 4_000).await.unwrap().is_empty());
+    s.phone_home(
+        "h".into(),
+        key(),
+        FROM.into(),
+        BTreeSet::new(),
+        String::new(),
+        t0 + 5_000,
+    )
+    .await
+    .unwrap();
+    s.record_event(Some(a), EventKind::RegisterRetry, "x".into(), t0 + 6_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        written(b).await,
+        [("enrolled".to_string(), 1), ("ipxe_served".to_string(), 1)]
+    );
     // They are not lost: a flush (an admin read) writes them.
     assert_eq!(
         counts(&s, b).await,
