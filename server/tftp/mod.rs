@@ -27,9 +27,9 @@
 mod packet;
 mod transfer;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -54,8 +54,23 @@ pub const READ_BUFFER: usize = 16 * 1024;
 /// How long a transfer waits for an ACK before sending again, unless the client asked for
 /// another timeout (RFC 2349).
 const TIMEOUT: Duration = Duration::from_secs(3);
-/// Sends of one window (or of the OACK) before a transfer gives up on its client.
+/// Sends of one window before a transfer gives up on its client.
 const MAX_TRIES: u32 = 8;
+/// Sends of the first packet (OACK or block 1) before the client has acknowledged anything:
+/// the request may have come from a forged address, and each resend is traffic aimed at it.
+const FIRST_TRIES: u32 = 3;
+/// The longest per-packet timeout a client may ask for (RFC 2349 allows 255 s); a longer one
+/// is declined and [`TIMEOUT`] used.
+const MAX_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most transfers at once whose client has not acknowledged anything yet. Past it, a new
+/// request ends the oldest of them: a flood of requests from forged addresses (which never
+/// acknowledge) churns among its own transfers, while a real client acknowledges its first
+/// packet within a round trip and is then never evicted.
+const MAX_UNPROVEN: usize = 128;
+/// Most transfers at once to one IP address (a PXE client runs one or two; this leaves room
+/// for many clients behind one address, and one host can hold at most a quarter of the
+/// slots).
+const MAX_PER_ADDRESS: usize = MAX_TRANSFERS / 4;
 /// Most TFTP transfers at once (each holds a socket and an open file: the daemon raises its
 /// file limit at start to fit them). A refused client retries its request.
 pub const MAX_TRANSFERS: usize = 1024;
@@ -118,11 +133,114 @@ struct Server {
     /// The address requests arrive on; transfers and refusals are sent from new sockets on
     /// its IP.
     local: SocketAddr,
-    /// Clients with a transfer in progress. A client that retransmits its request (its first
-    /// answer was lost or slow) must not start a second transfer, and the size of the set is
-    /// the cap: without one, a host could open thousands of transfers (each a socket and an
-    /// open file) and exhaust the daemon's file descriptors.
-    active: Mutex<HashSet<SocketAddr>>,
+    /// The transfers in progress.
+    active: Mutex<Active>,
+}
+
+/// The transfers in progress, by client. A client that retransmits its request (its first
+/// answer was lost or slow) must not start a second transfer, and the caps bound what one
+/// host or a flood can hold: without them, requests could open thousands of transfers (each
+/// a socket and an open file) and exhaust the daemon's file descriptors.
+#[derive(Default)]
+struct Active {
+    /// Client → (its transfer's number, acknowledged anything yet, how to end it).
+    peers: HashMap<SocketAddr, (u64, bool, CancellationToken)>,
+    /// Transfers per client IP.
+    per_ip: HashMap<IpAddr, usize>,
+    /// Unproven transfers, oldest first (entries of transfers since proven or ended are
+    /// skipped when met).
+    unproven: VecDeque<(u64, SocketAddr)>,
+    /// Unproven transfers in `peers`.
+    n_unproven: usize,
+    next: u64,
+}
+
+impl Active {
+    /// Registers a transfer to `peer`, ending the oldest unproven one if there are
+    /// [`MAX_UNPROVEN`] (returns its client); `Err` with why if a cap refuses it.
+    fn admit(
+        &mut self,
+        peer: SocketAddr,
+        cancel: CancellationToken,
+    ) -> Result<(u64, Option<SocketAddr>), String> {
+        if self.peers.len() >= MAX_TRANSFERS && self.n_unproven == 0 {
+            return Err(format!("{MAX_TRANSFERS} transfers already in progress"));
+        }
+        if self.per_ip.get(&peer.ip()).copied().unwrap_or(0) >= MAX_PER_ADDRESS {
+            return Err(format!(
+                "{MAX_PER_ADDRESS} transfers to {} already in progress",
+                peer.ip()
+            ));
+        }
+        let mut evicted = None;
+        if self.n_unproven >= MAX_UNPROVEN || self.peers.len() >= MAX_TRANSFERS {
+            while let Some((id, old)) = self.unproven.pop_front() {
+                if matches!(self.peers.get(&old), Some((i, false, _)) if *i == id) {
+                    let (_, _, c) = self.remove(old).expect("present");
+                    c.cancel();
+                    evicted = Some(old);
+                    break;
+                }
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        self.peers.insert(peer, (id, false, cancel));
+        *self.per_ip.entry(peer.ip()).or_default() += 1;
+        self.unproven.push_back((id, peer));
+        self.n_unproven += 1;
+        Ok((id, evicted))
+    }
+
+    /// The client of transfer `id` acknowledged its first packet.
+    fn prove(&mut self, peer: SocketAddr, id: u64) {
+        if let Some((i, proven, _)) = self.peers.get_mut(&peer) {
+            if *i == id && !*proven {
+                *proven = true;
+                self.n_unproven -= 1;
+            }
+        }
+        self.tidy();
+    }
+
+    /// Ends transfer `id` to `peer` (if it is still that one).
+    fn end(&mut self, peer: SocketAddr, id: u64) {
+        if matches!(self.peers.get(&peer), Some((i, _, _)) if *i == id) {
+            self.remove(peer);
+        }
+        self.tidy();
+    }
+
+    /// Drops the queue's entries of transfers since proven or ended: from its front, and all
+    /// of them once it holds many more entries than transfers can exist (so it stays about
+    /// as long as the unproven transfers are many).
+    fn tidy(&mut self) {
+        let live = |peers: &HashMap<SocketAddr, (u64, bool, CancellationToken)>,
+                    (i, p): &(u64, SocketAddr)| {
+            matches!(peers.get(p), Some((j, false, _)) if j == i)
+        };
+        while self.unproven.front().is_some_and(|e| !live(&self.peers, e)) {
+            self.unproven.pop_front();
+        }
+        if self.unproven.len() > 2 * MAX_TRANSFERS {
+            let peers = &self.peers;
+            self.unproven.retain(|e| live(peers, e));
+        }
+    }
+
+    fn remove(&mut self, peer: SocketAddr) -> Option<(u64, bool, CancellationToken)> {
+        let e = self.peers.remove(&peer)?;
+        if !e.1 {
+            self.n_unproven -= 1;
+        }
+        if let Some(n) = self.per_ip.get_mut(&peer.ip()) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&peer.ip());
+            }
+        }
+        Some(e)
+    }
 }
 
 async fn serve(
@@ -137,7 +255,7 @@ async fn serve(
         roots,
         report,
         local: sock.local_addr()?,
-        active: Mutex::new(HashSet::new()),
+        active: Mutex::new(Active::default()),
     });
     // Requests are short; one longer than this is cut and then fails to parse.
     let mut buf = vec![0u8; 2048];
@@ -185,20 +303,10 @@ impl Server {
             size: 0,
             outcome: Err(why),
         };
-        // Checked here and inserted below without an await in between: the request loop and
+        // Checked here and admitted below without an await in between: the request loop and
         // every transfer run on this one thread, so nothing else changes the set meanwhile.
-        let (running, busy) = {
-            let active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-            (active.contains(&peer), active.len() >= MAX_TRANSFERS)
-        };
-        if running {
+        if self.lock().peers.contains_key(&peer) {
             return; // a retransmitted request: its transfer is already answering
-        }
-        if busy {
-            (self.report)(failed(format!(
-                "refused: {MAX_TRANSFERS} transfers already in progress"
-            )));
-            return self.refuse(peer, ErrorCode::Undefined, "server busy, try again");
         }
         // A few file system calls on the TFTP thread (resolving a name, opening it).
         let opened = resolve(&self.roots, &req.filename).and_then(|p| {
@@ -220,16 +328,26 @@ impl Server {
                 return;
             }
         };
-        self.active
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(peer);
+        let cancel = CancellationToken::new();
+        let admitted = self.lock().admit(peer, cancel.clone());
+        let id = match admitted {
+            Ok((id, evicted)) => {
+                if let Some(old) = evicted {
+                    tracing::debug!(%old, "ended the oldest unacknowledged TFTP transfer for a new request");
+                }
+                id
+            }
+            Err(why) => {
+                (self.report)(failed(format!("refused: {why}")));
+                return self.refuse(peer, ErrorCode::Undefined, "server busy, try again");
+            }
+        };
         let plan = Plan::negotiate(&req.options, size);
         let server = self.clone();
         let file_name = req.filename;
         tokio::spawn(async move {
             // Gives the slot back however the task ends (also when the runtime stops).
-            let _slot = Slot(&server, peer);
+            let _slot = Slot(&server, peer, id);
             let mut info = Transfer {
                 peer,
                 file: file_name,
@@ -237,14 +355,24 @@ impl Server {
                 size,
                 outcome: Ok(()),
             };
-            match Sender::new(sock, file, plan).run(peer).await {
-                Ok(bytes) => info.bytes = bytes,
-                Err(Ended::AfterOack(why)) => {
+            let proven = || server.lock().prove(peer, id);
+            let sent = tokio::select! {
+                r = Sender::new(sock, file, plan).run(peer, proven) => Some(r),
+                _ = cancel.cancelled() => None,
+            };
+            match sent {
+                None => {
+                    info.outcome = Err(format!(
+                        "ended before the client acknowledged anything: {MAX_UNPROVEN} such transfers were waiting when another request came (a flood of requests from addresses that never answer?)"
+                    ))
+                }
+                Some(Ok(bytes)) => info.bytes = bytes,
+                Some(Err(Ended::AfterOack(why))) => {
                     info.outcome = Err(format!(
                         "the client stopped after the option acknowledgement (a size probe, as UEFI firmware does before downloading, or a client that gave up): {why}"
                     ))
                 }
-                Err(Ended::Midway(bytes, why)) => {
+                Some(Err(Ended::Midway(bytes, why))) => {
                     info.bytes = bytes;
                     info.outcome = Err(format!(
                         "transfer ended after {bytes} of {size} bytes: {why}"
@@ -253,6 +381,10 @@ impl Server {
             }
             (server.report)(info);
         });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Active> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A new socket on the server's IP, connected to the client (see `transfer::Sender`).
@@ -276,11 +408,77 @@ impl Server {
 }
 
 /// A transfer's place in `Server::active`, given back on drop.
-struct Slot<'a>(&'a Server, SocketAddr);
+struct Slot<'a>(&'a Server, SocketAddr, u64);
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        let mut active = self.0.active.lock().unwrap_or_else(|p| p.into_inner());
-        active.remove(&self.1);
+        self.0.lock().end(self.1, self.2);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(ip: u8, port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, ip], port))
+    }
+
+    #[test]
+    fn unproven_transfers_make_room_and_proven_ones_stay() {
+        let mut a = Active::default();
+        let (first, _) = a.admit(peer(1, 1), CancellationToken::new()).unwrap();
+        a.prove(peer(1, 1), first);
+        let mut tokens = Vec::new();
+        for i in 0..MAX_UNPROVEN as u16 {
+            let t = CancellationToken::new();
+            let (_, evicted) = a.admit(peer(2, i), t.clone()).unwrap();
+            assert_eq!(evicted, None);
+            tokens.push(t);
+        }
+        // One more: the oldest unproven transfer ends, never the proven one.
+        let (_, evicted) = a.admit(peer(3, 1), CancellationToken::new()).unwrap();
+        assert_eq!(evicted, Some(peer(2, 0)));
+        assert!(tokens[0].is_cancelled() && !tokens[1].is_cancelled());
+        assert!(a.peers.contains_key(&peer(1, 1)));
+        assert_eq!(
+            (a.peers.len(), a.n_unproven),
+            (MAX_UNPROVEN + 1, MAX_UNPROVEN)
+        );
+        // Ending frees the slot and the address's count; a stale id ends nothing.
+        a.end(peer(1, 1), first + 1000);
+        assert!(a.peers.contains_key(&peer(1, 1)));
+        a.end(peer(1, 1), first);
+        assert!(!a.peers.contains_key(&peer(1, 1)));
+        assert!(!a.per_ip.contains_key(&"127.0.0.1".parse().unwrap()));
+        assert!(a.unproven.len() <= MAX_UNPROVEN + 1);
+    }
+
+    #[test]
+    fn one_address_holds_at_most_a_quarter_of_the_slots() {
+        let mut a = Active::default();
+        for i in 0..MAX_PER_ADDRESS as u16 {
+            let (id, _) = a.admit(peer(4, i), CancellationToken::new()).unwrap();
+            a.prove(peer(4, i), id);
+        }
+        let refused = a
+            .admit(peer(4, 9999), CancellationToken::new())
+            .unwrap_err();
+        assert!(refused.contains("transfers to 127.0.0.4"), "{refused}");
+        assert!(a.admit(peer(5, 1), CancellationToken::new()).is_ok());
+    }
+
+    #[test]
+    fn a_long_client_timeout_is_declined_and_a_short_one_kept() {
+        let opts = |t| packet::Options {
+            timeout: Some(t),
+            ..Default::default()
+        };
+        let long = Plan::negotiate(&opts(255), 10);
+        assert_eq!(long.timeout, TIMEOUT);
+        assert!(long.oack.is_none(), "nothing left to acknowledge");
+        let short = Plan::negotiate(&opts(2), 10);
+        assert_eq!(short.timeout, Duration::from_secs(2));
+        assert!(short.oack.is_some());
     }
 }

@@ -10,7 +10,10 @@ use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
 use super::packet::{self, Options, Reply};
-use super::{BLOCK_SIZE_LIMIT, MAX_TRIES, READ_BUFFER, TIMEOUT, WINDOW_SIZE_LIMIT};
+use super::{
+    BLOCK_SIZE_LIMIT, FIRST_TRIES, MAX_CLIENT_TIMEOUT, MAX_TRIES, READ_BUFFER, TIMEOUT,
+    WINDOW_SIZE_LIMIT,
+};
 
 /// Why a transfer ended early (for the event log).
 #[derive(Debug)]
@@ -44,15 +47,22 @@ pub struct Plan {
 impl Plan {
     /// The answer to a request's options for a file of `size` bytes: block size and window
     /// capped at our limits (RFC 2348 and RFC 7440 let the server answer with a smaller
-    /// value), timeout as asked (RFC 2349: the server may not change it), tsize the file size.
+    /// value), tsize the file size, and the timeout as asked if it is at most
+    /// [`MAX_CLIENT_TIMEOUT`] — RFC 2349 lets the server not change it but decline it (leave it
+    /// out of the OACK), which we do for a longer one: a request with `timeout 255` would
+    /// otherwise hold its transfer slot for half an hour of retries.
     pub fn negotiate(o: &Options, size: u64) -> Plan {
         let mut acked = Vec::new();
         let blksize = o.blksize.map(|b| b.min(BLOCK_SIZE_LIMIT));
         if let Some(b) = blksize {
             acked.push(("blksize", b.to_string()));
         }
-        if let Some(t) = o.timeout {
-            acked.push(("timeout", t.to_string()));
+        let timeout = o
+            .timeout
+            .map(|t| Duration::from_secs(t.into()))
+            .filter(|t| *t <= MAX_CLIENT_TIMEOUT);
+        if let Some(t) = timeout {
+            acked.push(("timeout", t.as_secs().to_string()));
         }
         if o.tsize {
             acked.push(("tsize", size.to_string()));
@@ -64,7 +74,7 @@ impl Plan {
         Plan {
             blksize: usize::from(blksize.unwrap_or(512)),
             window: u64::from(window.unwrap_or(1)),
-            timeout: o.timeout.map_or(TIMEOUT, |t| Duration::from_secs(t.into())),
+            timeout: timeout.unwrap_or(TIMEOUT),
             oack: (!acked.is_empty()).then(|| packet::oack(&acked)),
         }
     }
@@ -111,7 +121,12 @@ impl Sender {
     }
 
     /// Runs the transfer to its end: `Ok(bytes)` once the last block is acknowledged.
-    pub async fn run(mut self, peer: SocketAddr) -> Result<u64, Ended> {
+    /// `proven` is called once, at the client's first acknowledgement: until then the
+    /// request may have come from a spoofed address, so the first packet is sent only
+    /// [`FIRST_TRIES`] times (a forged request cannot turn the server into an amplifier aimed
+    /// at someone else) and the transfer counts as unproven (see `Server::request`).
+    pub async fn run(mut self, peer: SocketAddr, proven: impl FnOnce()) -> Result<u64, Ended> {
+        let mut proven = Some(proven);
         if let Some(oack) = self.plan.oack.take() {
             // RFC 2347: the client acknowledges the OACK with ACK 0 (or refuses it with ERROR 8).
             // The OACK is "block 0" of a one-packet window.
@@ -123,14 +138,17 @@ impl Sender {
                 }
                 match self.await_ack(0, 1, false).await {
                     Ok(Ack::Block(_)) => break,
-                    Ok(_) if tries < MAX_TRIES => {}
+                    Ok(_) if tries < FIRST_TRIES => {}
                     Ok(_) => {
                         return Err(Ended::AfterOack(format!(
-                            "no acknowledgement of the options after {MAX_TRIES} tries"
+                            "no acknowledgement of the options after {FIRST_TRIES} tries"
                         )))
                     }
                     Err(why) => return Err(Ended::AfterOack(why)),
                 }
+            }
+            if let Some(p) = proven.take() {
+                p();
             }
         }
         let blksize = self.plan.blksize as u64;
@@ -155,8 +173,16 @@ impl Sender {
                 }
                 end += 1;
             }
+            let limit = if proven.is_some() {
+                FIRST_TRIES
+            } else {
+                MAX_TRIES
+            };
             match self.await_ack(base, end, windowed).await {
                 Ok(Ack::Block(i)) => {
+                    if let Some(p) = proven.take() {
+                        p();
+                    }
                     if let Some((l, n)) = last.filter(|(l, _)| *l == i) {
                         return Ok((l - 1) * blksize + n as u64);
                     }
@@ -166,11 +192,11 @@ impl Sender {
                 // RFC 7440: the receiver repeats its last in-order ACK when a window's first
                 // block is lost; send the window again now rather than after the timeout.
                 Ok(Ack::Behind) => {}
-                Ok(Ack::Timeout) if tries < MAX_TRIES => {} // send the window again
+                Ok(Ack::Timeout) if tries < limit => {} // send the window again
                 Ok(Ack::Timeout) => {
                     return Err(Ended::Midway(
                         (base - 1) * blksize,
-                        format!("no acknowledgement of block {base} after {MAX_TRIES} tries"),
+                        format!("no acknowledgement of block {base} after {limit} tries"),
                     ))
                 }
                 Err(why) => return Err(Ended::Midway((base - 1) * blksize, why)),

@@ -342,3 +342,91 @@ fn a_file_past_65535_blocks_rolls_block_numbers_over() {
     assert!(out.status.success(), "{out:?}");
     assert!(l.same("big.bin", "big"));
 }
+
+#[test]
+fn a_request_nobody_acknowledges_gets_three_sends_and_a_long_timeout_is_declined() {
+    let l = lab();
+    let raw = Raw::new(&l.port());
+    // A forged request (its "client" never answers) with the longest timeout RFC 2349
+    // allows: the OACK leaves the timeout out (declined), and comes three times, no more.
+    let rrq = b"\x00\x01undionly.kpxe\x00octet\x00timeout\x00255\x00tsize\x000\x00";
+    raw.sock.send_to(rrq, raw.server).unwrap();
+    let (tid, op, first, rest) = raw.recv();
+    assert_eq!(op, 6, "an OACK first");
+    let opts = [&first.to_be_bytes()[..], &rest].concat();
+    assert_eq!(String::from_utf8_lossy(&opts), "tsize\x0020480\x00");
+    let mut sends = 1;
+    raw.sock
+        .set_read_timeout(Some(std::time::Duration::from_secs(8)))
+        .unwrap();
+    let mut b = [0u8; 2048];
+    while let Ok((_, from)) = raw.sock.recv_from(&mut b) {
+        assert_eq!(from, tid);
+        sends += 1;
+    }
+    assert_eq!(sends, 3, "the OACK to a silent client");
+    let events = l.d.cli_ok(&["events"]);
+    assert!(
+        events.contains("no acknowledgement of the options after 3 tries"),
+        "{events}"
+    );
+}
+
+#[test]
+fn a_flood_of_unacknowledged_requests_does_not_lock_out_a_real_client() {
+    let l = lab();
+    // 1,024 requests (every transfer slot) from four other addresses, none ever
+    // acknowledged, as from forged sources; a timeout of 5 s keeps each alive for 15 s.
+    let rrq = b"\x00\x01undionly.kpxe\x00octet\x00timeout\x005\x00";
+    let server: std::net::SocketAddr = format!("127.0.0.1:{}", l.port()).parse().unwrap();
+    let mut flood = Vec::new();
+    for i in 0..1024 {
+        let s = std::net::UdpSocket::bind(format!("127.0.0.{}:0", 2 + i % 4)).unwrap();
+        s.send_to(rrq, server).unwrap();
+        flood.push(s);
+    }
+    // A real client right after: it gets its file (a forged transfer makes room for it).
+    let out = l.hpa_get("efi/ipxe.efi", "after-flood.efi");
+    assert!(
+        out.status.success() && l.same("efi/ipxe.efi", "after-flood.efi"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(flood);
+    // One host cannot take more than a quarter of the slots: with 256 transfers to 127.0.0.9
+    // under way (each acknowledged its first block), its 257th request is refused.
+    let rrq = b"\x00\x01undionly.kpxe\x00octet\x00timeout\x005\x00";
+    let mut held = Vec::new();
+    let mut b = [0u8; 2048];
+    for _ in 0..256 {
+        let s = std::net::UdpSocket::bind("127.0.0.9:0").unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        s.send_to(rrq, server).unwrap();
+        // The OACK (timeout 5), acknowledged, then block 1, acknowledged: a live transfer.
+        let (_, tid) = s.recv_from(&mut b).unwrap();
+        assert_eq!(&b[..2], &[0, 6]);
+        s.send_to(&[0, 4, 0, 0], tid).unwrap();
+        let (_, tid) = s.recv_from(&mut b).unwrap();
+        assert_eq!(&b[..4], &[0, 3, 0, 1]);
+        s.send_to(&[0, 4, 0, 1], tid).unwrap();
+        held.push(s);
+    }
+    let s = std::net::UdpSocket::bind("127.0.0.9:0").unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    s.send_to(rrq, server).unwrap();
+    let (n, _) = s.recv_from(&mut b).unwrap();
+    assert_eq!(
+        (&b[..2], String::from_utf8_lossy(&b[4..n]).as_ref()),
+        (&[0u8, 5][..], "server busy, try again\0")
+    );
+    // Another host is still served.
+    let out = l.hpa_get("undionly.kpxe", "other-host.kpxe");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
