@@ -32,7 +32,7 @@ use std::fs::File;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -62,11 +62,16 @@ const FIRST_TRIES: u32 = 3;
 /// The longest per-packet timeout a client may ask for (RFC 2349 allows 255 s); a longer one
 /// is declined and [`TIMEOUT`] used.
 const MAX_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most transfers at once whose client has not acknowledged anything yet. Past it, a new
-/// request ends the oldest of them: a flood of requests from forged addresses (which never
-/// acknowledge) churns among its own transfers, while a real client acknowledges its first
-/// packet within a round trip and is then never evicted.
+/// Most transfers at once whose client has not acknowledged anything yet. Past it (or when
+/// every slot is taken), a new request ends the oldest of them that has waited at least
+/// [`UNPROVEN_GRACE`]: a flood of requests from forged addresses (which never acknowledge)
+/// churns among its own transfers, while a real client acknowledges its first packet within
+/// a round trip and is then never evicted.
 const MAX_UNPROVEN: usize = 128;
+/// How long an unacknowledged transfer is safe from eviction: far longer than a round trip,
+/// so a burst of real clients (a boot storm, all asking at once) is never evicted while its
+/// first packets are on their way.
+const UNPROVEN_GRACE: Duration = Duration::from_secs(1);
 /// Most transfers at once to one IP address (a PXE client runs one or two; this leaves room
 /// for many clients behind one address, and one host can hold at most a quarter of the
 /// slots).
@@ -147,47 +152,51 @@ struct Active {
     peers: HashMap<SocketAddr, (u64, bool, CancellationToken)>,
     /// Transfers per client IP.
     per_ip: HashMap<IpAddr, usize>,
-    /// Unproven transfers, oldest first (entries of transfers since proven or ended are
-    /// skipped when met).
-    unproven: VecDeque<(u64, SocketAddr)>,
+    /// Unproven transfers, oldest first, with when they began (entries of transfers since
+    /// proven or ended are skipped when met).
+    unproven: VecDeque<(u64, SocketAddr, Instant)>,
     /// Unproven transfers in `peers`.
     n_unproven: usize,
     next: u64,
 }
 
 impl Active {
-    /// Registers a transfer to `peer`, ending the oldest unproven one if there are
-    /// [`MAX_UNPROVEN`] (returns its client); `Err` with why if a cap refuses it.
+    /// Registers a transfer to `peer` at `now`, ending the oldest unproven one past its grace
+    /// if there are [`MAX_UNPROVEN`] or no free slot (returns its client); `Err` with why if
+    /// a cap refuses it.
     fn admit(
         &mut self,
         peer: SocketAddr,
         cancel: CancellationToken,
+        now: Instant,
     ) -> Result<(u64, Option<SocketAddr>), String> {
-        if self.peers.len() >= MAX_TRANSFERS && self.n_unproven == 0 {
-            return Err(format!("{MAX_TRANSFERS} transfers already in progress"));
-        }
         if self.per_ip.get(&peer.ip()).copied().unwrap_or(0) >= MAX_PER_ADDRESS {
             return Err(format!(
                 "{MAX_PER_ADDRESS} transfers to {} already in progress",
                 peer.ip()
             ));
         }
+        self.tidy();
         let mut evicted = None;
         if self.n_unproven >= MAX_UNPROVEN || self.peers.len() >= MAX_TRANSFERS {
-            while let Some((id, old)) = self.unproven.pop_front() {
-                if matches!(self.peers.get(&old), Some((i, false, _)) if *i == id) {
-                    let (_, _, c) = self.remove(old).expect("present");
-                    c.cancel();
-                    evicted = Some(old);
-                    break;
+            if let Some(&(_, old, began)) = self.unproven.front() {
+                if now.saturating_duration_since(began) >= UNPROVEN_GRACE {
+                    self.unproven.pop_front();
+                    if let Some((_, _, c)) = self.remove(old) {
+                        c.cancel();
+                        evicted = Some(old);
+                    }
                 }
             }
+        }
+        if self.peers.len() >= MAX_TRANSFERS {
+            return Err(format!("{MAX_TRANSFERS} transfers already in progress"));
         }
         let id = self.next;
         self.next += 1;
         self.peers.insert(peer, (id, false, cancel));
         *self.per_ip.entry(peer.ip()).or_default() += 1;
-        self.unproven.push_back((id, peer));
+        self.unproven.push_back((id, peer, now));
         self.n_unproven += 1;
         Ok((id, evicted))
     }
@@ -216,7 +225,7 @@ impl Active {
     /// as long as the unproven transfers are many).
     fn tidy(&mut self) {
         let live = |peers: &HashMap<SocketAddr, (u64, bool, CancellationToken)>,
-                    (i, p): &(u64, SocketAddr)| {
+                    (i, p, _): &(u64, SocketAddr, Instant)| {
             matches!(peers.get(p), Some((j, false, _)) if j == i)
         };
         while self.unproven.front().is_some_and(|e| !live(&self.peers, e)) {
@@ -329,7 +338,7 @@ impl Server {
             }
         };
         let cancel = CancellationToken::new();
-        let admitted = self.lock().admit(peer, cancel.clone());
+        let admitted = self.lock().admit(peer, cancel.clone(), Instant::now());
         let id = match admitted {
             Ok((id, evicted)) => {
                 if let Some(old) = evicted {
@@ -425,25 +434,30 @@ mod tests {
     }
 
     #[test]
-    fn unproven_transfers_make_room_and_proven_ones_stay() {
+    fn unproven_transfers_make_room_after_their_grace_and_proven_ones_stay() {
         let mut a = Active::default();
-        let (first, _) = a.admit(peer(1, 1), CancellationToken::new()).unwrap();
+        let t0 = Instant::now();
+        let new = CancellationToken::new;
+        let (first, _) = a.admit(peer(1, 1), new(), t0).unwrap();
         a.prove(peer(1, 1), first);
         let mut tokens = Vec::new();
         for i in 0..MAX_UNPROVEN as u16 {
-            let t = CancellationToken::new();
-            let (_, evicted) = a.admit(peer(2, i), t.clone()).unwrap();
+            let t = new();
+            let (_, evicted) = a.admit(peer(2, i), t.clone(), t0).unwrap();
             assert_eq!(evicted, None);
             tokens.push(t);
         }
-        // One more: the oldest unproven transfer ends, never the proven one.
-        let (_, evicted) = a.admit(peer(3, 1), CancellationToken::new()).unwrap();
+        // Within the grace (a burst of real clients, all asking at once), nobody is ended.
+        let (_, evicted) = a.admit(peer(3, 1), new(), t0).unwrap();
+        assert_eq!(evicted, None);
+        // Past it, a new request ends the oldest unproven transfer, never the proven one.
+        let (_, evicted) = a.admit(peer(3, 2), new(), t0 + UNPROVEN_GRACE).unwrap();
         assert_eq!(evicted, Some(peer(2, 0)));
         assert!(tokens[0].is_cancelled() && !tokens[1].is_cancelled());
         assert!(a.peers.contains_key(&peer(1, 1)));
         assert_eq!(
             (a.peers.len(), a.n_unproven),
-            (MAX_UNPROVEN + 1, MAX_UNPROVEN)
+            (MAX_UNPROVEN + 2, MAX_UNPROVEN + 1)
         );
         // Ending frees the slot and the address's count; a stale id ends nothing.
         a.end(peer(1, 1), first + 1000);
@@ -455,17 +469,37 @@ mod tests {
     }
 
     #[test]
+    fn every_slot_taken_refuses_until_an_unproven_one_is_past_its_grace() {
+        let mut a = Active::default();
+        let t0 = Instant::now();
+        for i in 0..MAX_TRANSFERS {
+            let p = SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8], 69));
+            a.admit(p, CancellationToken::new(), t0).unwrap();
+        }
+        let refused = a
+            .admit(peer(1, 1), CancellationToken::new(), t0)
+            .unwrap_err();
+        assert!(refused.contains("1024 transfers"), "{refused}");
+        let (_, evicted) = a
+            .admit(peer(1, 1), CancellationToken::new(), t0 + UNPROVEN_GRACE)
+            .unwrap();
+        assert!(evicted.is_some());
+        assert_eq!(a.peers.len(), MAX_TRANSFERS);
+    }
+
+    #[test]
     fn one_address_holds_at_most_a_quarter_of_the_slots() {
         let mut a = Active::default();
+        let t0 = Instant::now();
         for i in 0..MAX_PER_ADDRESS as u16 {
-            let (id, _) = a.admit(peer(4, i), CancellationToken::new()).unwrap();
+            let (id, _) = a.admit(peer(4, i), CancellationToken::new(), t0).unwrap();
             a.prove(peer(4, i), id);
         }
         let refused = a
-            .admit(peer(4, 9999), CancellationToken::new())
+            .admit(peer(4, 9999), CancellationToken::new(), t0)
             .unwrap_err();
         assert!(refused.contains("transfers to 127.0.0.4"), "{refused}");
-        assert!(a.admit(peer(5, 1), CancellationToken::new()).is_ok());
+        assert!(a.admit(peer(5, 1), CancellationToken::new(), t0).is_ok());
     }
 
     #[test]

@@ -380,12 +380,22 @@ fn a_flood_of_unacknowledged_requests_does_not_lock_out_a_real_client() {
     let rrq = b"\x00\x01undionly.kpxe\x00octet\x00timeout\x005\x00";
     let server: std::net::SocketAddr = format!("127.0.0.1:{}", l.port()).parse().unwrap();
     let mut flood = Vec::new();
+    let mut b = [0u8; 2048];
     for i in 0..1024 {
         let s = std::net::UdpSocket::bind(format!("127.0.0.{}:0", 2 + i % 4)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
         s.send_to(rrq, server).unwrap();
+        // Each gets a transfer: its first OACK arrives (waiting for it also keeps the burst
+        // within the server socket's receive buffer, so no request is dropped by the kernel).
+        s.recv_from(&mut b).expect("an OACK for each flood request");
+        assert_eq!(&b[..2], &[0, 6]);
         flood.push(s);
     }
-    // A real client right after: it gets its file (a forged transfer makes room for it).
+    // ...and has waited out the second in which a transfer with no acknowledgement yet is
+    // safe from eviction (so a burst of real clients is never evicted).
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    // A real client now: it gets its file (a forged transfer makes room for it).
     let out = l.hpa_get("efi/ipxe.efi", "after-flood.efi");
     assert!(
         out.status.success() && l.same("efi/ipxe.efi", "after-flood.efi"),
@@ -396,9 +406,7 @@ fn a_flood_of_unacknowledged_requests_does_not_lock_out_a_real_client() {
     drop(flood);
     // One host cannot take more than a quarter of the slots: with 256 transfers to 127.0.0.9
     // under way (each acknowledged its first block), its 257th request is refused.
-    let rrq = b"\x00\x01undionly.kpxe\x00octet\x00timeout\x005\x00";
     let mut held = Vec::new();
-    let mut b = [0u8; 2048];
     for _ in 0..256 {
         let s = std::net::UdpSocket::bind("127.0.0.9:0").unwrap();
         s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
