@@ -22,18 +22,12 @@ fn prov() -> Stack {
     stack(DiscoverAnswer::LocalBoot)
 }
 
+/// A machine's timeline as event kinds, after a flush.
 async fn kinds(p: &Stack, mac: Mac) -> Vec<String> {
-    p.admin
-        .events(EventQuery {
-            mac: Some(mac),
-            after: 0,
-            limit: 100,
-            tail: false,
-        })
+    events_of(p, mac)
         .await
-        .unwrap()
         .into_iter()
-        .map(|e| e.kind.as_str().to_string())
+        .map(|(k, _)| k)
         .collect()
 }
 
@@ -531,6 +525,7 @@ fn dhcp_saw(p: &Stack, ip: IpAddr, mac: Mac) {
         .learn(ip, mac, crate::attribution::Learned::Requested);
 }
 
+/// A machine's timeline as (kind, detail), after a flush.
 async fn events_of(p: &Stack, mac: Mac) -> Vec<(String, String)> {
     p.inv.flush().await.unwrap();
     p.admin
