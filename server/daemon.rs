@@ -72,6 +72,45 @@ pub fn check_config(cfg: &Config) -> anyhow::Result<String> {
     ))
 }
 
+/// The data directory holds the admin token, the SSH and CA private keys and the inventory
+/// (install token hashes, host keys): on every start it is made 0700 and the database files
+/// 0600, whatever an earlier version, a restore or an operator left. The database file is
+/// created 0600 before SQLite opens it, because SQLite gives its -wal and -shm files the
+/// database file's mode.
+fn make_private(data_dir: &std::path::Path, db_path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tighten = |p: &std::path::Path, mode: u32| -> anyhow::Result<()> {
+        let now = match fs::metadata(p) {
+            Ok(m) => m.permissions().mode() & 0o777,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
+        };
+        if now != mode {
+            fs::set_permissions(p, fs::Permissions::from_mode(mode)).with_context(|| {
+                format!(
+                    "{} is mode {now:o}; making it {mode:o} failed (is it owned by another user?)",
+                    p.display()
+                )
+            })?;
+            tracing::warn!(path = %p.display(), "mode was {now:o}; made it {mode:o} (it holds secrets)");
+        }
+        Ok(())
+    };
+    tighten(data_dir, 0o700)?;
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(db_path)
+        .with_context(|| format!("creating {}", db_path.display()))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = db_path.as_os_str().to_owned();
+        p.push(suffix);
+        tighten(std::path::Path::new(&p), 0o600)?;
+    }
+    Ok(())
+}
+
 /// Explains a bind failure: what happened and what to do about it.
 fn bind_error(e: std::io::Error, addr: SocketAddr, what: &str, flag: &str) -> anyhow::Error {
     if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -117,16 +156,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             crate::tftp::MAX_TRANSFERS
         );
     }
-    let created = !cfg.data_dir.exists();
     fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
-    if created {
-        // It holds the admin token and the SSH private key.
-        fs::set_permissions(&cfg.data_dir, fs::Permissions::from_mode(0o700))?;
-    }
     fs::create_dir_all(&cfg.assets_dir)
         .with_context(|| format!("creating assets directory {}", cfg.assets_dir.display()))?;
     let db_path = cfg.data_dir.join("provision.db");
+    make_private(&cfg.data_dir, &db_path)?;
     let inv: Arc<dyn Inventory> = Arc::new(
         SqliteInventory::open(&db_path, cfg.limits.clone())
             .with_context(|| format!("opening {}", db_path.display()))?,

@@ -11,7 +11,10 @@ fn first_start_creates_private_secrets() {
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&d.token_file()), 0o600);
     assert_eq!(mode(&d.dir.path().join("ssh/id_ed25519")), 0o600);
-    assert!(d.dir.path().join("provision.db").exists());
+    assert_eq!(mode(d.dir.path()), 0o700);
+    for f in ["provision.db", "provision.db-wal", "provision.db-shm"] {
+        assert_eq!(mode(&d.dir.path().join(f)), 0o600, "{f}");
+    }
     assert!(d.dir.path().join("assets").is_dir());
     let pubkey = std::fs::read_to_string(d.dir.path().join("ssh/id_ed25519.pub")).unwrap();
     // The daemon's key is rendered into installs.
@@ -21,6 +24,24 @@ fn first_start_creates_private_secrets() {
     // The API refuses requests without the token.
     let (s, body) = d.get("/api/v1/machines");
     assert_eq!(s, 401, "{body}");
+}
+
+#[test]
+fn a_data_dir_left_readable_is_made_private_again() {
+    // An earlier version (or a restore) left the data dir 0755 and the database 0644.
+    let dir = tempfile::tempdir().unwrap();
+    let set = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let mut d = Daemon::start_in(dir, &[]);
+    d.terminate();
+    let dir = d.take_dir();
+    set(dir.path(), 0o755);
+    set(&dir.path().join("provision.db"), 0o644);
+    let d = Daemon::start_in(dir, &[]);
+    assert_eq!(mode(d.dir.path()), 0o700);
+    assert_eq!(mode(&d.dir.path().join("provision.db")), 0o600);
 }
 
 #[test]
