@@ -192,8 +192,8 @@ enum Touch {
     Timeline(Mac),
     /// This machine's facts and events.
     One(Mac),
-    /// Any machine's (rare: the first durable batch after a burst of local boots then writes
-    /// every counted repeat).
+    /// Any machine's (rare: an expiry sweep that found something; its batch first writes
+    /// every repeat counted in memory).
     All,
 }
 
@@ -1046,8 +1046,8 @@ type RowKey = (Mac, EventKind, String);
 /// What the writer wrote in the last [`WINDOW_MS`]: sightings (so they are not rewritten)
 /// and observation rows (so repeats are counted in memory). Pending counts are written when
 /// their window closes, a machine's before a durable write of that machine in the same
-/// transaction (so its timeline keeps its order; all of them before a durable write that
-/// names no one machine), and all on every flush (so an admin read sees them).
+/// transaction (so its timeline keeps its order; all of them before a durable write that may
+/// touch any machine), and all on every flush (so an admin read sees them).
 #[derive(Default)]
 struct Recent {
     sightings: HashMap<Mac, (i64, Sighting)>,
