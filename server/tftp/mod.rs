@@ -317,26 +317,8 @@ impl Server {
         if self.lock().peers.contains_key(&peer) {
             return; // a retransmitted request: its transfer is already answering
         }
-        // A few file system calls on the TFTP thread (resolving a name, opening it).
-        let opened = resolve(&self.roots, &req.filename).and_then(|p| {
-            let f = File::open(&p).map_err(|_| Refusal::NotFound(req.filename.clone()))?;
-            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-            Ok((f, size))
-        });
-        let (file, size) = match opened {
-            Ok(o) => o,
-            Err(refusal) => {
-                (self.report)(failed(refusal.to_string()));
-                return self.refuse(peer, refusal_code(&refusal), &refusal.to_string());
-            }
-        };
-        let sock = match self.transfer_socket(peer) {
-            Ok(s) => s,
-            Err(e) => {
-                (self.report)(failed(format!("no socket for the transfer: {e}")));
-                return;
-            }
-        };
+        // Admitted before any file or socket work: a request the caps refuse costs nothing
+        // but its ERROR packet.
         let cancel = CancellationToken::new();
         let admitted = self.lock().admit(peer, cancel.clone(), Instant::now());
         let id = match admitted {
@@ -349,6 +331,28 @@ impl Server {
             Err(why) => {
                 (self.report)(failed(format!("refused: {why}")));
                 return self.refuse(peer, ErrorCode::Undefined, "server busy, try again");
+            }
+        };
+        // A few file system calls on the TFTP thread (resolving a name, opening it).
+        let opened = resolve(&self.roots, &req.filename).and_then(|p| {
+            let f = File::open(&p).map_err(|_| Refusal::NotFound(req.filename.clone()))?;
+            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            Ok((f, size))
+        });
+        let (file, size) = match opened {
+            Ok(o) => o,
+            Err(refusal) => {
+                self.lock().end(peer, id);
+                (self.report)(failed(refusal.to_string()));
+                return self.refuse(peer, refusal_code(&refusal), &refusal.to_string());
+            }
+        };
+        let sock = match self.transfer_socket(peer) {
+            Ok(s) => s,
+            Err(e) => {
+                self.lock().end(peer, id);
+                (self.report)(failed(format!("no socket for the transfer: {e}")));
+                return;
             }
         };
         let plan = Plan::negotiate(&req.options, size);
