@@ -210,6 +210,7 @@ NS = f"pvb{os.getpid()}"
 NSC = f"pvb{os.getpid()}c"
 VS, VC = f"pvb{os.getpid()}s0", f"pvb{os.getpid()}c0"
 SRV_IP, CLI_IP = "10.201.0.1", "10.201.0.2"  # on a /16
+ADMIN = "127.0.0.1:8443"  # provision's admin listener, in NS
 # The e2e machines' addresses (10.202.1.0 and up) are routed to NS through CLI_IP, as through
 # a DHCP relay: every simulated machine sends from the one veth VC, so on-link the server's
 # neighbour table would show VC's one MAC for all of them, which contradicts each machine's
@@ -393,7 +394,10 @@ class Bench:
     def provision(self, name, data_dir, http="127.0.0.1:8080", tftp="off", dhcp="off",
                   extra=()):
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISION_")}
+        # The admin API only seeds machines here; plain HTTP on loopback (which provision
+        # allows without --insecure-admin) keeps seed.py on the standard library.
         argv = self.pin_s() + [self.bin, "serve", "--data-dir", data_dir, "--http", http,
+                               "--admin", ADMIN, "--admin-tls", "off",
                                "--tftp", tftp, "--dhcp", dhcp, *extra]
         d = Daemon(name, argv, self.work, env=env)
 
@@ -711,6 +715,7 @@ def section_ipxe(b):
     try:
         t0 = time.monotonic()
         r = run(b.pin_c() + [PY, HERE / "seed.py", "--url", "http://127.0.0.1:8080",
+                             "--admin-url", f"http://{ADMIN}",
                              "--token-file", seed_dir / "admin-token",
                              "--installed", cfg["seed_installed"],
                              "--enrolled", cfg["seed_enrolled"], "--pubkey", f"{key}.pub",
@@ -1116,6 +1121,7 @@ def section_e2e(b):
             b.idle_rss.append(d.kb("VmRSS"))
             out = b.fresh("e2e-macs")
             run(b.pin_c() + [PY, HERE / "seed.py", "--url", f"http://{SRV_IP}:8080",
+                             "--admin-url", f"http://{ADMIN}",
                              "--token-file", data / "admin-token", "--enrolled", n,
                              "--enrolled-prefix", "0x02", "--out", out], timeout=300)
             s0, c0, cpu0 = udp_stats(), udp_stats(NSC), d.cpu()
@@ -1130,7 +1136,7 @@ def section_e2e(b):
                 raise BenchError(f"storm.py printed no result (rc {r.returncode}): "
                                  f"{(r.stdout + r.stderr)[-400:]}") from None
             token = (data / "admin-token").read_text().strip()
-            st, body = http_get(f"http://{SRV_IP}:8080/api/v1/machines?state=installed",
+            st, body = http_get(f"http://{ADMIN}/api/v1/machines?state=installed",
                                 timeout=30, headers={"Authorization": f"Bearer {token}"})
             j["installed_api"] = len(json.loads(body)) if st == 200 else f"HTTP {st}"
             j["rss"], j["hwm"], j["alive"] = d.kb("VmRSS"), d.kb("VmHWM"), d.alive()

@@ -3,8 +3,8 @@
 would: enroll (POST /api/v1/machines), boot (GET /ipxe -> install script, machine
 `installing`), phone home (POST /phone-home/<token> with an SSH host key -> `installed`).
 
-    seed.py --url http://127.0.0.1:8080 --token-file DATA/admin-token \
-            --installed N --enrolled M --pubkey KEY.pub --out DIR [--workers 32]
+    seed.py --url http://127.0.0.1:8080 --admin-url http://127.0.0.1:8443 \
+            --token-file DATA/admin-token --installed N --enrolled M --pubkey KEY.pub --out DIR [--workers 32]
 
 Writes DIR/macs-installed.txt and DIR/macs-enrolled.txt (one MAC per line, hyphen form, as
 iPXE sends ${mac:hexhyp}) and prints one JSON line with counts and timings. A request that
@@ -29,11 +29,10 @@ TOKEN_RE = re.compile(r"/config/([0-9a-f]{64})/")
 
 
 class Client:
-    """One keep-alive HTTP/1.1 connection per worker thread."""
-
-    local = threading.local()
+    """One keep-alive HTTP/1.1 connection per worker thread (and per Client)."""
 
     def __init__(self, url, token, timeout=30.0):
+        self.local = threading.local()
         u = urllib.parse.urlsplit(url)
         self.host, self.port = u.hostname, u.port or 80
         self.hostport = f"{self.host}:{self.port}"
@@ -100,7 +99,9 @@ def install(cl, mac, pubkey):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--url", required=True)
+    ap.add_argument("--url", required=True, help="the machine listener")
+    ap.add_argument("--admin-url", required=True,
+                    help="the admin listener, plain HTTP on loopback (--admin-tls off)")
     ap.add_argument("--token-file", required=True)
     ap.add_argument("--installed", type=int, default=0)
     ap.add_argument("--enrolled", type=int, default=0)
@@ -117,7 +118,7 @@ def main():
     pubkey = open(a.pubkey).read().strip() + "\n" if a.pubkey else ""
     if a.installed and not pubkey:
         sys.exit("seed.py: --installed needs --pubkey")
-    cl = Client(a.url, token)
+    cl, admin = Client(a.url, token), Client(a.admin_url, token)
     installed = [mac_of(a.installed_prefix, i) for i in range(a.installed)]
     enrolled = [mac_of(a.enrolled_prefix, i) for i in range(a.enrolled)]
 
@@ -131,7 +132,7 @@ def main():
 
     def job(mac, full):
         try:
-            enroll(cl, mac, a.profile)
+            enroll(admin, mac, a.profile)
             if full:
                 install(cl, mac, pubkey)
         except Exception as e:  # noqa: BLE001 - every failure is reported, none is fatal here

@@ -60,6 +60,11 @@ impl AdminService {
         }
     }
 
+    /// Node certificates revoked and not yet expired.
+    pub async fn revoked_certs(&self) -> Result<Vec<crate::store::RevokedCert>> {
+        Ok(self.inv.revoked_certs().await?)
+    }
+
     /// The current profiles and templates.
     pub fn catalog(&self) -> Arc<Catalog> {
         self.renderer.catalog()

@@ -17,14 +17,25 @@ use crate::policy::State;
 #[derive(Parser, Debug)]
 #[command(name = "provision", version, about)]
 pub struct Cli {
-    /// The daemon's URL, for every command but serve.
+    /// The daemon's admin listener, for every command but serve.
     #[arg(
         long,
         global = true,
         env = "PROVISION_URL",
-        default_value = "http://127.0.0.1:8080"
+        default_value = "https://127.0.0.1:8443"
     )]
     pub server: String,
+    /// CA certificates (PEM) the daemon's certificate must chain to, for an admin certificate
+    /// from your own CA.
+    #[arg(long, global = true, env = "PROVISION_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 fingerprint of the daemon's admin certificate, as `serve` logs it
+    /// [default: read from admin-cert.sha256 beside the token file].
+    #[arg(long, global = true, env = "PROVISION_FINGERPRINT")]
+    pub fingerprint: Option<String>,
+    /// Allow an http:// --server that is not loopback (a daemon run with --insecure-admin).
+    #[arg(long, global = true)]
+    pub insecure: bool,
     /// File holding the admin API token [default: DATA_DIR/admin-token].
     #[arg(long, global = true, env = "PROVISION_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
@@ -106,9 +117,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The admin token.
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Build a VM lab against the running daemon and install VMs until each is installed
     /// (needs root and QEMU; everything created is removed afterwards, also on Ctrl-C).
     Lab(crate::lab::LabArgs),
+}
+
+/// `provision token ...`.
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Replace the admin token: the daemon writes the new one to its token file and the old
+    /// one stops working at once. A token file this CLI read from is rewritten too; a token
+    /// given with --token/PROVISION_TOKEN is replaced by the one printed.
+    Rotate,
 }
 
 /// `provision enroll`.
@@ -200,6 +223,44 @@ impl From<ClientError> for Fail {
     }
 }
 
+/// `provision token rotate`. The daemon writes its own token file; when this CLI read its
+/// token from a file the daemon did not rewrite (the CLI runs elsewhere, with a copy), the
+/// copy is rewritten here, so the next command works. A token given on the command line or in
+/// the environment can only be printed.
+fn rotate_token(c: &Client) -> Result<(), Fail> {
+    #[derive(serde::Deserialize)]
+    struct Rotated {
+        token: String,
+        token_file: PathBuf,
+    }
+    let r: Rotated = c.send("POST", "/token/rotate", None::<&()>)?;
+    println!(
+        "admin token rotated; the daemon wrote the new one to {}",
+        r.token_file.display()
+    );
+    match c.token_file() {
+        Some(f) => {
+            let now = std::fs::read_to_string(f).unwrap_or_default();
+            if now.trim() != r.token {
+                crate::tls::replace_file(f, format!("{}\n", r.token).as_bytes(), 0o600)
+                    .map_err(|e| {
+                        Fail(
+                            format!(
+                                "the token was rotated, but writing it to {} failed: {e:#}; copy it from the daemon's {}",
+                                f.display(),
+                                r.token_file.display()
+                            ),
+                            1,
+                        )
+                    })?;
+                println!("and this CLI's copy in {}", f.display());
+            }
+        }
+        None => println!("new token (the old one no longer works): {}", r.token),
+    }
+    Ok(())
+}
+
 fn bad(msg: impl Into<String>) -> Fail {
     Fail(msg.into(), 2)
 }
@@ -225,7 +286,14 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         cmd => {
-            let client = match Client::new(&cli.server, cli.token, cli.token_file) {
+            let client = match Client::new(crate::client::Connect {
+                server: cli.server,
+                token: cli.token,
+                token_file: cli.token_file,
+                ca_file: cli.ca_file,
+                fingerprint: cli.fingerprint,
+                insecure: cli.insecure,
+            }) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("provision: {e}");
@@ -318,6 +386,7 @@ fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
             }
             Ok(())
         }
+        Command::Token(TokenCmd::Rotate) => rotate_token(c),
         Command::Lab(a) => {
             crate::lab::check_args(&a).map_err(bad)?;
             crate::lab::lab(c, &a).map_err(|e| Fail(format!("{e:#}"), 1))

@@ -1,7 +1,18 @@
-//! The CLI's client for the daemon's REST API.
+//! The CLI's client for the daemon's REST API, on the admin listener.
+//!
+//! HTTP/1.1 by hyper over rustls (not ureq, which the rest of the code never needed for a
+//! server: ureq can check a certificate only against roots, and the CLI must also be able to
+//! check the daemon's self-signed certificate by its pinned fingerprint; see [`crate::tls`]).
+//! One connection per call: the CLI makes a handful of calls per run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{header, Method, Request, Uri};
+use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -9,12 +20,42 @@ use serde_json::Value;
 use crate::dto;
 use crate::mac::Mac;
 use crate::policy::State;
+use crate::tls::Verify;
+
+/// How long one API call may take, connection and TLS handshake included.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where the daemon is and how to authenticate.
 pub struct Client {
     base: String,
+    /// `host:port` to connect to.
+    authority: String,
+    host: String,
+    /// The path prefix of `base` (usually empty).
+    prefix: String,
     token: String,
-    agent: ureq::Agent,
+    /// The file the token came from, if it came from one.
+    token_file: Option<PathBuf>,
+    tls: Option<tokio_rustls::TlsConnector>,
+    rt: tokio::runtime::Runtime,
+}
+
+/// How the CLI reaches the daemon: its URL, its token, how to trust its certificate.
+#[derive(Default)]
+pub struct Connect {
+    /// The admin listener's URL, e.g. `https://127.0.0.1:8443`.
+    pub server: String,
+    /// The admin token itself.
+    pub token: Option<String>,
+    /// The file holding the admin token [default: DATA_DIR/admin-token].
+    pub token_file: Option<PathBuf>,
+    /// CA certificates (PEM) the daemon's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// The daemon certificate's SHA-256 fingerprint [default: read from `admin-cert.sha256`
+    /// beside the token file].
+    pub fingerprint: Option<String>,
+    /// Allow plain `http://` to a non-loopback address.
+    pub insecure: bool,
 }
 
 /// A failed API call: the server's message, and whether it was the caller's input.
@@ -32,41 +73,141 @@ impl std::fmt::Display for ClientError {
     }
 }
 
+fn setup(message: String) -> ClientError {
+    ClientError {
+        message,
+        bad_input: false,
+    }
+}
+
 impl Client {
-    /// A client for `base` (e.g. `http://127.0.0.1:8080`). The token comes from `token`, or
-    /// the file `token_file`, or the default data directory's `admin-token`.
-    pub fn new(
-        base: &str,
-        token: Option<String>,
-        token_file: Option<PathBuf>,
-    ) -> Result<Client, ClientError> {
-        let token = match token.filter(|t| !t.trim().is_empty()) {
-            Some(t) => t.trim().to_string(),
-            None => {
-                let path = token_file
-                    .unwrap_or_else(|| crate::config::default_data_dir().join("admin-token"));
-                std::fs::read_to_string(&path)
-                    .map_err(|e| ClientError {
-                        message: format!(
-                            "cannot read the admin token from {}: {e}; pass --token-file FILE or set PROVISION_TOKEN",
-                            path.display()
-                        ),
-                        bad_input: false,
-                    })?
-                    .trim()
-                    .to_string()
+    /// A client for `c.server`, verifying the daemon as `c` says.
+    pub fn new(c: Connect) -> Result<Client, ClientError> {
+        let base = c.server.trim_end_matches('/').to_string();
+        let uri: Uri = base.parse().map_err(|e| {
+            setup(format!(
+                "--server {base:?} is not a URL ({e}); e.g. https://127.0.0.1:8443"
+            ))
+        })?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => {
+                return Err(setup(format!(
+                    "--server {base:?} must start with https:// (or http:// for a plain loopback admin listener)"
+                )))
             }
         };
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(std::time::Duration::from_secs(60)))
+        let host = uri
+            .host()
+            .ok_or_else(|| setup(format!("--server {base:?} has no host")))?
+            .to_string();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let bare = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let loopback = bare == "localhost"
+            || bare
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !https && !loopback && !c.insecure {
+            return Err(setup(format!(
+                "refusing to send the admin token in clear to {host}; use the https:// URL of the admin listener, or pass --insecure if the daemon runs with --insecure-admin"
+            )));
+        }
+        let (token, token_file) = match c.token.filter(|t| !t.trim().is_empty()) {
+            Some(t) => (t.trim().to_string(), None),
+            None => {
+                let path = c
+                    .token_file
+                    .unwrap_or_else(|| crate::config::default_data_dir().join("admin-token"));
+                let t = std::fs::read_to_string(&path)
+                    .map_err(|e| setup(format!(
+                        "cannot read the admin token from {}: {e}; pass --token-file FILE or set PROVISION_TOKEN",
+                        path.display()
+                    )))?
+                    .trim()
+                    .to_string();
+                (t, Some(path))
+            }
+        };
+        let tls = if https {
+            let verify = match (c.ca_file, c.fingerprint) {
+                (Some(f), _) => Verify::Roots(f),
+                (None, Some(fp)) => Verify::Pin(
+                    crate::tls::parse_fingerprint(&fp)
+                        .map_err(|e| setup(format!("--fingerprint: {e}")))?,
+                ),
+                (None, None) => Verify::Pin(pinned_beside(token_file.as_deref(), &base)?),
+            };
+            let config = crate::tls::client_config(&verify).map_err(|e| setup(format!("{e:#}")))?;
+            Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+        } else {
+            None
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
-            .into();
+            .map_err(|e| setup(format!("starting the client runtime: {e}")))?;
         Ok(Client {
-            base: base.trim_end_matches('/').to_string(),
+            prefix: uri.path().trim_end_matches('/').to_string(),
+            authority: format!("{host}:{port}"),
+            host: bare,
+            base,
             token,
-            agent,
+            token_file,
+            tls,
+            rt,
         })
+    }
+
+    /// The file the token came from, if any.
+    pub fn token_file(&self) -> Option<&Path> {
+        self.token_file.as_deref()
+    }
+
+    /// The token in use.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// One request; the status and the body.
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, String), String> {
+        let tcp = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let url = format!("{}/api/v1{path}", self.prefix);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(url)
+            .header(header::HOST, &self.authority)
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token));
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| e.to_string())?;
+        let res = match &self.tls {
+            Some(tls) => {
+                let name = rustls::pki_types::ServerName::try_from(self.host.clone())
+                    .map_err(|e| format!("{}: {e}", self.host))?;
+                let stream = tls
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                exchange(TokioIo::new(stream), req).await?
+            }
+            None => exchange(TokioIo::new(tcp), req).await?,
+        };
+        Ok(res)
     }
 
     /// Calls the API; returns the response body (JSON or text) on 2xx.
@@ -76,34 +217,19 @@ impl Client {
         path: &str,
         body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<String, ClientError> {
-        let url = format!("{}/api/v1{path}", self.base);
-        let auth = format!("Bearer {}", self.token);
-        let res = match (method, body) {
-            ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
-            ("DELETE", _) => self
-                .agent
-                .delete(&url)
-                .header("Authorization", &auth)
-                .call(),
-            (m, b) => {
-                let req = match m {
-                    "PATCH" => self.agent.patch(&url),
-                    "PUT" => self.agent.put(&url),
-                    _ => self.agent.post(&url),
-                }
-                .header("Authorization", &auth);
-                match b {
-                    Some(b) => req.send_json(b),
-                    None => req.send_empty(),
-                }
-            }
-        };
-        let mut res = res.map_err(|e| ClientError {
-            message: format!("cannot reach provision at {}: {e}; is `provision serve` running? (--server URL / PROVISION_URL)", self.base),
-            bad_input: false,
+        let method = Method::from_bytes(method.as_bytes()).expect("a method name");
+        let body = body.map(|b| serde_json::to_vec(b).expect("a request body serializes"));
+        let r = self.rt.block_on(async {
+            tokio::time::timeout(CALL_TIMEOUT, self.request(method, path, body))
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {} s", CALL_TIMEOUT.as_secs())))
+        });
+        let (status, text) = r.map_err(|e| {
+            setup(format!(
+                "cannot reach provision at {}: {e}; is `provision serve` running? (--server URL / PROVISION_URL)",
+                self.base
+            ))
         })?;
-        let status = res.status().as_u16();
-        let text = res.body_mut().read_to_string().unwrap_or_default();
         if (200..300).contains(&status) {
             return Ok(text);
         }
@@ -201,4 +327,40 @@ impl Client {
     pub fn profile(&self, name: &str) -> Result<dto::Profile, ClientError> {
         self.get(&format!("/profiles/{name}"))
     }
+}
+
+/// Sends `req` on `io` and reads the whole answer.
+async fn exchange<IO>(io: IO, req: Request<Full<Bytes>>) -> Result<(u16, String), String>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let res = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = res.status().as_u16();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// The fingerprint `serve` wrote beside the token file (or in the default data directory).
+fn pinned_beside(token_file: Option<&Path>, base: &str) -> Result<[u8; 32], ClientError> {
+    let dir = token_file
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(crate::config::default_data_dir);
+    let path = dir.join(crate::tls::FINGERPRINT_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        setup(format!(
+            "cannot verify the daemon at {base}: reading {}: {e}; pass --fingerprint with the SHA-256 `provision serve` logged (or --ca-file for a certificate from your CA)",
+            path.display()
+        ))
+    })?;
+    crate::tls::parse_fingerprint(&text).map_err(|e| setup(format!("{}: {e}", path.display())))
 }

@@ -26,6 +26,25 @@ pub struct ServeArgs {
     /// HTTP listen address; port 0 picks a free port [default: 0.0.0.0:8080].
     #[arg(long, env = "PROVISION_HTTP", value_name = "ADDR:PORT")]
     pub http: Option<String>,
+    /// Admin API listen address (the REST API, the CLI's and the web UI's), or `off`; port 0
+    /// picks a free port [default: 0.0.0.0:8443].
+    #[arg(long, env = "PROVISION_ADMIN", value_name = "ADDR:PORT|off")]
+    pub admin: Option<String>,
+    /// TLS on the admin listener: `on`, or `off` for plain HTTP (allowed on a loopback address,
+    /// elsewhere only with --insecure-admin) [default: on].
+    #[arg(long, env = "PROVISION_ADMIN_TLS", value_name = "on|off")]
+    pub admin_tls: Option<String>,
+    /// The admin listener's certificate chain (PEM, leaf first) [default: a self-signed
+    /// certificate made on first start in DATA_DIR/admin-tls/].
+    #[arg(long, env = "PROVISION_ADMIN_CERT", requires = "admin_key")]
+    pub admin_cert: Option<PathBuf>,
+    /// The private key of --admin-cert (PEM, mode 0600).
+    #[arg(long, env = "PROVISION_ADMIN_KEY", requires = "admin_cert")]
+    pub admin_key: Option<PathBuf>,
+    /// Allow --admin-tls off on a non-loopback address: the admin token then crosses the
+    /// network in clear.
+    #[arg(long, env = "PROVISION_INSECURE_ADMIN")]
+    pub insecure_admin: bool,
     /// TFTP listen address, or `off` [default: 0.0.0.0:69].
     #[arg(long, env = "PROVISION_TFTP", value_name = "ADDR:PORT|off")]
     pub tftp: Option<String>,
@@ -133,6 +152,11 @@ pub struct ServeArgs {
 struct FileConfig {
     data_dir: Option<PathBuf>,
     http: Option<String>,
+    admin: Option<String>,
+    admin_tls: Option<String>,
+    admin_cert: Option<PathBuf>,
+    admin_key: Option<PathBuf>,
+    insecure_admin: Option<bool>,
     tftp: Option<String>,
     tftp_root: Option<PathBuf>,
     dhcp: Option<String>,
@@ -167,6 +191,14 @@ const KNOWN_ENV: &[&str] = &[
     "PROVISION_CONFIG",
     "PROVISION_DATA_DIR",
     "PROVISION_HTTP",
+    "PROVISION_ADMIN",
+    "PROVISION_ADMIN_TLS",
+    "PROVISION_ADMIN_CERT",
+    "PROVISION_ADMIN_KEY",
+    "PROVISION_INSECURE_ADMIN",
+    "PROVISION_MAX_DISCOVERED",
+    "PROVISION_EVENTS_PER_MACHINE",
+    "PROVISION_MAX_EVENTS",
     "PROVISION_TFTP",
     "PROVISION_TFTP_ROOT",
     "PROVISION_REGISTER_WORKERS",
@@ -194,6 +226,8 @@ const KNOWN_ENV: &[&str] = &[
     "PROVISION_URL",
     "PROVISION_TOKEN",
     "PROVISION_TOKEN_FILE",
+    "PROVISION_CA_FILE",
+    "PROVISION_FINGERPRINT",
     "PROVISION_LOG",
 ];
 
@@ -204,6 +238,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// HTTP listen address.
     pub http: SocketAddr,
+    /// The admin listener; `None` is off.
+    pub admin: Option<Admin>,
     /// TFTP listen address; `None` is off.
     pub tftp: Option<SocketAddr>,
     /// TFTP roots, searched in order.
@@ -238,6 +274,154 @@ pub struct Config {
     pub register: crate::registrar::Settings,
     /// The bounds on what the network can make the database hold.
     pub limits: crate::store::Limits,
+}
+
+/// Where and how the admin API is served.
+#[derive(Clone, Debug)]
+pub struct Admin {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// TLS, or plain HTTP.
+    pub tls: AdminTls,
+}
+
+/// The admin listener's transport.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminTls {
+    /// TLS with a certificate made on first start in the data directory.
+    SelfSigned,
+    /// TLS with the operator's certificate chain and key.
+    Operator {
+        /// PEM chain, leaf first.
+        cert: PathBuf,
+        /// PEM private key.
+        key: PathBuf,
+    },
+    /// Plain HTTP (loopback, or `--insecure-admin`).
+    Off,
+}
+
+impl Admin {
+    /// The URL scheme clients use.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls == AdminTls::Off {
+            "http"
+        } else {
+            "https"
+        }
+    }
+}
+
+/// The admin listener from its settings: TLS unless turned off, and off only where the token
+/// cannot be read on the wire (loopback) or the operator said so.
+fn admin_listener(
+    addr: Option<String>,
+    tls: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    insecure: bool,
+    http: SocketAddr,
+) -> anyhow::Result<Option<Admin>> {
+    let addr_s = addr.unwrap_or_else(|| "0.0.0.0:8443".into());
+    if addr_s == "off" {
+        return Ok(None);
+    }
+    let addr: SocketAddr = addr_s.parse().with_context(|| {
+        format!(
+            "admin address {addr_s:?} must be ADDR:PORT (e.g. 0.0.0.0:8443 or 127.0.0.1:0) or off"
+        )
+    })?;
+    if addr.port() != 0
+        && addr.port() == http.port()
+        && (addr.ip() == http.ip() || addr.ip().is_unspecified() || http.ip().is_unspecified())
+    {
+        bail!("admin address {addr} and http address {http} overlap; the admin API needs a port of its own (e.g. --admin 0.0.0.0:8443)");
+    }
+    let tls_on = match tls.as_deref().unwrap_or("on") {
+        "on" => true,
+        "off" => false,
+        other => bail!("admin_tls {other:?} must be on or off"),
+    };
+    let tls = match (tls_on, cert, key) {
+        (true, None, None) => AdminTls::SelfSigned,
+        (true, Some(cert), Some(key)) => {
+            for (what, p) in [("admin_cert", &cert), ("admin_key", &key)] {
+                if !p.is_file() {
+                    bail!("{what} {} is not a readable file", p.display());
+                }
+            }
+            AdminTls::Operator { cert, key }
+        }
+        (true, _, _) => bail!("admin_cert and admin_key go together: give both, or neither for a self-signed certificate"),
+        (false, None, None) => AdminTls::Off,
+        (false, _, _) => bail!("admin_tls is off but admin_cert/admin_key are set; drop one or the other"),
+    };
+    if tls == AdminTls::Off && !addr.ip().is_loopback() && !insecure {
+        bail!(
+            "the admin API on {addr} without TLS would send the admin token in clear over the network; keep TLS (admin_tls on, the default), bind it to loopback (--admin 127.0.0.1:8443), or accept the risk with --insecure-admin"
+        );
+    }
+    Ok(Some(Admin { addr, tls }))
+}
+
+/// Subdirectories of the data directory that hold secrets (the SSH key, the node CA's key, the
+/// admin TLS key); the data directory itself holds the admin token and the database.
+const SECRET_SUBDIRS: &[&str] = &["ssh", "pki", "admin-tls"];
+
+/// `p` made absolute with symlinks resolved as far as it exists (the rest appended as
+/// written, `..` and `.` folded), so two spellings of one directory compare equal before
+/// either is created.
+fn resolved(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    };
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => {
+                out.push(other);
+                if let Ok(real) = out.canonicalize() {
+                    out = real;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Refuses a served directory (`/assets/`, TFTP and `/boot/`) that would serve the data
+/// directory's secrets: the data directory itself or one of its ancestors, or a secret
+/// subdirectory. (The default assets directory, `DATA_DIR/assets`, is inside the data
+/// directory and holds no secret.)
+fn served_dirs_hold_no_secrets(
+    data_dir: &Path,
+    assets: &Path,
+    tftp_roots: &[PathBuf],
+) -> anyhow::Result<()> {
+    let data = resolved(data_dir);
+    let served = std::iter::once(("assets_dir", assets))
+        .chain(tftp_roots.iter().map(|r| ("tftp_root", r.as_path())));
+    for (what, dir) in served {
+        let d = resolved(dir);
+        let secret =
+            data.starts_with(&d) || SECRET_SUBDIRS.iter().any(|s| d.starts_with(data.join(s)));
+        if secret {
+            bail!(
+                "{what} {} would serve the data directory's secrets ({} holds the admin token, the database and the private keys); serve a directory outside it, or one of its own such as {}",
+                dir.display(),
+                data_dir.display(),
+                data_dir.join("assets").display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The default data directory: `/var/lib/provision` for root, else the XDG data directory.
@@ -423,6 +607,14 @@ impl Config {
         let http: SocketAddr = http_s.parse().with_context(|| {
             format!("http address {http_s:?} must be ADDR:PORT, e.g. 0.0.0.0:8080 or 127.0.0.1:0")
         })?;
+        let admin = admin_listener(
+            args.admin.clone().or(file.admin),
+            args.admin_tls.clone().or(file.admin_tls),
+            args.admin_cert.clone().or(file.admin_cert),
+            args.admin_key.clone().or(file.admin_key),
+            args.insecure_admin || file.insecure_admin.unwrap_or(false),
+            http,
+        )?;
         let tftp_s = args
             .tftp
             .clone()
@@ -605,9 +797,11 @@ impl Config {
                 }
             }
         }
+        served_dirs_hold_no_secrets(&data_dir, &assets_dir, &tftp_roots)?;
         Ok(Config {
             data_dir,
             http,
+            admin,
             tftp,
             tftp_roots,
             dhcp,
@@ -724,6 +918,113 @@ mod tests {
             let e = format!("{:#}", Config::from_args(&args).unwrap_err());
             assert!(e.contains(want), "{e}");
         }
+    }
+
+    #[test]
+    fn the_admin_listener_is_tls_unless_plain_http_cannot_leak_the_token() {
+        let d = tempfile::tempdir().unwrap();
+        let with = |f: &dyn Fn(&mut ServeArgs)| {
+            let mut a = ServeArgs {
+                data_dir: Some(d.path().into()),
+                ..Default::default()
+            };
+            f(&mut a);
+            Config::from_args(&a).map_err(|e| format!("{e:#}"))
+        };
+        let c = with(&|_| {}).unwrap().admin.unwrap();
+        assert_eq!(c.addr.to_string(), "0.0.0.0:8443");
+        assert_eq!(c.tls, AdminTls::SelfSigned);
+        assert_eq!(c.scheme(), "https");
+        assert!(with(&|a| a.admin = Some("off".into()))
+            .unwrap()
+            .admin
+            .is_none());
+        let plain = with(&|a| {
+            a.admin = Some("127.0.0.1:0".into());
+            a.admin_tls = Some("off".into());
+        })
+        .unwrap()
+        .admin
+        .unwrap();
+        assert_eq!((plain.scheme(), plain.tls), ("http", AdminTls::Off));
+        let e = with(&|a| a.admin_tls = Some("off".into())).unwrap_err();
+        assert!(
+            e.contains("in clear") && e.contains("--insecure-admin"),
+            "{e}"
+        );
+        assert!(with(&|a| {
+            a.admin_tls = Some("off".into());
+            a.insecure_admin = true;
+        })
+        .is_ok());
+        let e = with(&|a| a.admin = Some("0.0.0.0:8080".into())).unwrap_err();
+        assert!(e.contains("overlap"), "{e}");
+        let e = with(&|a| a.admin_cert = Some(d.path().join("c.pem"))).unwrap_err();
+        assert!(e.contains("go together"), "{e}");
+        let e = with(&|a| {
+            a.admin_cert = Some(d.path().join("c.pem"));
+            a.admin_key = Some(d.path().join("k.pem"));
+        })
+        .unwrap_err();
+        assert!(e.contains("is not a readable file"), "{e}");
+        let e = with(&|a| a.admin_tls = Some("maybe".into())).unwrap_err();
+        assert!(e.contains("on or off"), "{e}");
+    }
+
+    /// Every environment variable a flag reads is known, so setting it is not refused as a
+    /// typo.
+    #[test]
+    fn every_flag_environment_variable_is_known() {
+        use clap::{Args, CommandFactory};
+        let serve = ServeArgs::augment_args(clap::Command::new("serve"));
+        let cli = crate::cli::Cli::command();
+        let mut seen = 0;
+        for arg in serve.get_arguments().chain(cli.get_arguments()) {
+            if let Some(env) = arg.get_env() {
+                let env = env.to_str().unwrap();
+                assert!(KNOWN_ENV.contains(&env), "{env} is not in KNOWN_ENV");
+                seen += 1;
+            }
+        }
+        assert!(seen > 30, "{seen}");
+    }
+
+    #[test]
+    fn served_directories_that_reach_the_secrets_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        std::fs::create_dir_all(data.join("pki")).unwrap();
+        std::fs::create_dir_all(d.path().join("other")).unwrap();
+        let with = |assets: Option<PathBuf>, tftp: Option<PathBuf>| {
+            Config::from_args(&ServeArgs {
+                data_dir: Some(data.clone()),
+                assets_dir: assets,
+                tftp_root: tftp,
+                ..Default::default()
+            })
+            .map_err(|e| format!("{e:#}"))
+        };
+        // The defaults, and directories of their own, are fine.
+        assert!(with(None, None).is_ok());
+        assert!(with(Some(d.path().join("other")), Some(d.path().join("other"))).is_ok());
+        for (assets, tftp) in [
+            (Some(data.clone()), None),
+            (Some(d.path().to_path_buf()), None),
+            (Some(data.join("assets/..")), None),
+            (Some(data.join("pki")), None),
+            (None, Some(data.join("pki"))),
+            (None, Some(d.path().join("other/../data/pki/."))),
+        ] {
+            let e = with(assets.clone(), tftp.clone()).unwrap_err();
+            assert!(
+                e.contains("would serve the data directory's secrets"),
+                "{assets:?} {tftp:?}: {e}"
+            );
+        }
+        // Through a symlink too.
+        std::os::unix::fs::symlink(&data, d.path().join("link")).unwrap();
+        let e = with(Some(d.path().join("link")), None).unwrap_err();
+        assert!(e.contains("secrets"), "{e}");
     }
 
     #[test]

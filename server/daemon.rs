@@ -35,9 +35,23 @@ pub fn check_config(cfg: &Config) -> anyhow::Result<String> {
     let cat = Catalog::load(sources(cfg))?;
     let names: Vec<_> = cat.profiles().keys().cloned().collect();
     Ok(format!(
-        "configuration OK\n  data dir: {}\n  http: {}\n  dhcp: {}\n  tftp: {}\n  advertise: {}\n  assets: {}\n  install token ttl: {}\n  discover: {:?}\n  claims: {}\n  profiles: {}\n",
+        "configuration OK\n  data dir: {}\n  http: {}\n  admin API: {}\n  dhcp: {}\n  tftp: {}\n  advertise: {}\n  assets: {}\n  install token ttl: {}\n  discover: {:?}\n  claims: {}\n  profiles: {}\n",
         cfg.data_dir.display(),
         cfg.http,
+        match &cfg.admin {
+            None => "off".to_string(),
+            Some(a) => format!(
+                "{}://{} ({})",
+                a.scheme(),
+                a.addr,
+                match &a.tls {
+                    crate::config::AdminTls::SelfSigned => "self-signed certificate in DATA_DIR/admin-tls".to_string(),
+                    crate::config::AdminTls::Operator { cert, .. } => format!("certificate {}", cert.display()),
+                    crate::config::AdminTls::Off if a.addr.ip().is_loopback() => "plain HTTP, loopback".to_string(),
+                    crate::config::AdminTls::Off => "plain HTTP: --insecure-admin".to_string(),
+                }
+            ),
+        },
         match cfg.dhcp {
                         Some(_) if !cfg.dhcp_interfaces.is_empty() => format!(
                 "{} on interface(s) {}",
@@ -111,6 +125,48 @@ fn make_private(data_dir: &std::path::Path, db_path: &std::path::Path) -> anyhow
     Ok(())
 }
 
+/// The admin listener's TLS, or `None` for plain HTTP. A self-signed certificate names the
+/// loopback addresses, this host's name, the admin bind address and the advertised host.
+fn admin_tls(
+    cfg: &Config,
+    a: &crate::config::Admin,
+) -> anyhow::Result<Option<crate::tls::AdminTls>> {
+    use crate::config::AdminTls;
+    let operator = match &a.tls {
+        AdminTls::Off => return Ok(None),
+        AdminTls::SelfSigned => None,
+        AdminTls::Operator { cert, key } => Some((cert.as_path(), key.as_path())),
+    };
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    if let Ok(h) = fs::read_to_string("/proc/sys/kernel/hostname") {
+        names.push(h.trim().to_string());
+    }
+    if !a.addr.ip().is_unspecified() {
+        names.push(a.addr.ip().to_string());
+    }
+    if let Some(host) = cfg.advertise.as_deref().and_then(|u| {
+        let rest = u.split_once("://")?.1;
+        let authority = rest.split('/').next()?;
+        Some(match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next()?.to_string(),
+            None => authority
+                .rsplit_once(':')
+                .map_or(authority, |(h, _)| h)
+                .to_string(),
+        })
+    }) {
+        names.push(host);
+    }
+    names.retain(|n| !n.is_empty());
+    names.sort();
+    names.dedup();
+    crate::tls::admin_tls(&cfg.data_dir, operator, &names).map(Some)
+}
+
 /// Explains a bind failure: what happened and what to do about it.
 fn bind_error(e: std::io::Error, addr: SocketAddr, what: &str, flag: &str) -> anyhow::Error {
     if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -149,11 +205,17 @@ fn raise_open_files_limit() -> u64 {
 /// Runs the daemon until `shutdown` is cancelled.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let files = raise_open_files_limit();
-    let needed = 2 * crate::tftp::MAX_TRANSFERS as u64 + 1024;
+    // A TFTP transfer holds a socket and a file; an HTTP connection a socket (and a file
+    // while it sends one); the database and the rest a few dozen.
+    let needed = 2 * crate::tftp::MAX_TRANSFERS as u64
+        + 2 * http::MAX_CONNECTIONS as u64
+        + http::MAX_ADMIN_CONNECTIONS as u64
+        + 256;
     if files < needed {
         tracing::warn!(
-            "open files limit is {files}; {needed} lets {} TFTP transfers and 1000 HTTP connections run at once (raise it with ulimit -n or LimitNOFILE=)",
-            crate::tftp::MAX_TRANSFERS
+            "open files limit is {files}; {needed} lets {} TFTP transfers and {} HTTP connections run at once (raise it with ulimit -n or LimitNOFILE=)",
+            crate::tftp::MAX_TRANSFERS,
+            http::MAX_CONNECTIONS
         );
     }
     fs::create_dir_all(&cfg.data_dir)
@@ -170,7 +232,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let (admin_token, new_token) = keys::admin_token(&token_path)?;
     let (ssh_public_key, ssh_private) =
         crate::registrar::ssh::daemon_key(&cfg.data_dir.join("ssh"))?;
-    let ca = crate::pki::Ca::load_or_create(&cfg.data_dir.join("pki"))?;
+    let ca = Arc::new(crate::pki::Ca::load_or_create(&cfg.data_dir.join("pki"))?);
     let renderer = Arc::new(Renderer::new(sources(&cfg), ssh_public_key)?);
     let (registrar_handle, register_queue) =
         crate::registrar::channel(inv.clone(), renderer.clone());
@@ -210,6 +272,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     // Bind everything before serving anything, so a port problem stops the start cleanly.
     let listener = bind_tcp(cfg.http, "HTTP", "--http").await?;
     let http_addr = listener.local_addr()?;
+    let admin_listener = match &cfg.admin {
+        Some(a) => Some(bind_tcp(a.addr, "the admin API", "--admin").await?),
+        None => None,
+    };
     let tftp_socket = match cfg.tftp {
         Some(addr) => Some(
             std::net::UdpSocket::bind(addr)
@@ -252,14 +318,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     tracing::info!("listening for HTTP on {http_addr}");
 
+    let admin_tls = match &cfg.admin {
+        Some(a) => admin_tls(&cfg, a)?,
+        None => None,
+    };
     let state = AppState {
         boot: boot.clone(),
         admin: admin.clone(),
-        admin_token: Arc::new(admin_token),
+        auth: Arc::new(http::auth::AdminAuth::new(admin_token, token_path.clone())),
         advertise: cfg.advertise.clone().map(Arc::new),
+        machine_port: http_addr.port(),
+        ca: ca.clone(),
         boot_roots: Arc::new(cfg.tftp_roots.clone()),
     };
     let app = http::router(state.clone(), &cfg.assets_dir);
+    let admin_app = http::admin_router(state.clone());
     let statics = Arc::new(http::Statics {
         assets: cfg.assets_dir.clone(),
         state,
@@ -290,6 +363,31 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             .await
             .context("HTTP server")
     });
+
+    if let (Some(l), Some(a)) = (admin_listener, &cfg.admin) {
+        let addr = l.local_addr()?;
+        match &admin_tls {
+            Some(t) => tracing::info!(
+                "listening for the admin API on {addr} (https, {} certificate SHA-256 {}, also in {})",
+                t.source,
+                t.fingerprint,
+                cfg.data_dir.join(crate::tls::FINGERPRINT_FILE).display()
+            ),
+            None if addr.ip().is_loopback() => {
+                tracing::info!("listening for the admin API on {addr} (http, loopback only)")
+            }
+            None => tracing::warn!(
+                "listening for the admin API on {addr} (http: --insecure-admin, the admin token crosses the network in clear)"
+            ),
+        }
+        debug_assert_eq!(a.tls == crate::config::AdminTls::Off, admin_tls.is_none());
+        let (tls, sd) = (admin_tls.map(|t| t.config), shutdown.clone());
+        tasks.spawn(async move {
+            http::serve_admin(l, admin_app, tls, sd)
+                .await
+                .context("admin listener")
+        });
+    }
 
     if let Some(sock) = tftp_socket {
         tracing::info!("listening for TFTP on {}", sock.local_addr()?);

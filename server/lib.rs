@@ -45,6 +45,7 @@ pub mod registrar;
 pub mod render;
 pub mod store;
 pub mod tftp;
+pub mod tls;
 pub mod validate;
 
 #[cfg(test)]

@@ -1,20 +1,24 @@
 //! The admin REST API under `/api/v1`, behind the bearer token.
 
-use axum::extract::{Path, Query, Request, State};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use axum::extract::connect_info::MockConnectInfo;
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 
-use super::{base_url, AppError, AppState};
+use super::auth::Refusal;
+use super::{machine_base_url, AppError, AppState};
 use crate::dto::{self, EnrollRequest, UpdateRequest};
 use crate::mac::Mac;
 use crate::policy::State as MState;
 use crate::store::{EventQuery, MachineQuery, MAX_PAGE};
 
-/// Requires `Authorization: Bearer <admin token>`, compared in constant time.
+/// Requires `Authorization: Bearer <admin token>` (see [`super::auth`]: constant-time
+/// compare, at most 10 wrong tokens a minute per address).
 pub async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let given = req
         .headers()
@@ -22,10 +26,32 @@ pub async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Respo
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    match given {
-        Some(t) if bool::from(t.as_bytes().ct_eq(st.admin_token.as_bytes())) => next.run(req).await,
-        Some(_) => AppError::new(StatusCode::UNAUTHORIZED, "wrong admin token").into_response(),
-        None => {
+    // Both listeners put the peer in every request; router tests put a MockConnectInfo.
+    let ext = req.extensions();
+    let peer = ext
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+        .or_else(|| ext.get::<MockConnectInfo<SocketAddr>>().map(|c| c.0))
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+    match st.auth.check(peer, given) {
+        Ok(()) => next.run(req).await,
+        Err(Refusal::Wrong) => {
+            AppError::new(StatusCode::UNAUTHORIZED, "wrong admin token").into_response()
+        }
+        Err(Refusal::TooMany(wait)) => {
+            let secs = wait.as_secs().max(1);
+            let mut r = AppError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "too many wrong admin tokens from {peer}; try again in {secs} s with the token from the daemon's data directory (admin-token)"
+                ),
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+            r
+        }
+        Err(Refusal::Missing) => {
             let mut r = AppError::new(
                 StatusCode::UNAUTHORIZED,
                 "the admin API needs `Authorization: Bearer <token>`; the token is in the daemon's data directory (admin-token)",
@@ -38,6 +64,27 @@ pub async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Respo
             r
         }
     }
+}
+
+/// `/api/...` on the machine listener: the API is not served there.
+pub async fn elsewhere() -> AppError {
+    AppError::new(
+        StatusCode::NOT_FOUND,
+        "the admin API is served on the admin listener (--admin, default https://0.0.0.0:8443), not on the machine listener",
+    )
+}
+
+/// `POST /token/rotate`: a new admin token, in the daemon's token file and in force at once;
+/// the caller's (old) token stops working with this answer.
+pub async fn rotate_token(State(st): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
+    let (token, file) = st.auth.rotate().map_err(|e| {
+        AppError::from(crate::error::Error::Internal(format!(
+            "rotating the admin token: {e:#}"
+        )))
+    })?;
+    Ok(Json(
+        serde_json::json!({ "token": token, "token_file": file }),
+    ))
 }
 
 /// Unknown API path.
@@ -240,7 +287,7 @@ pub async fn render(
     Path((mac, artifact)): Path<(String, String)>,
 ) -> Result<Response, AppError> {
     let mac = parse_mac(&mac)?;
-    let base = base_url(&st, &headers)?;
+    let base = machine_base_url(&st, &headers)?;
     let (kind, body) = st.admin.preview(mac, &artifact, &base).await?;
     Ok(([(header::CONTENT_TYPE, kind.content_type())], body).into_response())
 }

@@ -206,10 +206,60 @@ pub async fn boot_file(
         }
         Err(e) => return Err(AppError::new(StatusCode::FORBIDDEN, e.to_string()).text()),
     };
-    let body = tokio::fs::read(&path)
+    // Streamed from the file, never read whole: an iPXE binary is a few hundred KiB, but
+    // nothing bounds what an operator puts in a root, and many clients at once would each
+    // hold a copy.
+    let opened = tokio::fs::File::open(&path).await;
+    let (f, len) = match opened {
+        Ok(f) => {
+            let len = f.metadata().await.map(|m| m.len());
+            (f, len)
+        }
+        Err(e) => {
+            return Err(AppError::new(StatusCode::NOT_FOUND, format!("{file:?}: {e}")).text())
+        }
+    };
+    let len =
+        len.map_err(|e| AppError::new(StatusCode::NOT_FOUND, format!("{file:?}: {e}")).text())?;
+    st.boot.record_http_boot(peer.ip(), &file, len);
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(f));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/efi".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// `GET /pki/ca.pem`: the node CA's certificate, what nodes and managers trust.
+pub async fn ca_cert(State(st): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        st.ca.cert_pem().to_string(),
+    )
+        .into_response()
+}
+
+/// `GET /pki/crl.pem`: the node CA's revocation list, signed now: the certificates of
+/// machines reprovisioned or deleted, and of keys a node replaced. Public, as CRLs are
+/// (RFC 5280 §5): a manager fetches it to refuse those nodes.
+pub async fn crl(State(st): State<AppState>) -> Result<Response, AppError> {
+    let revoked: Vec<crate::pki::Revoked> = st
+        .admin
+        .revoked_certs()
         .await
-        .map_err(|e| AppError::new(StatusCode::NOT_FOUND, format!("{file:?}: {e}")).text())?;
-    st.boot
-        .record_http_boot(peer.ip(), &file, body.len() as u64);
-    Ok(([(header::CONTENT_TYPE, "application/efi")], body).into_response())
+        .map_err(|e| AppError::from(e).text())?
+        .into_iter()
+        .map(|r| crate::pki::Revoked {
+            cert_pem: r.cert_pem,
+            at_ms: r.revoked_at,
+        })
+        .collect();
+    let pem = st
+        .ca
+        .crl(&revoked)
+        .map_err(|e| AppError::from(crate::error::Error::Internal(format!("{e:#}"))).text())?;
+    Ok(([(header::CONTENT_TYPE, "application/pkix-crl")], pem).into_response())
 }

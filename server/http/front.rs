@@ -49,6 +49,15 @@ const MAX_HEAD: usize = 16 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most headers in a request head.
 const MAX_HEADERS: usize = 64;
+/// Connections served at once; more are closed at accept. Each costs a file descriptor and a
+/// task, and without a cap a flood of idle connections would take every descriptor the TFTP
+/// transfers and the database need. A boot storm of thousands of machines holds one
+/// connection per machine at a time (iPXE, installers), and an idle one goes after
+/// [`HEAD_TIMEOUT`].
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Connections from one address at once: one host cannot take the whole listener. iPXE and
+/// installers use one or two; a benchmark from one address uses tens.
+pub const MAX_PER_ADDRESS: u32 = 128;
 
 /// What the connection loop answers from.
 pub struct Statics {
@@ -68,6 +77,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut conns = tokio::task::JoinSet::new();
+    let per_ip: PerAddress = Arc::default();
+    let mut refused: u64 = 0;
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -82,9 +93,27 @@ pub async fn serve(
                 }
             },
         };
+        let slot = if conns.len() >= MAX_CONNECTIONS {
+            Err(format!("{MAX_CONNECTIONS} connections open"))
+        } else {
+            Slot::take(&per_ip, peer.ip())
+        };
+        let slot = match slot {
+            Ok(s) => s,
+            Err(why) => {
+                // Closed unanswered: under a flood, answering costs what the cap saves. Logged
+                // at the first and then every 1000th.
+                if refused % 1000 == 0 {
+                    tracing::warn!(%peer, refused = refused + 1, "HTTP connection closed at accept: {why}");
+                }
+                refused += 1;
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let (app, statics, sd) = (app.clone(), statics.clone(), shutdown.clone());
         conns.spawn(async move {
+            let _slot = slot;
             if let Err(e) = connection(stream, peer, app, &statics, sd).await {
                 tracing::debug!(%peer, "HTTP connection: {e}");
             }
@@ -92,6 +121,43 @@ pub async fn serve(
     }
     while conns.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Open connections per client address.
+type PerAddress = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>>;
+
+/// One connection's place in [`PerAddress`], given back when the connection's task ends
+/// (however it ends: a panic unwinds through the drop too).
+struct Slot {
+    map: PerAddress,
+    ip: std::net::IpAddr,
+}
+
+impl Slot {
+    fn take(map: &PerAddress, ip: std::net::IpAddr) -> Result<Slot, String> {
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= MAX_PER_ADDRESS {
+            return Err(format!("{MAX_PER_ADDRESS} connections from {ip} open"));
+        }
+        *n += 1;
+        Ok(Slot {
+            map: map.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// A request head this loop answers itself.
@@ -240,20 +306,36 @@ async fn hand_over(
     app: Router,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    let svc = app.map_request(move |mut req: Request<Incoming>| {
-        req.extensions_mut().insert(ConnectInfo(peer));
-        req
-    });
-    let io = TokioIo::new(Prefixed {
+    let io = Prefixed {
         prefix: read,
         pos: 0,
         inner: stream,
+    };
+    with_hyper(io, peer, app, shutdown).await
+}
+
+/// Serves HTTP/1.1 on `io` through hyper and `app` (the peer's address in each request's
+/// `ConnectInfo`) until the client closes, a head takes longer than [`HEAD_TIMEOUT`] (hyper
+/// applies it to idle keep-alive connections too), or `shutdown` (the current response is
+/// finished first).
+pub(super) async fn with_hyper<IO>(
+    io: IO,
+    peer: SocketAddr,
+    app: Router,
+    shutdown: CancellationToken,
+) -> io::Result<()>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = app.map_request(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        req
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
         .header_read_timeout(HEAD_TIMEOUT)
         .timer(hyper_util::rt::TokioTimer::new())
-        .serve_connection(io, TowerToHyperService::new(svc));
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => r.map_err(io::Error::other),
@@ -564,6 +646,24 @@ mod tests {
     use std::io::{Read, Write};
 
     #[test]
+    fn connections_per_address_are_capped_and_given_back() {
+        let map = PerAddress::default();
+        let a: std::net::IpAddr = "10.0.0.5".parse().unwrap();
+        let b: std::net::IpAddr = "10.0.0.6".parse().unwrap();
+        let mut held: Vec<Slot> = (0..MAX_PER_ADDRESS)
+            .map(|_| Slot::take(&map, a).unwrap())
+            .collect();
+        let e = Slot::take(&map, a).err().unwrap();
+        assert!(e.contains("connections from 10.0.0.5"), "{e}");
+        let other = Slot::take(&map, b).unwrap();
+        held.pop();
+        held.push(Slot::take(&map, a).unwrap());
+        drop(held);
+        drop(other);
+        assert!(map.lock().unwrap().is_empty(), "every slot was given back");
+    }
+
+    #[test]
     fn heads_are_classified() {
         let file = |raw: &str| match parse_head(raw.as_bytes()) {
             Head::File(f) => Some((f.path, f.head_only, f.range, f.close)),
@@ -664,8 +764,10 @@ mod tests {
             state: AppState {
                 boot: st.boot.clone(),
                 admin: st.admin.clone(),
-                admin_token: Arc::new("t".into()),
+                auth: Arc::new(crate::http::auth::AdminAuth::for_tests("t")),
                 advertise: None,
+                machine_port: 8080,
+                ca: Arc::new(crate::pki::Ca::load_or_create(&d.path().join("pki")).unwrap()),
                 boot_roots: Arc::new(vec![boot_root]),
             },
         });

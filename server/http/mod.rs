@@ -1,13 +1,18 @@
-//! HTTP: the machine-facing boot chain and the admin REST API, one flat route table.
+//! HTTP: the machine-facing boot chain on one listener, the admin REST API on another.
 //!
 //! Machine-facing routes are unauthenticated (a MAC is a claim, not a credential) except for
-//! the install token in config and phone-home URLs; `/api/v1` needs the admin bearer token.
+//! the install token in config and phone-home URLs; they stay plain HTTP because iPXE and
+//! installers fetch them. `/api/v1` lives only on the admin listener (TLS by default) and
+//! needs the admin bearer token.
 
+mod admin_listener;
 mod api;
+pub mod auth;
 mod boot;
 mod front;
 
-pub use front::{serve, Statics};
+pub use admin_listener::{serve_admin, MAX_CONNECTIONS as MAX_ADMIN_CONNECTIONS};
+pub use front::{serve, Statics, MAX_CONNECTIONS, MAX_PER_ADDRESS};
 
 #[cfg(test)]
 mod tests;
@@ -32,16 +37,36 @@ pub struct AppState {
     pub boot: Arc<BootService>,
     /// The operator-facing service.
     pub admin: Arc<AdminService>,
-    /// The admin API bearer token.
-    pub admin_token: Arc<String>,
+    /// The admin API bearer token and its guessing limit.
+    pub auth: Arc<auth::AdminAuth>,
     /// The configured base URL, if any; otherwise derived from each request's Host.
     pub advertise: Option<Arc<String>>,
+    /// The node CA: its certificate and revocation list are public.
+    pub ca: Arc<crate::pki::Ca>,
+    /// The machine listener's port: previews rendered through the admin API point at it.
+    pub machine_port: u16,
     /// Where iPXE binaries live (the TFTP roots), served at `/boot/` for UEFI HTTP Boot.
     pub boot_roots: Arc<Vec<std::path::PathBuf>>,
 }
 
-/// The whole route table.
+/// The machine listener's routes.
 pub fn router(state: AppState, assets_dir: &std::path::Path) -> Router {
+    Router::new()
+        .route("/boot.ipxe", get(boot::boot_ipxe))
+        .route("/ipxe", get(boot::ipxe))
+        .route("/config/{token}/{artifact}", get(boot::config))
+        .route("/phone-home/{token}", post(boot::phone_home))
+        .route("/boot/{*file}", get(boot::boot_file))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/pki/ca.pem", get(boot::ca_cert))
+        .route("/pki/crl.pem", get(boot::crl))
+        .nest_service("/assets", ServeDir::new(assets_dir))
+        .route("/api/{*rest}", axum::routing::any(api::elsewhere))
+        .with_state(state)
+}
+
+/// The admin listener's routes: the API under `/api/v1`.
+pub fn admin_router(state: AppState) -> Router {
     let api = Router::new()
         .route("/machines", get(api::list_machines).post(api::enroll))
         .route(
@@ -61,20 +86,15 @@ pub fn router(state: AppState, assets_dir: &std::path::Path) -> Router {
         .route("/profiles/{name}", get(api::profile))
         .route("/reload", post(api::reload))
         .route("/status", get(api::status))
+        .route("/token/rotate", post(api::rotate_token))
         .fallback(api::not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::auth,
         ));
     Router::new()
-        .route("/boot.ipxe", get(boot::boot_ipxe))
-        .route("/ipxe", get(boot::ipxe))
-        .route("/config/{token}/{artifact}", get(boot::config))
-        .route("/phone-home/{token}", post(boot::phone_home))
-        .route("/boot/{*file}", get(boot::boot_file))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .nest_service("/assets", ServeDir::new(assets_dir))
         .nest("/api/v1", api)
+        .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state)
 }
 
@@ -185,4 +205,21 @@ fn base_url_for(state: &AppState, host: Option<&str>) -> Result<String, AppError
         ));
     }
     Ok(format!("http://{host}"))
+}
+
+/// The base URL for a preview rendered through the admin API: the advertised one, or the
+/// host the operator reached the admin listener by with the machine listener's port (the
+/// admin port serves no machine route).
+fn machine_base_url(state: &AppState, headers: &HeaderMap) -> Result<String, AppError> {
+    let base = base_url(state, headers)?;
+    if state.advertise.is_some() {
+        return Ok(base);
+    }
+    let authority = &base["http://".len()..];
+    let host = match authority.rfind(':') {
+        // host:port, or [v6]:port; a bare IPv6 literal always comes in brackets.
+        Some(i) if !authority[i..].contains(']') => &authority[..i],
+        _ => authority,
+    };
+    Ok(format!("http://{host}:{}", state.machine_port))
 }

@@ -10,7 +10,7 @@ use axum::Router;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
-use super::{router, AppState};
+use super::{admin_router, router, AppState};
 use crate::policy::DiscoverAnswer;
 use crate::testkit::stack;
 
@@ -18,16 +18,30 @@ const TOKEN: &str = "0123456789abcdef0123456789abcdef-admin";
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 host";
 
+/// Both listeners' routes in one router: the admin API, and the machine routes behind it.
 fn app(assets: &std::path::Path) -> Router {
+    let state = state(assets);
+    admin_router(state.clone())
+        .fallback_service(router(state, assets))
+        .layer(MockConnectInfo(SocketAddr::from(([10, 0, 0, 7], 5555))))
+}
+
+/// The machine listener's routes alone.
+fn machine_app(assets: &std::path::Path) -> Router {
+    router(state(assets), assets).layer(MockConnectInfo(SocketAddr::from(([10, 0, 0, 7], 5555))))
+}
+
+fn state(assets: &std::path::Path) -> AppState {
     let st = stack(DiscoverAnswer::LocalBoot);
-    let state = AppState {
+    AppState {
         boot: st.boot,
         admin: st.admin,
-        admin_token: Arc::new(TOKEN.into()),
+        auth: Arc::new(super::auth::AdminAuth::for_tests(TOKEN)),
         advertise: None,
+        machine_port: 8080,
+        ca: Arc::new(crate::pki::Ca::load_or_create(&assets.join("pki")).unwrap()),
         boot_roots: Arc::new(vec![assets.join("boot-root")]),
-    };
-    router(state, assets).layer(MockConnectInfo(SocketAddr::from(([10, 0, 0, 7], 5555))))
+    }
 }
 
 async fn send(app: &Router, req: Request<Body>) -> (StatusCode, String) {
@@ -80,6 +94,71 @@ async fn admin_api_needs_the_token() {
         send(&app, api("GET", "/api/v1/nope", None)).await.0,
         StatusCode::NOT_FOUND
     );
+    // The machine listener has no API, even with the token, and says where it is.
+    let (s, body) = send(&machine_app(d.path()), api("GET", "/api/v1/machines", None)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(body.contains("admin listener"), "{body}");
+}
+
+#[tokio::test]
+async fn wrong_tokens_are_rate_limited_per_address_and_the_token_rotates() {
+    let d = tempfile::tempdir().unwrap();
+    let st = state(d.path());
+    let file = d.path().join("admin-token");
+    std::fs::write(&file, TOKEN).unwrap();
+    let st = AppState {
+        auth: Arc::new(super::auth::AdminAuth::new(TOKEN.into(), file.clone())),
+        ..st
+    };
+    let from =
+        |ip: [u8; 4]| admin_router(st.clone()).layer(MockConnectInfo(SocketAddr::from((ip, 5555))));
+    let guesser = from([10, 0, 0, 66]);
+    let guess = || {
+        Request::get("/api/v1/machines")
+            .header(header::AUTHORIZATION, "Bearer guess")
+            .body(Body::empty())
+            .unwrap()
+    };
+    for _ in 0..super::auth::ALLOWED_FAILURES {
+        assert_eq!(send(&guesser, guess()).await.0, StatusCode::UNAUTHORIZED);
+    }
+    let res = guesser
+        .clone()
+        .oneshot(api("GET", "/api/v1/machines", None))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = res.headers()[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    // Another address is not locked out by the guesser.
+    let operator = from([10, 0, 0, 7]);
+    assert_eq!(
+        send(&operator, api("GET", "/api/v1/machines", None))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    // Rotation: the answer carries the new token, the file holds it, the old one is dead.
+    let (s, body) = send(&operator, api("POST", "/api/v1/token/rotate", None)).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let new = v["token"].as_str().unwrap().to_string();
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), new);
+    assert_eq!(
+        send(&operator, api("GET", "/api/v1/machines", None))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+    let with_new = Request::get("/api/v1/machines")
+        .header(header::AUTHORIZATION, format!("Bearer {new}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&operator, with_new).await.0, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -401,4 +480,30 @@ async fn boot_binaries_for_uefi_http_boot_are_confined_and_recorded() {
     );
     let (_, ev) = send(&app, api("GET", "/api/v1/events", None)).await;
     assert!(ev.contains("ipxe.efi (6 bytes) to 10.0.0.7"), "{ev}");
+}
+
+#[test]
+fn previews_through_the_admin_listener_point_at_the_machine_port() {
+    let d = tempfile::tempdir().unwrap();
+    let st = state(d.path());
+    let base = |host: &str| {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert(header::HOST, host.parse().unwrap());
+        super::machine_base_url(&st, &h).map_err(|e| e.message)
+    };
+    assert_eq!(base("10.0.0.1:8443").unwrap(), "http://10.0.0.1:8080");
+    assert_eq!(base("[fd00::1]:8443").unwrap(), "http://[fd00::1]:8080");
+    assert_eq!(base("[fd00::1]").unwrap(), "http://[fd00::1]:8080");
+    assert_eq!(base("prov.lab").unwrap(), "http://prov.lab:8080");
+    assert!(base("a b").is_err());
+    let advertised = AppState {
+        advertise: Some(Arc::new("http://10.9.9.9:80".into())),
+        ..st.clone()
+    };
+    let mut h = axum::http::HeaderMap::new();
+    h.insert(header::HOST, "10.0.0.1:8443".parse().unwrap());
+    assert_eq!(
+        super::machine_base_url(&advertised, &h).ok().as_deref(),
+        Some("http://10.9.9.9:80")
+    );
 }

@@ -8,6 +8,7 @@
 //! only avoids doing work twice. Nothing stays `registering` without a worker: either it
 //! finishes, or it fails with the step and the reason.
 
+mod output;
 pub mod ssh;
 
 use std::collections::BTreeMap;
@@ -124,7 +125,7 @@ impl Handle {
 pub struct Registrar {
     inv: Arc<dyn Inventory>,
     renderer: Arc<Renderer>,
-    ca: Ca,
+    ca: Arc<Ca>,
     key: Arc<PrivateKey>,
     settings: Settings,
 }
@@ -210,7 +211,7 @@ impl Registrar {
     pub fn new(
         inv: Arc<dyn Inventory>,
         renderer: Arc<Renderer>,
-        ca: Ca,
+        ca: Arc<Ca>,
         key: Arc<PrivateKey>,
         settings: Settings,
     ) -> Registrar {
@@ -432,7 +433,12 @@ impl Registrar {
         let problem = if out.status != Some(0) {
             Some(format!("{code}: {}", tail(&combined, 300)))
         } else if step.sign {
-            match self.sign(m.mac, &out.stdout, cert).await {
+            let who = crate::pki::NodeIdentity {
+                mac: m.mac.to_string(),
+                hostname: m.hostname.clone(),
+                role: role.name.clone(),
+            };
+            match self.sign(m.mac, &who, &out.stdout, cert).await {
                 Ok(note) => {
                     let r = record(StepStatus::Ok, note.clone());
                     return self
@@ -476,22 +482,24 @@ impl Registrar {
             .map_err(|e| fail(&name, e.to_string()))
     }
 
-    /// Signs the CSR a `sign` step printed, or re-issues the stored certificate when it is
-    /// for the same node key and from this CA (so registering again changes nothing).
+    /// Signs the CSR a `sign` step printed for `who`, or re-issues the stored certificate
+    /// when it is for the same node key, names, and CA, and not near its end (so registering
+    /// again changes nothing, and renews what needs renewing).
     async fn sign(
         &self,
         mac: Mac,
+        who: &crate::pki::NodeIdentity,
         csr: &str,
         stored: Option<(String, String)>,
     ) -> Result<String, String> {
         if let Some((pem, fp)) = stored {
-            if crate::pki::same_key(csr, &pem) && self.ca.issued(&pem) {
+            if crate::pki::same_key(csr, &pem) && self.ca.issued(&pem, who) {
                 return Ok(format!(
                     "certificate for this node key already issued: SHA256 {fp}"
                 ));
             }
         }
-        let s = self.ca.sign(csr).map_err(|e| format!("{e:#}"))?;
+        let s = self.ca.sign(csr, who).map_err(|e| format!("{e:#}"))?;
         let note = format!("signed {}: SHA256 {}", s.subject, s.fingerprint);
         self.inv
             .save_node_cert(mac, s.cert_pem, s.fingerprint, s.subject, store::now_ms())
@@ -530,7 +538,19 @@ impl Registrar {
             .env("PROVISION_ROLE", &role)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
-        let out = tokio::time::timeout(self.settings.handoff_timeout, c.output())
+        c.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let run = async {
+            let mut child = c.spawn()?;
+            let (so, se) = (child.stdout.take(), child.stderr.take());
+            let (so, se) = tokio::join!(
+                async { output::Tail::read_all(so.expect("piped")).await },
+                async { output::Tail::read_all(se.expect("piped")).await }
+            );
+            let status = child.wait().await?;
+            std::io::Result::Ok((status, so?, se?))
+        };
+        let (status, so, se) = tokio::time::timeout(self.settings.handoff_timeout, run)
             .await
             .map_err(|_| {
                 fail(
@@ -544,13 +564,13 @@ impl Registrar {
             .map_err(|e| fail("handoff", format!("cannot run /bin/sh: {e}")))?;
         let combined = format!(
             "{}\n{}",
-            String::from_utf8_lossy(&out.stdout).trim_end(),
-            String::from_utf8_lossy(&out.stderr).trim_end()
+            so.into_string().trim_end(),
+            se.into_string().trim_end()
         );
-        if !out.status.success() {
+        if !status.success() {
             return Err(fail(
                 "handoff",
-                format!("{}: {}", out.status, tail(&combined, 300)),
+                format!("{status}: {}", tail(&combined, 300)),
             ));
         }
         self.inv

@@ -10,6 +10,8 @@ use russh::client::{self, Handle};
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 use russh::ChannelMsg;
 
+use super::output::Tail;
+
 /// Why a session could not be opened or a command not run.
 #[derive(Debug, thiserror::Error)]
 pub enum SshError {
@@ -200,19 +202,20 @@ impl Session {
         let mut ch = self.handle.channel_open_session().await.map_err(p)?;
         ch.exec(true, command).await.map_err(p)?;
         ch.eof().await.map_err(p)?;
-        let (mut out, mut err, mut status) = (Vec::new(), Vec::new(), None);
+        // Each stream keeps its last MiB: a node printing without end costs no more.
+        let (mut out, mut err, mut status) = (Tail::default(), Tail::default(), None);
         while let Some(msg) = ch.wait().await {
             match msg {
-                ChannelMsg::Data { data } => out.extend_from_slice(&data),
-                ChannelMsg::ExtendedData { data, ext: 1 } => err.extend_from_slice(&data),
+                ChannelMsg::Data { data } => out.push(&data),
+                ChannelMsg::ExtendedData { data, ext: 1 } => err.push(&data),
                 ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
                 _ => {}
             }
         }
         Ok(Output {
             status,
-            stdout: String::from_utf8_lossy(&out).into_owned(),
-            stderr: String::from_utf8_lossy(&err).into_owned(),
+            stdout: out.into_string(),
+            stderr: err.into_string(),
         })
     }
 

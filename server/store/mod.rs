@@ -214,6 +214,21 @@ impl StepStatus {
     }
 }
 
+/// A revoked node certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevokedCert {
+    /// The machine it was issued to.
+    pub mac: Mac,
+    /// SHA-256 fingerprint, `AA:BB:…`.
+    pub fingerprint: String,
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// When it was revoked (Unix ms).
+    pub revoked_at: i64,
+    /// `reprovisioned`, `deleted` or `superseded`.
+    pub reason: String,
+}
+
 /// One finished step of a registration run.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StepRecord {
@@ -441,6 +456,8 @@ pub trait Inventory: Send + Sync + 'static {
     async fn leases(&self, now: i64) -> Result<Vec<Lease>>;
     /// The node certificate signed for `mac`, if any: (PEM, fingerprint).
     async fn node_cert(&self, mac: Mac) -> Result<Option<(String, String)>>;
+    /// Node certificates revoked and not yet surely expired, oldest first.
+    async fn revoked_certs(&self) -> Result<Vec<RevokedCert>>;
     /// What the bounds have thrown away, and how writes were grouped.
     fn stats(&self) -> Stats;
 
@@ -517,7 +534,8 @@ pub trait Inventory: Send + Sync + 'static {
     /// Records a finished registration step and its event. Refused unless the machine is
     /// still `registering`.
     async fn record_step(&self, mac: Mac, step: StepRecord, detail: String) -> Result<()>;
-    /// Keeps the node certificate signed for `mac`.
+    /// Keeps the node certificate signed for `mac`; one it replaces with another key is
+    /// revoked (`superseded`). Reprovision and delete revoke the machine's certificate too.
     async fn save_node_cert(
         &self,
         mac: Mac,

@@ -34,8 +34,8 @@ use tokio::sync::oneshot;
 use super::leases::{self, BindRequest, Lease, OfferRequest};
 use super::{
     BootFacts, Event, EventQuery, Inventory, Limits, Machine, MachinePatch, MachineQuery,
-    NewMachine, Observation, Result, Sighting, Stats, StepRecord, StepStatus, StoreError,
-    TokenProblem, MAX_PAGE,
+    NewMachine, Observation, Result, RevokedCert, Sighting, Stats, StepRecord, StepStatus,
+    StoreError, TokenProblem, MAX_PAGE,
 };
 use crate::mac::Mac;
 use crate::policy::{self, EventKind, Failure, State, Transition};
@@ -1351,6 +1351,24 @@ fn load(c: &Connection, mac: Mac) -> Result<Option<Machine>> {
     .optional()?)
 }
 
+/// Revoked node certificates are kept this long, past the 13 months any of them is valid.
+const REVOKED_KEPT_MS: i64 = 400 * 86_400_000;
+
+/// Moves `mac`'s node certificate, if it has one, to `revoked_certs` (in the caller's
+/// transaction), and drops revocations of certificates that have surely expired.
+fn revoke_node_cert(c: &rusqlite::Connection, mac: Mac, now: i64, reason: &str) -> Result<()> {
+    c.execute(
+        "INSERT OR IGNORE INTO revoked_certs (fingerprint, mac, cert_pem, revoked_at, reason)
+         SELECT fingerprint, mac, cert_pem, ?2, ?3 FROM node_certs WHERE mac = ?1",
+        params![mac.to_string(), now, reason],
+    )?;
+    c.execute(
+        "DELETE FROM revoked_certs WHERE revoked_at < ?1",
+        [now - REVOKED_KEPT_MS],
+    )?;
+    Ok(())
+}
+
 fn must_load(c: &Connection, mac: Mac) -> Result<Machine> {
     load(c, mac)?.ok_or(StoreError::NotFound(mac))
 }
@@ -1765,6 +1783,38 @@ impl Inventory for SqliteInventory {
         })
     }
 
+    async fn revoked_certs(&self) -> Result<Vec<RevokedCert>> {
+        self.read(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT mac, fingerprint, cert_pem, revoked_at, reason FROM revoked_certs
+                 ORDER BY revoked_at, fingerprint",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (mac, fingerprint, cert_pem, revoked_at, reason) = row?;
+                out.push(RevokedCert {
+                    mac: mac.parse().map_err(|e: crate::mac::MacError| {
+                        StoreError::Corrupt("mac", e.to_string())
+                    })?,
+                    fingerprint,
+                    cert_pem,
+                    revoked_at,
+                    reason,
+                });
+            }
+            Ok(out)
+        })
+    }
+
     fn stats(&self) -> Stats {
         let c = &self.shared.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -1902,6 +1952,7 @@ impl Inventory for SqliteInventory {
     async fn delete(&self, mac: Mac, now: i64) -> Result<()> {
         self.write_touching(Touch::One(mac), move |c| {
             let m = must_load(c, mac)?;
+            revoke_node_cert(c, mac, now, "deleted")?;
             c.execute("DELETE FROM machines WHERE mac = ?1", [mac.to_string()])?;
             insert_transition(c, now, mac, EventKind::Deleted, Some(m.state), None, "")
         })
@@ -2092,6 +2143,7 @@ impl Inventory for SqliteInventory {
                 "UPDATE machines SET generation = generation + 1 WHERE mac = ?1",
                 [&key],
             )?;
+            revoke_node_cert(c, mac, now, "reprovisioned")?;
             for table in [
                 "install_tokens",
                 "host_keys",
@@ -2171,6 +2223,15 @@ impl Inventory for SqliteInventory {
         now: i64,
     ) -> Result<()> {
         self.write(move |c| {
+            // A certificate for another key (or name) takes the old one's place: the old one
+            // must not stay valid beside it.
+            let old: Option<String> = c
+                .prepare_cached("SELECT fingerprint FROM node_certs WHERE mac = ?1")?
+                .query_row([mac.to_string()], |r| r.get(0))
+                .optional()?;
+            if old.is_some_and(|f| f != fingerprint) {
+                revoke_node_cert(c, mac, now, "superseded")?;
+            }
             c.execute(
                 "INSERT OR REPLACE INTO node_certs (mac, cert_pem, fingerprint, subject, signed_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)",

@@ -323,6 +323,48 @@ async fn reprovision_kills_token_and_keys() {
 }
 
 #[tokio::test]
+async fn a_node_certificate_is_revoked_on_reprovision_delete_and_replacement() {
+    let s = store();
+    let day = 86_400_000;
+    let m = s.enroll(new("52:54:00:00:00:14"), 1).await.unwrap().mac;
+    let save =
+        |fp: &str, at: i64| s.save_node_cert(m, format!("PEM {fp}"), fp.into(), "CN=n".into(), at);
+    save("AA", 2).await.unwrap();
+    // The same certificate again (a re-registration that reuses it) revokes nothing.
+    save("AA", 3).await.unwrap();
+    assert!(s.revoked_certs().await.unwrap().is_empty());
+    // Another key: the old certificate is superseded.
+    save("BB", 4).await.unwrap();
+    s.reprovision(m, 5).await.unwrap();
+    assert_eq!(s.node_cert(m).await.unwrap(), None);
+    let got: Vec<_> = s
+        .revoked_certs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.fingerprint, r.cert_pem, r.revoked_at, r.reason, r.mac))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("AA".into(), "PEM AA".into(), 4, "superseded".into(), m),
+            ("BB".into(), "PEM BB".into(), 5, "reprovisioned".into(), m),
+        ]
+    );
+    // Delete revokes too, and a revocation older than any certificate's life is dropped.
+    save("CC", 6).await.unwrap();
+    s.delete(m, 401 * day).await.unwrap();
+    let got: Vec<_> = s
+        .revoked_certs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.fingerprint, r.reason))
+        .collect();
+    assert_eq!(got, [("CC".to_string(), "deleted".to_string())]);
+}
+
+#[tokio::test]
 async fn illegal_transitions_change_nothing() {
     let s = store();
     let m = mac("52:54:00:00:00:05");

@@ -282,7 +282,15 @@ async fn serve(
                 }
             },
         };
-        server.request(&buf[..n], peer);
+        // A bug that panics on some packet must cost that packet, not the server: the thread
+        // ends on a panic, and with it TFTP for every machine (transfers are tasks, whose
+        // panics tokio already contains).
+        let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            server.request(&buf[..n], peer)
+        }));
+        if handled.is_err() {
+            tracing::error!(%peer, "panic while handling a TFTP request; dropped it");
+        }
     }
 }
 
@@ -297,6 +305,10 @@ impl Server {
             }
             Some(Ok(r)) => r,
         };
+        #[cfg(test)]
+        if req.filename == tests::PANIC_NAME {
+            panic!("a test request that panics");
+        }
         if req.write {
             tracing::warn!(%peer, file = %req.filename, "refused a TFTP write request: the server is read-only");
             return self.refuse(
@@ -518,5 +530,32 @@ mod tests {
         let short = Plan::negotiate(&opts(2), 10);
         assert_eq!(short.timeout, Duration::from_secs(2));
         assert!(short.oack.is_some());
+    }
+
+    /// The name a test sends to make `request` panic.
+    pub(super) const PANIC_NAME: &str = "provision-test-panic";
+
+    #[tokio::test]
+    async fn a_request_that_panics_costs_that_request_not_the_server() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("undionly.kpxe"), b"ipxe").unwrap();
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        let sd = CancellationToken::new();
+        let report: Report = Arc::new(|_| {});
+        let server = tokio::spawn(run(sock, vec![root.path().into()], report, sd.clone()));
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let rrq = |name: &str| [&[0u8, 1][..], name.as_bytes(), b"\0octet\0"].concat();
+        client.send_to(&rrq(PANIC_NAME), addr).await.unwrap();
+        client.send_to(&rrq("undionly.kpxe"), addr).await.unwrap();
+        let mut buf = [0u8; 600];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+            .await
+            .expect("the server still answers after a panic")
+            .unwrap();
+        assert_eq!(&buf[..n], b"\0\x03\0\x01ipxe", "block 1 of the file");
+        assert!(!server.is_finished());
+        sd.cancel();
+        server.await.unwrap().unwrap();
     }
 }

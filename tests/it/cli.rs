@@ -162,7 +162,7 @@ fn walkthrough_enroll_install_phone_home_local_boot() {
 #[test]
 fn enroll_wait_returns_when_installed() {
     let d = Daemon::start();
-    let url = d.url();
+    let url = d.admin_url();
     let token_file = d.token_file();
     let waiter = std::process::Command::new(crate::support::BIN)
         .args([
@@ -314,7 +314,8 @@ fn bad_input_gets_a_message_and_exit_code_2() {
     // A wrong token is an auth failure, not bad input.
     let out = std::process::Command::new(crate::support::BIN)
         .args(["machines", "list"])
-        .env("PROVISION_URL", d.url())
+        .env("PROVISION_URL", d.admin_url())
+        .env("PROVISION_FINGERPRINT", d.fingerprint())
         .env("PROVISION_TOKEN", "wrong")
         .output()
         .unwrap();

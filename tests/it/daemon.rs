@@ -21,9 +21,13 @@ fn first_start_creates_private_secrets() {
     d.cli_ok(&["enroll", "52:54:00:00:00:01", "--profile", "ubuntu-24.04"]);
     let ud = d.cli_ok(&["render", "52:54:00:00:00:01", "user-data"]);
     assert!(ud.contains(pubkey.trim()), "{ud}");
-    // The API refuses requests without the token.
+    // The API is not on the machine listener; on the admin listener it needs the token.
     let (s, body) = d.get("/api/v1/machines");
+    assert_eq!(s, 404, "{body}");
+    assert!(body.contains("admin listener"), "{body}");
+    let (s, body) = d.admin_get("/api/v1/machines", None);
     assert_eq!(s, 401, "{body}");
+    assert_eq!(mode(&d.dir.path().join("admin-tls/key.pem")), 0o600);
 }
 
 #[test]
@@ -336,4 +340,56 @@ fn a_flood_of_unknown_macs_stays_at_the_discovered_cap() {
         text.contains("discovered evicted") && text.contains("100"),
         "{text}"
     );
+}
+
+#[test]
+fn one_address_cannot_take_every_http_connection() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let d = Daemon::start();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", d.port).parse().unwrap();
+    let healthz = |s: &mut TcpStream| -> String {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let held: Vec<TcpStream> = (0..provision::http::MAX_PER_ADDRESS)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    // One more from the same address is closed unanswered, and the daemon says why.
+    let mut extra = TcpStream::connect(addr).unwrap();
+    assert_eq!(healthz(&mut extra), "");
+    d.wait_log("connections from 127.0.0.1 open");
+    // Another address is served meanwhile.
+    let from_other = {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(
+            &"127.0.0.2:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        s.connect(&addr.into()).unwrap();
+        TcpStream::from(s)
+    };
+    let mut from_other = from_other;
+    assert!(healthz(&mut from_other).contains("200 OK"));
+    // The held connections closed, the address is served again.
+    drop(held);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut again = TcpStream::connect(addr).unwrap();
+        if healthz(&mut again).contains("200 OK") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the address's slots were not given back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

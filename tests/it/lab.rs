@@ -100,7 +100,7 @@ impl Lab {
                 &self.lab,
                 BIN,
                 "--server",
-                "http://10.77.0.1:8080",
+                "https://10.77.0.1:8443",
                 "--token-file",
             ])
             .arg(self.path("data/admin-token"))
@@ -138,7 +138,15 @@ impl Drop for Lab {
 fn start_provision(lab: &mut Lab, extra: &[&str]) {
     let data = lab.path("data").to_str().unwrap().to_string();
     let ns = lab.lab.clone();
-    let mut args = vec!["serve", "--data-dir", &data, "--http", "10.77.0.1:8080"];
+    let mut args = vec![
+        "serve",
+        "--data-dir",
+        &data,
+        "--http",
+        "10.77.0.1:8080",
+        "--admin",
+        "10.77.0.1:8443",
+    ];
     args.extend_from_slice(extra);
     lab.spawn(&ns, "provision.log", Path::new(BIN), &args);
     wait_for(
@@ -786,6 +794,8 @@ fn virt_install_pxe_installs_a_vm() {
                 "serve",
                 "--http",
                 "10.78.0.1:8080",
+                "--admin",
+                "10.78.0.1:8443",
                 "--tftp",
                 "10.78.0.1:69",
                 "--dhcp-interface",
@@ -808,7 +818,7 @@ fn virt_install_pxe_installs_a_vm() {
     let daemon_log = || std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
     let cli = |args: &[&str]| {
         let out = Command::new(BIN)
-            .args(["--server", "http://10.78.0.1:8080", "--token-file"])
+            .args(["--server", "https://10.78.0.1:8443", "--token-file"])
             .arg(data.join("admin-token"))
             .args(args)
             .output()

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod admin;
 mod claims;
 mod cli;
 mod daemon;

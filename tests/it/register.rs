@@ -376,7 +376,7 @@ fn registers_ovs_nodes_over_ssh_hands_off_and_ansible_pings_them() {
             .arg(&script)
             .arg("--private-key")
             .arg(data.join("ssh/id_ed25519"))
-            .env("PROVISION_URL", d.url())
+            .env("PROVISION_URL", d.admin_url())
             .env("PROVISION_TOKEN_FILE", d.token_file())
             .env("HOME", work.path())
             .env("ANSIBLE_HOST_KEY_CHECKING", "True")
@@ -414,6 +414,46 @@ fn registers_ovs_nodes_over_ssh_hands_off_and_ansible_pings_them() {
         String::from_utf8_lossy(&out.stdout).contains("UNREACHABLE"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Revocation: the CRL the machine listener serves lists nothing, then, once node 0 is
+    // reprovisioned, its certificate, which openssl then refuses; node 1's still verifies.
+    let crl_check = |node: &Node| {
+        let (s, crl) = d.get("/pki/crl.pem");
+        assert_eq!(s, 200, "{crl}");
+        let (crl_path, cert_path) = (
+            work.path().join("crl.pem"),
+            work.path().join(format!("{}.pem", node.hostname)),
+        );
+        std::fs::write(&crl_path, crl).unwrap();
+        Command::new(tool("openssl"))
+            .args(["verify", "-crl_check", "-CRLfile"])
+            .arg(&crl_path)
+            .arg("-CAfile")
+            .arg(data.join("pki/ca-cert.pem"))
+            .arg(&cert_path)
+            .output()
+            .unwrap()
+    };
+    assert!(crl_check(&hosts[0]).status.success());
+    d.cli_ok(&["machines", "reprovision", macs[0]]);
+    let out = crl_check(&hosts[0]);
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("certificate revoked"),
+        "{said}"
+    );
+    assert!(crl_check(&hosts[1]).status.success());
+    let (s, ca) = d.get("/pki/ca.pem");
+    assert_eq!(
+        (s, ca.trim()),
+        (
+            200,
+            std::fs::read_to_string(data.join("pki/ca-cert.pem"))
+                .unwrap()
+                .trim()
+        )
     );
 }
 

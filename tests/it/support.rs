@@ -12,6 +12,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_provision");
 pub struct Daemon {
     pub child: Child,
     pub port: u16,
+    /// The admin listener's port (TLS, self-signed).
+    pub admin_port: u16,
     /// The TFTP port, when TFTP is on.
     pub tftp_port: Option<u16>,
     pub dir: tempfile::TempDir,
@@ -51,9 +53,15 @@ impl Daemon {
         } else {
             &["--http", "127.0.0.1:0"]
         };
+        let admin_default: &[&str] = if extra.contains(&"--admin") {
+            &[]
+        } else {
+            &["--admin", "127.0.0.1:0"]
+        };
         let mut child = Command::new(BIN)
             .arg("serve")
             .args(http_default)
+            .args(admin_default)
             .arg("--data-dir")
             .arg(dir.path())
             .args(tftp_default)
@@ -77,8 +85,12 @@ impl Daemon {
             }
         });
         let want_tftp = !extra.windows(2).any(|w| w == ["--tftp", "off"]);
-        let (mut port, mut tftp_port) = (None, None);
-        while port.is_none() || (want_tftp && tftp_port.is_none()) {
+        let want_admin = !extra.windows(2).any(|w| w == ["--admin", "off"]);
+        let (mut port, mut tftp_port, mut admin_port) = (None, None, None);
+        while port.is_none()
+            || (want_tftp && tftp_port.is_none())
+            || (want_admin && admin_port.is_none())
+        {
             let line = rx
                 .recv_timeout(Duration::from_secs(30))
                 .expect("the daemon did not log its listening addresses within 30 s");
@@ -86,17 +98,22 @@ impl Daemon {
                 line.split(&format!("listening for {proto} on "))
                     .nth(1)
                     .map(|rest| {
-                        let a: std::net::SocketAddr =
-                            rest.trim().parse().expect("address in log line");
+                        let a: std::net::SocketAddr = rest
+                            .split_whitespace()
+                            .next()
+                            .and_then(|a| a.parse().ok())
+                            .expect("address in log line");
                         a.port()
                     })
             };
             port = port.or(addr("HTTP"));
             tftp_port = tftp_port.or(addr("TFTP"));
+            admin_port = admin_port.or(addr("the admin API"));
         }
         Daemon {
             child,
             port: port.unwrap(),
+            admin_port: admin_port.unwrap_or(0),
             tftp_port,
             dir,
             log: rx,
@@ -108,6 +125,19 @@ impl Daemon {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The admin listener's URL, what the CLI talks to.
+    pub fn admin_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.admin_port)
+    }
+
+    /// The admin certificate's fingerprint, as `serve` wrote it beside the token.
+    pub fn fingerprint(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("admin-cert.sha256"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
     /// The admin token file.
     pub fn token_file(&self) -> PathBuf {
         self.dir.path().join("admin-token")
@@ -117,9 +147,11 @@ impl Daemon {
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(BIN)
             .args(args)
-            .env("PROVISION_URL", self.url())
+            .env("PROVISION_URL", self.admin_url())
             .env("PROVISION_TOKEN_FILE", self.token_file())
             .env_remove("PROVISION_TOKEN")
+            .env_remove("PROVISION_FINGERPRINT")
+            .env_remove("PROVISION_CA_FILE")
             .output()
             .expect("running the CLI")
     }
@@ -154,6 +186,21 @@ impl Daemon {
             .header("Content-Type", content_type)
             .send(body)
             .unwrap();
+        (
+            res.status().as_u16(),
+            res.body_mut().read_to_string().unwrap(),
+        )
+    }
+
+    /// GET an admin API path over TLS (trusting the daemon's self-signed certificate, which
+    /// names 127.0.0.1), with `token` as the bearer token; returns (status, body).
+    pub fn admin_get(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        let mut req = admin_agent(&self.dir.path().join("admin-tls/cert.pem"))
+            .get(&format!("{}{path}", self.admin_url()));
+        if let Some(t) = token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut res = req.call().unwrap();
         (
             res.status().as_u16(),
             res.body_mut().read_to_string().unwrap(),
@@ -211,6 +258,27 @@ impl Drop for Daemon {
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// An HTTPS agent that trusts only the certificates in `ca` (PEM).
+pub fn admin_agent(ca: &Path) -> ureq::Agent {
+    use ureq::tls::{Certificate, RootCerts, TlsConfig};
+    let pem = std::fs::read(ca).unwrap();
+    let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+        .filter_map(|i| match i.unwrap() {
+            ureq::tls::PemItem::Certificate(c) => Some(c),
+            _ => None,
+        })
+        .collect::<Vec<Certificate<'static>>>();
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .tls_config(
+            TlsConfig::builder()
+                .root_certs(RootCerts::new_with_certs(&certs))
+                .build(),
+        )
         .build()
         .into()
 }
