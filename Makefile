@@ -9,20 +9,21 @@
 # qemu-system-x86 (with qemu-utils at its exact version, see deps), ipxe-qemu, ovmf: BIOS and
 # UEFI VMs that PXE-boot in the firmware lab;
 # dnsmasq-base: the site's DHCP server there; iproute2: namespaces, bridge, taps.
-# cpio: packs the test installer's initramfs (tests/installer/build.sh).
+# cpio: packs the test installer's initramfs (tests/installer/build.sh); e2fsprogs: the ext4
+# disk of the power-cut rounds' VM.
 # libvirt-daemon-system, libvirt-daemon-driver-qemu, virtinst: the virt-install --pxe test.
 # openssh-server, openvswitch-switch (ovs-pki comes with openvswitch-common): the fake
 # hypervisor hosts the registrar registers; openssh-client, ansible-core: `ansible -m ping`
 # through provision's inventory; openssl: `openssl verify` of node certs; curl: phone-home
 # from inside a host's namespace.
 DEBIAN_PACKAGES := cloud-init ignition debconf util-linux tftp-hpa atftp ipxe \
-	qemu-system-x86 ipxe-qemu ovmf dnsmasq-base iproute2 cpio \
+	qemu-system-x86 ipxe-qemu ovmf dnsmasq-base iproute2 cpio e2fsprogs \
 	libvirt-daemon-system libvirt-daemon-driver-qemu virtinst \
 	openssh-server openssh-client openvswitch-switch ansible-core openssl curl
 
 CARGO ?= cargo
 
-.PHONY: test deps lint unit it bench
+.PHONY: test deps lint unit it bench fuzz
 
 test: deps lint unit it
 
@@ -43,8 +44,8 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 
-# Levels 1 and 2: pure tests (policy, store, render snapshots, filters) and in-process router
-# tests.
+# Levels 1 and 2: pure tests (policy, store, render snapshots, filters), in-process router
+# tests, and every fuzz target over its corpus in fuzz/corpus (fuzz::tests, seconds).
 unit:
 	$(CARGO) test --locked --lib
 
@@ -63,3 +64,20 @@ bench:
 	@bash bench/peers.sh
 	$(if $(PROVISION_BIN),,$(CARGO) build --release --locked)
 	/usr/bin/python3 bench/run.py $(if $(BENCH_QUICK),--quick) $(if $(BENCH_ONLY),--only $(BENCH_ONLY))
+
+# Fuzzing (not part of `make test`; its unit level runs every target over its seed corpus).
+# cargo fuzz (installed from crates.io if missing) builds each target in fuzz/fuzz_targets with
+# libFuzzer's coverage instrumentation on the stable toolchain: --sanitizer none, because
+# AddressSanitizer needs nightly and the code under test is safe Rust, where a bug shows as a
+# panic. Each runs FUZZ_SECONDS (default 300) from its seeds in fuzz/corpus/<target> (written
+# by fuzz/make_corpus.py); new inputs go to fuzz/corpus-found/<target>, a crash to
+# fuzz/artifacts/<target>/ and stops the run. The first build takes about 10 minutes.
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS := dhcp tftp api
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		mkdir -p corpus-found/$$t && \
+		$(CARGO) fuzz run $$t --sanitizer none -O corpus-found/$$t corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 || exit 1; \
+	done

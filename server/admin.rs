@@ -44,6 +44,68 @@ fn check_ip_var(vars: &BTreeMap<String, String>) -> Result<Option<Ipv4Addr>> {
         .transpose()
 }
 
+/// An enroll request checked as the API checks it, with no inventory: every value validated,
+/// the profile known, and every artifact of it trial-rendered with the machine's data (also
+/// the fuzz target for the API's bodies and template rendering).
+pub fn checked_enrollment(renderer: &Renderer, req: EnrollRequest) -> Result<NewMachine> {
+    let mac: Mac = req
+        .mac
+        .parse()
+        .map_err(|e: crate::mac::MacError| Error::Invalid(e.to_string()))?;
+    validate::profile_name(&req.profile)?;
+    renderer.catalog().profile(&req.profile)?;
+    if let Some(h) = &req.hostname {
+        validate::hostname(h)?;
+    }
+    if let Some(u) = &req.uuid {
+        validate::uuid(u)?;
+    }
+    if let Some(s) = &req.serial {
+        validate::text("serial", s)?;
+    }
+    validate::vars(&req.vars)?;
+    check_ip_var(&req.vars)?;
+    validate::vars(&req.labels)?;
+    let new = NewMachine {
+        mac,
+        profile: req.profile,
+        hostname: req.hostname,
+        uuid: req.uuid.map(|u| u.to_lowercase()),
+        serial: req.serial,
+        vars: req.vars,
+        labels: req.labels,
+    };
+    renderer.check_renders(&probe(&new))?;
+    Ok(new)
+}
+
+/// The machine `new` would be once enrolled, for trial renders.
+pub fn probe(new: &NewMachine) -> Machine {
+    Machine {
+        mac: new.mac,
+        uuid: new.uuid.clone(),
+        serial: new.serial.clone(),
+        hostname: new.hostname.clone(),
+        profile: Some(new.profile.clone()),
+        state: State::Enrolled,
+        vars: new.vars.clone(),
+        labels: new.labels.clone(),
+        generation: 0,
+        arch: None,
+        platform: None,
+        last_ip: None,
+        boot_ip: None,
+        last_seen: None,
+        failure: None,
+        host_keys: vec![],
+        register_steps: vec![],
+        cert_fingerprint: None,
+        created_at: 0,
+        updated_at: 0,
+        installer_done_at: None,
+    }
+}
+
 impl AdminService {
     /// The service over `inv`.
     pub fn new(
@@ -78,57 +140,8 @@ impl AdminService {
     /// Enrolls a machine after validating every field and proving that every artifact of its
     /// profile renders with its data.
     pub async fn enroll(&self, req: EnrollRequest) -> Result<Machine> {
-        let mac: Mac = req
-            .mac
-            .parse()
-            .map_err(|e: crate::mac::MacError| Error::Invalid(e.to_string()))?;
-        validate::profile_name(&req.profile)?;
-        self.catalog().profile(&req.profile)?;
-        if let Some(h) = &req.hostname {
-            validate::hostname(h)?;
-        }
-        if let Some(u) = &req.uuid {
-            validate::uuid(u)?;
-        }
-        if let Some(s) = &req.serial {
-            validate::text("serial", s)?;
-        }
-        validate::vars(&req.vars)?;
-        check_ip_var(&req.vars)?;
-        validate::vars(&req.labels)?;
-        let new = NewMachine {
-            mac,
-            profile: req.profile,
-            hostname: req.hostname,
-            uuid: req.uuid.map(|u| u.to_lowercase()),
-            serial: req.serial,
-            vars: req.vars,
-            labels: req.labels,
-        };
-        let probe = Machine {
-            mac,
-            uuid: new.uuid.clone(),
-            serial: new.serial.clone(),
-            hostname: new.hostname.clone(),
-            profile: Some(new.profile.clone()),
-            state: State::Enrolled,
-            vars: new.vars.clone(),
-            labels: new.labels.clone(),
-            generation: 0,
-            arch: None,
-            platform: None,
-            last_ip: None,
-            boot_ip: None,
-            last_seen: None,
-            failure: None,
-            host_keys: vec![],
-            register_steps: vec![],
-            cert_fingerprint: None,
-            created_at: 0,
-            updated_at: 0,
-            installer_done_at: None,
-        };
-        self.renderer.check_renders(&probe)?;
+        let new = checked_enrollment(&self.renderer, req)?;
+        let mac = new.mac;
         self.check_ip_unique(mac, &new.vars).await?;
         Ok(self.inv.enroll(new, store::now_ms()).await?)
     }

@@ -33,6 +33,8 @@ pub mod dhcp;
 pub mod dto;
 pub mod error;
 pub mod files;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod http;
 pub mod inventory;
 pub mod keys;

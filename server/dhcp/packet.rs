@@ -378,6 +378,15 @@ pub fn nak(req: &PxeRequest, server: Ipv4Addr) -> Vec<u8> {
     encode(&m)
 }
 
+/// The yiaddr of an encoded reply, if it decodes as DHCP: the fuzz target's check that every
+/// reply is well-formed and that a ProxyDHCP one hands out no address.
+#[doc(hidden)]
+pub fn parse_reply_for_fuzz(b: &[u8]) -> Option<Ipv4Addr> {
+    Message::decode(&mut Decoder::new(b))
+        .ok()
+        .map(|m| m.yiaddr())
+}
+
 fn encode(m: &Message) -> Vec<u8> {
     let mut buf = Vec::with_capacity(400);
     m.encode(&mut Encoder::new(&mut buf))

@@ -27,49 +27,41 @@ pub async fn serve_admin(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let acceptor = tls.map(TlsAcceptor::from);
-    let mut conns = tokio::task::JoinSet::new();
-    let mut refused: u64 = 0;
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("admin accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+    super::front::accept_loop(
+        listener,
+        "admin",
+        shutdown.clone(),
+        |open, _| {
+            if open >= MAX_CONNECTIONS {
+                Err(format!(
+                    "the admin listener is full ({MAX_CONNECTIONS} connections)"
+                ))
+            } else {
+                Ok(())
+            }
+        },
+        move |stream, peer, ()| {
+            let (app, acceptor, sd) = (app.clone(), acceptor.clone(), shutdown.clone());
+            async move {
+                let r = match acceptor {
+                    None => super::front::with_hyper(stream, peer, app, sd).await,
+                    Some(a) => {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, a.accept(stream)).await {
+                            Ok(Ok(tls)) => super::front::with_hyper(tls, peer, app, sd).await,
+                            Ok(Err(e)) => Err(e),
+                            Err(_) => Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "TLS handshake took too long",
+                            )),
+                        }
+                    }
+                };
+                if let Err(e) = r {
+                    tracing::debug!(%peer, "admin connection: {e}");
                 }
-            },
-        };
-        if conns.len() >= MAX_CONNECTIONS {
-            // Closed unanswered: under a flood, answering costs what the cap saves. Logged at
-            // the first and then every 1000th, so the log cannot be flooded either.
-            if refused % 1000 == 0 {
-                tracing::warn!(%peer, refused = refused + 1, "admin listener full ({MAX_CONNECTIONS} connections): connection closed");
             }
-            refused += 1;
-            continue;
-        }
-        let _ = stream.set_nodelay(true);
-        let (app, acceptor, sd) = (app.clone(), acceptor.clone(), shutdown.clone());
-        conns.spawn(async move {
-            let r = match acceptor {
-                None => super::front::with_hyper(stream, peer, app, sd).await,
-                Some(a) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, a.accept(stream)).await {
-                    Ok(Ok(tls)) => super::front::with_hyper(tls, peer, app, sd).await,
-                    Ok(Err(e)) => Err(e),
-                    Err(_) => Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "TLS handshake took too long",
-                    )),
-                },
-            };
-            if let Err(e) = r {
-                tracing::debug!(%peer, "admin connection: {e}");
-            }
-        });
-    }
-    while conns.join_next().await.is_some() {}
+        },
+    )
+    .await;
     Ok(())
 }

@@ -76,8 +76,48 @@ pub async fn serve(
     statics: Arc<Statics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut conns = tokio::task::JoinSet::new();
     let per_ip: PerAddress = Arc::default();
+    accept_loop(
+        listener,
+        "HTTP",
+        shutdown.clone(),
+        |open, peer| {
+            if open >= MAX_CONNECTIONS {
+                Err(format!("{MAX_CONNECTIONS} connections open"))
+            } else {
+                Slot::take(&per_ip, peer.ip())
+            }
+        },
+        move |stream, peer, slot| {
+            let (app, statics, sd) = (app.clone(), statics.clone(), shutdown.clone());
+            async move {
+                let _slot = slot;
+                if let Err(e) = connection(stream, peer, app, &statics, sd).await {
+                    tracing::debug!(%peer, "HTTP connection: {e}");
+                }
+            }
+        },
+    )
+    .await;
+    Ok(())
+}
+
+/// The accept loop both listeners share. It reaps finished connections, outlives accept
+/// errors (EMFILE and friends: the listener is fine, that connection is not), closes
+/// unanswered what `admit` refuses (under a flood, answering costs what a cap saves; logged at
+/// the first refusal and every 1000th, so the log cannot be flooded either), and runs `serve`
+/// for the rest — given how many connections are open — until `shutdown`, then lets each
+/// finish its current response.
+pub(super) async fn accept_loop<S, Fut>(
+    listener: TcpListener,
+    what: &str,
+    shutdown: CancellationToken,
+    mut admit: impl FnMut(usize, SocketAddr) -> Result<S, String>,
+    serve: impl Fn(TcpStream, SocketAddr, S) -> Fut,
+) where
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut conns = tokio::task::JoinSet::new();
     let mut refused: u64 = 0;
     loop {
         let (stream, peer) = tokio::select! {
@@ -86,41 +126,26 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
-                    // EMFILE and friends: the listener is fine, this connection is not.
-                    tracing::warn!("HTTP accept: {e}");
+                    tracing::warn!("{what} accept: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let slot = if conns.len() >= MAX_CONNECTIONS {
-            Err(format!("{MAX_CONNECTIONS} connections open"))
-        } else {
-            Slot::take(&per_ip, peer.ip())
-        };
-        let slot = match slot {
-            Ok(s) => s,
+        match admit(conns.len(), peer) {
+            Ok(s) => {
+                let _ = stream.set_nodelay(true);
+                conns.spawn(serve(stream, peer, s));
+            }
             Err(why) => {
-                // Closed unanswered: under a flood, answering costs what the cap saves. Logged
-                // at the first and then every 1000th.
                 if refused % 1000 == 0 {
-                    tracing::warn!(%peer, refused = refused + 1, "HTTP connection closed at accept: {why}");
+                    tracing::warn!(%peer, refused = refused + 1, "{what} connection closed at accept: {why}");
                 }
                 refused += 1;
-                continue;
             }
-        };
-        let _ = stream.set_nodelay(true);
-        let (app, statics, sd) = (app.clone(), statics.clone(), shutdown.clone());
-        conns.spawn(async move {
-            let _slot = slot;
-            if let Err(e) = connection(stream, peer, app, &statics, sd).await {
-                tracing::debug!(%peer, "HTTP connection: {e}");
-            }
-        });
+        }
     }
     while conns.join_next().await.is_some() {}
-    Ok(())
 }
 
 /// Open connections per client address.

@@ -432,6 +432,47 @@ impl Server {
     }
 }
 
+/// The fuzz target's path through a request (`fuzz/fuzz_targets/tftp.rs`): parse, resolve
+/// the name beneath `roots`, negotiate the options for the file found; asserts what must hold
+/// for any input (a resolved path is beneath a root; the plan stays within our limits).
+#[doc(hidden)]
+pub fn fuzz_request(roots: &[PathBuf], data: &[u8]) {
+    let Some(Ok(req)) = packet::parse_request(data) else {
+        return;
+    };
+    let size = match resolve(roots, &req.filename) {
+        Ok(p) => {
+            assert!(
+                roots.iter().any(|r| p.starts_with(r)),
+                "{:?} resolved outside the roots to {}",
+                req.filename,
+                p.display()
+            );
+            std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0)
+        }
+        Err(_) => 0,
+    };
+    let plan = Plan::negotiate(&req.options, size);
+    assert!(
+        (8..=BLOCK_SIZE_LIMIT as usize).contains(&plan.blksize),
+        "{}",
+        plan.blksize
+    );
+    assert!(
+        (1..=WINDOW_SIZE_LIMIT as u64).contains(&plan.window),
+        "{}",
+        plan.window
+    );
+    assert!(plan.timeout <= MAX_CLIENT_TIMEOUT, "{:?}", plan.timeout);
+    if let Some(oack) = &plan.oack {
+        assert!(
+            oack.len() <= 512,
+            "an OACK fits a minimal packet: {}",
+            oack.len()
+        );
+    }
+}
+
 /// A transfer's place in `Server::active`, given back on drop.
 struct Slot<'a>(&'a Server, SocketAddr, u64);
 

@@ -38,12 +38,17 @@ cp "$work/x/bin/busybox" "$r/bin/busybox"
 for applet in $("$r/bin/busybox" --list); do
     [[ -e "$r/bin/$applet" ]] || ln -s busybox "$r/bin/$applet"
 done
-# Virtio drivers (Debian builds them as modules; init loads them in dependency passes).
+# Virtio drivers (Debian builds them as modules; init loads them in dependency passes), and
+# ext4 with what it needs (crc32c for its metadata checksums): the power-cut test
+# (tests/it/powercut.rs) boots this kernel and these modules with its own /init and keeps the
+# daemon's data directory on an ext4 virtio disk.
 mods=(kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
       kernel/drivers/virtio/virtio_pci_legacy_dev.ko kernel/drivers/virtio/virtio_pci_modern_dev.ko
       kernel/drivers/virtio/virtio_pci.ko kernel/net/core/failover.ko
       kernel/drivers/net/net_failover.ko kernel/drivers/net/virtio_net.ko
-      kernel/drivers/block/virtio_blk.ko)
+      kernel/drivers/block/virtio_blk.ko
+      kernel/crypto/crc32c_generic.ko kernel/lib/crc16.ko kernel/fs/mbcache.ko
+      kernel/fs/jbd2/jbd2.ko kernel/fs/ext4/ext4.ko)
 : > "$r/lib/modules/load-order"
 for m in "${mods[@]}"; do
     cp "$work/x/lib/modules/$kver/$m" "$r/lib/modules/"

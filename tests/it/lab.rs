@@ -194,7 +194,7 @@ fn vm(
 /// VM tests share two cores: one lab at a time, so each gets the CPU its timeouts assume.
 static VM_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn vm_lock() -> std::sync::MutexGuard<'static, ()> {
+pub(crate) fn vm_lock() -> std::sync::MutexGuard<'static, ()> {
     VM_LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -411,7 +411,7 @@ fn address_mode_boots_a_vm_with_no_other_dhcp_server() {
 }
 
 /// Builds (or reuses) the test installer: tests/installer/build.sh, cached in the target dir.
-fn test_installer() -> PathBuf {
+pub(crate) fn test_installer() -> PathBuf {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-installer");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/installer/build.sh");
     let status = Command::new("bash")
