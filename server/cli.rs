@@ -242,7 +242,7 @@ fn rotate_token(c: &Client) -> Result<(), Fail> {
         Some(f) => {
             let now = std::fs::read_to_string(f).unwrap_or_default();
             if now.trim() != r.token {
-                crate::tls::replace_file(f, format!("{}\n", r.token).as_bytes(), 0o600)
+                crate::keys::replace_file(f, format!("{}\n", r.token).as_bytes(), 0o600)
                     .map_err(|e| {
                         Fail(
                             format!(

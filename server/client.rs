@@ -167,11 +167,6 @@ impl Client {
         self.token_file.as_deref()
     }
 
-    /// The token in use.
-    pub fn token(&self) -> &str {
-        &self.token
-    }
-
     /// One request; the status and the body.
     async fn request(
         &self,

@@ -90,7 +90,7 @@ pub fn admin_tls(
             )
         })?;
     let fp_path = data_dir.join(FINGERPRINT_FILE);
-    replace_file(&fp_path, format!("{fingerprint}\n").as_bytes(), 0o644)?;
+    crate::keys::replace_file(&fp_path, format!("{fingerprint}\n").as_bytes(), 0o644)?;
     Ok(AdminTls {
         config: Arc::new(config),
         fingerprint,
@@ -108,29 +108,8 @@ fn self_signed(dir: &Path, cert: &Path, key: &Path, names: &[String]) -> anyhow:
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     let (cert_pem, key_pem) = crate::pki::self_signed_server("provision admin API", names)?;
     crate::keys::write_private(key, key_pem.as_bytes())?;
-    replace_file(cert, cert_pem.as_bytes(), 0o644)?;
+    crate::keys::replace_file(cert, cert_pem.as_bytes(), 0o644)?;
     tracing::info!(cert = %cert.display(), "made a self-signed admin TLS certificate");
-    Ok(())
-}
-
-/// Writes `contents` to `path` through a temporary file and a rename, so a reader never sees
-/// half a file.
-pub(crate) fn replace_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     Ok(())
 }
 

@@ -103,7 +103,7 @@ impl AdminAuth {
     /// new token and the file it is in.
     pub fn rotate(&self) -> anyhow::Result<(String, PathBuf)> {
         let t = crate::keys::random_token();
-        crate::tls::replace_file(&self.file, format!("{t}\n").as_bytes(), 0o600)?;
+        crate::keys::replace_file(&self.file, format!("{t}\n").as_bytes(), 0o600)?;
         *self.token.write().unwrap_or_else(|p| p.into_inner()) = t.clone();
         tracing::info!(file = %self.file.display(), "admin token rotated");
         Ok((t, self.file.clone()))
