@@ -17,8 +17,8 @@ use crate::policy::{self, BootDecision, BootRequest, DiscoverAnswer, MachineFact
 use crate::registrar;
 use crate::render::{ArtifactKind, Catalog, Renderer, NO_ROLE, REDACTED_TOKEN};
 use crate::store::{
-    self, Event, EventQuery, Inventory, Machine, MachinePatch, MachineQuery, NewMachine, Stats,
-    StoreError,
+    self, Event, EventQuery, Inventory, Machine, MachinePage, MachinePatch, MachineQuery,
+    MachineSearch, NewMachine, SearchTerm, Stats, StoreError, TokenInfo,
 };
 use crate::validate;
 
@@ -103,6 +103,81 @@ pub fn probe(new: &NewMachine) -> Machine {
         created_at: 0,
         updated_at: 0,
         installer_done_at: None,
+    }
+}
+
+/// What a search box's text asks for: a whole MAC in any notation, an address, a label
+/// (`key=value`, or `key=` for any value), or else text matched against hostnames, profiles
+/// and label values (and, if it could be part of a MAC, MACs). Empty: everything.
+pub fn search_term(q: &str) -> Result<Option<SearchTerm>> {
+    let q = q.trim();
+    if q.is_empty() {
+        return Ok(None);
+    }
+    if q.len() > 256 {
+        return Err(Error::Invalid(
+            "a search term is at most 256 characters".into(),
+        ));
+    }
+    if let Ok(mac) = q.parse::<Mac>() {
+        return Ok(Some(SearchTerm::Mac(mac)));
+    }
+    if let Ok(ip) = q.parse::<std::net::IpAddr>() {
+        return Ok(Some(SearchTerm::Ip(ip.to_string())));
+    }
+    if let Some((k, v)) = q.split_once('=') {
+        let (k, v) = (k.trim(), v.trim());
+        validate::vars(&[(k.to_string(), v.to_string())].into())
+            .map_err(|e| Error::Invalid(format!("label search {q:?}: {}", e.0)))?;
+        return Ok(Some(SearchTerm::Label(
+            k.into(),
+            (!v.is_empty()).then(|| v.into()),
+        )));
+    }
+    let hex: String = q
+        .chars()
+        .filter(|c| !matches!(c, ':' | '-' | '.'))
+        .collect::<String>()
+        .to_ascii_lowercase();
+    let mac_hex =
+        (!hex.is_empty() && hex.len() <= 12 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then_some(hex);
+    Ok(Some(SearchTerm::Text {
+        text: q.into(),
+        mac_hex,
+    }))
+}
+
+/// A hostname from a bulk enroll's pattern: `{n}` is the machine's place in the selection
+/// (from 1), `{mac}` its 12 hex digits. The result is validated as any hostname is.
+pub fn hostname_from_pattern(pattern: &str, n: usize, mac: Mac) -> Result<Option<String>> {
+    let pattern = pattern.trim();
+    if pattern.is_empty() {
+        return Ok(None);
+    }
+    let name = pattern
+        .replace("{n}", &n.to_string())
+        .replace("{mac}", &mac.to_string().replace(':', ""));
+    validate::hostname(&name).map_err(|e| {
+        Error::Invalid(format!(
+            "hostname pattern {pattern:?} gives {name:?}: {}",
+            e.0
+        ))
+    })?;
+    Ok(Some(name))
+}
+
+/// The state of a machine's install token, in words: `live`, `expired`, `burnt`, or `stale`
+/// (minted for an earlier install generation).
+pub fn token_state(t: &TokenInfo, generation: i64, now: i64) -> &'static str {
+    if t.burnt_at.is_some() {
+        "burnt"
+    } else if t.generation != generation {
+        "stale"
+    } else if t.expires_at <= now {
+        "expired"
+    } else {
+        "live"
     }
 }
 
@@ -285,6 +360,53 @@ impl AdminService {
         Ok((self.inv.count_by_state().await?, self.inv.stats()))
     }
 
+    /// A filtered, searched, sorted page of machines with the total.
+    pub async fn search(&self, q: MachineSearch) -> Result<MachinePage> {
+        self.inv.flush().await?;
+        Ok(self.inv.search_machines(q).await?)
+    }
+
+    /// The machine's install token as the operator may see it.
+    pub async fn install_token(&self, mac: Mac) -> Result<Option<TokenInfo>> {
+        Ok(self.inv.install_token(mac).await?)
+    }
+
+    /// The newest committed event id, for live views (see [`Inventory::event_feed`]).
+    pub fn event_feed(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.inv.event_feed()
+    }
+
+    /// Why `action` (`reprovision`, `register`) cannot be done to `m` now, in words, or
+    /// `None` if it can: the checks the action itself makes, asked before it is offered.
+    pub fn why_not(&self, m: &Machine, action: &str) -> Option<String> {
+        let t = match action {
+            "reprovision" => policy::Transition::Reprovision,
+            "register" => {
+                if m.profile.is_none() {
+                    return Some("not enrolled: it has no profile".into());
+                }
+                if !self.registrar.has_role(m) {
+                    return Some(format!(
+                        "profile {} has no registration role",
+                        m.profile.as_deref().unwrap_or("")
+                    ));
+                }
+                if m.host_keys.is_empty() {
+                    return Some("no pinned host keys yet: it has not phoned home".into());
+                }
+                policy::Transition::StartRegistration
+            }
+            _ => return None,
+        };
+        policy::transition(m.state, &t).err().map(|e| {
+            if m.state == State::Discovered {
+                "not enrolled yet: enroll it first".into()
+            } else {
+                e.to_string()
+            }
+        })
+    }
+
     /// Renders what a machine would be served now, with the install token redacted and
     /// nothing recorded. `artifact` is `ipxe` (its `/ipxe` script) or a profile artifact.
     pub async fn preview(
@@ -293,8 +415,28 @@ impl AdminService {
         artifact: &str,
         base_url: &str,
     ) -> Result<(ArtifactKind, String)> {
-        let m = self.machine(mac).await?;
+        self.preview_as(mac, None, artifact, base_url).await
+    }
+
+    /// [`AdminService::preview`], as if the machine had `profile` (enrolled with it, if it is
+    /// only discovered): how a profile renders for a real machine before it is given it.
+    pub async fn preview_as(
+        &self,
+        mac: Mac,
+        profile: Option<&str>,
+        artifact: &str,
+        base_url: &str,
+    ) -> Result<(ArtifactKind, String)> {
+        let mut m = self.machine(mac).await?;
         let cat = self.catalog();
+        if let Some(p) = profile {
+            validate::profile_name(p)?;
+            cat.profile(p)?;
+            m.profile = Some(p.to_string());
+            if m.state == State::Discovered {
+                m.state = State::Enrolled;
+            }
+        }
         if artifact == "ipxe" {
             let facts = MachineFacts {
                 state: m.state,

@@ -322,6 +322,24 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         Some(a) => admin_tls(&cfg, a)?,
         None => None,
     };
+    let mut listeners = vec![("Machine HTTP".to_string(), http_addr.to_string())];
+    if let Some(l) = &admin_listener {
+        let scheme = if admin_tls.is_some() { "https" } else { "http" };
+        listeners.push((
+            "Admin API and UI".into(),
+            format!("{scheme}://{}", l.local_addr()?),
+        ));
+    }
+    if let Some(t) = &tftp_socket {
+        listeners.push(("TFTP".into(), t.local_addr()?.to_string()));
+    }
+    for (sock, _, what, device) in &dhcp_sockets {
+        let on = device
+            .as_deref()
+            .map(|d| format!(" ({d})"))
+            .unwrap_or_default();
+        listeners.push((what.to_string(), format!("{}{on}", sock.local_addr()?)));
+    }
     let state = AppState {
         boot: boot.clone(),
         admin: admin.clone(),
@@ -330,6 +348,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         machine_port: http_addr.port(),
         ca: ca.clone(),
         boot_roots: Arc::new(cfg.tftp_roots.clone()),
+        ui: Arc::new(http::ui::Ui::new(
+            admin_tls.is_some(),
+            listeners,
+            shutdown.clone(),
+        )?),
     };
     let app = http::router(state.clone(), &cfg.assets_dir);
     let admin_app = http::admin_router(state.clone());

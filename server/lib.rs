@@ -47,6 +47,7 @@ pub mod registrar;
 pub mod render;
 pub mod store;
 pub mod tftp;
+pub mod timeline;
 pub mod tls;
 pub mod validate;
 

@@ -116,4 +116,5 @@ printf '  %-14s %s\n' \
     OpenSSH "$(first ssh -V)" \
     ansible-core "$(first ansible --version)" \
     tftp "tftp-hpa $(pkgver tftp-hpa), atftp $(pkgver atftp)" \
-    libvirt "$(first virsh --version) (virt-install $(first virt-install --version))"
+    libvirt "$(first virsh --version) (virt-install $(first virt-install --version))" \
+    Chromium "$(chromium --version 2>/dev/null | head -n 1) / $(first chromedriver --version)"

@@ -280,15 +280,25 @@ pub async fn machine_events(
     event_page(&st, Some(mac), &q).await
 }
 
-/// `GET /machines/{mac}/render/{artifact}`: preview with the install token redacted.
+#[derive(Deserialize)]
+pub struct RenderQuery {
+    profile: Option<String>,
+}
+
+/// `GET /machines/{mac}/render/{artifact}[?profile=]`: preview with the install token
+/// redacted, optionally as if the machine had another profile.
 pub async fn render(
     State(st): State<AppState>,
     headers: HeaderMap,
     Path((mac, artifact)): Path<(String, String)>,
+    Query(q): Query<RenderQuery>,
 ) -> Result<Response, AppError> {
     let mac = parse_mac(&mac)?;
     let base = machine_base_url(&st, &headers)?;
-    let (kind, body) = st.admin.preview(mac, &artifact, &base).await?;
+    let (kind, body) = st
+        .admin
+        .preview_as(mac, q.profile.as_deref(), &artifact, &base)
+        .await?;
     Ok(([(header::CONTENT_TYPE, kind.content_type())], body).into_response())
 }
 

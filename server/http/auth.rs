@@ -1,5 +1,6 @@
 //! The admin API's bearer token: checked in constant time, rotated without a restart, and
-//! guessed at a bounded rate.
+//! guessed at a bounded rate; and the web UI's sessions, which the token opens and its
+//! rotation ends.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -33,12 +34,27 @@ struct Failures {
     since: Instant,
 }
 
+/// How long a web UI session lasts from login.
+pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
+/// Sessions held at once; past it the one closest to its end goes, so logins cannot grow
+/// memory.
+const MAX_SESSIONS: usize = 1024;
+
+/// A web UI session: only the hash of its id is kept, with its CSRF token and end.
+struct Session {
+    csrf: String,
+    ends: Instant,
+}
+
 /// The token and the failure counts.
 pub struct AdminAuth {
     token: RwLock<String>,
     /// Where the token lives; `rotate` replaces it there.
     file: PathBuf,
     failures: Mutex<HashMap<IpAddr, Failures>>,
+    /// Web UI sessions by the SHA-256 of their id: a leaked memory dump or log line of the
+    /// table gives no usable cookie.
+    sessions: Mutex<HashMap<String, Session>>,
 }
 
 impl AdminAuth {
@@ -48,6 +64,7 @@ impl AdminAuth {
             token: RwLock::new(token),
             file,
             failures: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
         }
     }
 
@@ -98,6 +115,52 @@ impl AdminAuth {
         Err(Refusal::Wrong)
     }
 
+    /// Opens a web UI session for a caller that showed the token: returns the cookie's
+    /// random id and the session's CSRF token.
+    pub fn start_session(&self) -> (String, String) {
+        let (id, csrf) = (crate::keys::random_token(), crate::keys::random_token());
+        let now = Instant::now();
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if s.len() >= MAX_SESSIONS {
+            s.retain(|_, v| v.ends > now);
+            if s.len() >= MAX_SESSIONS {
+                if let Some(k) = s.iter().min_by_key(|(_, v)| v.ends).map(|(k, _)| k.clone()) {
+                    s.remove(&k);
+                }
+            }
+        }
+        s.insert(
+            crate::keys::token_hash(&id),
+            Session {
+                csrf: csrf.clone(),
+                ends: now + SESSION_TTL,
+            },
+        );
+        (id, csrf)
+    }
+
+    /// The CSRF token of the live session with cookie id `id`, if there is one.
+    pub fn session(&self, id: &str) -> Option<String> {
+        let key = crate::keys::token_hash(id);
+        let mut s = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        match s.get(&key) {
+            Some(v) if v.ends > Instant::now() => Some(v.csrf.clone()),
+            Some(_) => {
+                s.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Ends the session with cookie id `id` (logout).
+    pub fn end_session(&self, id: &str) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&crate::keys::token_hash(id));
+    }
+
     /// Replaces the token with a new random one: the file first (written whole, 0600), then
     /// the one requests are checked against, so a failed write changes nothing. Returns the
     /// new token and the file it is in.
@@ -105,7 +168,12 @@ impl AdminAuth {
         let t = crate::keys::random_token();
         crate::keys::replace_file(&self.file, format!("{t}\n").as_bytes(), 0o600)?;
         *self.token.write().unwrap_or_else(|p| p.into_inner()) = t.clone();
-        tracing::info!(file = %self.file.display(), "admin token rotated");
+        // A session is the old token's stand-in: it ends with it.
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        tracing::info!(file = %self.file.display(), "admin token rotated; web UI sessions ended");
         Ok((t, self.file.clone()))
     }
 
@@ -173,5 +241,36 @@ mod tests {
         );
         assert_eq!(a.check(ip, Some(T)), Err(Refusal::Wrong));
         assert_eq!(a.check(ip, Some(&new)), Ok(()));
+    }
+
+    #[test]
+    fn sessions_end_at_logout_expiry_and_rotation_and_stay_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let a = AdminAuth::new(T.into(), d.path().join("admin-token"));
+        let (id, csrf) = a.start_session();
+        assert_ne!(id, csrf);
+        assert_eq!(a.session(&id), Some(csrf));
+        assert_eq!(a.session("not-a-session"), None);
+        a.end_session(&id);
+        assert_eq!(a.session(&id), None);
+
+        let (id, _) = a.start_session();
+        // Only the hash of the id is kept.
+        assert!(!a.sessions.lock().unwrap().contains_key(&id));
+        a.sessions
+            .lock()
+            .unwrap()
+            .values_mut()
+            .for_each(|s| s.ends = Instant::now());
+        assert_eq!(a.session(&id), None);
+
+        let (id, _) = a.start_session();
+        a.rotate().unwrap();
+        assert_eq!(a.session(&id), None);
+
+        for _ in 0..MAX_SESSIONS + 10 {
+            a.start_session();
+        }
+        assert_eq!(a.sessions.lock().unwrap().len(), MAX_SESSIONS);
     }
 }

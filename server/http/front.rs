@@ -794,6 +794,7 @@ mod tests {
                 machine_port: 8080,
                 ca: Arc::new(crate::pki::Ca::load_or_create(&d.path().join("pki")).unwrap()),
                 boot_roots: Arc::new(vec![boot_root]),
+                ui: Arc::new(crate::http::ui::Ui::new(false, vec![], Default::default()).unwrap()),
             },
         });
         let app = Router::new().route(

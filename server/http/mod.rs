@@ -10,6 +10,7 @@ mod api;
 pub mod auth;
 mod boot;
 mod front;
+pub mod ui;
 
 pub use admin_listener::{serve_admin, MAX_CONNECTIONS as MAX_ADMIN_CONNECTIONS};
 pub use front::{serve, Statics, MAX_CONNECTIONS, MAX_PER_ADDRESS};
@@ -47,6 +48,8 @@ pub struct AppState {
     pub machine_port: u16,
     /// Where iPXE binaries live (the TFTP roots), served at `/boot/` for UEFI HTTP Boot.
     pub boot_roots: Arc<Vec<std::path::PathBuf>>,
+    /// The web UI's pages and settings.
+    pub ui: Arc<ui::Ui>,
 }
 
 /// The machine listener's routes.
@@ -65,7 +68,7 @@ pub fn router(state: AppState, assets_dir: &std::path::Path) -> Router {
         .with_state(state)
 }
 
-/// The admin listener's routes: the API under `/api/v1`.
+/// The admin listener's routes: the API under `/api/v1`, the web UI under `/ui/`.
 pub fn admin_router(state: AppState) -> Router {
     let api = Router::new()
         .route("/machines", get(api::list_machines).post(api::enroll))
@@ -94,6 +97,8 @@ pub fn admin_router(state: AppState) -> Router {
         ));
     Router::new()
         .nest("/api/v1", api)
+        .merge(ui::routes())
+        .route("/", get(|| async { axum::response::Redirect::to("/ui/") }))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state)
 }

@@ -41,6 +41,7 @@ fn state(assets: &std::path::Path) -> AppState {
         machine_port: 8080,
         ca: Arc::new(crate::pki::Ca::load_or_create(&assets.join("pki")).unwrap()),
         boot_roots: Arc::new(vec![assets.join("boot-root")]),
+        ui: Arc::new(super::ui::Ui::new(true, vec![], Default::default()).unwrap()),
     }
 }
 

@@ -272,6 +272,13 @@ pub fn host_key_line(line: &str) -> Result<(String, String), String> {
     Ok((k.algorithm().as_str().to_string(), text))
 }
 
+/// A pinned host key line's algorithm and SHA-256 fingerprint as `ssh-keygen -l` prints it
+/// (`SHA256:…`), for people comparing it with the node's console.
+pub fn host_key_fingerprint(line: &str) -> Result<(String, String), String> {
+    let k = PublicKey::from_openssh(line).map_err(|e| e.to_string())?;
+    Ok((k.algorithm().as_str().to_string(), fp(&k)))
+}
+
 #[cfg(test)]
 mod key_tests {
     use super::*;
@@ -298,6 +305,9 @@ mod key_tests {
         .unwrap();
         assert_eq!(alg, "ssh-ed25519");
         assert!(!text.contains("root@node"), "{text}");
+        let (alg, fp) = host_key_fingerprint(&text).unwrap();
+        assert_eq!(alg, "ssh-ed25519");
+        assert!(fp.starts_with("SHA256:") && fp.len() == 50, "{fp}");
         assert!(host_key_line("ssh-ed25519 nope").is_err());
     }
 }

@@ -15,6 +15,7 @@
 pub mod check;
 mod context;
 pub mod filters;
+pub mod ui;
 
 pub use context::{shell_quote, Context, Renderer, REDACTED_TOKEN};
 
@@ -127,6 +128,16 @@ impl ArtifactKind {
 pub const NO_ROLE: &str = "none";
 
 /// Reads a profile's `role`: `"none"` means no role.
+impl Profile {
+    /// How long an install normally takes (checked when the profile was loaded).
+    pub fn install_time(&self) -> std::time::Duration {
+        self.install_time
+            .as_deref()
+            .and_then(|t| humantime::parse_duration(t).ok())
+            .unwrap_or(DEFAULT_INSTALL_TIME)
+    }
+}
+
 fn role_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let s: Option<String> = Option::deserialize(d)?;
     Ok(s.filter(|r| r != NO_ROLE))
@@ -222,6 +233,9 @@ pub struct Artifact {
     pub kind: ArtifactKind,
 }
 
+/// A profile's expected install time when it sets none.
+pub const DEFAULT_INSTALL_TIME: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// What to install: a TOML file under `templates/profiles/`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -266,6 +280,11 @@ pub struct Profile {
     /// installer that changes address), with an event saying so.
     #[serde(default)]
     pub phone_home_any_address: bool,
+    /// How long an install of this profile normally takes, from the install boot to the
+    /// phone-home (`"45m"`, humantime); a machine `installing` longer is shown as a problem.
+    /// Unset: [`DEFAULT_INSTALL_TIME`].
+    #[serde(default)]
+    pub install_time: Option<String>,
 }
 
 /// Where templates come from, besides the built-in ones.
@@ -502,6 +521,13 @@ impl Catalog {
             let mut p: Profile = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
             p.name = name.clone();
             crate::validate::vars(&p.vars).map_err(|e| bad(e.0))?;
+            if let Some(t) = &p.install_time {
+                humantime::parse_duration(t).map_err(|e| {
+                    bad(format!(
+                        "install_time {t:?}: {e} (write a duration such as \"45m\" or \"1h 30m\")"
+                    ))
+                })?;
+            }
             if let Some(role) = p.role.as_ref().filter(|r| !roles.contains_key(*r)) {
                 return Err(bad(format!(
                     "role {role:?} is not defined; roles are \"none\" or a file under roles/: {}",

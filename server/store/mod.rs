@@ -368,6 +368,84 @@ pub struct MachineQuery {
     pub limit: usize,
 }
 
+/// A list of machines for people (the web UI): filtered, searched, sorted, and paged by
+/// offset with the total, which keyset paging ([`MachineQuery`]) cannot give.
+#[derive(Clone, Debug, Default)]
+pub struct MachineSearch {
+    /// Only machines in this state.
+    pub state: Option<State>,
+    /// Only machines this term finds.
+    pub term: Option<SearchTerm>,
+    /// The order.
+    pub sort: SortKey,
+    /// Largest first.
+    pub descending: bool,
+    /// Skip this many.
+    pub offset: usize,
+    /// At most this many (0: [`MAX_PAGE`], which is also the cap).
+    pub limit: usize,
+}
+
+/// What a search box asked for, already classified (see `AdminService::search_term`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SearchTerm {
+    /// A whole MAC address.
+    Mac(Mac),
+    /// An address: the SSH address or the last boot request's.
+    Ip(String),
+    /// A label: `key` alone, or `key=value`.
+    Label(String, Option<String>),
+    /// Part of a hostname, a label's value or the profile's name; or, when the term is
+    /// hex digits with MAC separators, part of a MAC (`mac_hex`: lower case, separators
+    /// removed).
+    Text {
+        /// As typed.
+        text: String,
+        /// The term as MAC digits, if it can be part of one.
+        mac_hex: Option<String>,
+    },
+}
+
+/// The orders a machine list can take; ties go by MAC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SortKey {
+    /// By MAC.
+    #[default]
+    Mac,
+    /// By hostname (none last).
+    Hostname,
+    /// By state name, then MAC.
+    State,
+    /// By when it last asked for anything.
+    LastSeen,
+    /// By its last change.
+    Updated,
+}
+
+/// A page of a [`MachineSearch`] with the number of machines the whole search finds.
+#[derive(Clone, Debug, Default)]
+pub struct MachinePage {
+    /// All machines matching, across pages.
+    pub total: u64,
+    /// This page.
+    pub machines: Vec<Machine>,
+}
+
+/// A machine's install token as the operator may see it: never the token, never its hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// The install generation it belongs to.
+    pub generation: i64,
+    /// Minted, Unix ms.
+    pub created_at: i64,
+    /// Expires, Unix ms.
+    pub expires_at: i64,
+    /// Burnt by the phone-home, Unix ms.
+    pub burnt_at: Option<i64>,
+    /// The address it serves.
+    pub ip: Option<String>,
+}
+
 /// A page of events: oldest first, `id > after`, at most `limit` — the first `limit` of
 /// them, or with `tail` the last `limit`.
 #[derive(Clone, Debug, Default)]
@@ -570,6 +648,17 @@ pub trait Inventory: Send + Sync + 'static {
     /// Writes every observation queued before this call; admin reads call it so what they
     /// show includes what the machines just did.
     async fn flush(&self) -> Result<()>;
+
+    /// A filtered, searched, sorted page of machines with the total (the web UI's lists).
+    async fn search_machines(&self, q: MachineSearch) -> Result<MachinePage>;
+
+    /// The machine's current install token, if it has one (never the token itself).
+    async fn install_token(&self, mac: Mac) -> Result<Option<TokenInfo>>;
+
+    /// The newest committed event id, updated after every commit that wrote events: live
+    /// views wait on it and then read the events after the last one they showed, so a slow
+    /// reader holds no queue of its own and misses nothing the retention bounds keep.
+    fn event_feed(&self) -> tokio::sync::watch::Receiver<i64>;
 }
 
 pub use leases::{BindRequest, OfferRequest};

@@ -33,9 +33,10 @@ use tokio::sync::oneshot;
 
 use super::leases::{self, BindRequest, Lease, OfferRequest};
 use super::{
-    BootFacts, Event, EventQuery, Inventory, Limits, Machine, MachinePatch, MachineQuery,
-    NewMachine, Observation, Result, RevokedCert, Sighting, Stats, StepRecord, StepStatus,
-    StoreError, TokenProblem, MAX_PAGE,
+    BootFacts, Event, EventQuery, Inventory, Limits, Machine, MachinePage, MachinePatch,
+    MachineQuery, MachineSearch, NewMachine, Observation, Result, RevokedCert, SearchTerm,
+    Sighting, SortKey, Stats, StepRecord, StepStatus, StoreError, TokenInfo, TokenProblem,
+    MAX_PAGE,
 };
 use crate::mac::Mac;
 use crate::policy::{self, EventKind, Failure, State, Transition};
@@ -76,6 +77,8 @@ struct Shared {
     /// Dropping it stops the checkpointer.
     to_checkpointer: Mutex<Option<mpsc::Sender<()>>>,
     checkpointer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The newest committed event id (see [`Inventory::event_feed`]).
+    events: tokio::sync::watch::Receiver<i64>,
     /// Keeps a test database's directory alive as long as the store.
     _dir: Option<tempfile::TempDir>,
 }
@@ -380,6 +383,9 @@ impl SqliteInventory {
             [],
             |r| r.get(0),
         )?;
+        let last_event: i64 =
+            conn.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))?;
+        let (events_tx, events_rx) = tokio::sync::watch::channel(last_event);
         let (tx, rx) = mpsc::channel();
         let queue = Arc::new(ObservationQueue {
             items: Mutex::new(VecDeque::new()),
@@ -396,6 +402,7 @@ impl SqliteInventory {
             queue: queue.clone(),
             counters: counters.clone(),
             facts: facts.clone(),
+            events: events_tx,
             touched: HashSet::new(),
             retention_queue: Vec::new(),
             retention_total: false,
@@ -434,6 +441,7 @@ impl SqliteInventory {
                 writer: Mutex::new(Some(handle)),
                 to_checkpointer: Mutex::new(Some(cp_tx)),
                 checkpointer: Mutex::new(Some(cp)),
+                events: events_rx,
                 _dir: dir,
             }),
         })
@@ -598,6 +606,8 @@ struct Writer {
     queue: Arc<ObservationQueue>,
     counters: Arc<Counters>,
     facts: Arc<FactsCache>,
+    /// Tells live views the newest committed event id.
+    events: tokio::sync::watch::Sender<i64>,
     /// Machines that received observation events since the last retention run.
     touched: HashSet<String>,
     /// Machines of the current retention run not checked yet (see [`RETENTION_CHUNK`]), and
@@ -838,6 +848,7 @@ impl Writer {
             Ok(()) => {
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
                 self.counters.writes.fetch_add(n_jobs, Ordering::Relaxed);
+                self.publish_last_event();
                 None
             }
             Err(e) => {
@@ -851,6 +862,24 @@ impl Writer {
         }
         for f in flushes {
             let _ = f.send(());
+        }
+    }
+
+    /// Tells live views about the events this commit wrote (a seek to the table's end).
+    fn publish_last_event(&self) {
+        match self
+            .conn
+            .query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| {
+                r.get::<_, i64>(0)
+            }) {
+            Ok(id) => {
+                self.events.send_if_modified(|last| {
+                    let newer = id != *last;
+                    *last = id;
+                    newer
+                });
+            }
+            Err(e) => tracing::error!("reading the newest event id failed: {e}"),
         }
     }
 
@@ -2326,6 +2355,133 @@ impl Inventory for SqliteInventory {
         self.send(Msg::Flush(tx))?;
         rx.await.map_err(|_| StoreError::Closed)
     }
+
+    async fn search_machines(&self, q: MachineSearch) -> Result<MachinePage> {
+        self.read_blocking(move |c| {
+            let (filter, args) = search_filter(&q);
+            let dir = if q.descending { "DESC" } else { "ASC" };
+            // NULLs last in both directions: a machine never seen is not the most recent.
+            let order = match q.sort {
+                SortKey::Mac => format!("m.mac {dir}"),
+                SortKey::Hostname => format!("m.hostname IS NULL, m.hostname {dir}, m.mac {dir}"),
+                SortKey::State => format!("m.state {dir}, m.mac {dir}"),
+                SortKey::LastSeen => {
+                    format!("m.last_seen IS NULL, m.last_seen {dir}, m.mac {dir}")
+                }
+                SortKey::Updated => format!("m.updated_at {dir}, m.mac {dir}"),
+            };
+            let total: i64 = c.query_row(
+                &format!("SELECT count(*) FROM machines m WHERE {filter}"),
+                rusqlite::params_from_iter(args.iter()),
+                |r| r.get(0),
+            )?;
+            // The page's rows are chosen reading only the filter's and the order's columns;
+            // only those rows then pay for the full machine (keys, steps, certificate).
+            let sql = format!(
+                "SELECT {MACHINE_COLS} FROM machines m WHERE m.rowid IN
+                   (SELECT m.rowid FROM machines m WHERE {filter} ORDER BY {order}
+                    LIMIT {} OFFSET {})
+                 ORDER BY {order}",
+                page(q.limit),
+                q.offset as i64,
+            );
+            let mut stmt = c.prepare(&sql)?;
+            let machines = stmt
+                .query_map(rusqlite::params_from_iter(args.iter()), machine_from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(MachinePage {
+                total: total as u64,
+                machines,
+            })
+        })
+        .await
+    }
+
+    async fn install_token(&self, mac: Mac) -> Result<Option<TokenInfo>> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT generation, created_at, expires_at, burnt_at, ip
+                 FROM install_tokens WHERE mac = ?1",
+            )?
+            .query_row([mac.to_string()], |r| {
+                Ok(TokenInfo {
+                    generation: r.get(0)?,
+                    created_at: r.get(1)?,
+                    expires_at: r.get(2)?,
+                    burnt_at: r.get(3)?,
+                    ip: r.get(4)?,
+                })
+            })
+            .optional()?)
+        })
+    }
+
+    fn event_feed(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.shared.events.clone()
+    }
+}
+
+/// `term` as a LIKE pattern matching it anywhere, with LIKE's own characters escaped (`\`).
+fn like_anywhere(term: &str) -> String {
+    let mut p = String::with_capacity(term.len() + 2);
+    p.push('%');
+    for ch in term.chars() {
+        if matches!(ch, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(ch);
+    }
+    p.push('%');
+    p
+}
+
+/// The WHERE clause of a machine search and its parameters, in order. Values are always
+/// parameters; only fixed SQL is formatted in.
+fn search_filter(q: &MachineSearch) -> (String, Vec<String>) {
+    let mut parts = vec!["1".to_string()];
+    let mut args: Vec<String> = Vec::new();
+    if let Some(st) = q.state {
+        parts.push("m.state = ?".into());
+        args.push(st.as_str().into());
+    }
+    match &q.term {
+        None => {}
+        Some(SearchTerm::Mac(m)) => {
+            parts.push("m.mac = ?".into());
+            args.push(m.to_string());
+        }
+        Some(SearchTerm::Ip(ip)) => {
+            parts.push("(m.last_ip = ? OR m.boot_ip = ?)".into());
+            args.push(ip.clone());
+            args.push(ip.clone());
+        }
+        Some(SearchTerm::Label(k, None)) => {
+            parts.push("EXISTS (SELECT 1 FROM json_each(m.labels) WHERE key = ?)".into());
+            args.push(k.clone());
+        }
+        Some(SearchTerm::Label(k, Some(v))) => {
+            parts.push(
+                "EXISTS (SELECT 1 FROM json_each(m.labels) WHERE key = ? AND value = ?)".into(),
+            );
+            args.push(k.clone());
+            args.push(v.clone());
+        }
+        Some(SearchTerm::Text { text, mac_hex }) => {
+            let mut any = vec![
+                "m.hostname LIKE ? ESCAPE '\\'",
+                "m.profile LIKE ? ESCAPE '\\'",
+                "EXISTS (SELECT 1 FROM json_each(m.labels) WHERE value LIKE ? ESCAPE '\\')",
+            ];
+            let pat = like_anywhere(text);
+            args.extend([pat.clone(), pat.clone(), pat]);
+            if let Some(hex) = mac_hex {
+                any.push("replace(m.mac, ':', '') LIKE ?");
+                args.push(like_anywhere(hex));
+            }
+            parts.push(format!("({})", any.join(" OR ")));
+        }
+    }
+    (parts.join(" AND "), args)
 }
 
 #[cfg(test)]

@@ -1131,3 +1131,132 @@ async fn a_clean_close_writes_what_is_still_counted_in_memory() {
         Some((EventKind::IpxeServed, 3))
     );
 }
+
+#[tokio::test]
+async fn machine_searches_filter_sort_and_count() {
+    let s = store();
+    for i in 0..30u32 {
+        let mut n = new("52:54:00:00:00:00");
+        n.mac = nth(i);
+        n.hostname = Some(format!("rack{}-node{i:02}", i % 3));
+        if i % 5 == 0 {
+            n.labels = [("rack".to_string(), format!("r{}", i % 3))].into();
+        }
+        s.enroll(n, 100 + i as i64).await.unwrap();
+    }
+    // A discovered machine, with an address from its boot request; 100% and _ match literally.
+    let d = mac("aa:bb:cc:00:00:01");
+    let seen = Sighting {
+        ip: Some("10.1.2.3".into()),
+        ..Default::default()
+    };
+    s.discover(d, seen, 500).await.unwrap();
+    let search = |term: Option<SearchTerm>| MachineSearch {
+        term,
+        limit: 100,
+        ..Default::default()
+    };
+    let macs = |p: &MachinePage| p.machines.iter().map(|m| m.mac).collect::<Vec<_>>();
+
+    let all = s.search_machines(search(None)).await.unwrap();
+    assert_eq!(all.total, 31);
+    assert_eq!(all.machines.len(), 31);
+
+    let one = s
+        .search_machines(search(Some(SearchTerm::Mac(nth(7)))))
+        .await
+        .unwrap();
+    assert_eq!((one.total, macs(&one)), (1, vec![nth(7)]));
+
+    let ip = s
+        .search_machines(search(Some(SearchTerm::Ip("10.1.2.3".into()))))
+        .await
+        .unwrap();
+    assert_eq!(macs(&ip), vec![d]);
+
+    let label = s
+        .search_machines(search(Some(SearchTerm::Label("rack".into(), None))))
+        .await
+        .unwrap();
+    assert_eq!(label.total, 6);
+    let label = s
+        .search_machines(search(Some(SearchTerm::Label(
+            "rack".into(),
+            Some("r1".into()),
+        ))))
+        .await
+        .unwrap();
+    assert_eq!(macs(&label), vec![nth(10), nth(25)]);
+
+    let text = |t: &str, hex: Option<&str>| {
+        search(Some(SearchTerm::Text {
+            text: t.into(),
+            mac_hex: hex.map(Into::into),
+        }))
+    };
+    let host = s.search_machines(text("rack2-", None)).await.unwrap();
+    assert_eq!(host.total, 10);
+    // Part of a MAC: `bbcc` is in aa:bb:cc:00:00:01 once its colons are gone.
+    let part = s
+        .search_machines(text("bb:cc", Some("bbcc")))
+        .await
+        .unwrap();
+    assert_eq!(macs(&part), vec![d]);
+    // LIKE's wildcards are literal characters in a search.
+    assert_eq!(s.search_machines(text("%", None)).await.unwrap().total, 0);
+    assert_eq!(s.search_machines(text("_", None)).await.unwrap().total, 0);
+
+    // State filter, sort and offset paging with the total.
+    let q = MachineSearch {
+        state: Some(State::Enrolled),
+        sort: SortKey::Updated,
+        descending: true,
+        offset: 10,
+        limit: 5,
+        ..Default::default()
+    };
+    let page = s.search_machines(q).await.unwrap();
+    assert_eq!(page.total, 30);
+    assert_eq!(macs(&page), (15..20).rev().map(nth).collect::<Vec<_>>());
+    let q = MachineSearch {
+        sort: SortKey::LastSeen,
+        descending: true,
+        limit: 1,
+        ..Default::default()
+    };
+    // Never-seen machines sort last in both directions.
+    assert_eq!(macs(&s.search_machines(q).await.unwrap()), vec![d]);
+}
+
+#[tokio::test]
+async fn the_event_feed_moves_with_each_commit_and_token_info_never_shows_the_token() {
+    let s = store();
+    let mut feed = s.event_feed();
+    let before = *feed.borrow_and_update();
+    let m = s.enroll(new("52:54:00:00:00:51"), 1).await.unwrap().mac;
+    // The writer published before it answered the enroll.
+    assert!(feed.has_changed().unwrap());
+    let after = *feed.borrow_and_update();
+    assert!(after > before);
+    let last = s
+        .events(EventQuery {
+            tail: true,
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(last[0].id, after);
+
+    assert_eq!(s.install_token(m).await.unwrap(), None);
+    s.start_install(m, "hash".into(), 1000, Sighting::default(), FROM.into(), 2)
+        .await
+        .unwrap();
+    let t = s.install_token(m).await.unwrap().unwrap();
+    assert_eq!(
+        (t.created_at, t.expires_at, t.burnt_at, t.ip.as_deref()),
+        (2, 1000, None, Some(FROM))
+    );
+    assert!(!format!("{t:?}").contains("hash"));
+    assert!(feed.has_changed().unwrap());
+}

@@ -14,4 +14,5 @@ mod nodes;
 mod powercut;
 mod register;
 mod tftp;
+mod ui;
 mod validators;
