@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """provision benchmark harness (`make bench`). See bench/README.md for what each row means.
 
-    bench/run.py [--quick] [--only dhcp,ipxe,tftp,storm,e2e,rss] [--bin PATH] [--rounds N]
+    bench/run.py [--quick] [--only dhcp,ipxe,ui,tftp,storm,e2e,rss] [--bin PATH] [--rounds N]
                  [--no-append] [--note TEXT] [--keep]
 
 Runs provision and its peers (dnsmasq, atftpd, tftpd-hpa, nginx) alternately (A B A B ...),
@@ -17,6 +17,7 @@ import argparse
 import ctypes
 import datetime
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -38,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PY = "/usr/bin/python3"
 CLK = os.sysconf("SC_CLK_TCK")
-SECTIONS = ["dhcp", "ipxe", "tftp", "storm", "e2e", "rss"]
+SECTIONS = ["dhcp", "ipxe", "ui", "tftp", "storm", "e2e", "rss"]
 
 FULL = dict(
     rounds=3,
@@ -58,6 +59,7 @@ FULL = dict(
     storm_clients=200,
     storm_mib=(10, 20),
     e2e_machines=500,
+    ui_requests=30,
 )
 QUICK = dict(
     FULL,
@@ -74,6 +76,7 @@ QUICK = dict(
     tftp_conc_mib=4,
     storm_clients=50,
     e2e_machines=100,
+    ui_requests=10,
 )
 
 # The ProxyDHCP test's PXE client options (perfdhcp -o CODE,HEX): vendor class, arch 0
@@ -702,14 +705,19 @@ def wrk(b, threads, conns, path, macs=None, d=None):
 LOOPBACK_CLAIMS = ["--claims", "any"]
 
 
-def section_ipxe(b):
+def seeded(b):
+    """The data dir seeded through the API with cfg seed_installed installed and
+    seed_enrolled enrolled machines, and the dir of their MAC files; seeded once per run and
+    shared by the sections that need an inventory (copy it before serving it)."""
+    if getattr(b, "seed", None):
+        return b.seed
     cfg = b.cfg
     key = b.work / "hostkey"
     if not key.exists():
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench-host-key", "-f", key], 30)
     seed_dir = b.work / "ipxe-seed"
     out = b.fresh("ipxe-macs")
-    log(f"ipxe: seeding {cfg['seed_installed']:,} installed + {cfg['seed_enrolled']:,} "
+    log(f"seeding {cfg['seed_installed']:,} installed + {cfg['seed_enrolled']:,} "
         "enrolled machines through the API (enroll, /ipxe, phone-home)")
     d = b.provision("provision-seed", seed_dir, extra=LOOPBACK_CLAIMS)
     try:
@@ -732,9 +740,20 @@ def section_ipxe(b):
         if b.seed_failures:
             b.notes.append(f"Seeding: {b.seed_failures} machines failed and were left out "
                            f"(at most 0.1 % allowed); first: {res.get('first_failures', [])[:2]}")
-        log(f"ipxe: seeded in {seed_s:.1f} s (not measured), {b.seed_failures} failures")
-        installed = out / "macs-installed.txt"
-        enrolled = out / "macs-enrolled.txt"
+        log(f"seeded in {seed_s:.1f} s (not measured), {b.seed_failures} failures")
+    finally:
+        d.stop()
+    b.seed = (seed_dir, out)
+    return b.seed
+
+
+def section_ipxe(b):
+    cfg = b.cfg
+    seed_dir, out = seeded(b)
+    installed = out / "macs-installed.txt"
+    enrolled = out / "macs-enrolled.txt"
+    d = b.provision("provision-seed", seed_dir, extra=LOOPBACK_CLAIMS)
+    try:
         first = installed.read_text().split("\n", 1)[0]
         st, local = http_get(f"http://127.0.0.1:8080/ipxe?mac={first}&platform=pcbios")
         if st != 200 or b"sanboot" not in local:
@@ -782,11 +801,11 @@ def section_ipxe(b):
                (" DAEMON DIED" if dead else "")
 
     size = f"{len(local)} B answer"
-    seeded = f"{cfg['seed_installed']:,} installed + {cfg['seed_enrolled']:,} enrolled machines"
+    inventory = f"{cfg['seed_installed']:,} installed + {cfg['seed_enrolled']:,} enrolled machines"
     for name, label in (("c1", "-t1 -c1"), ("c50", "-t2 -c50")):
         notes = [n for n in (errs("p", name), errs("n", name)) if n]
         if name == "c1":
-            notes.append(f"{seeded}; local-boot script, {size}; random MAC per request")
+            notes.append(f"{inventory}; local-boot script, {size}; random MAC per request")
         else:
             notes.append(f"server CPU {med('p', name, 'cpu_us'):,.0f} µs/req vs "
                          f"{med('n', name, 'cpu_us'):,.0f}")
@@ -810,13 +829,87 @@ def section_ipxe(b):
                                    f"{med('n', 'boot', 'p50_us') / 1000:.2f} ms, p99 "
                                    f"{med('p', 'boot', 'p99_us') / 1000:.2f} vs "
                                    f"{med('n', 'boot', 'p99_us') / 1000:.2f} ms"]))
-    b.notes.append(f"Seeding {seeded} through the API took {b.seed_s:.0f} s (not measured).")
+    b.notes.append(f"Seeding {inventory} through the API took {b.seed_s:.0f} s (not measured).")
 
 
 # =============================================================================================
 # 3. TFTP: one client, 64 MiB; 200 concurrent clients x 16 MiB.
 
 BLK = 1468
+
+
+def section_ui(b):
+    """The web UI over the seeded inventory (100,000 installed + 10,000 enrolled machines in
+    the full run): server time per page, measured from the client one request at a time."""
+    cfg = b.cfg
+    seed_dir, out = seeded(b)
+    macs = out.joinpath("macs-installed.txt").read_text().split()
+    mac = macs[len(macs) // 2].replace("-", ":")
+    total = cfg["seed_installed"] + cfg["seed_enrolled"]
+    data = b.work / "ui-run"
+    shutil.rmtree(data, ignore_errors=True)
+    shutil.copytree(seed_dir, data, symlinks=True)
+    d = b.provision("provision-ui", data, extra=LOOPBACK_CLAIMS)
+    host, port = ADMIN.split(":")
+    mid = max(1, total // 100)
+    pages = [
+        ("machines, first page (by MAC)", "/ui/machines"),
+        (f"machines, page {mid:,} (offset {(mid - 1) * 50:,})", f"/ui/machines?page={mid}"),
+        ("machines, last seen first", "/ui/machines?sort=last_seen&dir=desc"),
+        ("machines, state enrolled", "/ui/machines?state=enrolled"),
+        ("search: a whole MAC (hyphen form)", f"/ui/machines?q={mac.replace(':', '-')}"),
+        ("search: 6 hex digits of a MAC", f"/ui/machines?q={mac.replace(':', '')[6:]}"),
+        ("search: an IP address", "/ui/machines?q=127.0.0.1"),
+        ("search: a label key=value", "/ui/machines?q=rack%3Dr7"),
+        ("search: hostname text", "/ui/machines?q=node-4242"),
+        ("dashboard", "/ui/"),
+        ("machine page", f"/ui/machines/{mac}"),
+    ]
+    saved = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {int(b.cli_cpu)})
+        token = (data / "admin-token").read_text().strip()
+        c = http.client.HTTPConnection(host, int(port), timeout=30)
+        c.request("POST", "/ui/login", body=f"token={token}",
+                  headers={"Content-Type": "application/x-www-form-urlencoded"})
+        r = c.getresponse()
+        r.read()
+        cookie = (r.getheader("set-cookie") or "").split(";", 1)[0]
+        if r.status != 303 or not cookie:
+            raise BenchError(f"UI login: HTTP {r.status}")
+        weights = {}
+        for f in ["htmx.min.js", "ui.js", "ui.css"]:
+            c.request("GET", f"/ui/static/{f}", headers={"Accept-Encoding": "gzip"})
+            r = c.getresponse()
+            weights[f] = len(r.read())
+        n = cfg["ui_requests"]
+        for label, path in pages:
+            times, size = [], 0
+            for i in range(n + 2):
+                t0 = time.perf_counter()
+                c.request("GET", path, headers={"Cookie": cookie})
+                r = c.getresponse()
+                body = r.read()
+                dt = time.perf_counter() - t0
+                if r.status != 200:
+                    raise BenchError(f"UI {path}: HTTP {r.status}: {body[:200]!r}")
+                if i >= 2:  # the first two warm the page cache and the statements
+                    times.append(dt * 1000)
+                size = len(body)
+            times.sort()
+            p95 = times[min(len(times) - 1, int(len(times) * 0.95))]
+            b.row(f"UI, {total:,} machines: {label} [ms]", median(times), None,
+                  fmt="{:,.1f}", notes=f"p95 {p95:,.1f} ms; page {size / 1024:,.1f} KiB "
+                  f"(HTML, uncompressed); {n} requests")
+        c.close()
+    finally:
+        os.sched_setaffinity(0, saved)
+        d.stop()
+    b.notes.append("UI: one keep-alive connection, one request at a time, after login; time "
+                   "from request to the last byte of the page. First-visit weight besides the "
+                   f"page: htmx {weights['htmx.min.js'] / 1024:,.1f} KiB gzipped, ui.js "
+                   f"{weights['ui.js'] / 1024:,.1f} KiB, ui.css {weights['ui.css'] / 1024:,.1f} "
+                   "KiB (cached for a day, versioned URLs).")
 
 
 def write_random(path, nbytes):

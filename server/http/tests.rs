@@ -508,3 +508,298 @@ fn previews_through_the_admin_listener_point_at_the_machine_port() {
         Some("http://10.9.9.9:80")
     );
 }
+
+// --- the web UI ----------------------------------------------------------------------------
+
+/// Logs in to the UI; returns the `provision_session=…` cookie and the page's CSRF token.
+async fn ui_login(app: &Router) -> (String, String) {
+    let res = app
+        .clone()
+        .oneshot(
+            Request::post("/ui/login")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(format!("token={TOKEN}")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    let set = res.headers()[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let cookie = set.split(';').next().unwrap().to_string();
+    let (s, page) = send(app, ui_get("/ui/enroll", &cookie)).await;
+    assert_eq!(s, StatusCode::OK);
+    let i = page.find("name=\"_csrf\" value=\"").unwrap() + 20;
+    (cookie, page[i..i + 64].to_string())
+}
+
+fn ui_get(uri: &str, cookie: &str) -> Request<Body> {
+    Request::get(uri)
+        .header(header::HOST, "10.0.0.1:8443")
+        .header(header::COOKIE, cookie)
+        .body(Body::empty())
+        .unwrap()
+}
+
+fn ui_post(uri: &str, cookie: &str, body: &str) -> Request<Body> {
+    Request::post(uri)
+        .header(header::HOST, "10.0.0.1:8443")
+        .header(header::COOKIE, cookie)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn ui_pages_need_a_session_and_carry_strict_headers() {
+    let d = tempfile::tempdir().unwrap();
+    let app = app(d.path());
+    let res = app.clone().oneshot(get("/ui/machines")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    assert_eq!(res.headers()[header::LOCATION], "/ui/login");
+    let csp = res.headers()[header::CONTENT_SECURITY_POLICY]
+        .to_str()
+        .unwrap();
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(csp.contains(directive), "{csp}");
+    }
+    assert!(!csp.contains("unsafe"), "{csp}");
+    assert_eq!(res.headers()[header::X_FRAME_OPTIONS], "DENY");
+    // An htmx fragment request is not redirected into the page it would replace.
+    let res = app
+        .clone()
+        .oneshot(
+            Request::get("/ui/machines")
+                .header("hx-request", "true")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(res.headers()["hx-redirect"], "/ui/login");
+    // The stream too needs a session.
+    assert_eq!(
+        send(&app, ui_get("/ui/stream", "provision_session=forged"))
+            .await
+            .0,
+        StatusCode::SEE_OTHER
+    );
+    // A made-up cookie opens nothing; a real one opens every page, none cached.
+    let (cookie, _) = ui_login(&app).await;
+    for page in [
+        "/ui/",
+        "/ui/machines",
+        "/ui/discovered",
+        "/ui/enroll",
+        "/ui/profiles",
+    ] {
+        let res = app.clone().oneshot(ui_get(page, &cookie)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{page}");
+        assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store", "{page}");
+    }
+    // Static files: cached, and htmx gzipped for a browser that takes it.
+    let res = app
+        .clone()
+        .oneshot(
+            Request::get("/ui/static/htmx.min.js")
+                .header(header::ACCEPT_ENCODING, "gzip, deflate, br")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[header::CONTENT_ENCODING], "gzip");
+    assert!(res.headers()[header::CACHE_CONTROL]
+        .to_str()
+        .unwrap()
+        .contains("max-age"));
+    assert_eq!(
+        send(&app, get("/ui/static/htmx.min.js.gz")).await.0,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn ui_login_sets_a_strict_cookie_and_shares_the_guessing_limit() {
+    let d = tempfile::tempdir().unwrap();
+    let app = app(d.path());
+    let wrong = || {
+        Request::post("/ui/login")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from("token=guess"))
+            .unwrap()
+    };
+    let (s, page) = send(&app, wrong()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(page.contains("wrong admin token"), "{page}");
+    let res = app
+        .clone()
+        .oneshot(
+            Request::post("/ui/login")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(format!("token={TOKEN}")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let cookie = res.headers()[header::SET_COOKIE].to_str().unwrap();
+    for attr in [
+        "HttpOnly",
+        "SameSite=Strict",
+        "Secure",
+        "Path=/ui",
+        "Max-Age=28800",
+    ] {
+        assert!(cookie.contains(attr), "{cookie}");
+    }
+    // A login form posted from another site's page is refused, token or not.
+    let res = app
+        .clone()
+        .oneshot(
+            Request::post("/ui/login")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .header("sec-fetch-site", "cross-site")
+                .body(Body::from(format!("token={TOKEN}")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert!(!res.headers().contains_key(header::SET_COOKIE));
+    for _ in 1..super::auth::ALLOWED_FAILURES {
+        assert_eq!(send(&app, wrong()).await.0, StatusCode::UNAUTHORIZED);
+    }
+    let (s, page) = send(&app, wrong()).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert!(page.contains("too many wrong tokens"), "{page}");
+}
+
+#[tokio::test]
+async fn ui_changes_need_the_csrf_token_from_the_same_site() {
+    let d = tempfile::tempdir().unwrap();
+    let app = app(d.path());
+    let (cookie, csrf) = ui_login(&app).await;
+    let enroll = "mac=52-54-00-00-00-41&profile=debian-12&hostname=web1";
+    let (s, page) = send(&app, ui_post("/ui/enroll", &cookie, enroll)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(page.contains("CSRF"), "{page}");
+    let stale = format!("{enroll}&_csrf={}", "0".repeat(64));
+    assert_eq!(
+        send(&app, ui_post("/ui/enroll", &cookie, &stale)).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let mut cross = ui_post("/ui/enroll", &cookie, &format!("{enroll}&_csrf={csrf}"));
+    cross
+        .headers_mut()
+        .insert("sec-fetch-site", "cross-site".parse().unwrap());
+    assert_eq!(send(&app, cross).await.0, StatusCode::FORBIDDEN);
+    let (s, _) = send(&app, api("GET", "/api/v1/machines/52:54:00:00:00:41", None)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "nothing refused was enrolled");
+
+    // The header htmx sends does as well as the form field.
+    let mut ok = ui_post("/ui/enroll", &cookie, enroll);
+    ok.headers_mut()
+        .insert("x-csrf-token", csrf.parse().unwrap());
+    let res = app.clone().oneshot(ok).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        res.headers()[header::LOCATION],
+        "/ui/machines/52:54:00:00:00:41"
+    );
+    // The API's refusal, in the API's words, on the form.
+    let dup = format!("{enroll}&_csrf={csrf}");
+    let (s, page) = send(&app, ui_post("/ui/enroll", &cookie, &dup)).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert!(page.contains("already enrolled"), "{page}");
+
+    // Destructive actions ask first, and change nothing until confirmed.
+    let del = format!("mac=52:54:00:00:00:41&action=delete&_csrf={csrf}");
+    let (s, page) = send(&app, ui_post("/ui/machines/bulk", &cookie, &del)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        page.contains("Delete machine 52:54:00:00:00:41 from the inventory?"),
+        "{page}"
+    );
+    let (s, _) = send(&app, api("GET", "/api/v1/machines/52:54:00:00:00:41", None)).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, page) = send(
+        &app,
+        ui_post("/ui/machines/bulk", &cookie, &format!("{del}&confirm=yes")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("1 of 1 done."), "{page}");
+    let (s, _) = send(&app, api("GET", "/api/v1/machines/52:54:00:00:00:41", None)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Logout ends the session on the server, not only in the browser.
+    let out = format!("_csrf={csrf}");
+    assert_eq!(
+        send(&app, ui_post("/ui/logout", &cookie, &out)).await.0,
+        StatusCode::SEE_OTHER
+    );
+    assert_eq!(
+        send(&app, ui_get("/ui/", &cookie)).await.0,
+        StatusCode::SEE_OTHER
+    );
+}
+
+#[tokio::test]
+async fn ui_stream_replays_what_the_browser_missed() {
+    let d = tempfile::tempdir().unwrap();
+    let app = app(d.path());
+    let (cookie, _) = ui_login(&app).await;
+    for m in ["52:54:00:00:00:51", "52:54:00:00:00:52"] {
+        let body = serde_json::json!({ "mac": m, "profile": "debian-12" });
+        assert_eq!(
+            send(&app, api("POST", "/api/v1/machines", Some(body)))
+                .await
+                .0,
+            StatusCode::CREATED
+        );
+    }
+    // Reads the stream until `want` is in it (it never ends by itself).
+    async fn read_until(res: axum::response::Response, want: &str) -> String {
+        let mut body = res.into_body();
+        let mut seen = String::new();
+        while !seen.contains(want) {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+                .await
+                .expect("the stream said nothing for 10 s")
+                .unwrap()
+                .unwrap();
+            if let Ok(data) = frame.into_data() {
+                seen.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+        seen
+    }
+    let mut req = ui_get("/ui/stream", &cookie);
+    req.headers_mut()
+        .insert("last-event-id", "1".parse().unwrap());
+    let res = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[header::CONTENT_TYPE], "text/event-stream");
+    let seen = read_until(res, "52:54:00:00:00:52").await;
+    assert!(!seen.contains("id: 1\n"), "{seen}");
+    assert!(seen.contains("id: 2\nevent: event\ndata: {"), "{seen}");
+    // Without a cursor it starts from now, and follows new events as they commit.
+    let res = app
+        .clone()
+        .oneshot(ui_get("/ui/stream", &cookie))
+        .await
+        .unwrap();
+    let follow = tokio::spawn(read_until(res, "52:54:00:00:00:53"));
+    let body = serde_json::json!({ "mac": "52:54:00:00:00:53", "profile": "debian-12" });
+    send(&app, api("POST", "/api/v1/machines", Some(body))).await;
+    let seen = follow.await.unwrap();
+    assert!(!seen.contains("52:54:00:00:00:51"), "{seen}");
+}

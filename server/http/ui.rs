@@ -968,25 +968,25 @@ fn confirm(
     back: &str,
 ) -> Response {
     let n = machines.len();
-    let them = if n == 1 {
-        format!("machine {}", machines[0].mac)
+    let (them, each, its) = if n == 1 {
+        (format!("machine {}", machines[0].mac), "It", "Its")
     } else {
-        format!("these {n} machines")
+        (format!("these {n} machines"), "Each", "Each one's")
     };
     let (title, question, button) = match action {
         "reprovision" => (
             "Reprovision",
-            format!("Reinstall {them}? Each goes back to enrolled with a new install generation: its current install token stops working, its node certificate is revoked, and its next network boot wipes its disk and installs its profile."),
+            format!("Reinstall {them}? {each} goes back to enrolled with a new install generation: its current install token stops working, its node certificate is revoked, and its next network boot wipes its disk and installs its profile."),
             format!("Reprovision {n}"),
         ),
         "delete" => (
             "Delete",
-            format!("Delete {them} from the inventory? Its host keys, token and certificate go (the certificate is revoked); its events stay. A deleted machine that boots again shows up as discovered."),
+            format!("Delete {them} from the inventory? {its} host keys, token and certificate go (the certificate is revoked); the events stay. A deleted machine that boots again shows up as discovered."),
             format!("Delete {n}"),
         ),
         _ => (
             "Register again",
-            format!("Run registration again on {them}? Each step runs over SSH against the pinned host key; the steps are idempotent."),
+            format!("Run registration again on {them}? Every step runs over SSH against the pinned host key; the steps are idempotent."),
             format!("Register {n}"),
         ),
     };
