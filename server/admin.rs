@@ -354,6 +354,13 @@ impl AdminService {
         Ok(self.inv.events(q).await?)
     }
 
+    /// A page of events as committed, without flushing the observation queue first: for
+    /// live streams, which a commit wakes — a flush per stream per commit would turn the
+    /// writer's batches into a commit per wake-up under a boot storm.
+    pub async fn committed_events(&self, q: EventQuery) -> Result<Vec<Event>> {
+        Ok(self.inv.events(q).await?)
+    }
+
     /// Machines by state and what the inventory's bounds did since start.
     pub async fn status(&self) -> Result<(BTreeMap<State, u64>, Stats)> {
         self.inv.flush().await?;
@@ -366,9 +373,21 @@ impl AdminService {
         Ok(self.inv.search_machines(q).await?)
     }
 
-    /// The machine's install token as the operator may see it.
-    pub async fn install_token(&self, mac: Mac) -> Result<Option<TokenInfo>> {
-        Ok(self.inv.install_token(mac).await?)
+    /// The machine's install token as the operator may see it, with its state now.
+    pub async fn token_status(&self, m: &Machine) -> Result<Option<crate::dto::TokenStatus>> {
+        let now = store::now_ms();
+        Ok(self
+            .inv
+            .install_token(m.mac)
+            .await?
+            .map(|t| crate::dto::TokenStatus {
+                state: token_state(&t, m.generation, now).into(),
+                generation: t.generation,
+                created_at: t.created_at,
+                expires_at: t.expires_at,
+                burnt_at: t.burnt_at,
+                ip: t.ip,
+            }))
     }
 
     /// The newest committed event id, for live views (see [`Inventory::event_feed`]).

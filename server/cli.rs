@@ -173,6 +173,10 @@ pub enum MachinesCmd {
         /// Only machines in this state.
         #[arg(long)]
         state: Option<String>,
+        /// Only machines this finds: a MAC in any notation, an IP address, `key=value` for a
+        /// label, or text in hostnames, profiles and label values (the web UI's search).
+        #[arg(long)]
+        search: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -594,11 +598,18 @@ fn wait_for(
 
 fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
     match cmd {
-        MachinesCmd::List { state, json } => {
+        MachinesCmd::List {
+            state,
+            search,
+            json,
+        } => {
             let state = state
                 .map(|st| st.parse::<State>().map_err(bad))
                 .transpose()?;
-            let all = c.machines(state)?;
+            let all = match &search {
+                Some(q) => c.search(q, state)?,
+                None => c.machines(state)?,
+            };
             if json {
                 print_json(&all);
                 return Ok(());

@@ -283,6 +283,26 @@ impl Client {
         }
     }
 
+    /// Every machine a search finds (any MAC notation, an IP, `key=value` for a label, or
+    /// text), optionally in one state, walking the API's pages by offset.
+    pub fn search(&self, q: &str, state: Option<State>) -> Result<Vec<dto::Machine>, ClientError> {
+        let mut params: Vec<(&str, String)> = vec![("q", q.to_string())];
+        if let Some(s) = state {
+            params.push(("state", s.to_string()));
+        }
+        let mut all: Vec<dto::Machine> = Vec::new();
+        loop {
+            let mut p = params.clone();
+            p.push(("offset", all.len().to_string()));
+            let query = serde_urlencoded::to_string(&p).unwrap_or_default();
+            let page: Vec<dto::Machine> = self.get(&format!("/machines?{query}"))?;
+            if page.is_empty() {
+                return Ok(all);
+            }
+            all.extend(page);
+        }
+    }
+
     /// The newest `n` events (of one machine, or all), oldest first.
     pub fn events(&self, mac: Option<Mac>, n: usize) -> Result<Vec<dto::Event>, ClientError> {
         let n = n.clamp(1, crate::store::MAX_PAGE);

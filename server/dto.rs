@@ -266,3 +266,22 @@ impl From<&crate::render::Profile> for Profile {
         }
     }
 }
+
+/// `GET /machines/{mac}/token`: the machine's install token as the operator may see it —
+/// never the token, never its hash.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TokenStatus {
+    /// `live`, `expired`, `burnt` (by the phone-home) or `stale` (an earlier install
+    /// generation's).
+    pub state: String,
+    /// The install generation it was minted for.
+    pub generation: i64,
+    /// Minted, Unix ms.
+    pub created_at: i64,
+    /// Expires, Unix ms.
+    pub expires_at: i64,
+    /// Burnt, Unix ms.
+    pub burnt_at: Option<i64>,
+    /// The address it serves.
+    pub ip: Option<String>,
+}

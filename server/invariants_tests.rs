@@ -130,3 +130,31 @@ fn the_check_itself_sees_a_use() {
     assert!(!uses("crate::store::rusqlite_x", "rusqlite"));
     assert!(!uses("rusqlite_migration::Migrations", "rusqlite"));
 }
+
+#[test]
+fn the_ui_goes_through_the_admin_service() {
+    // The web UI may use the admin service (as the API does) and the store's plain query
+    // types, never the inventory itself, the boot service, or another way to the database.
+    let (_, ui) = code()
+        .into_iter()
+        .find(|(f, _)| f == "http/ui.rs")
+        .expect("http/ui.rs exists");
+    let forbidden = [
+        "Inventory",
+        "st.boot",
+        ".boot.",
+        "SqliteInventory",
+        "registrar::Handle",
+        "crate::render::Renderer",
+    ];
+    let wrong: Vec<&str> = forbidden
+        .iter()
+        .copied()
+        .filter(|f| ui.contains(f))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "http/ui.rs reaches past the admin service: {wrong:?}"
+    );
+    assert!(ui.contains("st.admin."), "the check reads the real file");
+}

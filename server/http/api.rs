@@ -15,7 +15,7 @@ use super::{machine_base_url, AppError, AppState};
 use crate::dto::{self, EnrollRequest, UpdateRequest};
 use crate::mac::Mac;
 use crate::policy::State as MState;
-use crate::store::{EventQuery, MachineQuery, MAX_PAGE};
+use crate::store::{EventQuery, MachineQuery, MachineSearch, MAX_PAGE};
 
 /// Requires `Authorization: Bearer <admin token>` (see [`super::auth`]: constant-time
 /// compare, at most 10 wrong tokens a minute per address).
@@ -116,13 +116,19 @@ pub struct ListQuery {
     state: Option<String>,
     after: Option<String>,
     limit: Option<usize>,
+    q: Option<String>,
+    sort: Option<String>,
+    dir: Option<String>,
+    offset: Option<usize>,
 }
 
 fn machine(m: crate::store::Machine) -> Json<dto::Machine> {
     Json(m.into())
 }
 
-/// `GET /machines[?state=S&after=MAC&limit=N]`: a page in MAC order.
+/// `GET /machines[?state=S&after=MAC&limit=N]`: a page in MAC order; or, with any of `q`,
+/// `sort`, `dir`, `offset`, a search paged by offset (what the web UI lists), its total in
+/// `X-Total-Count`.
 pub async fn list_machines(
     State(st): State<AppState>,
     Query(q): Query<ListQuery>,
@@ -133,6 +139,42 @@ pub async fn list_machines(
         .transpose()
         .map_err(|e| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
     let after = q.after.as_deref().map(parse_mac).transpose()?;
+    if q.q.is_some() || q.sort.is_some() || q.dir.is_some() || q.offset.is_some() {
+        if after.is_some() {
+            return Err(AppError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "after= pages in MAC order and cannot be combined with q, sort, dir or offset; page a search with offset=",
+            ));
+        }
+        let invalid = |e: String| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, e);
+        let sort = q
+            .sort
+            .as_deref()
+            .unwrap_or("mac")
+            .parse()
+            .map_err(invalid)?;
+        let descending = match q.dir.as_deref().unwrap_or("asc") {
+            "asc" => false,
+            "desc" => true,
+            d => return Err(invalid(format!("dir {d:?}: asc or desc"))),
+        };
+        let found = st
+            .admin
+            .search(MachineSearch {
+                state,
+                term: crate::admin::search_term(q.q.as_deref().unwrap_or(""))?,
+                sort,
+                descending,
+                offset: q.offset.unwrap_or(0),
+                limit: q.limit.unwrap_or(MAX_PAGE),
+            })
+            .await?;
+        let page: Vec<dto::Machine> = found.machines.into_iter().map(Into::into).collect();
+        let mut r = Json(page).into_response();
+        r.headers_mut()
+            .insert("x-total-count", header::HeaderValue::from(found.total));
+        return Ok(r);
+    }
     let page = st
         .admin
         .machines(MachineQuery {
@@ -172,6 +214,24 @@ pub async fn update_machine(
     let mac = parse_mac(&mac)?;
     let req: UpdateRequest = json_body(&body)?;
     Ok(machine(st.admin.update(mac, req).await?).into_response())
+}
+
+/// `GET /machines/{mac}/token`: the install token's state (never the token).
+pub async fn machine_token(
+    State(st): State<AppState>,
+    Path(mac): Path<String>,
+) -> Result<Response, AppError> {
+    let m = st.admin.machine(parse_mac(&mac)?).await?;
+    match st.admin.token_status(&m).await? {
+        Some(t) => Ok(Json(t).into_response()),
+        None => Err(AppError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "machine {} has no install token; one is minted when it boots to install",
+                m.mac
+            ),
+        )),
+    }
 }
 
 /// `DELETE /machines/{mac}`.

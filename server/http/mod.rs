@@ -80,6 +80,7 @@ pub fn admin_router(state: AppState) -> Router {
         )
         .route("/machines/{mac}/reprovision", post(api::reprovision))
         .route("/machines/{mac}/register", post(api::register))
+        .route("/machines/{mac}/token", get(api::machine_token))
         .route("/inventory/ansible", get(api::inventory_ansible))
         .route("/inventory/known_hosts", get(api::inventory_known_hosts))
         .route("/machines/{mac}/events", get(api::machine_events))

@@ -803,3 +803,83 @@ async fn ui_stream_replays_what_the_browser_missed() {
     let seen = follow.await.unwrap();
     assert!(!seen.contains("52:54:00:00:00:51"), "{seen}");
 }
+
+#[tokio::test]
+async fn the_api_searches_as_the_ui_does_and_shows_token_states() {
+    let d = tempfile::tempdir().unwrap();
+    let app = app(d.path());
+    for (i, rack) in ["r1", "r2", "r1"].iter().enumerate() {
+        let body = serde_json::json!({
+            "mac": format!("52:54:00:00:01:0{i}"),
+            "profile": "debian-12",
+            "hostname": format!("web{i}"),
+            "labels": { "rack": rack },
+        });
+        assert_eq!(
+            send(&app, api("POST", "/api/v1/machines", Some(body)))
+                .await
+                .0,
+            StatusCode::CREATED
+        );
+    }
+    let res = app
+        .clone()
+        .oneshot(api(
+            "GET",
+            "/api/v1/machines?q=rack%3Dr1&sort=hostname&dir=desc&limit=1",
+            None,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-total-count"], "2");
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let page: Vec<crate::dto::Machine> = serde_json::from_slice(&body).unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].hostname.as_deref(), Some("web2"));
+    // Any MAC notation finds the machine; part of one too.
+    for q in ["5254.0000.0101", "00-01-01", "web1"] {
+        let (s, body) = send(&app, api("GET", &format!("/api/v1/machines?q={q}"), None)).await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(
+            body.contains("52:54:00:00:01:01") && !body.contains("01:02"),
+            "{q}: {body}"
+        );
+    }
+    let (s, body) = send(&app, api("GET", "/api/v1/machines?sort=size", None)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body.contains("last_seen"), "{body}");
+    let (s, body) = send(
+        &app,
+        api(
+            "GET",
+            "/api/v1/machines?q=web&after=52:54:00:00:01:00",
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body.contains("offset"), "{body}");
+
+    // The install token: none, then live (never the token itself), then burnt.
+    let (s, body) = send(
+        &app,
+        api("GET", "/api/v1/machines/52:54:00:00:01:00/token", None),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(body.contains("minted when it boots"), "{body}");
+    let (s, script) = send(&app, get("/ipxe?mac=52-54-00-00-01-00&platform=pcbios")).await;
+    assert_eq!(s, StatusCode::OK);
+    let i = script.find("/config/").unwrap() + 8;
+    let token = &script[i..i + 64];
+    let (s, body) = send(
+        &app,
+        api("GET", "/api/v1/machines/52:54:00:00:01:00/token", None),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let t: crate::dto::TokenStatus = serde_json::from_str(&body).unwrap();
+    assert_eq!(t.state, "live");
+    assert!(!body.contains(token), "{body}");
+}

@@ -41,7 +41,7 @@ use serde_json::{json, Value};
 
 use super::auth::{Refusal, SESSION_TTL};
 use super::{machine_base_url, AppError, AppState};
-use crate::admin::{hostname_from_pattern, search_term, token_state};
+use crate::admin::{hostname_from_pattern, search_term};
 use crate::dto::{self, EnrollRequest, UpdateRequest};
 use crate::error::Error;
 use crate::mac::Mac;
@@ -168,9 +168,9 @@ fn cookie_id(headers: &HeaderMap) -> Option<&str> {
         .find_map(|c| c.trim().strip_prefix(COOKIE)?.strip_prefix('='))
 }
 
-/// The session, or the answer for a request without one: a page goes to the login form; an
-/// htmx fragment request or the stream gets 401 (a redirect would swap the login form into
-/// a table).
+/// The session, or the answer for a request without one: a page (and the stream, which the
+/// script then reopens with backoff) goes to the login form; an htmx fragment request gets
+/// 401 with `HX-Redirect`, since following a redirect would swap the login form into a table.
 fn session(st: &AppState, headers: &HeaderMap) -> Result<Session, Response> {
     if let Some(csrf) = cookie_id(headers).and_then(|id| st.auth.session(id)) {
         return Ok(Session { csrf });
@@ -553,61 +553,20 @@ async fn stream(
         Some(id) => id.max(0),
         None => *feed.borrow_and_update(),
     };
-    let admin = st.admin.clone();
-    let cookie = cookie_id(&headers).map(str::to_string);
-    let auth = st.auth.clone();
-    let shutdown = st.ui.shutdown.clone();
-    let body =
-        futures_lite::stream::unfold((start, true, permit), move |(mut last, first, permit)| {
-            let (admin, cookie, auth) = (admin.clone(), cookie.clone(), auth.clone());
-            let shutdown = shutdown.clone();
-            let mut feed = feed.clone();
-            async move {
-                if first {
-                    // Tells the browser how soon to reconnect, and opens the stream at once.
-                    return Some((
-                        Ok::<_, Infallible>(Bytes::from("retry: 2000\n: live\n\n")),
-                        (last, false, permit),
-                    ));
-                }
-                loop {
-                    // A session that ended (logout, rotation, expiry) ends its stream.
-                    if cookie.as_deref().is_none_or(|c| auth.session(c).is_none()) {
-                        return None;
-                    }
-                    let events = admin
-                        .events(EventQuery {
-                            after: last,
-                            limit: 200,
-                            ..Default::default()
-                        })
-                        .await
-                        .ok()?;
-                    if !events.is_empty() {
-                        let mut out = String::new();
-                        for e in events {
-                            last = e.id;
-                            let e = dto::Event::from(e);
-                            let data = serde_json::to_string(&e).unwrap_or_default();
-                            out.push_str(&format!("id: {}\nevent: event\ndata: {data}\n\n", e.id));
-                        }
-                        return Some((Ok(Bytes::from(out)), (last, false, permit)));
-                    }
-                    feed.borrow_and_update();
-                    let changed = tokio::select! {
-                        c = tokio::time::timeout(KEEPALIVE, feed.changed()) => c,
-                        _ = shutdown.cancelled() => return None,
-                    };
-                    match changed {
-                        Ok(Ok(())) => continue,
-                        Ok(Err(_)) => return None,
-                        Err(_) => {
-                            return Some((Ok(Bytes::from(": ping\n\n")), (last, false, permit)))
-                        }
-                    }
-                }
-            }
-        });
+    let live = Live {
+        last: start,
+        opened: false,
+        feed,
+        admin: st.admin.clone(),
+        cookie: cookie_id(&headers).map(str::to_string),
+        auth: st.auth.clone(),
+        shutdown: st.ui.shutdown.clone(),
+        _permit: permit,
+    };
+    let body = futures_lite::stream::unfold(live, |mut live| async move {
+        let chunk = live.next().await?;
+        Some((Ok::<_, Infallible>(chunk), live))
+    });
     (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
@@ -616,6 +575,66 @@ async fn stream(
         Body::from_stream(body),
     )
         .into_response()
+}
+
+/// One browser's live stream: its cursor and what it needs to read on.
+struct Live {
+    /// The last event id sent.
+    last: i64,
+    opened: bool,
+    feed: tokio::sync::watch::Receiver<i64>,
+    admin: Arc<crate::admin::AdminService>,
+    cookie: Option<String>,
+    auth: Arc<super::auth::AdminAuth>,
+    shutdown: tokio_util::sync::CancellationToken,
+    /// Counts this stream against [`MAX_STREAMS`] while it lives.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Live {
+    /// The next chunk of the stream, or `None` to end it.
+    async fn next(&mut self) -> Option<Bytes> {
+        if !self.opened {
+            self.opened = true;
+            // Tells the browser how soon to reconnect, and opens the stream at once.
+            return Some(Bytes::from("retry: 2000\n: live\n\n"));
+        }
+        loop {
+            // A session that ended (logout, rotation, expiry) ends its stream.
+            let c = self.cookie.as_deref()?;
+            self.auth.session(c)?;
+            // Marked seen before the read: a commit after the read wakes the wait below.
+            self.feed.borrow_and_update();
+            let events = self
+                .admin
+                .committed_events(EventQuery {
+                    after: self.last,
+                    limit: 200,
+                    ..Default::default()
+                })
+                .await
+                .ok()?;
+            if !events.is_empty() {
+                let mut out = String::new();
+                for e in events {
+                    self.last = e.id;
+                    let e = dto::Event::from(e);
+                    let data = serde_json::to_string(&e).unwrap_or_default();
+                    out.push_str(&format!("id: {}\nevent: event\ndata: {data}\n\n", e.id));
+                }
+                return Some(Bytes::from(out));
+            }
+            let changed = tokio::select! {
+                c = tokio::time::timeout(KEEPALIVE, self.feed.changed()) => c,
+                _ = self.shutdown.cancelled() => return None,
+            };
+            match changed {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return None,
+                Err(_) => return Some(Bytes::from(": ping\n\n")),
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -681,12 +700,12 @@ async fn problems(st: &AppState) -> Result<(Vec<Problem>, bool), Error> {
                 .map_or(crate::render::DEFAULT_INSTALL_TIME, |p| p.install_time());
             let took = Duration::from_millis((now - m.updated_at).max(0) as u64);
             let token = if state == MState::Installing {
-                st.admin.install_token(m.mac).await?
+                st.admin.token_status(&m).await?
             } else {
                 None
             };
             let why = match token {
-                Some(t) if token_state(&t, m.generation, now) == "expired" => {
+                Some(t) if t.state == "expired" => {
                     "install token expired before the phone-home; the sweeper fails it within 30 s"
                         .to_string()
                 }
@@ -795,16 +814,6 @@ struct ListQuery {
     page: Option<usize>,
 }
 
-fn sort_key(s: &str) -> SortKey {
-    match s {
-        "hostname" => SortKey::Hostname,
-        "state" => SortKey::State,
-        "last_seen" => SortKey::LastSeen,
-        "updated" => SortKey::Updated,
-        _ => SortKey::Mac,
-    }
-}
-
 /// A list URL with these parameters (empty ones left out).
 fn list_url(path: &str, params: &[(&str, &str)]) -> String {
     let q: Vec<(&str, &str)> = params
@@ -844,6 +853,10 @@ async fn machines(
         Err(e) => (None, Some(e.to_string())),
     };
     let sort_s = q.sort.clone().unwrap_or_else(|| "mac".into());
+    let sort: SortKey = match sort_s.parse() {
+        Ok(k) => k,
+        Err(e) => return failed(&st, &s, Error::Invalid(e), "/ui/machines"),
+    };
     let desc = q.dir.as_deref() == Some("desc");
     let page_no = q.page.unwrap_or(1).max(1);
     let result = async {
@@ -855,7 +868,7 @@ async fn machines(
                 .search(MachineSearch {
                     state,
                     term,
-                    sort: sort_key(&sort_s),
+                    sort,
                     descending: desc,
                     offset: (page_no - 1) * PER_PAGE,
                     limit: PER_PAGE,
@@ -1153,7 +1166,7 @@ async fn machine_page(
                 ..Default::default()
             })
             .await?;
-        let token = st.admin.install_token(mac).await?;
+        let token = st.admin.token_status(&m).await?;
         Ok::<_, Error>((m, events, token))
     }
     .await;
@@ -1161,19 +1174,7 @@ async fn machine_page(
         Ok(v) => v,
         Err(e) => return failed(st, s, e, "/ui/machines"),
     };
-    let now = crate::store::now_ms();
     let timeline = crate::timeline::timeline(&events);
-    let token = token.map(|t| {
-        let state = token_state(&t, m.generation, now);
-        json!({
-            "state": state,
-            "generation": t.generation,
-            "created_at": t.created_at,
-            "expires_at": t.expires_at,
-            "burnt_at": t.burnt_at,
-            "ip": t.ip,
-        })
-    });
     let keys: Vec<Value> = m
         .host_keys
         .iter()

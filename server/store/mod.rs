@@ -422,6 +422,37 @@ pub enum SortKey {
     Updated,
 }
 
+impl SortKey {
+    /// The name used in URLs (`?sort=`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SortKey::Mac => "mac",
+            SortKey::Hostname => "hostname",
+            SortKey::State => "state",
+            SortKey::LastSeen => "last_seen",
+            SortKey::Updated => "updated",
+        }
+    }
+}
+
+impl std::str::FromStr for SortKey {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        [
+            SortKey::Mac,
+            SortKey::Hostname,
+            SortKey::State,
+            SortKey::LastSeen,
+            SortKey::Updated,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or_else(|| {
+            format!("unknown sort {s:?}; sort by one of mac, hostname, state, last_seen, updated")
+        })
+    }
+}
+
 /// A page of a [`MachineSearch`] with the number of machines the whole search finds.
 #[derive(Clone, Debug, Default)]
 pub struct MachinePage {

@@ -355,7 +355,52 @@ fn open_reader(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "mmap_size", MMAP_SIZE)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.set_prepared_statement_cache_capacity(64);
+    register_text_match(&conn)?;
     Ok(conn)
+}
+
+/// `pv_text_match(needle, mac_hex, mac, hostname, profile, labels)`: whether the search text
+/// `needle` (lower case) is in the hostname, the profile or the labels' JSON, ignoring ASCII
+/// case, or `mac_hex` (lower-case hex digits, or NULL) is in the MAC without its colons.
+///
+/// Why a function of ours: the same test as five `LIKE '%…%'`s costs SQLite about 60 ms over
+/// 110,000 machines on the test machine (each LIKE is a call with its own pattern parse),
+/// this one call per row about a third of that, which keeps a search of a large inventory
+/// well under 100 ms with its count.
+fn register_text_match(conn: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    fn has(hay: &[u8], needle: &[u8]) -> bool {
+        needle.is_empty()
+            || hay
+                .windows(needle.len())
+                .any(|w| w.eq_ignore_ascii_case(needle))
+    }
+    conn.create_scalar_function(
+        "pv_text_match",
+        6,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        |ctx| {
+            // Borrowed, never copied: this runs once per machine.
+            let text = |i: usize| match ctx.get_raw(i) {
+                rusqlite::types::ValueRef::Text(t) => Some(t),
+                _ => None,
+            };
+            let needle = text(0).unwrap_or_default();
+            if let (Some(hex), Some(mac)) = (text(1).filter(|h| !h.is_empty()), text(2)) {
+                let mut digits = [0u8; 12];
+                let n = mac
+                    .iter()
+                    .filter(|b| **b != b':')
+                    .zip(digits.iter_mut())
+                    .map(|(b, d)| *d = *b)
+                    .count();
+                if digits[..n].windows(hex.len()).any(|w| w == hex) {
+                    return Ok(true);
+                }
+            }
+            Ok((3..6).any(|i| text(i).is_some_and(|v| has(v, needle))))
+        },
+    )
 }
 
 impl SqliteInventory {
@@ -1768,17 +1813,34 @@ impl Inventory for SqliteInventory {
 
     async fn events(&self, q: EventQuery) -> Result<Vec<Event>> {
         self.read_blocking(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT * FROM (SELECT id, at, mac, kind, from_state, to_state, detail, count
-                 FROM events WHERE (?1 IS NULL OR mac = ?1) AND id > ?2
-                 ORDER BY CASE WHEN ?4 THEN -id ELSE id END LIMIT ?3) ORDER BY id",
-            )?;
-            let rows = stmt
-                .query_map(
-                    params![q.mac.map(|m| m.to_string()), q.after, page(q.limit), q.tail],
-                    event_from_row,
-                )?
-                .collect::<rusqlite::Result<_>>()?;
+            // Two statements rather than one `ORDER BY CASE`: an order by an expression
+            // cannot walk the id index backwards, and the newest events of a large log would
+            // be sorted whole (110 ms at 300,000 events).
+            // Likewise one machine's events get a statement of their own, so the planner
+            // uses the (mac, id) index rather than walking every event.
+            const COLS: &str = "id, at, mac, kind, from_state, to_state, detail, count";
+            let dir = if q.tail { "DESC" } else { "ASC" };
+            let mut rows: Vec<Event> = match q.mac {
+                Some(mac) => c
+                    .prepare_cached(&format!(
+                        "SELECT {COLS} FROM events WHERE mac = ?1 AND id > ?2
+                         ORDER BY mac {dir}, id {dir} LIMIT ?3"
+                    ))?
+                    .query_map(
+                        params![mac.to_string(), q.after, page(q.limit)],
+                        event_from_row,
+                    )?
+                    .collect::<rusqlite::Result<_>>()?,
+                None => c
+                    .prepare_cached(&format!(
+                        "SELECT {COLS} FROM events WHERE id > ?1 ORDER BY id {dir} LIMIT ?2"
+                    ))?
+                    .query_map(params![q.after, page(q.limit)], event_from_row)?
+                    .collect::<rusqlite::Result<_>>()?,
+            };
+            if q.tail {
+                rows.reverse();
+            }
             Ok(rows)
         })
         .await
@@ -2361,38 +2423,80 @@ impl Inventory for SqliteInventory {
             let (filter, args) = search_filter(&q);
             let dir = if q.descending { "DESC" } else { "ASC" };
             // NULLs last in both directions: a machine never seen is not the most recent.
-            let order = match q.sort {
-                SortKey::Mac => format!("m.mac {dir}"),
-                SortKey::Hostname => format!("m.hostname IS NULL, m.hostname {dir}, m.mac {dir}"),
-                SortKey::State => format!("m.state {dir}, m.mac {dir}"),
-                SortKey::LastSeen => {
-                    format!("m.last_seen IS NULL, m.last_seen {dir}, m.mac {dir}")
+            // `p` prefixes each column; `+` makes it an expression, see `one_pass` below.
+            let order = |p: &str| match q.sort {
+                SortKey::Mac => format!("{p}m.mac {dir}"),
+                SortKey::Hostname => {
+                    format!("m.hostname IS NULL, {p}m.hostname {dir}, {p}m.mac {dir}")
                 }
-                SortKey::Updated => format!("m.updated_at {dir}, m.mac {dir}"),
+                SortKey::State => format!("{p}m.state {dir}, {p}m.mac {dir}"),
+                SortKey::LastSeen => {
+                    format!("m.last_seen IS NULL, {p}m.last_seen {dir}, {p}m.mac {dir}")
+                }
+                SortKey::Updated => format!("{p}m.updated_at {dir}, {p}m.mac {dir}"),
             };
-            let total: i64 = c.query_row(
-                &format!("SELECT count(*) FROM machines m WHERE {filter}"),
-                rusqlite::params_from_iter(args.iter()),
-                |r| r.get(0),
-            )?;
-            // The page's rows are chosen reading only the filter's and the order's columns;
-            // only those rows then pay for the full machine (keys, steps, certificate).
-            let sql = format!(
-                "SELECT {MACHINE_COLS} FROM machines m WHERE m.rowid IN
-                   (SELECT m.rowid FROM machines m WHERE {filter} ORDER BY {order}
-                    LIMIT {} OFFSET {})
-                 ORDER BY {order}",
-                page(q.limit),
-                q.offset as i64,
+            // A text or label search tests every machine, and usually finds few: one pass
+            // over the table collects every match, sorted afterwards (`+` keeps the planner
+            // from walking the MAC index instead, a row lookup per machine: 10× slower),
+            // giving the total and the page together. Any other filter is an index lookup or
+            // matches densely, where counting and then reading only the page (which stops
+            // after it) is cheaper.
+            let one_pass = matches!(
+                q.term,
+                Some(SearchTerm::Text { .. } | SearchTerm::Label(..))
             );
-            let mut stmt = c.prepare(&sql)?;
-            let machines = stmt
-                .query_map(rusqlite::params_from_iter(args.iter()), machine_from_row)?
+            let (total, ids): (u64, Vec<i64>) = if one_pass {
+                let all: Vec<i64> = c
+                    .prepare(&format!(
+                        "SELECT m.rowid FROM machines m WHERE {filter} ORDER BY {}",
+                        order("+")
+                    ))?
+                    .query_map(rusqlite::params_from_iter(args.iter()), |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let ids = all
+                    .iter()
+                    .skip(q.offset)
+                    .take(page(q.limit) as usize)
+                    .copied()
+                    .collect();
+                (all.len() as u64, ids)
+            } else {
+                let total: i64 = c.query_row(
+                    &format!("SELECT count(*) FROM machines m WHERE {filter}"),
+                    rusqlite::params_from_iter(args.iter()),
+                    |r| r.get(0),
+                )?;
+                // The page is chosen reading only the filter's and the order's columns.
+                let ids = c
+                    .prepare(&format!(
+                        "SELECT m.rowid FROM machines m WHERE {filter} ORDER BY {}
+                         LIMIT {} OFFSET {}",
+                        order(""),
+                        page(q.limit),
+                        q.offset as i64,
+                    ))?
+                    .query_map(rusqlite::params_from_iter(args.iter()), |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                (total as u64, ids)
+            };
+            if ids.is_empty() {
+                return Ok(MachinePage {
+                    total,
+                    machines: Vec::new(),
+                });
+            }
+            // Only the page's rows pay for the full machine (keys, steps, certificate). The
+            // ids are integers from the database, so they are written into the statement.
+            let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+            let machines = c
+                .prepare(&format!(
+                    "SELECT {MACHINE_COLS} FROM machines m WHERE m.rowid IN ({list})
+                     ORDER BY {}",
+                    order("")
+                ))?
+                .query_map([], machine_from_row)?
                 .collect::<rusqlite::Result<_>>()?;
-            Ok(MachinePage {
-                total: total as u64,
-                machines,
-            })
+            Ok(MachinePage { total, machines })
         })
         .await
     }
@@ -2455,30 +2559,38 @@ fn search_filter(q: &MachineSearch) -> (String, Vec<String>) {
             args.push(ip.clone());
             args.push(ip.clone());
         }
+        // The labels column is a JSON object written by serde_json: a cheap substring test
+        // of the JSON-encoded key (and value) drops nearly every row before the exact test
+        // parses the few left.
         Some(SearchTerm::Label(k, None)) => {
-            parts.push("EXISTS (SELECT 1 FROM json_each(m.labels) WHERE key = ?)".into());
+            let key = serde_json::to_string(k).unwrap_or_default();
+            parts.push(
+                "m.labels LIKE ? ESCAPE '\\'
+                 AND EXISTS (SELECT 1 FROM json_each(m.labels) WHERE key = ?)"
+                    .into(),
+            );
+            args.push(like_anywhere(&format!("{key}:")));
             args.push(k.clone());
         }
         Some(SearchTerm::Label(k, Some(v))) => {
-            parts.push(
-                "EXISTS (SELECT 1 FROM json_each(m.labels) WHERE key = ? AND value = ?)".into(),
+            let pair = format!(
+                "{}:{}",
+                serde_json::to_string(k).unwrap_or_default(),
+                serde_json::to_string(v).unwrap_or_default()
             );
+            parts.push(
+                "m.labels LIKE ? ESCAPE '\\'
+                 AND EXISTS (SELECT 1 FROM json_each(m.labels) WHERE key = ? AND value = ?)"
+                    .into(),
+            );
+            args.push(like_anywhere(&pair));
             args.push(k.clone());
             args.push(v.clone());
         }
         Some(SearchTerm::Text { text, mac_hex }) => {
-            let mut any = vec![
-                "m.hostname LIKE ? ESCAPE '\\'",
-                "m.profile LIKE ? ESCAPE '\\'",
-                "EXISTS (SELECT 1 FROM json_each(m.labels) WHERE value LIKE ? ESCAPE '\\')",
-            ];
-            let pat = like_anywhere(text);
-            args.extend([pat.clone(), pat.clone(), pat]);
-            if let Some(hex) = mac_hex {
-                any.push("replace(m.mac, ':', '') LIKE ?");
-                args.push(like_anywhere(hex));
-            }
-            parts.push(format!("({})", any.join(" OR ")));
+            parts.push("pv_text_match(?, ?, m.mac, m.hostname, m.profile, m.labels)".into());
+            args.push(text.to_ascii_lowercase());
+            args.push(mac_hex.clone().unwrap_or_default());
         }
     }
     (parts.join(" AND "), args)
