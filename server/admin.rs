@@ -102,6 +102,7 @@ pub fn probe(new: &NewMachine) -> Machine {
         cert_fingerprint: None,
         created_at: 0,
         updated_at: 0,
+        state_at: 0,
         installer_done_at: None,
     }
 }

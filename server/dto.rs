@@ -59,6 +59,9 @@ pub struct Machine {
     pub created_at: i64,
     /// Last change, Unix ms.
     pub updated_at: i64,
+    /// When it entered its current state, Unix ms.
+    #[serde(default)]
+    pub state_at: i64,
 }
 
 impl From<store::Machine> for Machine {
@@ -90,6 +93,7 @@ impl From<store::Machine> for Machine {
             cert_fingerprint: m.cert_fingerprint,
             created_at: m.created_at,
             updated_at: m.updated_at,
+            state_at: m.state_at,
         }
     }
 }

@@ -163,6 +163,7 @@ mod tests {
             installer_done_at: None,
             created_at: 0,
             updated_at: 0,
+            state_at: 0,
         }
     }
 

@@ -657,7 +657,7 @@ async fn problems(st: &AppState) -> Result<(Vec<Problem>, bool), Error> {
         .admin
         .search(MachineSearch {
             state: Some(MState::Failed),
-            sort: SortKey::Updated,
+            sort: SortKey::InState,
             descending: true,
             limit: SHOWN,
             ..Default::default()
@@ -674,14 +674,14 @@ async fn problems(st: &AppState) -> Result<(Vec<Problem>, bool), Error> {
             mac: m.mac,
             hostname: m.hostname,
             state: m.state,
-            since: m.updated_at,
+            since: m.state_at,
         })
         .collect();
     let mut more = failed.total as usize > SHOWN;
     let cat = st.admin.catalog();
     for (state, sort) in [
-        (MState::Installing, SortKey::Updated),
-        (MState::Registering, SortKey::Updated),
+        (MState::Installing, SortKey::InState),
+        (MState::Registering, SortKey::InState),
     ] {
         let page = st
             .admin
@@ -698,7 +698,7 @@ async fn problems(st: &AppState) -> Result<(Vec<Problem>, bool), Error> {
                 .as_deref()
                 .and_then(|p| cat.profile(p).ok())
                 .map_or(crate::render::DEFAULT_INSTALL_TIME, |p| p.install_time());
-            let took = Duration::from_millis((now - m.updated_at).max(0) as u64);
+            let took = Duration::from_millis((now - m.state_at).max(0) as u64);
             let token = if state == MState::Installing {
                 st.admin.token_status(&m).await?
             } else {
@@ -725,7 +725,7 @@ async fn problems(st: &AppState) -> Result<(Vec<Problem>, bool), Error> {
                 hostname: m.hostname,
                 state: m.state,
                 why,
-                since: m.updated_at,
+                since: m.state_at,
             });
         }
     }
@@ -942,7 +942,7 @@ async fn machines(
                 "mac": sort_link("mac"),
                 "hostname": sort_link("hostname"),
                 "state": sort_link("state"),
-                "updated": sort_link("updated"),
+                "in_state": sort_link("in_state"),
                 "last_seen": sort_link("last_seen"),
             },
         }),
@@ -1073,6 +1073,20 @@ async fn bulk(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Re
         Err(r) => return r,
     };
     let action = f.get("action").to_string();
+    if action == "enroll" {
+        // Enrolling needs a profile and the rest: the inbox's form, for these machines.
+        return match selected(&st, &f).await {
+            Ok(machines) => page(
+                &st,
+                Some(&f.session),
+                "enroll_many.html",
+                "Enroll",
+                "machines",
+                json!({ "machines": machines, "profiles": profile_names(&st) }),
+            ),
+            Err(e) => failed(&st, &f.session, e, "/ui/machines"),
+        };
+    }
     if !ACTIONS.contains(&action.as_str()) {
         return failed(
             &st,

@@ -170,6 +170,8 @@ pub struct Machine {
     pub created_at: i64,
     /// Last change, Unix ms.
     pub updated_at: i64,
+    /// When it entered its current state, Unix ms.
+    pub state_at: i64,
 }
 
 /// What the boot decision reads about a machine on every boot request: a point read of three
@@ -420,6 +422,8 @@ pub enum SortKey {
     LastSeen,
     /// By its last change.
     Updated,
+    /// By when it entered its current state.
+    InState,
 }
 
 impl SortKey {
@@ -431,6 +435,7 @@ impl SortKey {
             SortKey::State => "state",
             SortKey::LastSeen => "last_seen",
             SortKey::Updated => "updated",
+            SortKey::InState => "in_state",
         }
     }
 }
@@ -444,11 +449,14 @@ impl std::str::FromStr for SortKey {
             SortKey::State,
             SortKey::LastSeen,
             SortKey::Updated,
+            SortKey::InState,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
         .ok_or_else(|| {
-            format!("unknown sort {s:?}; sort by one of mac, hostname, state, last_seen, updated")
+            format!(
+                "unknown sort {s:?}; sort by one of mac, hostname, state, last_seen, updated, in_state"
+            )
         })
     }
 }

@@ -1355,7 +1355,7 @@ const MACHINE_COLS: &str = "m.mac, m.uuid, m.serial, m.hostname, m.profile, m.st
      (SELECT json_group_array(k.key) FROM (SELECT key FROM host_keys WHERE mac = m.mac ORDER BY algorithm) k), \
      (SELECT json_group_array(json_array(s.seq, s.name, s.status, s.exit_code, s.output, s.at)) \
         FROM (SELECT * FROM register_steps WHERE mac = m.mac ORDER BY seq) s), \
-     m.boot_ip";
+     m.boot_ip, m.state_at";
 
 fn conv(i: usize, e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.to_string().into())
@@ -1394,6 +1394,7 @@ fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<Machine> {
         }),
         created_at: row.get(15)?,
         updated_at: row.get(16)?,
+        state_at: row.get(22)?,
         installer_done_at: row.get(17)?,
         cert_fingerprint: row.get(18)?,
         host_keys: json_col(19, row.get(19)?)?,
@@ -1566,7 +1567,7 @@ fn apply(
     };
     let n = c
         .prepare_cached(
-            "UPDATE machines SET state = ?2, updated_at = ?3, failed_step = ?4, failed_reason = ?5
+            "UPDATE machines SET state = ?2, updated_at = ?3, state_at = ?3, failed_step = ?4, failed_reason = ?5
              WHERE mac = ?1 AND state = ?6",
         )?
         .execute(params![
@@ -1633,8 +1634,9 @@ fn record_sighting(
 fn create_discovered(c: &Connection, mac: Mac, s: &Sighting, now: i64, what: &str) -> Result<()> {
     let n = c
         .prepare_cached(
-            "INSERT INTO machines (mac, state, uuid, arch, platform, boot_ip, last_seen, created_at, updated_at)
-             VALUES (?1, 'discovered', ?2, ?3, ?4, ?5, ?6, ?6, ?6) ON CONFLICT (mac) DO NOTHING",
+            "INSERT INTO machines (mac, state, uuid, arch, platform, boot_ip, last_seen, created_at,
+             updated_at, state_at)
+             VALUES (?1, 'discovered', ?2, ?3, ?4, ?5, ?6, ?6, ?6, ?6) ON CONFLICT (mac) DO NOTHING",
         )?
         .execute(params![mac.to_string(), s.uuid, s.arch, s.platform, s.ip, now])?;
     if n == 1 {
@@ -1956,7 +1958,8 @@ impl Inventory for SqliteInventory {
                 None => {
                     c.execute(
                         "INSERT INTO machines (mac, uuid, serial, hostname, profile, state, vars, labels,
-                         created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, 'enrolled', ?6, ?7, ?8, ?8)",
+                         created_at, updated_at, state_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, 'enrolled', ?6, ?7, ?8, ?8, ?8)",
                         params![
                             mac.to_string(),
                             new.uuid,
@@ -2434,6 +2437,7 @@ impl Inventory for SqliteInventory {
                     format!("m.last_seen IS NULL, {p}m.last_seen {dir}, {p}m.mac {dir}")
                 }
                 SortKey::Updated => format!("{p}m.updated_at {dir}, {p}m.mac {dir}"),
+                SortKey::InState => format!("{p}m.state_at {dir}, {p}m.mac {dir}"),
             };
             // A text or label search tests every machine, and usually finds few: one pass
             // over the table collects every match, sorted afterwards (`+` keeps the planner

@@ -1226,6 +1226,31 @@ async fn machine_searches_filter_sort_and_count() {
     };
     // Never-seen machines sort last in both directions.
     assert_eq!(macs(&s.search_machines(q).await.unwrap()), vec![d]);
+
+    // An edit is a change but not a new state: time in state stays.
+    let patch = MachinePatch {
+        hostname: Some(Some("renamed".into())),
+        ..Default::default()
+    };
+    let m = s.update(nth(3), patch, 900).await.unwrap();
+    assert_eq!((m.updated_at, m.state_at), (900, 103));
+    let q = |sort| MachineSearch {
+        state: Some(State::Enrolled),
+        sort,
+        descending: true,
+        limit: 1,
+        ..Default::default()
+    };
+    assert_eq!(
+        macs(&s.search_machines(q(SortKey::Updated)).await.unwrap()),
+        vec![nth(3)]
+    );
+    assert_eq!(
+        macs(&s.search_machines(q(SortKey::InState)).await.unwrap()),
+        vec![nth(29)]
+    );
+    let m = s.reprovision(nth(3), 950).await.unwrap();
+    assert_eq!(m.state_at, 950);
 }
 
 #[tokio::test]
