@@ -883,3 +883,48 @@ async fn the_api_searches_as_the_ui_does_and_shows_token_states() {
     assert_eq!(t.state, "live");
     assert!(!body.contains(token), "{body}");
 }
+
+#[tokio::test]
+async fn ui_bulk_enroll_checks_the_whole_form_before_enrolling_any() {
+    let d = tempfile::tempdir().unwrap();
+    let app = app(d.path());
+    let (cookie, csrf) = ui_login(&app).await;
+    for m in ["52-54-00-00-02-01", "52-54-00-00-02-02"] {
+        let (s, _) = send(&app, get(&format!("/ipxe?mac={m}&platform=efi"))).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    let macs = "mac=52:54:00:00:02:01&mac=52:54:00:00:02:02";
+    // From the machine list: the enroll form, naming both.
+    let (s, page) = send(
+        &app,
+        ui_post(
+            "/ui/machines/bulk",
+            &cookie,
+            &format!("{macs}&action=enroll&_csrf={csrf}"),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        page.contains("Enroll 2 machines") && page.contains("52:54:00:00:02:02"),
+        "{page}"
+    );
+    // A pattern that gives a bad hostname for one of them enrolls neither.
+    let bad = format!("{macs}&profile=debian-12&hostname=-node{{n}}&vars=&labels=&_csrf={csrf}");
+    let (s, page) = send(&app, ui_post("/ui/discovered/enroll", &cookie, &bad)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(page.contains("hostname pattern"), "{page}");
+    let (_, body) = send(&app, api("GET", "/api/v1/machines?state=discovered", None)).await;
+    assert!(body.contains("02:01") && body.contains("02:02"), "{body}");
+    let good = format!(
+        "{macs}&profile=debian-12&hostname=node-{{n}}&vars=ntp%3Dpool.ntp.org&labels=rack%3Dr9&_csrf={csrf}"
+    );
+    let (s, page) = send(&app, ui_post("/ui/discovered/enroll", &cookie, &good)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("2 of 2 done."), "{page}");
+    let (_, body) = send(&app, api("GET", "/api/v1/machines/52:54:00:00:02:02", None)).await;
+    let m: crate::dto::Machine = serde_json::from_str(&body).unwrap();
+    assert_eq!(m.hostname.as_deref(), Some("node-2"));
+    assert_eq!(m.labels.get("rack").map(String::as_str), Some("r9"));
+    assert_eq!(m.vars.get("ntp").map(String::as_str), Some("pool.ntp.org"));
+}
