@@ -511,18 +511,17 @@ fn previews_through_the_admin_listener_point_at_the_machine_port() {
 
 // --- the web UI ----------------------------------------------------------------------------
 
+/// The login form posted with `token`.
+fn ui_login_form(token: &str) -> Request<Body> {
+    Request::post("/ui/login")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Body::from(format!("token={token}")))
+        .unwrap()
+}
+
 /// Logs in to the UI; returns the `provision_session=…` cookie and the page's CSRF token.
 async fn ui_login(app: &Router) -> (String, String) {
-    let res = app
-        .clone()
-        .oneshot(
-            Request::post("/ui/login")
-                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                .body(Body::from(format!("token={TOKEN}")))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let res = app.clone().oneshot(ui_login_form(TOKEN)).await.unwrap();
     assert_eq!(res.status(), StatusCode::SEE_OTHER);
     let set = res.headers()[header::SET_COOKIE]
         .to_str()
@@ -631,25 +630,11 @@ async fn ui_pages_need_a_session_and_carry_strict_headers() {
 async fn ui_login_sets_a_strict_cookie_and_shares_the_guessing_limit() {
     let d = tempfile::tempdir().unwrap();
     let app = app(d.path());
-    let wrong = || {
-        Request::post("/ui/login")
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(Body::from("token=guess"))
-            .unwrap()
-    };
+    let wrong = || ui_login_form("guess");
     let (s, page) = send(&app, wrong()).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(page.contains("wrong admin token"), "{page}");
-    let res = app
-        .clone()
-        .oneshot(
-            Request::post("/ui/login")
-                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                .body(Body::from(format!("token={TOKEN}")))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let res = app.clone().oneshot(ui_login_form(TOKEN)).await.unwrap();
     let cookie = res.headers()[header::SET_COOKIE].to_str().unwrap();
     for attr in [
         "HttpOnly",
@@ -661,17 +646,11 @@ async fn ui_login_sets_a_strict_cookie_and_shares_the_guessing_limit() {
         assert!(cookie.contains(attr), "{cookie}");
     }
     // A login form posted from another site's page is refused, token or not.
-    let res = app
-        .clone()
-        .oneshot(
-            Request::post("/ui/login")
-                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                .header("sec-fetch-site", "cross-site")
-                .body(Body::from(format!("token={TOKEN}")))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let mut cross = ui_login_form(TOKEN);
+    cross
+        .headers_mut()
+        .insert("sec-fetch-site", "cross-site".parse().unwrap());
+    let res = app.clone().oneshot(cross).await.unwrap();
     assert_eq!(res.status(), StatusCode::FORBIDDEN);
     assert!(!res.headers().contains_key(header::SET_COOKIE));
     for _ in 1..super::auth::ALLOWED_FAILURES {

@@ -29,7 +29,8 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::connect_info::MockConnectInfo;
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
@@ -182,6 +183,26 @@ fn session(st: &AppState, headers: &HeaderMap) -> Result<Session, Response> {
         return Err(r);
     }
     Err(Redirect::to("/ui/login").into_response())
+}
+
+impl FromRequestParts<AppState> for Session {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Response> {
+        session(st, &parts.headers)
+    }
+}
+
+impl FromRequest<AppState> for Form {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, st: &AppState) -> Result<Self, Response> {
+        let headers = req.headers().clone();
+        let body = axum::body::to_bytes(req.into_body(), MAX_FORM)
+            .await
+            .map_err(|_| forbidden(st, "the form is too large"))?;
+        form(st, &headers, &body)
+    }
 }
 
 /// A POST's fields, after the session and its CSRF token are checked.
@@ -444,10 +465,7 @@ async fn login(State(st): State<AppState>, req: Request) -> Response {
     }
 }
 
-async fn logout(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = form(&st, &headers, &body) {
-        return r;
-    }
+async fn logout(State(st): State<AppState>, headers: HeaderMap, _: Form) -> Response {
     if let Some(id) = cookie_id(&headers) {
         st.auth.end_session(id);
     }
@@ -530,12 +548,10 @@ struct StreamQuery {
 /// pruned. At most [`MAX_STREAMS`] at once.
 async fn stream(
     State(st): State<AppState>,
+    _: Session,
     headers: HeaderMap,
     Query(q): Query<StreamQuery>,
 ) -> Response {
-    if let Err(r) = session(&st, &headers) {
-        return r;
-    }
     let Ok(permit) = st.ui.streams.clone().try_acquire_owned() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -732,11 +748,8 @@ async fn problems(st: &AppState) -> Result<(Vec<Problem>, bool), Error> {
     Ok((out, more))
 }
 
-async fn dashboard(State(st): State<AppState>, headers: HeaderMap) -> Response {
-    match session(&st, &headers) {
-        Ok(s) => dashboard_page(&st, &s, None).await,
-        Err(r) => r,
-    }
+async fn dashboard(State(st): State<AppState>, s: Session) -> Response {
+    dashboard_page(&st, &s, None).await
 }
 
 async fn dashboard_page(st: &AppState, s: &Session, flash: Option<String>) -> Response {
@@ -791,11 +804,7 @@ async fn dashboard_page(st: &AppState, s: &Session, flash: Option<String>) -> Re
     )
 }
 
-async fn reload(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let f = match form(&st, &headers, &body) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
+async fn reload(State(st): State<AppState>, f: Form) -> Response {
     match st.admin.reload() {
         Ok(n) => dashboard_page(&st, &f.session, Some(format!("Reloaded: {n} profiles."))).await,
         Err(e) => failed(&st, &f.session, e, "/ui/"),
@@ -830,15 +839,7 @@ fn list_url(path: &str, params: &[(&str, &str)]) -> String {
     )
 }
 
-async fn machines(
-    State(st): State<AppState>,
-    headers: HeaderMap,
-    Query(q): Query<ListQuery>,
-) -> Response {
-    let s = match session(&st, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+async fn machines(State(st): State<AppState>, s: Session, Query(q): Query<ListQuery>) -> Response {
     let state_s = q.state.clone().unwrap_or_default();
     let state = match state_s.as_str() {
         "" => None,
@@ -1067,11 +1068,7 @@ fn results(st: &AppState, s: &Session, title: &str, results: Vec<Value>, back: &
 
 const ACTIONS: [&str; 3] = ["reprovision", "delete", "register"];
 
-async fn bulk(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let f = match form(&st, &headers, &body) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
+async fn bulk(State(st): State<AppState>, f: Form) -> Response {
     let action = f.get("action").to_string();
     if action == "enroll" {
         // Enrolling needs a profile and the rest: the inbox's form, for these machines.
@@ -1116,14 +1113,9 @@ async fn bulk(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Re
 
 async fn machine_action(
     State(st): State<AppState>,
-    headers: HeaderMap,
     Path((mac, action)): Path<(String, String)>,
-    body: Bytes,
+    f: Form,
 ) -> Response {
-    let f = match form(&st, &headers, &body) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
     let back = format!("/ui/machines/{mac}");
     if !ACTIONS.contains(&action.as_str()) {
         return failed(
@@ -1149,15 +1141,7 @@ async fn machine_action(
     results(&st, &f.session, "Done", out, "/ui/machines")
 }
 
-async fn machine(
-    State(st): State<AppState>,
-    headers: HeaderMap,
-    Path(mac): Path<String>,
-) -> Response {
-    let s = match session(&st, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+async fn machine(State(st): State<AppState>, s: Session, Path(mac): Path<String>) -> Response {
     machine_page(&st, &s, &mac, None, None).await
 }
 
@@ -1256,16 +1240,7 @@ async fn machine_page(
     )
 }
 
-async fn edit(
-    State(st): State<AppState>,
-    headers: HeaderMap,
-    Path(mac): Path<String>,
-    body: Bytes,
-) -> Response {
-    let f = match form(&st, &headers, &body) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
+async fn edit(State(st): State<AppState>, Path(mac): Path<String>, f: Form) -> Response {
     let result = async {
         let mac = parse_mac(&mac)?;
         let req = UpdateRequest {
@@ -1299,13 +1274,10 @@ async fn edit(
 
 async fn preview(
     State(st): State<AppState>,
+    s: Session,
     headers: HeaderMap,
     Path((mac, artifact)): Path<(String, String)>,
 ) -> Response {
-    let s = match session(&st, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     render_preview(&st, &s, &headers, &mac, None, &artifact).await
 }
 
@@ -1317,14 +1289,11 @@ struct ProfilePreviewQuery {
 
 async fn profile_preview(
     State(st): State<AppState>,
+    s: Session,
     headers: HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<ProfilePreviewQuery>,
 ) -> Response {
-    let s = match session(&st, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     render_preview(&st, &s, &headers, &q.mac, Some(&name), &q.artifact).await
 }
 
@@ -1377,13 +1346,9 @@ struct PageQuery {
 
 async fn discovered(
     State(st): State<AppState>,
-    headers: HeaderMap,
+    s: Session,
     Query(q): Query<PageQuery>,
 ) -> Response {
-    let s = match session(&st, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
     let form = json!({ "profile": "", "hostname": "", "vars": "", "labels": "" });
     discovered_page(&st, &s, q.page.unwrap_or(1), form, None).await
 }
@@ -1438,15 +1403,7 @@ async fn discovered_page(
     )
 }
 
-async fn enroll_discovered(
-    State(st): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let f = match form(&st, &headers, &body) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
+async fn enroll_discovered(State(st): State<AppState>, f: Form) -> Response {
     let macs: Vec<String> = if f.get("one").is_empty() {
         f.all("mac").into_iter().map(str::to_string).collect()
     } else {
@@ -1503,11 +1460,7 @@ async fn enroll_discovered(
     results(&st, &f.session, "Enrolled", out, "/ui/discovered")
 }
 
-async fn enroll_page(State(st): State<AppState>, headers: HeaderMap) -> Response {
-    let s = match session(&st, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+async fn enroll_page(State(st): State<AppState>, s: Session) -> Response {
     let form = json!({ "mac": "", "profile": "", "hostname": "", "uuid": "", "serial": "", "vars": "", "labels": "" });
     page(
         &st,
@@ -1519,11 +1472,7 @@ async fn enroll_page(State(st): State<AppState>, headers: HeaderMap) -> Response
     )
 }
 
-async fn enroll(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let f = match form(&st, &headers, &body) {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
+async fn enroll(State(st): State<AppState>, f: Form) -> Response {
     let opt = |k: &str| Some(f.get(k).trim().to_string()).filter(|v| !v.is_empty());
     let result = async {
         let req = EnrollRequest {
@@ -1565,11 +1514,7 @@ async fn enroll(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> 
 // ---------------------------------------------------------------------------------------
 // Profiles
 
-async fn profiles(State(st): State<AppState>, headers: HeaderMap) -> Response {
-    let s = match session(&st, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+async fn profiles(State(st): State<AppState>, s: Session) -> Response {
     let cat = st.admin.catalog();
     let list: Vec<Value> = cat
         .profiles()
@@ -1594,15 +1539,7 @@ async fn profiles(State(st): State<AppState>, headers: HeaderMap) -> Response {
     )
 }
 
-async fn profile(
-    State(st): State<AppState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    let s = match session(&st, &headers) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+async fn profile(State(st): State<AppState>, s: Session, Path(name): Path<String>) -> Response {
     let cat = st.admin.catalog();
     let p = match cat.profile(&name) {
         Ok(p) => p,
