@@ -1460,8 +1460,19 @@ async fn enroll_discovered(State(st): State<AppState>, f: Form) -> Response {
     results(&st, &f.session, "Enrolled", out, "/ui/discovered")
 }
 
-async fn enroll_page(State(st): State<AppState>, s: Session) -> Response {
-    let form = json!({ "mac": "", "profile": "", "hostname": "", "uuid": "", "serial": "", "vars": "", "labels": "" });
+#[derive(Deserialize)]
+struct EnrollQuery {
+    mac: Option<String>,
+}
+
+/// `GET /ui/enroll[?mac=]`: the form, the MAC filled in when coming from a machine's page.
+async fn enroll_page(
+    State(st): State<AppState>,
+    s: Session,
+    Query(q): Query<EnrollQuery>,
+) -> Response {
+    let mac = q.mac.unwrap_or_default();
+    let form = json!({ "mac": mac, "profile": "", "hostname": "", "uuid": "", "serial": "", "vars": "", "labels": "" });
     page(
         &st,
         Some(&s),

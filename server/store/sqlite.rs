@@ -2433,8 +2433,14 @@ impl Inventory for SqliteInventory {
                     format!("m.hostname IS NULL, {p}m.hostname {dir}, {p}m.mac {dir}")
                 }
                 SortKey::State => format!("{p}m.state {dir}, {p}m.mac {dir}"),
+                // DESC already puts NULLs last; ties by rowid, an integer compare (a sort of
+                // every machine, with no index: last_seen moves with every sighting, and an
+                // index would cost the observation batches on the boot path).
+                SortKey::LastSeen if q.descending => {
+                    format!("{p}m.last_seen DESC, {p}m.rowid DESC")
+                }
                 SortKey::LastSeen => {
-                    format!("m.last_seen IS NULL, {p}m.last_seen {dir}, {p}m.mac {dir}")
+                    format!("m.last_seen IS NULL, {p}m.last_seen ASC, {p}m.rowid ASC")
                 }
                 SortKey::Updated => format!("{p}m.updated_at {dir}, {p}m.mac {dir}"),
                 SortKey::InState => format!("{p}m.state_at {dir}, {p}m.mac {dir}"),
