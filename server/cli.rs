@@ -42,8 +42,50 @@ pub struct Cli {
     /// The admin API token itself (instead of a file).
     #[arg(long, global = true, env = "PROVISION_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Log lines as text (coloured only on a terminal, and never with NO_COLOR set) or as
+    /// one JSON object per line (level, target, fields, span) for a log collector. What is
+    /// logged is set by PROVISION_LOG (e.g. `info`, `provision=debug`).
+    #[arg(
+        long,
+        global = true,
+        env = "PROVISION_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Sets up logging to stderr as `format` says, filtered by `PROVISION_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PROVISION_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            // Colour codes are for a person at a terminal; in a journal or a file they are
+            // noise (https://no-color.org).
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// Subcommands.

@@ -229,6 +229,7 @@ const KNOWN_ENV: &[&str] = &[
     "PROVISION_CA_FILE",
     "PROVISION_FINGERPRINT",
     "PROVISION_LOG",
+    "PROVISION_LOG_FORMAT",
 ];
 
 /// The validated configuration of `provision serve`.

@@ -4,12 +4,6 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = provision::cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PROVISION_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    provision::cli::init_logging(cli.log_format);
     provision::cli::run(cli)
 }

@@ -10,6 +10,7 @@ mod cli;
 pub mod crash;
 mod daemon;
 mod lab;
+mod logs;
 mod nodes;
 mod powercut;
 mod register;

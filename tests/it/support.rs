@@ -29,6 +29,16 @@ impl Daemon {
     /// Starts the daemon with `dir` as its data dir and extra serve flags.
     /// HTTP and TFTP listen on 127.0.0.1:0 unless `extra` says otherwise.
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Daemon {
+        Self::start_with(dir, extra, &[])
+    }
+
+    /// [`Daemon::start_in`] with environment changes after the defaults (`PROVISION_LOG=info`,
+    /// `NO_COLOR=1`): a value sets the variable, `None` removes it.
+    pub fn start_with(
+        dir: tempfile::TempDir,
+        extra: &[&str],
+        env: &[(&str, Option<&str>)],
+    ) -> Daemon {
         let tftp_default: &[&str] = if extra.contains(&"--tftp") {
             &[]
         } else {
@@ -58,8 +68,8 @@ impl Daemon {
         } else {
             &["--admin", "127.0.0.1:0"]
         };
-        let mut child = Command::new(BIN)
-            .arg("serve")
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
             .args(http_default)
             .args(admin_default)
             .arg("--data-dir")
@@ -71,9 +81,14 @@ impl Daemon {
             .env("PROVISION_LOG", "info")
             .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawning provision serve");
+            .stdout(Stdio::null());
+        for (k, v) in env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let mut child = cmd.spawn().expect("spawning provision serve");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -98,8 +113,9 @@ impl Daemon {
                 line.split(&format!("listening for {proto} on "))
                     .nth(1)
                     .map(|rest| {
+                        // Text or JSON: the address ends at a space or the closing quote.
                         let a: std::net::SocketAddr = rest
-                            .split_whitespace()
+                            .split(|c: char| c.is_whitespace() || c == '"')
                             .next()
                             .and_then(|a| a.parse().ok())
                             .expect("address in log line");
