@@ -142,8 +142,9 @@ fn admin_tls(
         "127.0.0.1".to_string(),
         "::1".to_string(),
     ];
-    if let Ok(h) = fs::read_to_string("/proc/sys/kernel/hostname") {
-        names.push(h.trim().to_string());
+    // uname(2), not /proc/sys/kernel/hostname: the unit's ProcSubset=pid hides /proc/sys.
+    if let Ok(h) = nix::unistd::gethostname() {
+        names.push(h.to_string_lossy().trim().to_string());
     }
     if !a.addr.ip().is_unspecified() {
         names.push(a.addr.ip().to_string());
@@ -350,7 +351,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         boot_roots: Arc::new(cfg.tftp_roots.clone()),
         ui: Arc::new(http::ui::Ui::new(
             admin_tls.is_some(),
-            listeners,
+            listeners.clone(),
             shutdown.clone(),
         )?),
     };
@@ -467,20 +468,65 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         }
     });
 
+    // What the service manager shows as the daemon's status.
+    let status = listeners
+        .iter()
+        .map(|(what, addr)| format!("{what} {addr}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+
     // SIGHUP reloads profiles and templates, as the API's POST /reload does.
-    let (r, sd) = (renderer.clone(), shutdown.clone());
+    let (r, sd, st) = (renderer.clone(), shutdown.clone(), status.clone());
     tasks.spawn(async move {
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         loop {
             tokio::select! {
                 _ = sd.cancelled() => return Ok(()),
-                _ = hup.recv() => match r.reload() {
-                    Ok(n) => tracing::info!("reloaded {n} profiles"),
-                    Err(e) => tracing::error!("reload failed, keeping the previous profiles: {e}"),
-                },
+                _ = hup.recv() => {
+                    crate::notify::reloading();
+                    match r.reload() {
+                        Ok(n) => {
+                            tracing::info!("reloaded {n} profiles");
+                            crate::notify::ready(&format!("reloaded {n} profiles; {st}"));
+                        }
+                        Err(e) => {
+                            tracing::error!("reload failed, keeping the previous profiles: {e}");
+                            crate::notify::ready(&format!(
+                                "reload failed, previous profiles kept: {e}; {st}"
+                            ));
+                        }
+                    }
+                }
             }
         }
     });
+
+    // The watchdog hears from a task only while the inventory's writer answers it: a wedged
+    // writer (or runtime) stops the pings, and the service manager restarts the daemon.
+    if let Some(every) = crate::notify::watchdog_interval() {
+        let (i, sd) = (inv.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = sd.cancelled() => return Ok(()),
+                    _ = tick.tick() => match tokio::time::timeout(every, i.flush()).await {
+                        Ok(Ok(())) => crate::notify::watchdog(),
+                        Ok(Err(e)) => tracing::error!("watchdog: the inventory did not answer: {e}"),
+                        Err(_) => tracing::error!("watchdog: the inventory did not answer within {every:?}"),
+                    },
+                }
+            }
+        });
+    }
+
+    let sd = shutdown.clone();
+    tasks.spawn(async move {
+        sd.cancelled().await;
+        crate::notify::stopping();
+        Ok(())
+    });
+    crate::notify::ready(&status);
 
     // The first task to end (normally or not) stops the others.
     let mut first_err = None;

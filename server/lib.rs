@@ -41,6 +41,7 @@ pub mod keys;
 pub mod lab;
 pub mod mac;
 pub mod neighbors;
+pub mod notify;
 pub mod pki;
 pub mod policy;
 pub mod registrar;

@@ -9,10 +9,12 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use crate::mac::Mac;
 
-/// Looks `ip` up in `/proc/net/arp`.
+/// Looks `ip` up in the kernel's neighbour table. Read through `/proc/self/net/arp` (the
+/// same file as `/proc/net/arp`, which is a link to it) because systemd's `ProcSubset=pid`,
+/// which the unit uses, hides everything in `/proc` that is not a process.
 pub fn mac_of(ip: IpAddr) -> Option<Mac> {
     let IpAddr::V4(v4) = ip else { return None };
-    let table = std::fs::read_to_string("/proc/net/arp").ok()?;
+    let table = std::fs::read_to_string("/proc/self/net/arp").ok()?;
     lookup(&table, v4)
 }
 

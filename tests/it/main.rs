@@ -14,6 +14,7 @@ mod logs;
 mod nodes;
 mod powercut;
 mod register;
+mod systemd;
 mod tftp;
 mod ui;
 mod validators;
