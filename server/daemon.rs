@@ -127,7 +127,7 @@ fn make_private(data_dir: &std::path::Path, db_path: &std::path::Path) -> anyhow
 
 /// The admin listener's TLS, or `None` for plain HTTP. A self-signed certificate names the
 /// loopback addresses, this host's name, the admin bind address and the advertised host.
-fn admin_tls(
+fn load_admin_tls(
     cfg: &Config,
     a: &crate::config::Admin,
 ) -> anyhow::Result<Option<crate::tls::AdminTls>> {
@@ -320,9 +320,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     tracing::info!("listening for HTTP on {http_addr}");
 
     let admin_tls = match &cfg.admin {
-        Some(a) => admin_tls(&cfg, a)?,
+        Some(a) => load_admin_tls(&cfg, a)?,
         None => None,
     };
+    let current_tls = admin_tls
+        .as_ref()
+        .map(|t| Arc::new(crate::tls::CurrentTls::new(t.config.clone())));
     let mut listeners = vec![("Machine HTTP".to_string(), http_addr.to_string())];
     if let Some(l) = &admin_listener {
         let scheme = if admin_tls.is_some() { "https" } else { "http" };
@@ -405,7 +408,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             ),
         }
         debug_assert_eq!(a.tls == crate::config::AdminTls::Off, admin_tls.is_none());
-        let (tls, sd) = (admin_tls.map(|t| t.config), shutdown.clone());
+        let (tls, sd) = (current_tls.clone(), shutdown.clone());
         tasks.spawn(async move {
             http::serve_admin(l, admin_app, tls, sd)
                 .await
@@ -475,8 +478,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .collect::<Vec<_>>()
         .join(", ");
 
-    // SIGHUP reloads profiles and templates, as the API's POST /reload does.
+    // SIGHUP reloads profiles and templates, as the API's POST /reload does, and the admin
+    // listener's certificate and key (a renewed certificate needs no restart). Each part that
+    // fails to load keeps what it had and says why.
     let (r, sd, st) = (renderer.clone(), shutdown.clone(), status.clone());
+    let (tls_now, cfg_now) = (current_tls.clone(), cfg.clone());
     tasks.spawn(async move {
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         loop {
@@ -484,18 +490,38 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 _ = sd.cancelled() => return Ok(()),
                 _ = hup.recv() => {
                     crate::notify::reloading();
+                    let mut said = Vec::new();
                     match r.reload() {
                         Ok(n) => {
                             tracing::info!("reloaded {n} profiles");
-                            crate::notify::ready(&format!("reloaded {n} profiles; {st}"));
+                            said.push(format!("reloaded {n} profiles"));
                         }
                         Err(e) => {
                             tracing::error!("reload failed, keeping the previous profiles: {e}");
-                            crate::notify::ready(&format!(
-                                "reload failed, previous profiles kept: {e}; {st}"
-                            ));
+                            said.push(format!("profile reload failed, previous kept: {e}"));
                         }
                     }
+                    if let (Some(current), Some(a)) = (&tls_now, &cfg_now.admin) {
+                        match load_admin_tls(&cfg_now, a) {
+                            Ok(Some(t)) => {
+                                current.set(t.config);
+                                tracing::info!(
+                                    "admin TLS reloaded: {} certificate SHA-256 {}",
+                                    t.source,
+                                    t.fingerprint
+                                );
+                                said.push(format!("admin certificate SHA-256 {}", t.fingerprint));
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::error!(
+                                    "admin TLS reload failed, keeping the previous certificate: {e:#}"
+                                );
+                                said.push(format!("admin TLS reload failed, previous kept: {e:#}"));
+                            }
+                        }
+                    }
+                    crate::notify::ready(&format!("{}; {st}", said.join("; ")));
                 }
             }
         }

@@ -39,6 +39,27 @@ pub struct AdminTls {
     pub source: String,
 }
 
+/// The admin listener's TLS configuration as it is now: replaced whole by a reload (SIGHUP),
+/// read by each new connection.
+pub struct CurrentTls(std::sync::RwLock<Arc<ServerConfig>>);
+
+impl CurrentTls {
+    /// Starts with `config`.
+    pub fn new(config: Arc<ServerConfig>) -> CurrentTls {
+        CurrentTls(std::sync::RwLock::new(config))
+    }
+
+    /// The configuration for a new connection.
+    pub fn get(&self) -> Arc<ServerConfig> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts `config` in force for the connections after this call.
+    pub fn set(&self, config: Arc<ServerConfig>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = config;
+    }
+}
+
 /// Loads the operator's certificate chain and key, or the self-signed pair in
 /// `DATA_DIR/admin-tls/` (made now if missing), and writes the fingerprint file.
 /// `names` are the host names and addresses a new self-signed certificate lists.

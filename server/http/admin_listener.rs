@@ -1,5 +1,7 @@
-//! The admin listener: the REST API (and the web UI when it comes) on a port of its own, over
-//! TLS unless the operator chose plain HTTP on loopback (or said `--insecure-admin`).
+//! The admin listener: the REST API and the web UI on a port of its own, over TLS unless the
+//! operator chose plain HTTP on loopback (or said `--insecure-admin`). The TLS configuration
+//! is read anew for each connection from a [`crate::tls::CurrentTls`], so a SIGHUP that
+//! reloads the certificate applies to the next connection without a restart.
 //!
 //! Machines never use this port, so it needs none of the machine listener's boot-storm
 //! shortcuts; what it needs is limits: a TLS handshake and a request head each get a deadline,
@@ -23,10 +25,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn serve_admin(
     listener: TcpListener,
     app: Router,
-    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    tls: Option<Arc<crate::tls::CurrentTls>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let acceptor = tls.map(TlsAcceptor::from);
     super::front::accept_loop(
         listener,
         "admin",
@@ -41,7 +42,8 @@ pub async fn serve_admin(
             }
         },
         move |stream, peer, ()| {
-            let (app, acceptor, sd) = (app.clone(), acceptor.clone(), shutdown.clone());
+            let acceptor = tls.as_ref().map(|t| TlsAcceptor::from(t.get()));
+            let (app, sd) = (app.clone(), shutdown.clone());
             async move {
                 let r = match acceptor {
                     None => super::front::with_hyper(stream, peer, app, sd).await,

@@ -384,3 +384,82 @@ fn token_rotation_takes_effect_at_once_and_guessing_is_rate_limited() {
     assert_eq!(s, 429, "{body}");
     assert!(body.contains("too many wrong admin tokens"), "{body}");
 }
+
+/// A new P-256 key and a self-signed certificate for 127.0.0.1 at `cert`/`key` (key 0600).
+fn new_pair(cert: &std::path::Path, key: &std::path::Path) {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    run(Command::new(tool("openssl"))
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-subj", "/CN=provision", "-days", "2"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
+        .arg(&k)
+        .arg("-out")
+        .arg(&c));
+    std::fs::set_permissions(&k, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // Renamed into place, as a certificate manager would.
+    std::fs::rename(&k, key).unwrap();
+    std::fs::rename(&c, cert).unwrap();
+}
+
+#[test]
+fn sighup_reloads_the_admin_certificate_and_a_broken_one_changes_nothing() {
+    let d = Daemon::start();
+    let first = d.fingerprint();
+    let (cert, key) = (
+        d.dir.path().join("admin-tls/cert.pem"),
+        d.dir.path().join("admin-tls/key.pem"),
+    );
+    let token_file = d.token_file();
+    let list = |fp: Option<&str>| {
+        let mut env = vec![
+            ("PROVISION_URL", d.admin_url()),
+            (
+                "PROVISION_TOKEN_FILE",
+                token_file.to_str().unwrap().to_string(),
+            ),
+        ];
+        if let Some(fp) = fp {
+            env.push(("PROVISION_FINGERPRINT", fp.to_string()));
+        }
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        cli(&env, &["machines", "list"])
+    };
+    new_pair(&cert, &key);
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    let line = d.wait_log("admin TLS reloaded");
+    let second = d.fingerprint();
+    assert_ne!(first, second);
+    assert!(line.contains(&second), "{line}");
+    // New connections get the new certificate: the old pin is refused, the new one (the
+    // rewritten fingerprint file, the CLI's default) works.
+    assert!(!list(Some(&first)).status.success());
+    let out = list(None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A key that does not fit the certificate: the reload says why and keeps the old pair.
+    let other = tempfile::tempdir().unwrap();
+    new_pair(&other.path().join("c.pem"), &other.path().join("k.pem"));
+    std::fs::copy(other.path().join("k.pem"), &key).unwrap();
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    let line = d.wait_log("admin TLS reload failed");
+    assert!(line.contains("does not fit"), "{line}");
+    assert_eq!(d.fingerprint(), second);
+    let out = list(Some(&second));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
