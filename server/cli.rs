@@ -162,6 +162,23 @@ pub enum Command {
     /// The admin token.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Write the data directory (a consistent copy of the database, the admin token, TLS,
+    /// SSH and CA keys; not assets/) to FILE, mode 0600. Works while the daemon runs.
+    Backup {
+        /// The backup file to write (replaced whole).
+        file: PathBuf,
+        /// The daemon's data directory [default: as `serve`'s].
+        #[arg(long, env = "PROVISION_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Put a backup into a data directory that holds no database and no running daemon.
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+        /// The data directory to restore into [default: as `serve`'s].
+        #[arg(long, env = "PROVISION_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
     /// Build a VM lab against the running daemon and install VMs until each is installed
     /// (needs root and QEMU; everything created is removed afterwards, also on Ctrl-C).
     Lab(crate::lab::LabArgs),
@@ -331,6 +348,35 @@ fn parse_pairs(what: &str, pairs: &[String]) -> Result<BTreeMap<String, String>,
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Backup { file, data_dir } => {
+            let dir = data_dir.unwrap_or_else(crate::config::default_data_dir);
+            crate::backup::backup(&dir, &file)
+                .map(|s| {
+                    println!(
+                        "backed up {} ({} machines; {}) to {}",
+                        dir.display(),
+                        s.machines,
+                        s.files.join(", "),
+                        file.display()
+                    )
+                })
+                .map_err(|e| Fail(format!("backup: {e:#}"), 1))
+        }
+        Command::Restore { file, data_dir } => {
+            let dir = data_dir.unwrap_or_else(crate::config::default_data_dir);
+            crate::backup::restore(&file, &dir)
+                .map(|s| {
+                    println!(
+                        "restored {} ({} machines; {}) into {}; start provision serve --data-dir {} on it",
+                        file.display(),
+                        s.machines,
+                        s.files.join(", "),
+                        dir.display(),
+                        dir.display()
+                    )
+                })
+                .map_err(|e| Fail(format!("restore: {e:#}"), 1))
+        }
         cmd => {
             let client = match Client::new(crate::client::Connect {
                 server: cli.server,
@@ -387,7 +433,9 @@ fn serve(args: ServeArgs) -> Result<(), Fail> {
 
 fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
     match cmd {
-        Command::Serve(_) => unreachable!("handled in run"),
+        Command::Serve(_) | Command::Backup { .. } | Command::Restore { .. } => {
+            unreachable!("handled in run")
+        }
         Command::Enroll(a) => enroll(c, a),
         Command::Machines(m) => machines(c, m),
         Command::Events { mac, json, limit } => {

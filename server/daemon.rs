@@ -223,6 +223,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
     fs::create_dir_all(&cfg.assets_dir)
         .with_context(|| format!("creating assets directory {}", cfg.assets_dir.display()))?;
+    // Held until the daemon ends: a second daemon, or a restore, on this directory is refused.
+    let _data_dir_lock = crate::backup::lock_data_dir(&cfg.data_dir)?;
     let db_path = cfg.data_dir.join("provision.db");
     make_private(&cfg.data_dir, &db_path)?;
     let inv: Arc<dyn Inventory> = Arc::new(

@@ -24,6 +24,7 @@
 
 pub mod admin;
 pub mod attribution;
+pub mod backup;
 pub mod boot;
 pub mod cli;
 pub mod client;

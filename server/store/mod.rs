@@ -39,7 +39,7 @@ pub mod sqlite;
 mod tests;
 
 pub use leases::{Lease, LeaseState, Pool};
-pub use sqlite::SqliteInventory;
+pub use sqlite::{snapshot, verify, SqliteInventory};
 
 /// What can go wrong in the store.
 #[derive(Debug, thiserror::Error)]

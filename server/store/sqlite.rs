@@ -403,6 +403,42 @@ fn register_text_match(conn: &Connection) -> rusqlite::Result<()> {
     )
 }
 
+/// Writes a consistent copy of the database at `db` to the new file `out` while a daemon may
+/// be writing it: `VACUUM INTO` reads one snapshot (WAL: the writer goes on meanwhile) and
+/// writes it compacted, without its WAL. The copy holds every commit made before it began.
+pub fn snapshot(db: &Path, out: &Path) -> Result<()> {
+    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    c.busy_timeout(BUSY_TIMEOUT)?;
+    let out = out
+        .to_str()
+        .ok_or_else(|| StoreError::Database(format!("{} is not UTF-8", out.display())))?;
+    c.execute("VACUUM INTO ?1", [out])?;
+    Ok(())
+}
+
+/// Checks a database file before it is put in service: SQLite's integrity check, and a
+/// schema this build knows (not newer than its migrations). Returns the machine count.
+pub fn verify(db: &Path) -> Result<u64> {
+    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let verdict: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    if verdict != "ok" {
+        return Err(StoreError::Database(format!(
+            "{} fails SQLite's integrity check: {verdict}",
+            db.display()
+        )));
+    }
+    let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = MIGRATIONS_DIR.dirs().count() as i64;
+    if version > known {
+        return Err(StoreError::Migration(format!(
+            "{} has schema version {version}; this provision knows up to {known}: restore it with the newer provision that wrote it",
+            db.display()
+        )));
+    }
+    let machines: i64 = c.query_row("SELECT count(*) FROM machines", [], |r| r.get(0))?;
+    Ok(machines as u64)
+}
+
 impl SqliteInventory {
     /// Opens (creating if needed) the database at `path`, brings its schema up to date and
     /// starts the writer thread.

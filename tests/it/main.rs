@@ -5,6 +5,7 @@
 mod support;
 
 mod admin;
+mod backup;
 mod claims;
 mod cli;
 pub mod crash;
