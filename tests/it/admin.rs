@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use crate::support::{admin_agent, tool, Daemon, BIN};
+use crate::support::{admin_agent, self_signed_pair, tool, Daemon, BIN};
 
 fn run(c: &mut Command) -> String {
     let out = c.output().unwrap();
@@ -130,20 +130,7 @@ fn an_operator_certificate_is_served_and_checked_against_its_ca() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
     let openssl = tool("openssl");
-    run(Command::new(&openssl)
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ])
-        .args(["-subj", "/CN=Site CA", "-days", "30", "-keyout"])
-        .arg(p("ca-key.pem"))
-        .arg("-out")
-        .arg(p("ca.pem")));
+    self_signed_pair(&p("ca.pem"), &p("ca-key.pem"), "/CN=Site CA", None);
     run(Command::new(&openssl)
         .args([
             "req",
@@ -385,26 +372,12 @@ fn token_rotation_takes_effect_at_once_and_guessing_is_rate_limited() {
     assert!(body.contains("too many wrong admin tokens"), "{body}");
 }
 
-/// A new P-256 key and a self-signed certificate for 127.0.0.1 at `cert`/`key` (key 0600).
+/// A new key pair for 127.0.0.1 renamed into place at `cert`/`key`, as a certificate
+/// manager would replace them.
 fn new_pair(cert: &std::path::Path, key: &std::path::Path) {
     let dir = tempfile::tempdir().unwrap();
     let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
-    run(Command::new(tool("openssl"))
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-subj", "/CN=provision", "-days", "2"])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
-        .arg(&k)
-        .arg("-out")
-        .arg(&c));
-    std::fs::set_permissions(&k, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    // Renamed into place, as a certificate manager would.
+    self_signed_pair(&c, &k, "/CN=provision", Some("IP:127.0.0.1"));
     std::fs::rename(&k, key).unwrap();
     std::fs::rename(&c, cert).unwrap();
 }

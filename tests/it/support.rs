@@ -318,3 +318,35 @@ pub fn tool(name: &str) -> PathBuf {
         "{name} is not installed; run `make deps` (it installs the Debian packages the tests need)"
     );
 }
+
+/// A new EC P-256 key at `key` (mode 0600) and a self-signed certificate for it at `cert`,
+/// made by openssl, with `subject` (`/CN=…`) and, if given, a subjectAltName (`IP:127.0.0.1`).
+pub fn self_signed_pair(cert: &Path, key: &Path, subject: &str, san: Option<&str>) {
+    let mut c = Command::new(tool("openssl"));
+    c.args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ])
+    .args(["-subj", subject, "-days", "30"]);
+    if let Some(san) = san {
+        c.args(["-addext", &format!("subjectAltName={san}")]);
+    }
+    let out = c
+        .arg("-keyout")
+        .arg(key)
+        .arg("-out")
+        .arg(cert)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::set_permissions(key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+}

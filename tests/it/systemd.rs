@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{tool, Daemon, BIN};
+use crate::support::{self_signed_pair, tool, Daemon, BIN};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -73,27 +73,7 @@ fn the_sample_configuration_is_valid_with_every_key_set() {
         .join("\n");
     let cert = d.path().join("admin.crt");
     let key = d.path().join("admin.key");
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ])
-        .args(["-subj", "/CN=provision", "-days", "2", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    self_signed_pair(&cert, &key, "/CN=provision", None);
     on = on
         .replace("/etc/provision/admin.crt", cert.to_str().unwrap())
         .replace("/etc/provision/admin.key", key.to_str().unwrap())
@@ -160,8 +140,11 @@ fn the_service_manager_hears_ready_watchdog_reloading_and_stopping_in_order() {
     assert!(got.last().unwrap().contains("MONOTONIC_USEC="), "{got:?}");
     until(&sock, "READY=1", &mut got);
     let reloaded = got.last().unwrap();
+    // What was reloaded (profiles, the admin certificate), then the listeners again.
     assert!(
-        reloaded.contains("STATUS=reloaded ") && reloaded.contains(" profiles; Machine HTTP"),
+        reloaded.contains("STATUS=reloaded ")
+            && reloaded.contains(" profiles; admin certificate SHA-256 ")
+            && reloaded.contains("; Machine HTTP 127.0.0.1:"),
         "{got:?}"
     );
     unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
