@@ -665,7 +665,60 @@ impl Shared {
 
 /// Runs `f` in a savepoint: its changes are kept if it succeeds and rolled back if it fails
 /// or panics, leaving the rest of the batch alone.
+/// A state change made in the current batch, logged once its commit succeeded.
+struct Change {
+    mac: Mac,
+    from: Option<State>,
+    to: Option<State>,
+    kind: EventKind,
+    detail: String,
+}
+
+thread_local! {
+    /// The writer thread's state changes since its batch began: `apply` adds, a job rolled back
+    /// to its savepoint takes its own back out, a failed commit drops them all, and a
+    /// committed batch logs them. So a log line about a state change is never about one that
+    /// did not happen.
+    static CHANGES: std::cell::RefCell<Vec<Change>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Logs the batch's state changes (`committed`) or forgets them.
+fn log_changes(committed: bool) {
+    let changes = CHANGES.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    if !committed {
+        return;
+    }
+    for c in changes {
+        let state = |s: Option<State>| s.map_or("none", State::as_str);
+        // Anything on the LAN can make discoveries (one per unknown MAC it sends): at info
+        // they would let it fill the journal, so they are debug; every other change is an
+        // operator's or an enrolled machine's.
+        if c.kind == EventKind::Discovered {
+            tracing::debug!(
+                target: "provision::lifecycle",
+                mac = %c.mac,
+                from = state(c.from),
+                to = state(c.to),
+                kind = %c.kind,
+                "{}",
+                c.detail
+            );
+        } else {
+            tracing::info!(
+                target: "provision::lifecycle",
+                mac = %c.mac,
+                from = state(c.from),
+                to = state(c.to),
+                kind = %c.kind,
+                "{}",
+                c.detail
+            );
+        }
+    }
+}
+
 fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    let changes_before = CHANGES.with(|c| c.borrow().len());
     conn.execute_batch("SAVEPOINT job")?;
     let out = match std::panic::catch_unwind(AssertUnwindSafe(|| f(conn))) {
         Ok(r) => r,
@@ -676,6 +729,7 @@ fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) 
     if out.is_ok() {
         conn.execute_batch("RELEASE job")?;
     } else {
+        CHANGES.with(|c| c.borrow_mut().truncate(changes_before));
         conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
     }
     out
@@ -923,6 +977,7 @@ impl Writer {
             self.retention_drain = false;
         }
         let result = began.and_then(|()| self.conn.execute_batch("COMMIT"));
+        log_changes(result.is_ok());
         // Before anyone is answered: a caller that reads after its write sees it.
         self.facts.committed(&touched, &created);
         let error = match &result {
@@ -1534,6 +1589,15 @@ fn insert_transition(
         to.map(State::as_str),
         detail
     ])?;
+    CHANGES.with(|c| {
+        c.borrow_mut().push(Change {
+            mac,
+            from,
+            to,
+            kind,
+            detail: detail.to_string(),
+        })
+    });
     Ok(())
 }
 
@@ -2645,6 +2709,44 @@ fn search_filter(q: &MachineSearch) -> (String, Vec<String>) {
 #[cfg(test)]
 mod queue_tests {
     use super::*;
+
+    #[test]
+    fn a_state_change_is_logged_only_once_committed_and_never_after_a_rollback() {
+        let c = Connection::open_in_memory().unwrap();
+        c.execute_batch(
+            "CREATE TABLE events (id INTEGER PRIMARY KEY, at INTEGER, mac TEXT, kind TEXT,
+             from_state TEXT, to_state TEXT, detail TEXT)",
+        )
+        .unwrap();
+        let mac: Mac = "52:54:00:00:00:01".parse().unwrap();
+        let change = |c: &Connection| {
+            insert_transition(
+                c,
+                1,
+                mac,
+                EventKind::Enrolled,
+                None,
+                Some(State::Enrolled),
+                "x",
+            )
+        };
+        let pending = || CHANGES.with(|v| v.borrow().len());
+        // A job that fails after its change: rolled back, and its change is forgotten.
+        let failed: Result<()> = in_savepoint(&c, |c| {
+            change(c)?;
+            Err(StoreError::Conflict(mac))
+        });
+        assert!(failed.is_err());
+        assert_eq!(pending(), 0);
+        in_savepoint(&c, change).unwrap();
+        assert_eq!(pending(), 1);
+        // A failed commit drops them too; a good one logs and clears.
+        log_changes(false);
+        assert_eq!(pending(), 0);
+        in_savepoint(&c, change).unwrap();
+        log_changes(true);
+        assert_eq!(pending(), 0);
+    }
 
     #[test]
     fn a_full_queue_drops_the_oldest_and_nudges_once() {

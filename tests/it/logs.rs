@@ -57,6 +57,7 @@ fn json_logs_are_one_object_a_line_with_fields_and_no_secret() {
     let (lines, admin) = lines(d);
     assert!(lines.len() > 10, "{lines:?}");
     let mut with_mac = 0;
+    let mut changes = Vec::new();
     for l in &lines {
         let v: serde_json::Value =
             serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"));
@@ -67,8 +68,27 @@ fn json_logs_are_one_object_a_line_with_fields_and_no_secret() {
         if v["fields"]["mac"] == "52:54:00:00:07:01" {
             with_mac += 1;
         }
+        if v["target"] == "provision::lifecycle" {
+            let f = |k: &str| v["fields"][k].as_str().unwrap_or("?").to_string();
+            changes.push(format!(
+                "{} {} {}→{}",
+                f("mac"),
+                f("kind"),
+                f("from"),
+                f("to")
+            ));
+        }
     }
     assert!(with_mac > 0, "the install's lines carry the MAC as a field");
+    // Every state change, once committed, is a line with the MAC, kind and states as fields.
+    assert_eq!(
+        changes,
+        [
+            "52:54:00:00:07:01 enrolled none→enrolled",
+            "52:54:00:00:07:01 install_started enrolled→installing",
+            "52:54:00:00:07:01 phoned_home installing→installed",
+        ]
+    );
     for l in &lines {
         assert!(!l.contains(&install), "install token in the log: {l}");
         assert!(!l.contains(&admin), "admin token in the log: {l}");
