@@ -363,10 +363,10 @@ fn open_reader(path: &Path) -> Result<Connection> {
 /// `needle` (lower case) is in the hostname, the profile or the labels' JSON, ignoring ASCII
 /// case, or `mac_hex` (lower-case hex digits, or NULL) is in the MAC without its colons.
 ///
-/// Why a function of ours: the same test as five `LIKE '%…%'`s costs SQLite about 60 ms over
-/// 110,000 machines on the test machine (each LIKE is a call with its own pattern parse),
-/// this one call per row about a third of that, which keeps a search of a large inventory
-/// well under 100 ms with its count.
+/// Why a function of ours: the same test written as five `LIKE '%…%'`s took SQLite about
+/// 60 ms per scan of 110,000 machines on the test machine (sqlite3 `.timer`; each LIKE is a
+/// call that parses its pattern again); one call of this per row, borrowing the text, keeps a
+/// whole text search with its count under 50 ms there (`bench/run.py --only ui`).
 fn register_text_match(conn: &Connection) -> rusqlite::Result<()> {
     use rusqlite::functions::FunctionFlags;
     fn has(hay: &[u8], needle: &[u8]) -> bool {
@@ -663,8 +663,6 @@ impl Shared {
     }
 }
 
-/// Runs `f` in a savepoint: its changes are kept if it succeeds and rolled back if it fails
-/// or panics, leaving the rest of the batch alone.
 /// A state change made in the current batch, logged once its commit succeeded.
 struct Change {
     mac: Mac,
@@ -688,35 +686,35 @@ fn log_changes(committed: bool) {
     if !committed {
         return;
     }
+    let state = |s: Option<State>| s.map_or("none", State::as_str);
+    // The level of a tracing event is fixed where it is written, hence one line per level.
+    macro_rules! line {
+        ($level:ident, $c:expr) => {
+            tracing::$level!(
+                target: "provision::lifecycle",
+                mac = %$c.mac,
+                from = state($c.from),
+                to = state($c.to),
+                kind = %$c.kind,
+                "{}",
+                $c.detail
+            )
+        };
+    }
     for c in changes {
-        let state = |s: Option<State>| s.map_or("none", State::as_str);
         // Anything on the LAN can make discoveries (one per unknown MAC it sends): at info
         // they would let it fill the journal, so they are debug; every other change is an
         // operator's or an enrolled machine's.
         if c.kind == EventKind::Discovered {
-            tracing::debug!(
-                target: "provision::lifecycle",
-                mac = %c.mac,
-                from = state(c.from),
-                to = state(c.to),
-                kind = %c.kind,
-                "{}",
-                c.detail
-            );
+            line!(debug, c);
         } else {
-            tracing::info!(
-                target: "provision::lifecycle",
-                mac = %c.mac,
-                from = state(c.from),
-                to = state(c.to),
-                kind = %c.kind,
-                "{}",
-                c.detail
-            );
+            line!(info, c);
         }
     }
 }
 
+/// Runs `f` in a savepoint: its changes are kept if it succeeds and rolled back if it fails
+/// or panics, leaving the rest of the batch alone.
 fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
     let changes_before = CHANGES.with(|c| c.borrow().len());
     conn.execute_batch("SAVEPOINT job")?;
