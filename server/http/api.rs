@@ -1,9 +1,6 @@
 //! The admin REST API under `/api/v1`, behind the bearer token.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-
-use axum::extract::connect_info::MockConnectInfo;
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -26,13 +23,7 @@ pub async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Respo
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    // Both listeners put the peer in every request; router tests put a MockConnectInfo.
-    let ext = req.extensions();
-    let peer = ext
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0)
-        .or_else(|| ext.get::<MockConnectInfo<SocketAddr>>().map(|c| c.0))
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+    let peer = super::peer_ip(req.extensions());
     match st.auth.check(peer, given) {
         Ok(()) => next.run(req).await,
         Err(Refusal::Wrong) => {

@@ -104,6 +104,18 @@ pub fn admin_router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The address a request came from: both listeners put the peer in every request, router
+/// tests a `MockConnectInfo`.
+fn peer_ip(ext: &axum::http::Extensions) -> std::net::IpAddr {
+    use axum::extract::connect_info::MockConnectInfo;
+    use axum::extract::ConnectInfo;
+    use std::net::SocketAddr;
+    ext.get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+        .or_else(|| ext.get::<MockConnectInfo<SocketAddr>>().map(|c| c.0))
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip())
+}
+
 /// Errors mapped to status codes in one place. Machine-facing routes answer in plain text
 /// (iPXE and installers show it); the API answers JSON `{"error": "..."}`.
 pub struct AppError {

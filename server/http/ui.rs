@@ -23,13 +23,11 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::connect_info::MockConnectInfo;
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -277,18 +275,6 @@ fn form(st: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Form, Respons
     Ok(Form { session, fields })
 }
 
-fn peer(headers_ext: &axum::http::Extensions) -> IpAddr {
-    headers_ext
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0)
-        .or_else(|| {
-            headers_ext
-                .get::<MockConnectInfo<SocketAddr>>()
-                .map(|c| c.0)
-        })
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip())
-}
-
 // ---------------------------------------------------------------------------------------
 // Rendering
 
@@ -404,7 +390,7 @@ async fn login_page(State(st): State<AppState>, headers: HeaderMap) -> Response 
 }
 
 async fn login(State(st): State<AppState>, req: Request) -> Response {
-    let who = peer(req.extensions());
+    let who = super::peer_ip(req.extensions());
     let headers = req.headers().clone();
     let body = match axum::body::to_bytes(req.into_body(), MAX_FORM).await {
         Ok(b) => b,
