@@ -332,6 +332,17 @@ fn open_writer(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.set_prepared_statement_cache_capacity(64);
+    // A downgrade: migrations only go forward, and a schema this build does not know may
+    // hold what it would misread; refuse with what to do rather than rusqlite_migration's
+    // "database too far ahead".
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = MIGRATIONS_DIR.dirs().count() as i64;
+    if version > known {
+        return Err(StoreError::Migration(format!(
+            "{} has schema version {version}, newer than this provision's {known}: it was written by a newer provision. Run that version again, or restore a backup taken with this version (provision restore)",
+            path.display()
+        )));
+    }
     let migrations = Migrations::from_directory(&MIGRATIONS_DIR)
         .map_err(|e| StoreError::Migration(e.to_string()))?;
     migrations

@@ -436,6 +436,44 @@ async fn file_database_keeps_writes_across_reopen_with_durable_settings() {
 }
 
 #[tokio::test]
+async fn a_database_from_a_newer_provision_is_refused_with_what_to_do_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("provision.db");
+    {
+        let s = SqliteInventory::open(&path, Limits::default()).unwrap();
+        s.enroll(new("52:54:00:00:00:0a"), 1).await.unwrap();
+    }
+    let newer = {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        c.pragma_update(None, "user_version", v + 1).unwrap();
+        v + 1
+    };
+    let e = SqliteInventory::open(&path, Limits::default())
+        .err()
+        .expect("a newer schema is refused")
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "schema version {newer}, newer than this provision's"
+        )) && e.contains("provision restore"),
+        "{e}"
+    );
+    // Untouched: still the newer version, still the machine.
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let v: i64 = c
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, newer);
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM machines", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
 async fn boot_facts_are_the_decision_inputs() {
     let s = store();
     let m = s.enroll(new("52:54:00:00:00:0a"), 1).await.unwrap().mac;
