@@ -16,12 +16,13 @@
 # hypervisor hosts the registrar registers; openssh-client, ansible-core: `ansible -m ping`
 # through provision's inventory; openssl: `openssl verify` of node certs; curl: phone-home
 # from inside a host's namespace; chromium, chromium-driver: the web UI's browser tests
-# (tests/it/ui.rs, headless over WebDriver); systemd: systemd-analyze for the unit's checks.
+# (tests/it/ui.rs, headless over WebDriver); systemd: systemd-analyze for the unit's checks;
+# prometheus: promtool, which checks the /metrics output and the sample alerting rules.
 DEBIAN_PACKAGES := cloud-init ignition debconf util-linux tftp-hpa atftp ipxe \
 	qemu-system-x86 ipxe-qemu ovmf dnsmasq-base iproute2 cpio e2fsprogs \
 	libvirt-daemon-system libvirt-daemon-driver-qemu virtinst \
 	openssh-server openssh-client openvswitch-switch ansible-core openssl curl \
-	chromium chromium-driver systemd
+	chromium chromium-driver systemd prometheus
 
 CARGO ?= cargo
 

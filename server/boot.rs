@@ -15,6 +15,7 @@ use crate::attribution::{Attribution, Evidence, EVIDENCE_MAX_AGE};
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::mac::Mac;
+use crate::metrics::{self, Metrics};
 use crate::policy::{
     self, BootDecision, BootRequest, ClaimPolicy, DiscoverAnswer, EventKind, MachineFacts, Platform,
 };
@@ -79,6 +80,7 @@ pub struct BootService {
     settings: Settings,
     registrar: registrar::Handle,
     attribution: Arc<Attribution>,
+    metrics: Arc<Metrics>,
 }
 
 fn facts_of(f: &BootFacts) -> MachineFacts<'_> {
@@ -91,13 +93,14 @@ fn facts_of(f: &BootFacts) -> MachineFacts<'_> {
 
 impl BootService {
     /// The service over `inv`, rendering with `renderer`, queueing registrations on
-    /// `registrar`, attributing addresses with `attribution`.
+    /// `registrar`, attributing addresses with `attribution`, counting in `metrics`.
     pub fn new(
         inv: Arc<dyn Inventory>,
         renderer: Arc<Renderer>,
         settings: Settings,
         registrar: registrar::Handle,
         attribution: Arc<Attribution>,
+        metrics: Arc<Metrics>,
     ) -> BootService {
         BootService {
             inv,
@@ -105,7 +108,19 @@ impl BootService {
             settings,
             registrar,
             attribution,
+            metrics,
         }
+    }
+
+    /// The daemon's metrics (the protocol servers count in them too).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The metrics exposition, with the machines per state read now.
+    pub async fn scrape(&self) -> Result<String> {
+        let machines = self.inv.count_by_state().await?;
+        Ok(self.metrics.scraped(&machines, &self.inv.stats()))
     }
 
     /// Client IP → MAC, as DHCP learned it.
@@ -166,6 +181,7 @@ impl BootService {
         };
         match policy::decide(Some(&facts_of(&facts)), &req, self.settings.discover) {
             BootDecision::Ignore => {
+                self.metrics.boot_decision(metrics::BootDecision::Ignore);
                 self.observe(
                     Some(mac),
                     EventKind::IpxeIgnored,
@@ -181,6 +197,7 @@ impl BootService {
                     .local_script(&cat, mac, platform, word, base_url)
                 {
                     Ok(body) => {
+                        self.metrics.boot_decision(metrics::BootDecision::LocalBoot);
                         self.observe(
                             Some(mac),
                             EventKind::IpxeServed,
@@ -206,6 +223,8 @@ impl BootService {
                 let evidence = match self.check_claim(mac, from, &profile) {
                     Ok(how) => how,
                     Err(why) => {
+                        self.metrics
+                            .boot_decision(metrics::BootDecision::ClaimRefused);
                         self.observe(
                             Some(mac),
                             EventKind::ClaimRefused,
@@ -224,6 +243,7 @@ impl BootService {
                 let body = self
                     .install(mac, machine, &profile, claim, base_url, now)
                     .await?;
+                self.metrics.boot_decision(metrics::BootDecision::Install);
                 Ok(Some(Script {
                     body,
                     install: true,
@@ -318,6 +338,8 @@ impl BootService {
                 Ok(script)
             }
             Err(e @ StoreError::TokenHeld { .. }) => {
+                self.metrics
+                    .boot_decision(metrics::BootDecision::ClaimRefused);
                 self.observe(
                     Some(mac),
                     EventKind::ClaimRefused,
@@ -421,6 +443,12 @@ impl BootService {
         let m = match found {
             Ok(m) => m,
             Err(StoreError::Token(problem, Some(mac))) => {
+                self.metrics.config_refused(match problem {
+                    TokenProblem::Unknown => metrics::ConfigRefusal::UnknownToken,
+                    TokenProblem::Expired => metrics::ConfigRefusal::Expired,
+                    TokenProblem::Used => metrics::ConfigRefusal::Used,
+                    TokenProblem::OtherAddress => metrics::ConfigRefusal::OtherAddress,
+                });
                 self.observe(
                     Some(mac),
                     EventKind::ConfigRefused,
@@ -451,13 +479,18 @@ impl BootService {
                         now,
                     )
                     .await?;
+                self.metrics.config_served(kind);
                 Ok((kind, body))
             }
             Err(e @ RenderError::NoArtifact { .. }) => {
+                self.metrics
+                    .config_refused(metrics::ConfigRefusal::NoArtifact);
                 self.observe(Some(m.mac), EventKind::ConfigRefused, e.to_string());
                 Err(e.into())
             }
             Err(e) => {
+                self.metrics
+                    .config_refused(metrics::ConfigRefusal::RenderFailed);
                 self.observe(
                     Some(m.mac),
                     EventKind::RenderFailed,
@@ -478,20 +511,13 @@ impl BootService {
         key_lines: Vec<String>,
         from: IpAddr,
     ) -> Result<Machine> {
-        let mut keys = Vec::new();
-        for line in key_lines.iter().map(|l| l.trim()).filter(|l| !l.is_empty()) {
-            keys.push(registrar::ssh::host_key_line(line).map_err(|e| {
-                Error::Invalid(format!(
-                    "phone-home: {:?} is not an OpenSSH public key: {e}",
-                    truncate(line, 60)
-                ))
-            })?);
-        }
-        if keys.is_empty() {
-            return Err(Error::Invalid(
-                "phone-home carried no SSH host public key: post the lines of /etc/ssh/ssh_host_*_key.pub (text/plain) or cloud-init's pub_key_* form fields".into(),
-            ));
-        }
+        let keys = match host_keys(&key_lines) {
+            Ok(k) => k,
+            Err(e) => {
+                self.metrics.phone_home(metrics::PhoneHome::Invalid);
+                return Err(e);
+            }
+        };
         let algs: Vec<_> = keys.iter().map(|(a, _)| a.clone()).collect();
         let detail = format!("{} SSH host key(s) pinned: {}", keys.len(), algs.join(", "));
         let ip = from.to_canonical().to_string();
@@ -525,6 +551,8 @@ impl BootService {
         }
         match result {
             Ok(m) => {
+                self.metrics.phone_home(metrics::PhoneHome::Installed);
+                self.observe_install_duration(&m).await;
                 if self.registrar.has_role(&m) {
                     // Registration starts now; the installer's request does not wait for it.
                     match self.registrar.start(m.mac).await {
@@ -535,6 +563,7 @@ impl BootService {
                 Ok(m)
             }
             Err(StoreError::Token(problem, Some(mac))) => {
+                self.metrics.phone_home(metrics::PhoneHome::Refused);
                 self.observe(
                     Some(mac),
                     EventKind::PhoneHomeRefused,
@@ -543,6 +572,34 @@ impl BootService {
                 Err(StoreError::Token(problem, Some(mac)).into())
             }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Observes how long the install of `m` (just installed) took since it was enrolled or
+    /// last reprovisioned, from its events: one read, on a phone-home only. A machine whose
+    /// enroll event retention already dropped is not observed.
+    async fn observe_install_duration(&self, m: &Machine) {
+        let Some(profile) = m.profile.as_deref() else {
+            return;
+        };
+        let events = self
+            .inv
+            .events(store::EventQuery {
+                mac: Some(m.mac),
+                tail: true,
+                limit: store::MAX_PAGE,
+                ..Default::default()
+            })
+            .await;
+        let enrolled = events.ok().and_then(|ev| {
+            ev.iter()
+                .rev()
+                .find(|e| matches!(e.kind, EventKind::Enrolled | EventKind::Reprovisioned))
+                .map(|e| e.at)
+        });
+        if let Some(at) = enrolled {
+            let took = Duration::from_millis(u64::try_from(m.state_at - at).unwrap_or(0));
+            self.metrics.install_finished(profile, took);
         }
     }
 
@@ -593,4 +650,24 @@ impl BootService {
             });
         }
     }
+}
+
+/// The `(algorithm, key)` pairs of a phone-home's OpenSSH public key lines; each must parse
+/// and there must be one.
+fn host_keys(lines: &[String]) -> Result<Vec<(String, String)>> {
+    let mut keys = Vec::new();
+    for line in lines.iter().map(|l| l.trim()).filter(|l| !l.is_empty()) {
+        keys.push(registrar::ssh::host_key_line(line).map_err(|e| {
+            Error::Invalid(format!(
+                "phone-home: {:?} is not an OpenSSH public key: {e}",
+                truncate(line, 60)
+            ))
+        })?);
+    }
+    if keys.is_empty() {
+        return Err(Error::Invalid(
+            "phone-home carried no SSH host public key: post the lines of /etc/ssh/ssh_host_*_key.pub (text/plain) or cloud-init's pub_key_* form fields".into(),
+        ));
+    }
+    Ok(keys)
 }

@@ -45,6 +45,10 @@ pub struct ServeArgs {
     /// network in clear.
     #[arg(long, env = "PROVISION_INSECURE_ADMIN")]
     pub insecure_admin: bool,
+    /// Prometheus metrics at /metrics: `http` on the machine HTTP listener, `ADDR:PORT` on a
+    /// listener of their own (port 0 picks a free port), or `off` [default: http].
+    #[arg(long, env = "PROVISION_METRICS", value_name = "http|ADDR:PORT|off")]
+    pub metrics: Option<String>,
     /// TFTP listen address, or `off` [default: 0.0.0.0:69].
     #[arg(long, env = "PROVISION_TFTP", value_name = "ADDR:PORT|off")]
     pub tftp: Option<String>,
@@ -157,6 +161,7 @@ struct FileConfig {
     admin_cert: Option<PathBuf>,
     admin_key: Option<PathBuf>,
     insecure_admin: Option<bool>,
+    metrics: Option<String>,
     tftp: Option<String>,
     tftp_root: Option<PathBuf>,
     dhcp: Option<String>,
@@ -200,6 +205,7 @@ const KNOWN_ENV: &[&str] = &[
     "PROVISION_EVENTS_PER_MACHINE",
     "PROVISION_MAX_EVENTS",
     "PROVISION_TFTP",
+    "PROVISION_METRICS",
     "PROVISION_TFTP_ROOT",
     "PROVISION_REGISTER_WORKERS",
     "PROVISION_REGISTER_ATTEMPTS",
@@ -241,6 +247,8 @@ pub struct Config {
     pub http: SocketAddr,
     /// The admin listener; `None` is off.
     pub admin: Option<Admin>,
+    /// Where `/metrics` is served.
+    pub metrics: MetricsAt,
     /// TFTP listen address; `None` is off.
     pub tftp: Option<SocketAddr>,
     /// TFTP roots, searched in order.
@@ -275,6 +283,32 @@ pub struct Config {
     pub register: crate::registrar::Settings,
     /// The bounds on what the network can make the database hold.
     pub limits: crate::store::Limits,
+}
+
+/// Where Prometheus metrics are served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MetricsAt {
+    /// Not at all.
+    Off,
+    /// `/metrics` on the machine HTTP listener.
+    Http,
+    /// `/metrics` on a listener of its own.
+    Listen(SocketAddr),
+}
+
+impl std::str::FromStr for MetricsAt {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<MetricsAt> {
+        Ok(match s {
+            "off" => MetricsAt::Off,
+            "http" => MetricsAt::Http,
+            s => MetricsAt::Listen(s.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "metrics {s:?} must be http (the machine HTTP listener), ADDR:PORT (a listener of its own, e.g. 127.0.0.1:9469) or off"
+                )
+            })?),
+        })
+    }
 }
 
 /// Where and how the admin API is served.
@@ -627,6 +661,13 @@ impl Config {
                 format!("tftp address {s:?} must be ADDR:PORT (e.g. 0.0.0.0:69) or off")
             })?),
         };
+        let metrics: MetricsAt = args
+            .metrics
+            .clone()
+            .or(file.metrics)
+            .as_deref()
+            .unwrap_or("http")
+            .parse()?;
         let tftp_roots = match args.tftp_root.clone().or(file.tftp_root) {
             Some(r) => {
                 if !r.is_dir() {
@@ -803,6 +844,7 @@ impl Config {
             data_dir,
             http,
             admin,
+            metrics,
             tftp,
             tftp_roots,
             dhcp,

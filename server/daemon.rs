@@ -35,7 +35,7 @@ pub fn check_config(cfg: &Config) -> anyhow::Result<String> {
     let cat = Catalog::load(sources(cfg))?;
     let names: Vec<_> = cat.profiles().keys().cloned().collect();
     Ok(format!(
-        "configuration OK\n  data dir: {}\n  http: {}\n  admin API: {}\n  dhcp: {}\n  tftp: {}\n  advertise: {}\n  assets: {}\n  install token ttl: {}\n  discover: {:?}\n  claims: {}\n  profiles: {}\n",
+        "configuration OK\n  data dir: {}\n  http: {}\n  admin API: {}\n  dhcp: {}\n  tftp: {}\n  metrics: {}\n  advertise: {}\n  assets: {}\n  install token ttl: {}\n  discover: {:?}\n  claims: {}\n  profiles: {}\n",
         cfg.data_dir.display(),
         cfg.http,
         match &cfg.admin {
@@ -76,6 +76,11 @@ pub fn check_config(cfg: &Config) -> anyhow::Result<String> {
                 cfg.tftp_roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(" then ")
             ),
             None => "off".into(),
+        },
+        match cfg.metrics {
+            crate::config::MetricsAt::Off => "off".to_string(),
+            crate::config::MetricsAt::Http => format!("http://{}/metrics", cfg.http),
+            crate::config::MetricsAt::Listen(a) => format!("http://{a}/metrics"),
         },
         cfg.advertise.as_deref().unwrap_or("(from each request's Host header)"),
         cfg.assets_dir.display(),
@@ -237,8 +242,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         crate::registrar::ssh::daemon_key(&cfg.data_dir.join("ssh"))?;
     let ca = Arc::new(crate::pki::Ca::load_or_create(&cfg.data_dir.join("pki"))?);
     let renderer = Arc::new(Renderer::new(sources(&cfg), ssh_public_key)?);
+    let metrics = {
+        let cat = renderer.catalog();
+        Arc::new(crate::metrics::Metrics::new(&crate::metrics::Known {
+            machine_routes: http::MACHINE_ROUTES.to_vec(),
+            admin_routes: if cfg.admin.is_some() {
+                http::ADMIN_ROUTES.to_vec()
+            } else {
+                Vec::new()
+            },
+            profiles: cat.profiles().keys().cloned().collect(),
+            roles: cat.roles().keys().cloned().collect(),
+        }))
+    };
     let (registrar_handle, register_queue) =
-        crate::registrar::channel(inv.clone(), renderer.clone());
+        crate::registrar::channel(inv.clone(), renderer.clone(), metrics.clone());
     let attribution = Arc::new(Attribution::default());
     let boot = Arc::new(BootService::new(
         inv.clone(),
@@ -250,6 +268,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         },
         registrar_handle.clone(),
         attribution,
+        metrics.clone(),
     ));
     let admin = Arc::new(AdminService::new(
         inv.clone(),
@@ -278,6 +297,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let admin_listener = match &cfg.admin {
         Some(a) => Some(bind_tcp(a.addr, "the admin API", "--admin").await?),
         None => None,
+    };
+    let metrics_listener = match cfg.metrics {
+        crate::config::MetricsAt::Listen(addr) => {
+            Some(bind_tcp(addr, "metrics", "--metrics (or --metrics http)").await?)
+        }
+        _ => None,
     };
     let tftp_socket = match cfg.tftp {
         Some(addr) => Some(
@@ -336,6 +361,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             format!("{scheme}://{}", l.local_addr()?),
         ));
     }
+    match (&cfg.metrics, &metrics_listener) {
+        (_, Some(l)) => listeners.push((
+            "Metrics".into(),
+            format!("http://{}/metrics", l.local_addr()?),
+        )),
+        (crate::config::MetricsAt::Http, _) => {
+            listeners.push(("Metrics".into(), format!("http://{http_addr}/metrics")))
+        }
+        _ => {}
+    }
     if let Some(t) = &tftp_socket {
         listeners.push(("TFTP".into(), t.local_addr()?.to_string()));
     }
@@ -360,7 +395,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             shutdown.clone(),
         )?),
     };
-    let app = http::router(state.clone(), &cfg.assets_dir);
+    let app = http::router(
+        state.clone(),
+        &cfg.assets_dir,
+        cfg.metrics == crate::config::MetricsAt::Http,
+    );
+    let metrics_app = http::metrics_router(state.clone());
     let admin_app = http::admin_router(state.clone());
     let statics = Arc::new(http::Statics {
         assets: cfg.assets_dir.clone(),
@@ -374,6 +414,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         ca,
         ssh_private,
         cfg.register.clone(),
+        metrics.clone(),
     );
     let sd = shutdown.clone();
     tasks.spawn(async move {
@@ -418,13 +459,24 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         });
     }
 
+    if let Some(l) = metrics_listener {
+        tracing::info!("serving metrics on http://{}/metrics", l.local_addr()?);
+        let sd = shutdown.clone();
+        tasks.spawn(async move {
+            // Plain HTTP with the admin listener's caps (connections, head deadline).
+            http::serve_admin(l, metrics_app, None, sd)
+                .await
+                .context("metrics listener")
+        });
+    }
+
     if let Some(sock) = tftp_socket {
         tracing::info!("listening for TFTP on {}", sock.local_addr()?);
         let (roots, sd) = (cfg.tftp_roots.clone(), shutdown.clone());
         // Transfers become observations on the machines' timelines; never waited for.
         let b = boot.clone();
         let report: crate::tftp::Report = Arc::new(move |t| b.record_tftp(t));
-        tasks.spawn(crate::tftp::run(sock, roots, report, sd));
+        tasks.spawn(crate::tftp::run(sock, roots, report, metrics.clone(), sd));
     }
 
     if !dhcp_sockets.is_empty() {

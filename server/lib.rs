@@ -41,6 +41,7 @@ pub mod inventory;
 pub mod keys;
 pub mod lab;
 pub mod mac;
+pub mod metrics;
 pub mod neighbors;
 pub mod notify;
 pub mod pki;

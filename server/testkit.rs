@@ -42,7 +42,16 @@ pub fn stack_with(discover: DiscoverAnswer, claims: ClaimPolicy) -> Stack {
     let renderer = Arc::new(
         Renderer::new(Sources::default(), TEST_KEY.into()).expect("the built-in profiles load"),
     );
-    let (handle, queue) = registrar::channel(inv.clone(), renderer.clone());
+    let metrics = {
+        let cat = renderer.catalog();
+        Arc::new(crate::metrics::Metrics::new(&crate::metrics::Known {
+            machine_routes: crate::http::MACHINE_ROUTES.to_vec(),
+            admin_routes: crate::http::ADMIN_ROUTES.to_vec(),
+            profiles: cat.profiles().keys().cloned().collect(),
+            roles: cat.roles().keys().cloned().collect(),
+        }))
+    };
+    let (handle, queue) = registrar::channel(inv.clone(), renderer.clone(), metrics.clone());
     let boot = Arc::new(BootService::new(
         inv.clone(),
         renderer.clone(),
@@ -53,6 +62,7 @@ pub fn stack_with(discover: DiscoverAnswer, claims: ClaimPolicy) -> Stack {
         },
         handle.clone(),
         Arc::new(Attribution::default()),
+        metrics,
     ));
     let admin = Arc::new(AdminService::new(inv.clone(), renderer, discover, handle));
     Stack {

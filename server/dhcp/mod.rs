@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::attribution::Learned;
 use crate::boot::BootService;
+use crate::metrics::{DhcpClient, DhcpPort, DhcpReply, DhcpResult, DhcpType, Metrics};
 use crate::policy::EventKind;
 use crate::store::Inventory;
 use packet::{BootFiles, ClientKind, Drop};
@@ -322,20 +323,26 @@ pub async fn run(
         };
         let data = buf[..r.len].to_vec();
         let c = ctx.clone();
-        let handled = AssertUnwindSafe(async move { handle(&c, port, &data, &r).await });
+        let handled = AssertUnwindSafe(async move {
+            let mut tally = Tally::default();
+            let out = handle(&c, port, &data, &r, &mut tally).await;
+            (out, tally)
+        });
         let mut fut = Box::pin(futures_lite::FutureExt::catch_unwind(handled));
+        let metrics = ctx.boot.metrics();
         match futures_lite::future::poll_once(&mut fut).await {
-            Some(out) => answer(&sock, out, &r).await,
+            Some(out) => answer(&sock, out, &r, port, metrics).await,
             None => match slots.clone().try_acquire_owned() {
                 Ok(slot) => {
-                    let sock = sock.clone();
+                    let (sock, metrics) = (sock.clone(), metrics.clone());
                     tasks.spawn(async move {
                         let out = fut.await;
-                        answer(&sock, out, &r).await;
+                        answer(&sock, out, &r, port, &metrics).await;
                         drop(slot);
                     });
                 }
                 Err(_) => {
+                    metrics.dhcp_received(port.label(), DhcpType::Unknown, DhcpResult::Overloaded);
                     dropped += 1;
                     if dropped.is_power_of_two() {
                         tracing::warn!(
@@ -351,31 +358,68 @@ pub async fn run(
     Ok(())
 }
 
-/// Sends what handling a packet came to.
+/// A datagram's reply and where it goes (or none), and what handling it came to.
+type Handled = (Option<(Vec<u8>, SocketAddrV4)>, Tally);
+
+/// What handling one datagram came to, for the metrics.
+struct Tally {
+    msg: DhcpType,
+    result: DhcpResult,
+    reply: DhcpReply,
+    client: DhcpClient,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally {
+            msg: DhcpType::Unknown,
+            result: DhcpResult::NoAnswer,
+            reply: DhcpReply::Ack,
+            client: DhcpClient::Other,
+        }
+    }
+}
+
+impl Port {
+    fn label(self) -> DhcpPort {
+        match self {
+            Port::Dhcp => DhcpPort::Dhcp,
+            Port::Pxe => DhcpPort::Pxe,
+        }
+    }
+}
+
+/// Sends what handling a packet came to, and counts it.
 async fn answer(
     sock: &UdpSocket,
-    out: std::thread::Result<Option<(Vec<u8>, SocketAddrV4)>>,
+    out: std::thread::Result<Handled>,
     r: &Received,
+    port: Port,
+    metrics: &Metrics,
 ) {
     match out {
-        Ok(Some((reply, to))) => {
-            if let Err(e) = send(sock, &reply, to, r.ifindex).await {
-                tracing::warn!(%to, "DHCP send failed: {e}");
+        Ok((Some((reply, to)), t)) => {
+            metrics.dhcp_received(port.label(), t.msg, DhcpResult::Answered);
+            match send(sock, &reply, to, r.ifindex).await {
+                Ok(_) => metrics.dhcp_reply(t.reply, t.client),
+                Err(e) => tracing::warn!(%to, "DHCP send failed: {e}"),
             }
         }
-        Ok(None) => {}
+        Ok((None, t)) => metrics.dhcp_received(port.label(), t.msg, t.result),
         Err(_) => {
+            metrics.dhcp_received(port.label(), DhcpType::Unknown, DhcpResult::Panicked);
             tracing::error!(from = %r.from, "panic while handling a DHCP packet; dropped it")
         }
     }
 }
 
-/// Handles one datagram: the reply and where to send it, or nothing.
+/// Handles one datagram: the reply and where to send it, or nothing (`tally` says why).
 async fn handle(
     ctx: &Context,
     port: Port,
     data: &[u8],
     r: &Received,
+    tally: &mut Tally,
 ) -> Option<(Vec<u8>, SocketAddrV4)> {
     let full = match (&ctx.leases, port) {
         (Some(book), Port::Dhcp) => Some(book),
@@ -391,12 +435,31 @@ async fn handle(
         Ok(req) => req,
         Err(Drop::Malformed(why)) => {
             tracing::warn!(from = %r.from, "dropped a malformed DHCP packet: {why}");
+            tally.result = DhcpResult::Malformed;
             return None;
         }
         Err(e) => {
             tracing::debug!(from = %r.from, "{e}");
+            tally.result = match e {
+                Drop::Unsupported(_) => DhcpResult::Unsupported,
+                _ => DhcpResult::NotForUs,
+            };
             return None;
         }
+    };
+    tally.msg = match req.msg_type {
+        MessageType::Discover => DhcpType::Discover,
+        MessageType::Request => DhcpType::Request,
+        MessageType::Inform => DhcpType::Inform,
+        MessageType::Release => DhcpType::Release,
+        MessageType::Decline => DhcpType::Decline,
+        _ => DhcpType::Other,
+    };
+    tally.client = match req.kind {
+        ClientKind::Pxe => DhcpClient::Pxe,
+        ClientKind::Http => DhcpClient::HttpBoot,
+        ClientKind::Ipxe => DhcpClient::Ipxe,
+        ClientKind::Other => DhcpClient::Other,
     };
     let mac = req.mac;
     let (allowed, first_refusal) = ctx
@@ -408,6 +471,7 @@ async fn handle(
         if first_refusal {
             tracing::warn!(%mac, "DHCP rate limit: more than {} packets in {:?}; dropping this MAC's packets for the rest of the window", RateLimit::MAX, RateLimit::WINDOW);
         }
+        tally.result = DhcpResult::RateLimited;
         return None;
     }
     // ProxyDHCP answers DISCOVERs only on port 67: a REQUEST there is addressed to the site's
@@ -419,6 +483,7 @@ async fn handle(
         {
             ctx.boot.attribution().learn(ip, mac, Learned::Requested);
         }
+        tally.result = DhcpResult::NotForUs;
         return None;
     }
     if port == Port::Pxe {
@@ -461,6 +526,7 @@ async fn handle(
             Ok(t) => {
                 if !ctx.boot.dhcp_answer(mac, req.uuid(), &what).await {
                     // "Ignore" is no reply at all, in either mode.
+                    tally.result = DhcpResult::Ignored;
                     return None;
                 }
                 Some(t)
@@ -468,6 +534,7 @@ async fn handle(
             Err(e) => {
                 ctx.boot
                     .dhcp_event(mac, EventKind::DhcpIgnored, format!("{what}: {e}"));
+                tally.result = DhcpResult::Unsupported;
                 // Address mode still gives the client an address.
                 full?;
                 None
@@ -489,6 +556,13 @@ async fn handle(
     }
     // RFC 2131 section 4.1: without a relay, a DHCPNAK is broadcast (the client's address is
     // what is in question).
+    tally.reply = if nak {
+        DhcpReply::Nak
+    } else if req.msg_type == MessageType::Discover {
+        DhcpReply::Offer
+    } else {
+        DhcpReply::Ack
+    };
     let to = if nak && req.giaddr.is_unspecified() {
         SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT)
     } else {

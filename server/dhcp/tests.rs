@@ -567,7 +567,7 @@ mod address_mode {
     }
 
     async fn ask(c: &Context, pkt: Vec<u8>) -> Option<Message> {
-        handle(c, Port::Dhcp, &pkt, &rx())
+        handle(c, Port::Dhcp, &pkt, &rx(), &mut Tally::default())
             .await
             .map(|(b, _)| decode(&b))
     }
@@ -643,6 +643,7 @@ mod address_mode {
             Port::Dhcp,
             &packet(laptop, MessageType::Request, "", steal),
             &rx(),
+            &mut Tally::default(),
         )
         .await
         .unwrap();
@@ -776,7 +777,9 @@ async fn ignore_means_no_reply_at_all() {
         local: Ipv4Addr::new(10, 0, 0, 1),
     };
     let pkt = discover("PXEClient:Arch:00000:UNDI:002001", Some(0), vec![]);
-    assert!(handle(&c, Port::Dhcp, &pkt, &r).await.is_none());
+    assert!(handle(&c, Port::Dhcp, &pkt, &r, &mut Tally::default())
+        .await
+        .is_none());
     // The machine is still recorded as discovered, with an event saying why it got no answer.
     let events = st
         .admin

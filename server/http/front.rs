@@ -40,6 +40,7 @@ use tower::ServiceExt;
 
 use super::{boot, AppError, AppState};
 use crate::files::{self, Refusal};
+use crate::metrics::Listener;
 use axum::http::StatusCode;
 
 /// Longest request head read before the connection is refused.
@@ -296,12 +297,31 @@ async fn connection(
             Head::File(req) => {
                 let end = head_len(&buf);
                 buf.drain(..end);
-                let keep = if is_script(&req.path) {
-                    serve_script(&mut stream, peer, statics, &req).await?;
-                    true
+                let began = std::time::Instant::now();
+                let (route, status, keep) = if is_script(&req.path) {
+                    let status = serve_script(&mut stream, peer, statics, &req).await?;
+                    let script = req.path.split('?').next().unwrap_or_default();
+                    let route = if script == "/ipxe" {
+                        "/ipxe"
+                    } else {
+                        "/boot.ipxe"
+                    };
+                    (route, status, true)
                 } else {
-                    serve_file(&mut stream, peer, statics, &req).await?
+                    let (status, keep) = serve_file(&mut stream, peer, statics, &req).await?;
+                    let route = if req.path.starts_with("/boot/") {
+                        "/boot/{*file}"
+                    } else {
+                        super::metered::ASSETS
+                    };
+                    (route, status, keep)
                 };
+                statics.state.boot.metrics().http_request(
+                    Listener::Machine,
+                    route,
+                    status,
+                    began.elapsed(),
+                );
                 if !keep || req.close {
                     return Ok(());
                 }
@@ -427,7 +447,7 @@ async fn serve_script(
     peer: SocketAddr,
     statics: &Statics,
     req: &FileRequest,
-) -> io::Result<()> {
+) -> io::Result<u16> {
     let (path, query) = req.path.split_once('?').unwrap_or((&req.path, ""));
     let host = req.host.as_deref();
     let answer = if path == "/boot.ipxe" {
@@ -458,7 +478,8 @@ async fn serve_script(
     if !req.head_only {
         out.push_str(&body);
     }
-    stream.write_all(out.as_bytes()).await
+    stream.write_all(out.as_bytes()).await?;
+    Ok(status)
 }
 
 /// A status with a short plain-text body, then the connection closes.
@@ -547,30 +568,31 @@ fn byte_range(header: Option<&str>, len: u64) -> Result<Option<(u64, u64)>, ()> 
     Ok(Some(range))
 }
 
-/// Answers one file request; returns whether the connection may serve another.
+/// Answers one file request; returns the status and whether the connection may serve
+/// another.
 async fn serve_file(
     stream: &mut TcpStream,
     peer: SocketAddr,
     statics: &Statics,
     req: &FileRequest,
-) -> io::Result<bool> {
+) -> io::Result<(u16, bool)> {
     let path = req.path.as_str();
     // A few metadata calls on paths the page cache holds: done inline.
     let (file_path, is_boot) = match locate(statics, path) {
         Ok(x) => x,
         Err(Refusal::NotFound(n)) => {
             respond_error(stream, 404, &format!("{n:?} not found")).await?;
-            return Ok(false);
+            return Ok((404, false));
         }
         // `/boot/` says why (as its hyper route does); `/assets/` answers a path that would
         // leave its directory as not found, as the static file service does.
         Err(e) if path.starts_with("/boot/") => {
             respond_error(stream, 403, &e.to_string()).await?;
-            return Ok(false);
+            return Ok((403, false));
         }
         Err(_) => {
             respond_error(stream, 404, "not found").await?;
-            return Ok(false);
+            return Ok((404, false));
         }
     };
     let file = std::fs::File::open(&file_path)?;
@@ -589,7 +611,7 @@ async fn serve_file(
                 }
             );
             stream.write_all(head.as_bytes()).await?;
-            return Ok(true);
+            return Ok((304, true));
         }
     }
     let (status, start, count, range_header) = match byte_range(req.range.as_deref(), len) {
@@ -605,7 +627,7 @@ async fn serve_file(
                 "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\n\r\n"
             );
             stream.write_all(head.as_bytes()).await?;
-            return Ok(true);
+            return Ok((416, true));
         }
     };
     let content_type = if is_boot {
@@ -631,7 +653,7 @@ async fn serve_file(
             statics.state.boot.record_http_boot(peer.ip(), name, count);
         }
     }
-    Ok(true)
+    Ok((status, true))
 }
 
 /// sendfile(2) `count` bytes from `offset`, waiting for the socket to drain as needed.

@@ -10,10 +10,12 @@ mod api;
 pub mod auth;
 mod boot;
 mod front;
+mod metered;
 pub mod ui;
 
 pub use admin_listener::{serve_admin, MAX_CONNECTIONS as MAX_ADMIN_CONNECTIONS};
 pub use front::{serve, Statics, MAX_CONNECTIONS, MAX_PER_ADDRESS};
+pub use metered::{ADMIN_ROUTES, MACHINE_ROUTES};
 
 #[cfg(test)]
 mod tests;
@@ -52,10 +54,17 @@ pub struct AppState {
     pub ui: Arc<ui::Ui>,
 }
 
-/// The machine listener's routes.
-pub fn router(state: AppState, assets_dir: &std::path::Path) -> Router {
-    Router::new()
-        .route("/boot.ipxe", get(boot::boot_ipxe))
+/// The machine listener's routes; `/metrics` among them with `metrics`.
+pub fn router(state: AppState, assets_dir: &std::path::Path, metrics: bool) -> Router {
+    let mut r = Router::new();
+    if metrics {
+        r = r.route("/metrics", get(scrape));
+    }
+    let counted = (
+        state.boot.metrics().clone(),
+        crate::metrics::Listener::Machine,
+    );
+    r.route("/boot.ipxe", get(boot::boot_ipxe))
         .route("/ipxe", get(boot::ipxe))
         .route("/config/{token}/{artifact}", get(boot::config))
         .route("/phone-home/{token}", post(boot::phone_home))
@@ -65,7 +74,27 @@ pub fn router(state: AppState, assets_dir: &std::path::Path) -> Router {
         .route("/pki/crl.pem", get(boot::crl))
         .nest_service("/assets", ServeDir::new(assets_dir))
         .route("/api/{*rest}", axum::routing::any(api::elsewhere))
+        .route_layer(axum::middleware::from_fn(metered::tag))
+        .layer(axum::middleware::from_fn_with_state(
+            counted,
+            metered::count,
+        ))
         .with_state(state)
+}
+
+/// A router serving only `/metrics` (its own listener: `--metrics ADDR:PORT`).
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(state)
+}
+
+/// `GET /metrics`: the Prometheus text exposition.
+async fn scrape(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> Result<Response, AppError> {
+    let body = state.boot.scrape().await?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response())
 }
 
 /// The admin listener's routes: the API under `/api/v1`, the web UI under `/ui/`.
@@ -95,12 +124,22 @@ pub fn admin_router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::auth,
-        ));
+        ))
+        .route_layer(axum::middleware::from_fn(metered::tag));
+    let counted = (
+        state.boot.metrics().clone(),
+        crate::metrics::Listener::Admin,
+    );
     Router::new()
         .nest("/api/v1", api)
         .merge(ui::routes())
         .route("/", get(|| async { axum::response::Redirect::to("/ui/") }))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route_layer(axum::middleware::from_fn(metered::tag))
+        .layer(axum::middleware::from_fn_with_state(
+            counted,
+            metered::count,
+        ))
         .with_state(state)
 }
 

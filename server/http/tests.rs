@@ -22,13 +22,14 @@ const KEY: &str =
 fn app(assets: &std::path::Path) -> Router {
     let state = state(assets);
     admin_router(state.clone())
-        .fallback_service(router(state, assets))
+        .fallback_service(router(state, assets, true))
         .layer(MockConnectInfo(SocketAddr::from(([10, 0, 0, 7], 5555))))
 }
 
 /// The machine listener's routes alone.
 fn machine_app(assets: &std::path::Path) -> Router {
-    router(state(assets), assets).layer(MockConnectInfo(SocketAddr::from(([10, 0, 0, 7], 5555))))
+    router(state(assets), assets, true)
+        .layer(MockConnectInfo(SocketAddr::from(([10, 0, 0, 7], 5555))))
 }
 
 fn state(assets: &std::path::Path) -> AppState {
@@ -906,4 +907,83 @@ async fn ui_bulk_enroll_checks_the_whole_form_before_enrolling_any() {
     assert_eq!(m.hostname.as_deref(), Some("node-2"));
     assert_eq!(m.labels.get("rack").map(String::as_str), Some("r9"));
     assert_eq!(m.vars.get("ntp").map(String::as_str), Some("pool.ntp.org"));
+}
+
+/// A request for each route pattern of both listeners, with its placeholders filled in.
+fn filled(pattern: &str) -> String {
+    let mut uri = pattern.to_string();
+    for (from, to) in [
+        ("{mac}", "52:54:00:00:00:01"),
+        ("{token}", "install-token-7e57"),
+        ("{artifact}", "user-data"),
+        ("{*file}", "ipxe.efi"),
+        ("{*path}", "vmlinuz"),
+        ("{*rest}", "x"),
+        ("{file}", "ui.css"),
+        ("{name}", "debian"),
+        ("{action}", "reprovision"),
+    ] {
+        uri = uri.replace(from, to);
+    }
+    uri
+}
+
+#[tokio::test]
+async fn every_route_is_counted_under_its_pattern_and_no_path_becomes_a_label() {
+    use super::{ADMIN_ROUTES, MACHINE_ROUTES};
+    let d = tempfile::tempdir().unwrap();
+    let st = state(d.path());
+    let peer = MockConnectInfo(SocketAddr::from(([10, 0, 0, 7], 5555)));
+    let machine = router(st.clone(), d.path(), true).layer(peer);
+    let admin = admin_router(st.clone()).layer(peer);
+    let count = |text: &str, listener: &str, route: &str| -> u64 {
+        let series = format!(
+            "provision_http_request_duration_seconds_count{{listener=\"{listener}\",route=\"{route}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    for (app, routes, listener) in [
+        (&machine, MACHINE_ROUTES, "machine"),
+        (&admin, ADMIN_ROUTES, "admin"),
+    ] {
+        for pattern in routes {
+            let before = st.boot.scrape().await.unwrap();
+            let uri = filled(pattern);
+            let req = Request::get(&uri)
+                .header(header::HOST, "10.0.0.1:8080")
+                .body(Body::empty())
+                .unwrap();
+            let res = app.clone().oneshot(req).await.unwrap();
+            let status = res.status();
+            drop(res);
+            let after = st.boot.scrape().await.unwrap();
+            assert_eq!(
+                count(&after, listener, pattern),
+                count(&before, listener, pattern) + 1,
+                "GET {uri} ({status}) on the {listener} listener is not counted as {pattern}"
+            );
+        }
+    }
+    // A path no route takes is `unmatched`; the path itself (a MAC, a token) is no label.
+    let before = st.boot.scrape().await.unwrap();
+    send(&machine, get("/nowhere/52:54:00:aa:bb:cc")).await;
+    send(&admin, get("/api/v1/nowhere/secret-token-value")).await;
+    let after = st.boot.scrape().await.unwrap();
+    for listener in ["machine", "admin"] {
+        assert_eq!(
+            count(&after, listener, "unmatched"),
+            count(&before, listener, "unmatched") + 1,
+            "{listener}"
+        );
+    }
+    for leak in [
+        "nowhere",
+        "52:54:00",
+        "secret-token-value",
+        "install-token-7e57",
+    ] {
+        assert!(!after.contains(leak), "{leak} in\n{after}");
+    }
 }

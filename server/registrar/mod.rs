@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::mac::Mac;
+use crate::metrics::{Metrics, Registration};
 use crate::pki::Ca;
 use crate::policy::{EventKind, Failure, State, Transition};
 use crate::render::{shell_quote, Renderer, RoleDef, RoleStep};
@@ -47,16 +48,29 @@ pub struct Handle {
     tx: mpsc::UnboundedSender<Mac>,
     inv: Arc<dyn Inventory>,
     renderer: Arc<Renderer>,
+    metrics: Arc<Metrics>,
 }
 
 /// The receiving end of a [`Handle`], for [`Registrar::run`].
 pub type Queue = mpsc::UnboundedReceiver<Mac>;
 
 /// A registrar inbox over `inv`: the handle for the services and the queue for the worker
-/// pool.
-pub fn channel(inv: Arc<dyn Inventory>, renderer: Arc<Renderer>) -> (Handle, Queue) {
+/// pool; queued runs are counted in `metrics`.
+pub fn channel(
+    inv: Arc<dyn Inventory>,
+    renderer: Arc<Renderer>,
+    metrics: Arc<Metrics>,
+) -> (Handle, Queue) {
     let (tx, rx) = mpsc::unbounded_channel();
-    (Handle { tx, inv, renderer }, rx)
+    (
+        Handle {
+            tx,
+            inv,
+            renderer,
+            metrics,
+        },
+        rx,
+    )
 }
 
 impl Handle {
@@ -96,10 +110,17 @@ impl Handle {
             .inv
             .start_registration(mac, "registration queued".into(), store::now_ms())
             .await?;
+        self.queue(mac)?;
+        Ok(m)
+    }
+
+    /// Puts a run on the queue.
+    fn queue(&self, mac: Mac) -> Result<(), Error> {
         self.tx
             .send(mac)
             .map_err(|_| Error::Internal("the registrar is not running".into()))?;
-        Ok(m)
+        self.metrics.registration_queued();
+        Ok(())
     }
 
     /// At daemon start: re-queues runs a stop or crash interrupted (they resume at their
@@ -109,7 +130,7 @@ impl Handle {
         for state in [State::Registering, State::Installed] {
             for m in store::all_in_state(self.inv.as_ref(), state).await? {
                 if state == State::Registering {
-                    if self.tx.send(m.mac).is_ok() {
+                    if self.queue(m.mac).is_ok() {
                         n += 1;
                     }
                 } else if self.has_role(&m) && self.start(m.mac).await.is_ok() {
@@ -128,6 +149,7 @@ pub struct Registrar {
     ca: Arc<Ca>,
     key: Arc<PrivateKey>,
     settings: Settings,
+    metrics: Arc<Metrics>,
 }
 
 fn fail(step: &str, reason: impl Into<String>) -> Failure {
@@ -214,6 +236,7 @@ impl Registrar {
         ca: Arc<Ca>,
         key: Arc<PrivateKey>,
         settings: Settings,
+        metrics: Arc<Metrics>,
     ) -> Registrar {
         Registrar {
             inv,
@@ -221,6 +244,7 @@ impl Registrar {
             ca,
             key,
             settings,
+            metrics,
         }
     }
 
@@ -238,8 +262,15 @@ impl Registrar {
                     let Some(mac) = next else { break };
                     let Ok(slot) = slots.clone().acquire_owned().await else { break };
                     let me = me.clone();
+                    me.metrics.registration_started();
                     tasks.spawn(async move {
-                        me.register(mac).await;
+                        let began = std::time::Instant::now();
+                        let (role, result) = match me.register(mac).await {
+                            Some((role, result)) => (Some(role), result),
+                            None => (None, Registration::Failed),
+                        };
+                        me.metrics
+                            .registration_ended(role.as_deref(), result, began.elapsed());
                         drop(slot);
                     });
                 }
@@ -248,18 +279,32 @@ impl Registrar {
         tasks.shutdown().await;
     }
 
-    async fn register(&self, mac: Mac) {
+    /// Runs `mac`'s registration; returns its role and how it ended, or `None` for a run
+    /// that had nothing to do (the machine was deleted, or is no longer registering).
+    async fn register(&self, mac: Mac) -> Option<(String, Registration)> {
         let m = match self.inv.machine(mac).await {
             Ok(Some(m)) => m,
-            Ok(None) => return,
+            Ok(None) => return None,
             Err(e) => {
                 tracing::warn!(%mac, "registration: {e}");
-                return;
+                return None;
             }
         };
         if m.state != State::Registering {
-            return;
+            return None;
         }
+        let role = m
+            .profile
+            .as_deref()
+            .and_then(|p| {
+                self.renderer
+                    .catalog()
+                    .role_of(p)
+                    .ok()
+                    .flatten()
+                    .map(|r| r.name.clone())
+            })
+            .unwrap_or_else(|| "none".into());
         tracing::info!(%mac, "registration started");
         let outcome = self.steps(&m).await;
         let result = match outcome {
@@ -280,18 +325,20 @@ impl Registrar {
             }
             Err(f) => Err(f),
         };
-        if let Err(f) = result {
-            tracing::warn!(%mac, step = %f.step, "registration failed: {}", f.reason);
-            let detail = f.to_string();
-            let r = self
-                .inv
-                .transition(mac, Transition::Fail(f), detail, store::now_ms())
-                .await;
-            if let Err(e) = r {
-                // Reprovisioned or deleted meanwhile: the run is moot.
-                tracing::info!(%mac, "registration outcome not recorded: {e}");
-            }
+        let Err(f) = result else {
+            return Some((role, Registration::Registered));
+        };
+        tracing::warn!(%mac, step = %f.step, "registration failed: {}", f.reason);
+        let detail = f.to_string();
+        let r = self
+            .inv
+            .transition(mac, Transition::Fail(f), detail, store::now_ms())
+            .await;
+        if let Err(e) = r {
+            // Reprovisioned or deleted meanwhile: the run is moot.
+            tracing::info!(%mac, "registration outcome not recorded: {e}");
         }
+        Some((role, Registration::Failed))
     }
 
     /// Connects (with bounded retries) and runs every unfinished step; returns how many ran.

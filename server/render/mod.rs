@@ -97,6 +97,18 @@ pub enum ArtifactKind {
 }
 
 impl ArtifactKind {
+    /// Every kind.
+    pub const ALL: &'static [ArtifactKind] = &[
+        ArtifactKind::Ipxe,
+        ArtifactKind::CloudConfig,
+        ArtifactKind::Autoinstall,
+        ArtifactKind::MetaData,
+        ArtifactKind::Yaml,
+        ArtifactKind::Ignition,
+        ArtifactKind::Preseed,
+        ArtifactKind::Text,
+    ];
+
     /// The name used in profile files and events.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -533,6 +533,9 @@ pub struct Stats {
     pub observations_dropped: u64,
     /// Observations written.
     pub observations_written: u64,
+    /// Machines created `discovered` (by DHCP or by `/ipxe`).
+    #[serde(default)]
+    pub discovered: u64,
     /// Discovered machines evicted over the cap.
     pub discovered_evicted: u64,
     /// Unknown MACs seen only in DHCP while the discovered cap was full: not recorded (a

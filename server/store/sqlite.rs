@@ -171,6 +171,8 @@ struct Counters {
     /// A machine was created `discovered` since the cap was last enforced (set by the
     /// observation batches and by `discover`).
     discovered: AtomicBool,
+    /// Machines created `discovered`, committed.
+    discoveries: AtomicU64,
     observations_dropped: AtomicU64,
     observations_written: AtomicU64,
     discovered_evicted: AtomicU64,
@@ -691,11 +693,12 @@ thread_local! {
     static CHANGES: std::cell::RefCell<Vec<Change>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Logs the batch's state changes (`committed`) or forgets them.
-fn log_changes(committed: bool) {
+/// Logs the batch's state changes (`committed`) or forgets them; returns how many of the
+/// committed ones were discoveries.
+fn log_changes(committed: bool) -> u64 {
     let changes = CHANGES.with(|c| std::mem::take(&mut *c.borrow_mut()));
     if !committed {
-        return;
+        return 0;
     }
     let state = |s: Option<State>| s.map_or("none", State::as_str);
     // The level of a tracing event is fixed where it is written, hence one line per level.
@@ -712,16 +715,19 @@ fn log_changes(committed: bool) {
             )
         };
     }
+    let mut discoveries = 0;
     for c in changes {
         // Anything on the LAN can make discoveries (one per unknown MAC it sends): at info
         // they would let it fill the journal, so they are debug; every other change is an
         // operator's or an enrolled machine's.
         if c.kind == EventKind::Discovered {
+            discoveries += 1;
             line!(debug, c);
         } else {
             line!(info, c);
         }
     }
+    discoveries
 }
 
 /// Runs `f` in a savepoint: its changes are kept if it succeeds and rolled back if it fails
@@ -986,7 +992,10 @@ impl Writer {
             self.retention_drain = false;
         }
         let result = began.and_then(|()| self.conn.execute_batch("COMMIT"));
-        log_changes(result.is_ok());
+        let discoveries = log_changes(result.is_ok());
+        self.counters
+            .discoveries
+            .fetch_add(discoveries, Ordering::Relaxed);
         // Before anyone is answered: a caller that reads after its write sees it.
         self.facts.committed(&touched, &created);
         let error = match &result {
@@ -2023,6 +2032,7 @@ impl Inventory for SqliteInventory {
         Stats {
             observations_dropped: get(&c.observations_dropped),
             observations_written: get(&c.observations_written),
+            discovered: get(&c.discoveries),
             discovered_evicted: get(&c.discovered_evicted),
             discoveries_shed: get(&c.discoveries_shed),
             events_pruned: get(&c.events_pruned),

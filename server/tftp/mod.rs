@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::files::{resolve, Refusal};
+use crate::metrics::{Metrics, TftpResult};
 use packet::ErrorCode;
 use transfer::{Ended, Plan, Sender};
 
@@ -113,6 +114,7 @@ pub async fn run(
     socket: UdpSocket,
     roots: Vec<PathBuf>,
     report: Report,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -123,7 +125,7 @@ pub async fn run(
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(serve(socket, roots, report, shutdown)));
+                .and_then(|rt| rt.block_on(serve(socket, roots, report, metrics, shutdown)));
             let _ = done_tx.send(r);
         })?;
     done_rx
@@ -135,6 +137,7 @@ pub async fn run(
 struct Server {
     roots: Vec<PathBuf>,
     report: Report,
+    metrics: Arc<Metrics>,
     /// The address requests arrive on; transfers and refusals are sent from new sockets on
     /// its IP.
     local: SocketAddr,
@@ -256,6 +259,7 @@ async fn serve(
     socket: UdpSocket,
     roots: Vec<PathBuf>,
     report: Report,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     socket.set_nonblocking(true)?;
@@ -263,6 +267,7 @@ async fn serve(
     let server = Arc::new(Server {
         roots,
         report,
+        metrics,
         local: sock.local_addr()?,
         active: Mutex::new(Active::default()),
     });
@@ -301,6 +306,7 @@ impl Server {
             None => return, // not a request: stray or garbage, ignored
             Some(Err(bad)) => {
                 tracing::debug!(%peer, "malformed TFTP request: {bad}");
+                self.metrics.tftp_refused(TftpResult::Refused);
                 return self.refuse(peer, ErrorCode::IllegalOperation, &bad.to_string());
             }
             Some(Ok(r)) => r,
@@ -311,6 +317,7 @@ impl Server {
         }
         if req.write {
             tracing::warn!(%peer, file = %req.filename, "refused a TFTP write request: the server is read-only");
+            self.metrics.tftp_refused(TftpResult::Refused);
             return self.refuse(
                 peer,
                 ErrorCode::IllegalOperation,
@@ -341,6 +348,7 @@ impl Server {
                 id
             }
             Err(why) => {
+                self.metrics.tftp_refused(TftpResult::Busy);
                 (self.report)(failed(format!("refused: {why}")));
                 return self.refuse(peer, ErrorCode::Undefined, "server busy, try again");
             }
@@ -355,6 +363,10 @@ impl Server {
             Ok(o) => o,
             Err(refusal) => {
                 self.lock().end(peer, id);
+                self.metrics.tftp_refused(match refusal {
+                    Refusal::NotFound(_) => TftpResult::NotFound,
+                    _ => TftpResult::Denied,
+                });
                 (self.report)(failed(refusal.to_string()));
                 return self.refuse(peer, refusal_code(&refusal), &refusal.to_string());
             }
@@ -363,6 +375,7 @@ impl Server {
             Ok(s) => s,
             Err(e) => {
                 self.lock().end(peer, id);
+                self.metrics.tftp_refused(TftpResult::Error);
                 (self.report)(failed(format!("no socket for the transfer: {e}")));
                 return;
             }
@@ -370,6 +383,7 @@ impl Server {
         let plan = Plan::negotiate(&req.options, size);
         let server = self.clone();
         let file_name = req.filename;
+        let began = Instant::now();
         tokio::spawn(async move {
             // Gives the slot back however the task ends (also when the runtime stops).
             let _slot = Slot(&server, peer, id);
@@ -384,6 +398,12 @@ impl Server {
             let sent = tokio::select! {
                 r = Sender::new(sock, file, plan).run(peer, proven) => Some(r),
                 _ = cancel.cancelled() => None,
+            };
+            let result = match &sent {
+                None => TftpResult::Evicted,
+                Some(Ok(_)) => TftpResult::Served,
+                Some(Err(Ended::AfterOack(_))) => TftpResult::SizeProbe,
+                Some(Err(Ended::Midway(..))) => TftpResult::Aborted,
             };
             match sent {
                 None => {
@@ -404,6 +424,9 @@ impl Server {
                     ))
                 }
             }
+            server
+                .metrics
+                .tftp_transfer(result, info.bytes, began.elapsed());
             (server.report)(info);
         });
     }
@@ -584,7 +607,13 @@ mod tests {
         let addr = sock.local_addr().unwrap();
         let sd = CancellationToken::new();
         let report: Report = Arc::new(|_| {});
-        let server = tokio::spawn(run(sock, vec![root.path().into()], report, sd.clone()));
+        let server = tokio::spawn(run(
+            sock,
+            vec![root.path().into()],
+            report,
+            Arc::new(crate::metrics::Metrics::new(&Default::default())),
+            sd.clone(),
+        ));
         let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let rrq = |name: &str| [&[0u8, 1][..], name.as_bytes(), b"\0octet\0"].concat();
         client.send_to(&rrq(PANIC_NAME), addr).await.unwrap();

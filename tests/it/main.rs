@@ -12,6 +12,7 @@ pub mod crash;
 mod daemon;
 mod lab;
 mod logs;
+pub mod metrics;
 mod nodes;
 mod powercut;
 mod register;

@@ -320,6 +320,27 @@ fn registers_ovs_nodes_over_ssh_hands_off_and_ansible_pings_them() {
             "{log}"
         );
     }
+    // Counted by role and result, with their durations; nothing left queued or running.
+    crate::metrics::wait_for(
+        &d,
+        &[
+            (
+                r#"provision_registrations_total{result="registered",role="hypervisor"}"#,
+                2.0,
+            ),
+            (
+                r#"provision_registrations_total{result="failed",role="hypervisor"}"#,
+                0.0,
+            ),
+            (
+                r#"provision_registration_duration_seconds_count{role="hypervisor"}"#,
+                2.0,
+            ),
+            ("provision_registrations_queued", 0.0),
+            ("provision_registrations_running", 0.0),
+            (r#"provision_machines{state="handed_off"}"#, 2.0),
+        ],
+    );
     let show = d.cli_ok(&["machines", "show", macs[0]]);
     assert!(show.contains("registration steps:"), "{show}");
     assert!(show.contains("verify"), "{show}");
@@ -519,6 +540,20 @@ fn wrong_host_key_is_refused_and_unreachable_nodes_fail_after_bounded_retries() 
     assert!(reason.contains("after 2 attempt(s)"), "{reason}");
     let events = d.cli_ok(&["events", mac2]);
     assert_eq!(events.matches("register_retry").count(), 1, "{events}");
+    crate::metrics::wait_for(
+        &d,
+        &[
+            (
+                r#"provision_registrations_total{result="failed",role="hypervisor"}"#,
+                2.0,
+            ),
+            (
+                r#"provision_registrations_total{result="registered",role="hypervisor"}"#,
+                0.0,
+            ),
+            ("provision_registrations_running", 0.0),
+        ],
+    );
 
     // `provision register` on a machine with no role is refused with the reason (exit 2).
     d.cli_ok(&["enroll", "52:54:00:79:00:05", "--profile", "debian-12"]);
