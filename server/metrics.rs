@@ -688,6 +688,11 @@ impl Metrics {
         self.registrations_queued.inc();
     }
 
+    /// A run counted as queued could not be queued after all.
+    pub fn registration_unqueued(&self) {
+        self.registrations_queued.dec();
+    }
+
     /// A queued registration run started on a worker.
     pub fn registration_started(&self) {
         self.registrations_queued.dec();

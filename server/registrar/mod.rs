@@ -116,11 +116,12 @@ impl Handle {
 
     /// Puts a run on the queue.
     fn queue(&self, mac: Mac) -> Result<(), Error> {
-        self.tx
-            .send(mac)
-            .map_err(|_| Error::Internal("the registrar is not running".into()))?;
+        // Counted before it is sent: the worker may take it (and count it out) at once.
         self.metrics.registration_queued();
-        Ok(())
+        self.tx.send(mac).map_err(|_| {
+            self.metrics.registration_unqueued();
+            Error::Internal("the registrar is not running".into())
+        })
     }
 
     /// At daemon start: re-queues runs a stop or crash interrupted (they resume at their
