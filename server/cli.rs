@@ -93,6 +93,13 @@ pub fn init_logging(format: LogFormat) {
 pub enum Command {
     /// Run the daemon.
     Serve(Box<ServeArgs>),
+    /// Write the manual pages (provision.1 and one per subcommand) into DIR; the Debian
+    /// package is built with them.
+    #[command(hide = true)]
+    Man {
+        /// Where to write them.
+        dir: PathBuf,
+    },
     /// Enroll a machine: its next network boot installs the profile.
     Enroll(EnrollArgs),
     /// List, show, change, delete or reprovision machines.
@@ -344,10 +351,22 @@ fn parse_pairs(what: &str, pairs: &[String]) -> Result<BTreeMap<String, String>,
     Ok(out)
 }
 
+/// Writes the manual pages generated from the command definitions (clap_mangen), so they
+/// say exactly what `--help` says: `provision.1`, and `provision-SUBCOMMAND.1` for each
+/// visible subcommand (`provision-machines-list.1`, ...).
+fn man_pages(dir: &std::path::Path) -> Result<(), Fail> {
+    use clap::CommandFactory;
+    let io = |e: std::io::Error| Fail(format!("writing manual pages to {}: {e}", dir.display()), 1);
+    std::fs::create_dir_all(dir).map_err(io)?;
+    // Hidden subcommands (this one) get no page.
+    clap_mangen::generate_to(Cli::command(), dir).map_err(io)
+}
+
 /// Runs the CLI; returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Man { dir } => man_pages(&dir),
         Command::Backup { file, data_dir } => {
             let dir = data_dir.unwrap_or_else(crate::config::default_data_dir);
             crate::backup::backup(&dir, &file)
@@ -433,7 +452,10 @@ fn serve(args: ServeArgs) -> Result<(), Fail> {
 
 fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
     match cmd {
-        Command::Serve(_) | Command::Backup { .. } | Command::Restore { .. } => {
+        Command::Serve(_)
+        | Command::Man { .. }
+        | Command::Backup { .. }
+        | Command::Restore { .. } => {
             unreachable!("handled in run")
         }
         Command::Enroll(a) => enroll(c, a),

@@ -10,6 +10,7 @@ mod claims;
 mod cli;
 pub mod crash;
 mod daemon;
+mod deb;
 mod lab;
 mod logs;
 pub mod metrics;

@@ -29,9 +29,19 @@ fn unit_here(dir: &Path) -> std::path::PathBuf {
 fn the_unit_verifies_and_its_sandbox_rates_ok() {
     let d = tempfile::tempdir().unwrap();
     let unit = unit_here(d.path());
+    // Documentation= names the manual pages the package installs; verify looks them up
+    // with man(1), so they are generated here and found through MANPATH.
+    let man = d.path().join("man");
+    let made = Command::new(BIN)
+        .arg("man")
+        .arg(man.join("man1"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
     let out = Command::new(tool("systemd-analyze"))
         .arg("verify")
         .arg(&unit)
+        .env("MANPATH", &man)
         .output()
         .unwrap();
     assert!(
