@@ -202,26 +202,91 @@ fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-/// Starts dnsmasq in the site namespace as the site's DHCP server: addresses only, no boot
-/// options, so every boot instruction a VM gets comes from provision.
+/// The site-DHCP recipe `name` as docs/site-dhcp.md writes it (the fenced block after its
+/// `<!-- recipe: NAME -->` marker), for the site namespace: the interface is the site's
+/// veth, and `lease_file` replaces the documented lease file's path.
+fn recipe(name: &str, documented_leases: &str, lease_file: &Path) -> String {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/site-dhcp.md"))
+            .unwrap();
+    let marker = format!("<!-- recipe: {name} -->");
+    let after = doc
+        .split_once(&marker)
+        .unwrap_or_else(|| panic!("no {marker} in docs/site-dhcp.md"))
+        .1;
+    let block = after
+        .split_once("```")
+        .and_then(|(_, rest)| rest.split_once('\n'))
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .unwrap_or_else(|| panic!("no code block after {marker}"))
+        .0;
+    assert!(
+        block.contains("eno1") && block.contains(documented_leases),
+        "{block}"
+    );
+    block
+        .replace("eno1", "vs0")
+        .replace(documented_leases, lease_file.to_str().unwrap())
+}
+
+/// Starts dnsmasq in the site namespace as the site's DHCP server, configured by the recipe
+/// in docs/site-dhcp.md: addresses only, no boot options, so every boot instruction a VM
+/// gets comes from provision. Leases in `lab.path("leases")`.
 fn start_site_dhcp(lab: &mut Lab) {
-    let (site, leases) = (lab.site.clone(), lab.path("leases"));
-    let leases = format!("--dhcp-leasefile={}", leases.display());
+    let conf = lab.path("dnsmasq.conf");
+    let text = recipe(
+        "dnsmasq",
+        "/var/lib/misc/dnsmasq.leases",
+        &lab.path("leases"),
+    );
+    std::fs::write(&conf, text).unwrap();
+    let site = lab.site.clone();
+    let conf = format!("--conf-file={}", conf.display());
     lab.spawn(
         &site,
         "dnsmasq.log",
         &tool("dnsmasq"),
-        &[
-            "--no-daemon",
-            "--conf-file=/dev/null",
-            "--port=0",
-            "--interface=vs0",
-            "--bind-interfaces",
-            "--dhcp-range=10.77.0.100,10.77.0.200,255.255.255.0,1h",
-            &leases,
-            "--log-dhcp",
-        ],
+        &["--no-daemon", &conf],
     );
+}
+
+/// Starts Kea in the site namespace as the site's DHCP server, configured by the recipe in
+/// docs/site-dhcp.md, and waits until it serves. Leases in `lab.path("leases")`.
+fn start_site_kea(lab: &mut Lab) {
+    let conf = lab.path("kea-dhcp4.conf");
+    let text = recipe("kea", "/var/lib/kea/kea-leases4.csv", &lab.path("leases"));
+    std::fs::write(&conf, text).unwrap();
+    // The configuration as Kea itself reads it (where its interface exists).
+    let checked = Command::new(tool("ip"))
+        .args(["netns", "exec", &lab.site])
+        .arg(tool("kea-dhcp4"))
+        .arg("-t")
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "kea-dhcp4 -t: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let log = lab.path("kea.log");
+    let out = std::fs::File::create(&log).unwrap();
+    // Its PID and lock files in the lab, not /run/kea.
+    let child = Command::new(tool("ip"))
+        .args(["netns", "exec", &lab.site])
+        .arg(tool("kea-dhcp4"))
+        .arg("-c")
+        .arg(&conf)
+        .env("KEA_PIDFILE_DIR", lab.dir.path())
+        .env("KEA_LOCKFILE_DIR", lab.dir.path())
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    lab.children.push(child);
+    wait_for(&log, "DHCP4_STARTED", Duration::from_secs(20));
 }
 
 /// Starts a daemon command with its output in `log`, and waits until all its listeners are up.
@@ -349,6 +414,52 @@ fn bios_and_uefi_vms_pxe_boot_into_the_ipxe_chain() {
         m.contains("platform    efi") && m.contains("state       discovered"),
         "{m}"
     );
+}
+
+/// Kea as the site's DHCP server, configured as docs/site-dhcp.md says: a SeaBIOS VM gets its
+/// address from Kea and its boot instructions from provision, and reaches `/ipxe`.
+#[test]
+fn beside_kea_as_documented_a_vm_boots_through_provision() {
+    let _one_lab_at_a_time = vm_lock();
+    let mut lab = Lab::new("k", true);
+    let ns = lab.lab.clone();
+    start_site_kea(&mut lab);
+    start_provision(&mut lab, &[]);
+    let qemu = tool("qemu-system-x86_64");
+    let args = vm(&lab, Firmware::Bios, "tap0", BIOS_MAC, None, false);
+    lab.spawn(&ns, "bios-vm.log", &qemu, &refs(&args));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let events = loop {
+        let events = lab.cli(&["events", BIOS_MAC]);
+        if events.contains("ipxe_served") {
+            break events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM did not reach /ipxe beside Kea.\nevents:\n{events}\nprovision:\n{}\nkea:\n{}",
+            lab.log("provision.log"),
+            lab.log("kea.log")
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    assert!(
+        events.contains("dhcp_offered: http://10.77.0.1:8080/boot.ipxe via proxy offer from 10.77.0.1 (x86 BIOS iPXE)"),
+        "{events}"
+    );
+    // The address is Kea's: its lease file holds the VM's MAC with an address from the pool.
+    let leases = std::fs::read_to_string(lab.path("leases")).unwrap_or_default();
+    let lease = leases
+        .lines()
+        .find(|l| l.contains(BIOS_MAC))
+        .unwrap_or_else(|| panic!("no Kea lease for {BIOS_MAC}:\n{leases}"));
+    let addr: std::net::Ipv4Addr = lease.split(',').next().unwrap().parse().unwrap();
+    assert!(
+        (100..=200).contains(&addr.octets()[3]) && addr.octets()[..3] == [10, 77, 0],
+        "{lease}"
+    );
+    // And /ipxe came from that address.
+    let m = lab.cli(&["machines", "show", BIOS_MAC]);
+    assert!(m.contains(&addr.to_string()), "{m}");
 }
 
 #[test]
