@@ -17,16 +17,21 @@
 # through provision's inventory; openssl: `openssl verify` of node certs; curl: phone-home
 # from inside a host's namespace; chromium, chromium-driver: the web UI's browser tests
 # (tests/it/ui.rs, headless over WebDriver); systemd: systemd-analyze for the unit's checks;
-# prometheus: promtool, which checks the /metrics output and the sample alerting rules.
+# prometheus: promtool, which checks the /metrics output and the sample alerting rules;
+# dpkg-dev (dpkg-shlibdeps), binutils (strip): `make deb`; lintian, debootstrap: the package
+# is linted and installed into a Debian 12 chroot (tests/it/deb.rs); kea-dhcp4-server: the
+# site-DHCP recipe for Kea (docs/site-dhcp.md) boots a VM in the firmware lab; man-db: the
+# unit's Documentation= pages are looked up by systemd-analyze verify.
 DEBIAN_PACKAGES := cloud-init ignition debconf util-linux tftp-hpa atftp ipxe \
 	qemu-system-x86 ipxe-qemu ovmf dnsmasq-base iproute2 cpio e2fsprogs \
 	libvirt-daemon-system libvirt-daemon-driver-qemu virtinst \
 	openssh-server openssh-client openvswitch-switch ansible-core openssl curl \
-	chromium chromium-driver systemd prometheus
+	chromium chromium-driver systemd prometheus dpkg-dev binutils lintian debootstrap \
+	kea-dhcp4-server man-db
 
 CARGO ?= cargo
 
-.PHONY: test deps lint unit it bench fuzz
+.PHONY: test deps lint unit it bench fuzz deb
 
 test: deps lint unit it
 
@@ -56,6 +61,12 @@ unit:
 # checked by cloud-init, ignition-validate and debconf.
 it:
 	$(CARGO) test --locked --test it
+
+# The Debian package: target/deb/provision_<version>_amd64.deb (contrib/deb/build.sh says
+# what is in it). Install with `apt install ./target/deb/provision_*.deb`.
+deb:
+	$(CARGO) build --release --locked
+	bash contrib/deb/build.sh target/release/provision target/deb
 
 # Benchmarks (not part of `make test`): installs the peers (bench/peers.sh), builds the release
 # binary, runs bench/run.py and appends its table to bench/RESULTS.md. Needs root and 2 CPUs.
