@@ -21,11 +21,11 @@ top=$(cd "$here/../.." && pwd)
 [ -x "$bin" ] || { echo "$0: $bin is not an executable (build it first: cargo build --release)" >&2; exit 2; }
 
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$top/Cargo.toml" | head -n1)
-# Who built it: DEB_MAINTAINER ("Name <address>"), else git's configured identity.
-maintainer=${DEB_MAINTAINER:-"$(git -C "$top" config user.name) <$(git -C "$top" config user.email)>"}
+# Who it is from: DEB_MAINTAINER ("Name <address>"), else the author of the commit built.
+maintainer=${DEB_MAINTAINER:-$(git -C "$top" log -1 --format='%an <%ae>' 2>/dev/null || true)}
 case $maintainer in
 *" <"*@*">") ;;
-*) echo "$0: set DEB_MAINTAINER=\"Name <address>\" (or git config user.name/user.email)" >&2; exit 2 ;;
+*) echo "$0: set DEB_MAINTAINER=\"Name <address>\" (not a git checkout, so no commit author to use)" >&2; exit 2 ;;
 esac
 arch=$(dpkg --print-architecture)
 stage=$(mktemp -d)
