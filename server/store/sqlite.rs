@@ -334,17 +334,11 @@ fn open_writer(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.set_prepared_statement_cache_capacity(64);
-    // A downgrade: migrations only go forward, and a schema this build does not know may
-    // hold what it would misread; refuse with what to do rather than rusqlite_migration's
-    // "database too far ahead".
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let known = MIGRATIONS_DIR.dirs().count() as i64;
-    if version > known {
-        return Err(StoreError::Migration(format!(
-            "{} has schema version {version}, newer than this provision's {known}: it was written by a newer provision. Run that version again, or restore a backup taken with this version (provision restore)",
-            path.display()
-        )));
-    }
+    schema_not_newer(
+        &conn,
+        path,
+        "Run that version again, or restore a backup taken with this version (provision restore)",
+    )?;
     let migrations = Migrations::from_directory(&MIGRATIONS_DIR)
         .map_err(|e| StoreError::Migration(e.to_string()))?;
     migrations
@@ -429,6 +423,22 @@ pub fn snapshot(db: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a database whose schema is newer than this build's migrations (a downgrade):
+/// migrations only go forward, and a schema this build does not know may hold what it would
+/// misread. The error says so and `what_to_do`, rather than rusqlite_migration's "database
+/// too far ahead".
+fn schema_not_newer(c: &Connection, path: &Path, what_to_do: &str) -> Result<()> {
+    let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = MIGRATIONS_DIR.dirs().count() as i64;
+    if version > known {
+        return Err(StoreError::Migration(format!(
+            "{} has schema version {version}, newer than this provision's {known}: it was written by a newer provision. {what_to_do}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a database file before it is put in service: SQLite's integrity check, and a
 /// schema this build knows (not newer than its migrations). Returns the machine count.
 pub fn verify(db: &Path) -> Result<u64> {
@@ -440,14 +450,7 @@ pub fn verify(db: &Path) -> Result<u64> {
             db.display()
         )));
     }
-    let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let known = MIGRATIONS_DIR.dirs().count() as i64;
-    if version > known {
-        return Err(StoreError::Migration(format!(
-            "{} has schema version {version}; this provision knows up to {known}: restore it with the newer provision that wrote it",
-            db.display()
-        )));
-    }
+    schema_not_newer(&c, db, "Restore it with that version")?;
     let machines: i64 = c.query_row("SELECT count(*) FROM machines", [], |r| r.get(0))?;
     Ok(machines as u64)
 }

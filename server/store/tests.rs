@@ -461,6 +461,12 @@ async fn a_database_from_a_newer_provision_is_refused_with_what_to_do_and_left_a
         )) && e.contains("provision restore"),
         "{e}"
     );
+    // A restore checks the same before it moves anything in.
+    let e = crate::store::verify(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("newer than this provision's") && e.contains("Restore it with that version"),
+        "{e}"
+    );
     // Untouched: still the newer version, still the machine.
     let c = rusqlite::Connection::open(&path).unwrap();
     let v: i64 = c
