@@ -987,3 +987,77 @@ async fn every_route_is_counted_under_its_pattern_and_no_path_becomes_a_label() 
         assert!(!after.contains(leak), "{leak} in\n{after}");
     }
 }
+
+#[tokio::test]
+async fn patch_changes_what_it_names_keeps_the_rest_and_refuses_bad_input_changing_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let app = app(d.path());
+    let (s, body) = send(
+        &app,
+        api(
+            "POST",
+            "/api/v1/machines",
+            Some(serde_json::json!({
+                "mac": "52-54-00-00-0d-01", "profile": "debian-12", "hostname": "web1",
+                "vars": {"domain": "lab", "install_disk": "/dev/sda"}, "labels": {"rack": "r1"}
+            })),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let patch =
+        |body: serde_json::Value| api("PATCH", "/api/v1/machines/52:54:00:00:0d:01", Some(body));
+    let (s, body) = send(
+        &app,
+        patch(serde_json::json!({
+            "hostname": "web2", "set_vars": {"install_disk": "/dev/nvme0n1"},
+            "unset_vars": ["domain"], "labels": {"rack": "r2", "role": "web"}
+        })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let m: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(m["hostname"], "web2");
+    assert_eq!(m["profile"], "debian-12", "not named: kept");
+    assert_eq!(
+        m["vars"],
+        serde_json::json!({"install_disk": "/dev/nvme0n1"})
+    );
+    assert_eq!(
+        m["labels"],
+        serde_json::json!({"rack": "r2", "role": "web"})
+    );
+    assert_eq!(m["state"], "enrolled", "PATCH does not change the state");
+
+    // Refused, with the reason, and nothing changed: an unknown profile (404), a hostname no
+    // output can hold (422), an unknown machine (404).
+    for (body, status, says) in [
+        (
+            serde_json::json!({"profile": "no-such", "hostname": "web3"}),
+            StatusCode::NOT_FOUND,
+            "no-such",
+        ),
+        (
+            serde_json::json!({"hostname": "web 3; reboot"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "hostname",
+        ),
+    ] {
+        let (s, text) = send(&app, patch(body)).await;
+        assert_eq!(s, status, "{text}");
+        assert!(text.contains(says), "{text}");
+    }
+    let (s, text) = send(
+        &app,
+        api(
+            "PATCH",
+            "/api/v1/machines/52:54:00:00:0d:99",
+            Some(serde_json::json!({"hostname": "x"})),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{text}");
+    let (_, body) = send(&app, api("GET", "/api/v1/machines/52:54:00:00:0d:01", None)).await;
+    let after: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(after, m, "a refused PATCH changed the machine");
+}

@@ -393,3 +393,89 @@ fn one_address_cannot_take_every_http_connection() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Install tokens are stored only as their SHA-256: after one finished install and one live
+/// token, neither token (nor the admin token) is anywhere in the database or its WAL, while
+/// the live token's hash is — so the search looked where a token would be. Checked while the
+/// daemon runs (recent commits are in the WAL) and after it stopped.
+#[test]
+fn install_tokens_are_never_in_the_database_or_its_wal_only_their_hashes() {
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 root@t";
+    let mut d = Daemon::start();
+    let mut tokens = Vec::new();
+    for mac in ["52:54:00:00:0b:01", "52:54:00:00:0b:02"] {
+        d.cli_ok(&["enroll", mac, "--profile", "debian-12"]);
+        let (s, script) = d.get(&format!("/ipxe?mac={mac}&platform=pcbios"));
+        assert_eq!(s, 200, "{script}");
+        tokens.push(crate::support::token_of(&script));
+    }
+    let (used, live) = (&tokens[0], &tokens[1]);
+    let (s, body) = d.get(&format!("/config/{used}/preseed.cfg"));
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = d.post(&format!("/phone-home/{used}"), "text/plain", KEY);
+    assert_eq!(s, 200, "{body}");
+    let admin = std::fs::read_to_string(d.token_file()).unwrap();
+    let admin = admin.trim();
+    let stored = |dir: &std::path::Path| -> Vec<u8> {
+        ["provision.db", "provision.db-wal"]
+            .iter()
+            .flat_map(|f| std::fs::read(dir.join(f)).unwrap_or_default())
+            .collect()
+    };
+    let has = |bytes: &[u8], s: &str| bytes.windows(s.len()).any(|w| w == s.as_bytes());
+    let check = |bytes: &[u8], when: &str| {
+        assert!(bytes.len() > 4096, "{when}: nothing read");
+        for (what, secret) in [
+            ("used install", used.as_str()),
+            ("live install", live),
+            ("admin", admin),
+        ] {
+            assert!(
+                !has(bytes, secret),
+                "{when}: the {what} token is stored in clear"
+            );
+        }
+        assert!(
+            has(bytes, &provision::keys::token_hash(live)),
+            "{when}: the live token's hash is not in the database: the search looked in the wrong place"
+        );
+    };
+    check(&stored(d.dir.path()), "while running");
+    d.terminate();
+    check(&stored(d.dir.path()), "after stopping");
+}
+
+/// `--ipxe-dir` overrides the built-in iPXE scripts file by file: a site's `local.ipxe` is
+/// what a machine booting its disk gets (rendered with the machine's values), the built-in
+/// `boot.ipxe` stays, and a changed file is served after SIGHUP.
+#[test]
+fn an_ipxe_dir_overrides_the_built_in_scripts_file_by_file_and_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let ipxe = dir.path().join("site-ipxe");
+    std::fs::create_dir(&ipxe).unwrap();
+    let local = ipxe.join("local.ipxe");
+    std::fs::write(
+        &local,
+        "#!ipxe\necho site local boot for {{ mac }}\nsanboot --drive 0x80 || exit\n",
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let d = Daemon::start_in(data, &["--ipxe-dir", ipxe.to_str().unwrap()]);
+    let (s, body) = d.get("/ipxe?mac=52-54-00-00-0c-01&platform=pcbios");
+    assert_eq!(s, 200, "{body}");
+    assert!(
+        body.contains("echo site local boot for 52:54:00:00:0c:01"),
+        "{body}"
+    );
+    // Not overridden: the built-in chain script.
+    let (s, chain) = d.get("/boot.ipxe");
+    assert!(s == 200 && chain.contains("/ipxe?mac="), "{chain}");
+
+    std::fs::write(&local, "#!ipxe\necho changed {{ mac }}\nexit\n").unwrap();
+    let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    d.wait_log("reloaded");
+    let (_, body) = d.get("/ipxe?mac=52-54-00-00-0c-01&platform=pcbios");
+    assert!(body.contains("echo changed 52:54:00:00:0c:01"), "{body}");
+}
