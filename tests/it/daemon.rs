@@ -479,3 +479,52 @@ fn an_ipxe_dir_overrides_the_built_in_scripts_file_by_file_and_reloads() {
     let (_, body) = d.get("/ipxe?mac=52-54-00-00-0c-01&platform=pcbios");
     assert!(body.contains("echo changed 52:54:00:00:0c:01"), "{body}");
 }
+
+/// An install whose token runs out before its phone-home fails the machine: while the daemon
+/// runs (the sweeper, every 30 s) and when the token ran out while it was down (at start,
+/// before anything is served). The shortest token lifetime is a minute, so this takes two.
+#[test]
+fn expired_install_tokens_fail_their_machines_by_the_sweeper_and_at_start() {
+    use std::time::{Duration, Instant};
+    let state = |d: &Daemon, mac: &str| -> serde_json::Value {
+        serde_json::from_str(&d.cli_ok(&["machines", "show", mac, "--json"])).unwrap()
+    };
+    let install = |d: &Daemon, mac: &str| -> Instant {
+        d.cli_ok(&["enroll", mac, "--profile", "debian-12"]);
+        let (s, script) = d.get(&format!("/ipxe?mac={mac}&platform=pcbios"));
+        assert!(s == 200 && script.contains("kernel"), "{script}");
+        Instant::now()
+    };
+    let mut d = Daemon::start_in(tempfile::tempdir().unwrap(), &["--install-token-ttl", "1m"]);
+    let (a, b) = ("52:54:00:00:0f:01", "52:54:00:00:0f:02");
+    let issued = install(&d, a);
+    assert_eq!(state(&d, a)["state"], "installing");
+    // The sweeper: failed within the lifetime plus one sweep (and not before the lifetime).
+    let failed = loop {
+        let m = state(&d, a);
+        if m["state"] == "failed" {
+            break m;
+        }
+        assert!(issued.elapsed() < Duration::from_secs(100), "still {m}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(issued.elapsed() >= Duration::from_secs(60));
+    assert_eq!(failed["failed_step"], "install");
+    assert!(
+        failed["failed_reason"]
+            .as_str()
+            .unwrap()
+            .contains("install token expired before the machine phoned home"),
+        "{failed}"
+    );
+
+    // At start: the token ran out while the daemon was stopped.
+    let issued = install(&d, b);
+    d.terminate();
+    let dir = d.take_dir();
+    std::thread::sleep(Duration::from_secs(61).saturating_sub(issued.elapsed()));
+    let d = Daemon::start_in(dir, &["--install-token-ttl", "1m"]);
+    let m = state(&d, b);
+    assert_eq!(m["state"], "failed", "{m}");
+    assert_eq!(m["failed_step"], "install");
+}

@@ -358,3 +358,46 @@ fn the_sample_alerting_rules_pass_promtool_and_name_only_metrics_the_daemon_expo
         );
     }
 }
+
+/// A template that stops rendering after an install began (an operator's edit, reloaded): the
+/// installer's config request is refused with the reason, the machine's timeline gets a
+/// `render_failed` event, the metrics count it, and nothing half-rendered is served.
+#[test]
+fn a_config_that_no_longer_renders_is_refused_recorded_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let templates = dir.path().join("templates");
+    std::fs::create_dir_all(templates.join("debian")).unwrap();
+    let preseed = templates.join("debian/preseed.cfg");
+    std::fs::write(&preseed, "d-i debian-installer/locale string en_US.UTF-8\n").unwrap();
+    let d = Daemon::start_in(
+        tempfile::tempdir().unwrap(),
+        &["--templates-dir", templates.to_str().unwrap()],
+    );
+    let mac = "52:54:00:00:0e:01";
+    d.cli_ok(&["enroll", mac, "--profile", "debian-12"]);
+    let (s, script) = d.get("/ipxe?mac=52-54-00-00-0e-01&platform=pcbios");
+    assert_eq!(s, 200, "{script}");
+    let token = token_of(&script);
+    let (s, body) = d.get(&format!("/config/{token}/preseed.cfg"));
+    assert!(
+        s == 200 && body.contains("d-i debian-installer/locale"),
+        "{body}"
+    );
+
+    // The edit: no longer a preseed (the render check refuses it), reloaded.
+    std::fs::write(&preseed, "this is not a preseed line\n").unwrap();
+    d.cli_ok(&["reload"]);
+    let before = scrape(&d, "/metrics");
+    let (s, body) = d.get(&format!("/config/{token}/preseed.cfg"));
+    assert_eq!(s, 422, "{body}");
+    // An error that says what is wrong, not a config.
+    assert!(
+        body.starts_with("provision: rendered debian/preseed.cfg is not valid: line 1:"),
+        "{body}"
+    );
+    let after = scrape(&d, "/metrics");
+    let series = r#"provision_configs_refused_total{reason="render_failed"}"#;
+    assert_eq!(value(&after, series) - value(&before, series), 1.0);
+    let events = d.cli_ok(&["events", mac]);
+    assert!(events.contains("render_failed: preseed.cfg"), "{events}");
+}
