@@ -13,7 +13,9 @@ use std::sync::Arc;
 use crate::dto::{EnrollRequest, UpdateRequest};
 use crate::error::{Error, Result};
 use crate::mac::Mac;
-use crate::policy::{self, BootDecision, BootRequest, DiscoverAnswer, MachineFacts, State};
+use crate::policy::{
+    self, BootDecision, BootRequest, DiscoverAnswer, GroupSet, MachineFacts, State,
+};
 use crate::registrar;
 use crate::render::{ArtifactKind, Catalog, Renderer, NO_ROLE, REDACTED_TOKEN};
 use crate::store::{
@@ -44,16 +46,23 @@ fn check_ip_var(vars: &BTreeMap<String, String>) -> Result<Option<Ipv4Addr>> {
         .transpose()
 }
 
-/// An enroll request checked as the API checks it, with no inventory: every value validated,
-/// the profile known, and every artifact of it trial-rendered with the machine's data (also
-/// the fuzz target for the API's bodies and template rendering).
-pub fn checked_enrollment(renderer: &Renderer, req: EnrollRequest) -> Result<NewMachine> {
+/// An enroll request checked as the API checks it, with no inventory but the `groups`: every
+/// value validated, the profile (its own, or the one its groups give it) known, and every
+/// artifact of it trial-rendered with the machine's data (also the fuzz target for the API's
+/// bodies and template rendering).
+pub fn checked_enrollment(
+    renderer: &Renderer,
+    groups: &GroupSet,
+    req: EnrollRequest,
+) -> Result<NewMachine> {
     let mac: Mac = req
         .mac
         .parse()
         .map_err(|e: crate::mac::MacError| Error::Invalid(e.to_string()))?;
-    validate::profile_name(&req.profile)?;
-    renderer.catalog().profile(&req.profile)?;
+    if let Some(p) = &req.profile {
+        validate::profile_name(p)?;
+        renderer.catalog().profile(p)?;
+    }
     if let Some(h) = &req.hostname {
         validate::hostname(h)?;
     }
@@ -65,7 +74,7 @@ pub fn checked_enrollment(renderer: &Renderer, req: EnrollRequest) -> Result<New
     }
     validate::vars(&req.vars)?;
     check_ip_var(&req.vars)?;
-    validate::vars(&req.labels)?;
+    validate::labels(&req.labels)?;
     let new = NewMachine {
         mac,
         profile: req.profile,
@@ -75,21 +84,27 @@ pub fn checked_enrollment(renderer: &Renderer, req: EnrollRequest) -> Result<New
         vars: req.vars,
         labels: req.labels,
     };
-    renderer.check_renders(&probe(&new))?;
+    let probe = probe(&new).resolve(groups);
+    if probe.profile.is_none() {
+        return Err(StoreError::NoProfile(mac).into());
+    }
+    renderer.check_renders(&probe)?;
     Ok(new)
 }
 
-/// The machine `new` would be once enrolled, for trial renders.
+/// The machine `new` would be once enrolled (its own values: resolve it against the groups
+/// for what it gets from them), for trial renders.
 pub fn probe(new: &NewMachine) -> Machine {
     Machine {
         mac: new.mac,
         uuid: new.uuid.clone(),
         serial: new.serial.clone(),
         hostname: new.hostname.clone(),
-        profile: Some(new.profile.clone()),
+        profile: new.profile.clone(),
         state: State::Enrolled,
         vars: new.vars.clone(),
         labels: new.labels.clone(),
+        inherited: Default::default(),
         generation: 0,
         arch: None,
         platform: None,
@@ -216,7 +231,7 @@ impl AdminService {
     /// Enrolls a machine after validating every field and proving that every artifact of its
     /// profile renders with its data.
     pub async fn enroll(&self, req: EnrollRequest) -> Result<Machine> {
-        let new = checked_enrollment(&self.renderer, req)?;
+        let new = checked_enrollment(&self.renderer, &self.inv.groups(), req)?;
         let mac = new.mac;
         self.check_ip_unique(mac, &new.vars).await?;
         Ok(self.inv.enroll(new, store::now_ms()).await?)
@@ -239,21 +254,29 @@ impl AdminService {
                 patch.hostname = Some(Some(h));
             }
         }
-        let mut vars = req.vars.unwrap_or_else(|| current.vars.clone());
+        // The machine's own values change; what its groups give is added again after.
+        let own_vars = current.own_vars();
+        let mut vars = req.vars.unwrap_or_else(|| own_vars.clone());
         vars.extend(req.set_vars.unwrap_or_default());
         for k in req.unset_vars.unwrap_or_default() {
             vars.remove(&k);
         }
         validate::vars(&vars)?;
         check_ip_var(&vars)?;
-        if vars != current.vars {
+        if vars != own_vars {
             patch.vars = Some(vars);
         }
         if let Some(l) = req.labels {
-            validate::vars(&l)?;
+            validate::labels(&l)?;
             patch.labels = Some(l);
         }
-        let mut probe = current;
+        let mut probe = Machine {
+            profile: current.own_profile().map(str::to_string),
+            vars: own_vars,
+            labels: current.own_labels(),
+            inherited: Default::default(),
+            ..current
+        };
         if let Some(l) = &patch.labels {
             probe.labels = l.clone();
         }
@@ -266,8 +289,14 @@ impl AdminService {
         if let Some(v) = &patch.vars {
             probe.vars = v.clone();
         }
+        let probe = probe.resolve(&self.inv.groups());
         if probe.profile.is_some() {
             self.renderer.check_renders(&probe)?;
+        } else if probe.state != State::Discovered {
+            // Its labels or hostname chose its groups, and with them its profile.
+            return Err(Error::Invalid(format!(
+                "after this change machine {mac} would have no profile (no profile of its own, and no group that selects it gives one); set one with --profile"
+            )));
         }
         self.check_ip_unique(mac, &probe.vars).await?;
         Ok(self.inv.update(mac, patch, store::now_ms()).await?)
@@ -290,6 +319,85 @@ impl AdminService {
             )));
         }
         Ok(())
+    }
+
+    /// Every group, by name.
+    pub fn groups(&self) -> Vec<crate::policy::Group> {
+        self.inv.groups().groups().to_vec()
+    }
+
+    /// The group called `name`.
+    pub fn group(&self, name: &str) -> Result<crate::policy::Group> {
+        self.inv
+            .groups()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::NoGroup(name.to_string()).into())
+    }
+
+    /// Creates a group (`replace`: or replaces the one of its name) after validating every
+    /// value and trial-rendering its profile with its values; returns whether it was created.
+    pub async fn put_group(&self, g: crate::dto::Group, replace: bool) -> Result<bool> {
+        let group = self.checked_group(g)?;
+        if !replace && self.inv.groups().get(&group.name).is_some() {
+            return Err(Error::Conflict(format!(
+                "group {} already exists; change it with `provision groups update {}`",
+                group.name, group.name
+            )));
+        }
+        Ok(self.inv.put_group(group, store::now_ms()).await?)
+    }
+
+    /// Deletes a group.
+    pub async fn delete_group(&self, name: &str) -> Result<()> {
+        Ok(self
+            .inv
+            .delete_group(name.to_string(), store::now_ms())
+            .await?)
+    }
+
+    /// A group as the API gave it, validated and normalised (selector MACs and UUIDs in the
+    /// inventory's form), its profile known and rendered with its values for a machine it
+    /// selects.
+    pub fn checked_group(&self, g: crate::dto::Group) -> Result<crate::policy::Group> {
+        validate::group_name(&g.name)?;
+        let selector = validate::selector(&g.selector)?;
+        if let Some(p) = &g.profile {
+            validate::profile_name(p)?;
+            self.catalog().profile(p)?;
+        }
+        validate::group_vars(&g.vars)?;
+        validate::labels(&g.labels)?;
+        let group = crate::policy::Group {
+            name: g.name,
+            selector,
+            profile: g.profile,
+            vars: g.vars,
+            labels: g.labels,
+        };
+        if group.profile.is_some() {
+            let at = |k: &str| group.selector.get(k).cloned();
+            let mac = at("mac")
+                .and_then(|m| m.parse().ok())
+                .unwrap_or(Mac([0x52, 0x54, 0, 0, 0, 1]));
+            let probe = probe(&NewMachine {
+                mac,
+                profile: group.profile.clone(),
+                hostname: at("hostname"),
+                uuid: at("uuid"),
+                serial: at("serial"),
+                vars: group.vars.clone(),
+                labels: group.labels.clone(),
+            });
+            self.renderer.check_renders(&probe).map_err(|e| {
+                Error::Invalid(format!(
+                    "group {}: profile {} does not render with the group's values: {e}",
+                    group.name,
+                    group.profile.as_deref().unwrap_or_default()
+                ))
+            })?;
+        }
+        Ok(group)
     }
 
     /// One machine, or NotFound.

@@ -71,6 +71,8 @@ struct Claim {
     evidence: String,
     /// What the boot request said.
     sighting: Sighting,
+    /// (profile, group) when the profile to install comes from a group.
+    group: Option<(String, String)>,
 }
 
 /// The machine-facing service.
@@ -83,10 +85,11 @@ pub struct BootService {
     metrics: Arc<Metrics>,
 }
 
-fn facts_of(f: &BootFacts) -> MachineFacts<'_> {
+/// The decision's inputs: the stored facts with `profile`, resolved against the groups.
+fn facts_of<'a>(f: &BootFacts, profile: Option<&'a str>) -> MachineFacts<'a> {
     MachineFacts {
         state: f.state,
-        profile: f.profile.as_deref(),
+        profile,
         installer_done: f.installer_done,
     }
 }
@@ -179,7 +182,15 @@ impl BootService {
                 (BootFacts::of(&m), Some(Box::new(m)))
             }
         };
-        match policy::decide(Some(&facts_of(&facts)), &req, self.settings.discover) {
+        // A machine without a profile of its own may get one from its groups, resolved with
+        // what this request says of it (a serial reported for the first time counts now).
+        let (profile, group) = facts.profile(mac, &sighting, &self.inv.groups());
+        let decision = policy::decide(
+            Some(&facts_of(&facts, profile.as_deref())),
+            &req,
+            self.settings.discover,
+        );
+        match decision {
             BootDecision::Ignore => {
                 self.metrics.boot_decision(metrics::BootDecision::Ignore);
                 self.observe(
@@ -239,6 +250,7 @@ impl BootService {
                     from,
                     evidence,
                     sighting,
+                    group: group.map(|g| (profile.clone(), g)),
                 };
                 let body = self
                     .install(mac, machine, &profile, claim, base_url, now)
@@ -293,6 +305,7 @@ impl BootService {
             from,
             evidence,
             sighting,
+            group,
         } = claim;
         let mut m = match machine {
             Some(m) => *m,
@@ -302,8 +315,16 @@ impl BootService {
                 .await?
                 .ok_or(StoreError::NotFound(mac))?,
         };
-        // Render with what this request said (the same values are recorded with the token).
-        m.uuid = m.uuid.or(sighting.uuid.clone());
+        // Render with what this request said (the same values are recorded with the token),
+        // its groups chosen with it too.
+        if sighting.uuid.is_some() && m.uuid.is_none()
+            || sighting.serial.is_some() && m.serial.is_none()
+        {
+            m = m.unresolved();
+            m.uuid = m.uuid.or(sighting.uuid.clone());
+            m.serial = m.serial.or(sighting.serial.clone());
+            m = m.resolve(&self.inv.groups());
+        }
         let token = keys::random_token();
         let cat = self.renderer.catalog();
         let script = match self
@@ -329,6 +350,7 @@ impl BootService {
                 expires,
                 sighting,
                 from.to_string(),
+                group,
                 now,
             )
             .await
@@ -355,6 +377,7 @@ impl BootService {
     /// unknown MAC becomes `discovered` when the batch is written: the OFFER never waits for
     /// the disk); "ignore" means no reply. Only the ignore discovery answer needs a read.
     pub async fn dhcp_answer(&self, mac: Mac, uuid: Option<String>, what: &str) -> bool {
+        let uuid_seen = uuid.clone();
         self.inv.observe(Observation::Seen {
             mac,
             sighting: Sighting {
@@ -380,7 +403,15 @@ impl BootService {
             platform: Platform::Pcbios,
             arch: None,
         };
-        let facts = facts.as_ref().map(facts_of);
+        let groups = self.inv.groups();
+        let said = Sighting {
+            uuid: uuid_seen,
+            ..Default::default()
+        };
+        let profile = facts
+            .as_ref()
+            .and_then(|f| f.profile(mac, &said, &groups).0);
+        let facts = facts.as_ref().map(|f| facts_of(f, profile.as_deref()));
         if policy::decide(facts.as_ref(), &req, self.settings.discover) == BootDecision::Ignore {
             self.observe(
                 Some(mac),

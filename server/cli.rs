@@ -105,6 +105,9 @@ pub enum Command {
     /// List, show, change, delete or reprovision machines.
     #[command(subcommand)]
     Machines(MachinesCmd),
+    /// Groups: a profile, variables and labels for every machine a label selector picks.
+    #[command(subcommand)]
+    Groups(GroupsCmd),
     /// Show events: all, or one machine's timeline.
     Events {
         /// Only this machine.
@@ -205,9 +208,10 @@ pub enum TokenCmd {
 pub struct EnrollArgs {
     /// MAC address (aa:bb:cc:dd:ee:ff, aa-bb-.., aabb.ccdd.eeff or aabbccddeeff).
     pub mac: String,
-    /// Profile to install (`provision profiles` lists them).
+    /// Profile to install (`provision profiles` lists them); without it, the profile a group
+    /// that selects the machine gives it.
     #[arg(long, short)]
-    pub profile: String,
+    pub profile: Option<String>,
     /// Hostname (RFC 1123).
     #[arg(long)]
     pub hostname: Option<String>,
@@ -282,6 +286,77 @@ pub enum MachinesCmd {
         /// The machine.
         mac: String,
     },
+}
+
+/// `provision groups ...`.
+#[derive(Subcommand, Debug)]
+pub enum GroupsCmd {
+    /// List groups.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one group.
+    Show {
+        /// The group.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a group. Its machines get each value it sets unless they have their own or a
+    /// more specific group (more selector labels) sets it.
+    Create {
+        /// The group's name.
+        name: String,
+        #[command(flatten)]
+        values: GroupValues,
+    },
+    /// Change a group: what is given replaces what it had (--selector replaces the whole
+    /// selector; --var and --label add or change one value each).
+    Update {
+        /// The group.
+        name: String,
+        #[command(flatten)]
+        values: GroupValues,
+        /// Select every machine (a default group).
+        #[arg(long, conflicts_with = "selector")]
+        no_selector: bool,
+        /// Take the group's profile away.
+        #[arg(long, conflicts_with = "profile")]
+        no_profile: bool,
+        /// Remove a variable (repeatable).
+        #[arg(long = "unset-var", value_name = "NAME")]
+        unset_vars: Vec<String>,
+        /// Remove a label (repeatable).
+        #[arg(long = "unset-label", value_name = "NAME")]
+        unset_labels: Vec<String>,
+    },
+    /// Delete a group (refused while it gives the only profile of an enrolled or installed
+    /// machine).
+    Delete {
+        /// The group.
+        name: String,
+    },
+}
+
+/// What `groups create` and `groups update` set.
+#[derive(clap::Args, Debug)]
+pub struct GroupValues {
+    /// A selector value KEY=VALUE (repeatable): a fact (mac, uuid, serial, hostname, arch,
+    /// platform) or a label of the machine. None: every machine.
+    #[arg(long = "selector", short = 's', value_name = "KEY=VALUE")]
+    selector: Vec<String>,
+    /// The profile its machines install, unless they have their own.
+    #[arg(long, short)]
+    profile: Option<String>,
+    /// A variable NAME=VALUE its machines inherit (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    vars: Vec<String>,
+    /// A label NAME=VALUE its machines inherit (repeatable).
+    #[arg(long = "label", value_name = "NAME=VALUE")]
+    labels: Vec<String>,
 }
 
 /// A CLI failure: message and exit code (2 for bad input, 1 otherwise).
@@ -460,6 +535,7 @@ fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
         }
         Command::Enroll(a) => enroll(c, a),
         Command::Machines(m) => machines(c, m),
+        Command::Groups(g) => groups(c, g),
         Command::Events { mac, json, limit } => {
             let mac = mac.as_deref().map(parse_mac).transpose()?;
             let tail = c.events(mac, limit)?;
@@ -708,6 +784,128 @@ fn wait_for(
     }
 }
 
+fn print_group(g: &crate::dto::Group) {
+    let pairs = |m: &BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| format!("{k}={}", printable(v)))
+            .collect::<Vec<_>>()
+    };
+    let selector = pairs(&g.selector);
+    println!("name       {}", g.name);
+    println!(
+        "selector   {}",
+        if selector.is_empty() {
+            "(none: every machine)".to_string()
+        } else {
+            selector.join(" ")
+        }
+    );
+    println!("profile    {}", opt(&g.profile));
+    for v in pairs(&g.vars) {
+        println!("var        {v}");
+    }
+    for l in pairs(&g.labels) {
+        println!("label      {l}");
+    }
+}
+
+fn groups(c: &Client, cmd: GroupsCmd) -> Result<(), Fail> {
+    let path = |name: &str| {
+        format!(
+            "/groups/{}",
+            percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC)
+        )
+    };
+    match cmd {
+        GroupsCmd::List { json } => {
+            let all: Vec<crate::dto::Group> = c.get("/groups")?;
+            if json {
+                print_json(&all);
+                return Ok(());
+            }
+            println!("{:<24} {:<22} {:<5} SELECTOR", "GROUP", "PROFILE", "VARS");
+            for g in &all {
+                let selector: Vec<String> = g
+                    .selector
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", printable(v)))
+                    .collect();
+                println!(
+                    "{:<24} {:<22} {:<5} {}",
+                    g.name,
+                    opt(&g.profile),
+                    g.vars.len(),
+                    if selector.is_empty() {
+                        "(every machine)".to_string()
+                    } else {
+                        selector.join(" ")
+                    }
+                );
+            }
+            Ok(())
+        }
+        GroupsCmd::Show { name, json } => {
+            let g: crate::dto::Group = c.get(&path(&name))?;
+            if json {
+                print_json(&g);
+            } else {
+                print_group(&g);
+            }
+            Ok(())
+        }
+        GroupsCmd::Create { name, values } => {
+            let g = crate::dto::Group {
+                name,
+                selector: parse_pairs("--selector", &values.selector)?,
+                profile: values.profile,
+                vars: parse_pairs("--var", &values.vars)?,
+                labels: parse_pairs("--label", &values.labels)?,
+            };
+            let g: crate::dto::Group = c.send("POST", "/groups", Some(&g))?;
+            println!("created group {}", g.name);
+            print_group(&g);
+            Ok(())
+        }
+        GroupsCmd::Update {
+            name,
+            values,
+            no_selector,
+            no_profile,
+            unset_vars,
+            unset_labels,
+        } => {
+            let mut g: crate::dto::Group = c.get(&path(&name))?;
+            if no_selector {
+                g.selector.clear();
+            } else if !values.selector.is_empty() {
+                g.selector = parse_pairs("--selector", &values.selector)?;
+            }
+            if no_profile {
+                g.profile = None;
+            } else if values.profile.is_some() {
+                g.profile = values.profile;
+            }
+            g.vars.extend(parse_pairs("--var", &values.vars)?);
+            for k in unset_vars {
+                g.vars.remove(&k);
+            }
+            g.labels.extend(parse_pairs("--label", &values.labels)?);
+            for k in unset_labels {
+                g.labels.remove(&k);
+            }
+            let g: crate::dto::Group = c.send("PUT", &path(&name), Some(&g))?;
+            println!("updated group {}", g.name);
+            print_group(&g);
+            Ok(())
+        }
+        GroupsCmd::Delete { name } => {
+            c.call("DELETE", &path(&name), None::<&()>)?;
+            println!("deleted group {name}");
+            Ok(())
+        }
+    }
+}
+
 fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
     match cmd {
         MachinesCmd::List {
@@ -749,10 +947,17 @@ fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
                 print_json(&m);
                 return Ok(());
             }
+            // A value from a group says which; every other value is the machine's own.
+            let from = |field: &str| {
+                m.inherited
+                    .get(field)
+                    .map(|g| format!("   (group {g})"))
+                    .unwrap_or_default()
+            };
             for (k, v) in [
                 ("mac", m.mac.to_string()),
                 ("state", m.state.to_string()),
-                ("profile", opt(&m.profile)),
+                ("profile", format!("{}{}", opt(&m.profile), from("profile"))),
                 ("hostname", opt(&m.hostname)),
                 ("uuid", opt(&m.uuid)),
                 ("serial", opt(&m.serial)),
@@ -776,8 +981,22 @@ fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
                     printable(&opt(&m.failed_reason))
                 );
             }
+            if !m.groups.is_empty() {
+                println!("{:<11} {}", "groups", m.groups.join(", "));
+            }
             for (k, v) in &m.vars {
-                println!("var        {k}={}", printable(v));
+                println!(
+                    "var        {k}={}{}",
+                    printable(v),
+                    from(&format!("vars.{k}"))
+                );
+            }
+            for (k, v) in &m.labels {
+                println!(
+                    "label      {k}={}{}",
+                    printable(v),
+                    from(&format!("labels.{k}"))
+                );
             }
             for k in &m.host_keys {
                 println!("host key   {k}");

@@ -62,6 +62,13 @@ pub struct Machine {
     /// When it entered its current state, Unix ms.
     #[serde(default)]
     pub state_at: i64,
+    /// The groups that select it, most specific first.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// The values that came from a group: `profile`, `vars.KEY`, `labels.KEY` → the group.
+    /// Every other value is the machine's own.
+    #[serde(default)]
+    pub inherited: BTreeMap<String, String>,
 }
 
 impl From<store::Machine> for Machine {
@@ -70,6 +77,10 @@ impl From<store::Machine> for Machine {
             Some(f) => (Some(f.step), Some(f.reason)),
             None => (None, None),
         };
+        let mut inherited = m.inherited.values;
+        if let Some(g) = m.inherited.profile {
+            inherited.insert("profile".into(), g);
+        }
         Machine {
             mac: m.mac,
             uuid: m.uuid,
@@ -94,6 +105,41 @@ impl From<store::Machine> for Machine {
             created_at: m.created_at,
             updated_at: m.updated_at,
             state_at: m.state_at,
+            groups: m.inherited.groups,
+            inherited,
+        }
+    }
+}
+
+/// A group, as the API shows it and takes it (`POST /groups`, `PUT /groups/{name}`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    /// Unique name.
+    pub name: String,
+    /// Machine fact (`mac`, `uuid`, `serial`, `hostname`, `arch`, `platform`) or label →
+    /// the exact value a machine must have; empty: every machine (a default group).
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// The profile its machines install unless they have their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// Variables its machines inherit.
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    /// Labels its machines inherit.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl From<crate::policy::Group> for Group {
+    fn from(g: crate::policy::Group) -> Group {
+        Group {
+            name: g.name,
+            selector: g.selector,
+            profile: g.profile,
+            vars: g.vars,
+            labels: g.labels,
         }
     }
 }
@@ -140,8 +186,9 @@ impl From<store::Event> for Event {
 pub struct EnrollRequest {
     /// MAC in any accepted form.
     pub mac: String,
-    /// Profile name.
-    pub profile: String,
+    /// Profile name; none: the one its groups give it (refused if none does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
     /// Hostname (RFC 1123).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,

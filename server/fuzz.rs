@@ -72,7 +72,7 @@ fn api_accepts(data: &[u8]) -> bool {
     });
     let _ = serde_json::from_slice::<UpdateRequest>(data);
     match serde_json::from_slice::<EnrollRequest>(data) {
-        Ok(req) => crate::admin::checked_enrollment(r, req).is_ok(),
+        Ok(req) => crate::admin::checked_enrollment(r, &Default::default(), req).is_ok(),
         Err(_) => false,
     }
 }

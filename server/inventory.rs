@@ -144,6 +144,7 @@ mod tests {
             serial: None,
             hostname: host.map(str::to_string),
             profile: Some("hv-24.04".into()),
+            inherited: Default::default(),
             state,
             vars: BTreeMap::new(),
             labels: BTreeMap::new(),

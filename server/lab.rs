@@ -344,7 +344,7 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
         );
         let req = crate::dto::EnrollRequest {
             mac: mac.clone(),
-            profile: a.profile.clone(),
+            profile: Some(a.profile.clone()),
             hostname: Some(format!("lab-{i}")),
             ..Default::default()
         };

@@ -34,7 +34,7 @@ async fn kinds(p: &Stack, mac: Mac) -> Vec<String> {
 fn enroll_req(mac: &str, profile: &str) -> EnrollRequest {
     EnrollRequest {
         mac: mac.into(),
-        profile: profile.into(),
+        profile: Some(profile.into()),
         hostname: Some("node1".into()),
         ..Default::default()
     }
@@ -744,4 +744,364 @@ async fn a_token_follows_its_machine_to_a_new_address_only_on_evidence() {
         moved[0].starts_with("install token moved from 10.0.0.30 to 10.0.0.31: DHCP saw"),
         "{moved:?}"
     );
+}
+
+fn group(
+    name: &str,
+    selector: &[(&str, &str)],
+    profile: Option<&str>,
+    vars: &[(&str, &str)],
+) -> crate::dto::Group {
+    let map = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    crate::dto::Group {
+        name: name.into(),
+        selector: map(selector),
+        profile: profile.map(str::to_string),
+        vars: map(vars),
+        labels: BTreeMap::new(),
+    }
+}
+
+/// A machine nobody enrolled, whose profile comes only from a group that selects it by the
+/// serial its firmware reports, installs on the very boot request that first reports it:
+/// enrolled by the group (named in the event), token, config with the group's values,
+/// phone-home, local boot — the lifecycle an enrolled machine has.
+#[tokio::test]
+async fn a_machine_whose_profile_comes_from_a_group_installs_like_an_enrolled_one() {
+    let p = prov();
+    let mac: Mac = "52:54:00:aa:10:01".parse().unwrap();
+    // First seen by DHCP only: discovered, no serial yet.
+    p.boot.dhcp_answer(mac, None, "DHCPDISCOVER").await;
+    p.inv.flush().await.unwrap();
+    assert_eq!(p.admin.machine(mac).await.unwrap().state, State::Discovered);
+    p.admin
+        .put_group(
+            group(
+                "rack3",
+                &[("serial", "SN-R3-01")],
+                Some("debian-12"),
+                &[("timezone", "Europe/Oslo")],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    p.admin
+        .put_group(
+            group(
+                "site",
+                &[],
+                None,
+                &[("timezone", "UTC"), ("mirror_host", "mirror.site")],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    // The machine shows what it would get, and from where, before it boots again.
+    let m = p.admin.machine(mac).await.unwrap();
+    assert_eq!(
+        (m.state, m.profile.as_deref()),
+        (State::Discovered, None),
+        "no serial yet"
+    );
+    let said = Sighting {
+        serial: Some("SN-R3-01".into()),
+        ..Default::default()
+    };
+    let script = p
+        .boot
+        .boot(mac, bios(), said, PEER, BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(script.contains("/assets/debian-12/linux"), "{script}");
+    let token = token_of(&script);
+    let m = p.admin.machine(mac).await.unwrap();
+    assert_eq!(m.state, State::Installing);
+    assert_eq!(m.serial.as_deref(), Some("SN-R3-01"));
+    assert_eq!(m.profile.as_deref(), Some("debian-12"));
+    assert_eq!(m.own_profile(), None, "the profile stays the group's");
+    assert_eq!(m.inherited.profile.as_deref(), Some("rack3"));
+    assert_eq!(m.inherited.groups, ["rack3", "site"]);
+    assert_eq!(
+        m.vars.get("timezone").map(String::as_str),
+        Some("Europe/Oslo")
+    );
+    assert_eq!(
+        m.inherited.values.get("vars.timezone").map(String::as_str),
+        Some("rack3")
+    );
+    assert_eq!(
+        m.inherited
+            .values
+            .get("vars.mirror_host")
+            .map(String::as_str),
+        Some("site")
+    );
+    let events = events_of(&p, mac).await;
+    let enrolled = events
+        .iter()
+        .find(|(k, _)| k == "enrolled")
+        .expect("the group enrolled it");
+    assert!(
+        enrolled.1.contains("profile debian-12 from group rack3"),
+        "{enrolled:?}"
+    );
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    let (e, i) = (
+        kinds.iter().position(|k| *k == "enrolled").unwrap(),
+        kinds.iter().position(|k| *k == "install_started").unwrap(),
+    );
+    assert!(e < i, "{kinds:?}");
+
+    // The config carries the group's values; the phone-home installs it; then it boots local.
+    let (_, preseed) = p
+        .boot
+        .config(&token, "preseed.cfg", PEER, BASE)
+        .await
+        .unwrap();
+    assert!(
+        preseed.contains("d-i time/zone string Europe/Oslo"),
+        "{preseed}"
+    );
+    assert!(
+        preseed.contains("d-i mirror/http/hostname string mirror.site"),
+        "{preseed}"
+    );
+    let m = p
+        .boot
+        .phone_home(&token, vec![KEY.into()], PEER)
+        .await
+        .unwrap();
+    assert_eq!(m.state, State::Installed);
+    let again = p
+        .boot
+        .boot(mac, bios(), Sighting::default(), PEER, BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        again.contains("sanboot") || again.contains("exit"),
+        "{again}"
+    );
+
+    // The group gives the only profile of an installed machine: it cannot go, nor lose it.
+    let e = p.admin.delete_group("rack3").await.unwrap_err().to_string();
+    assert!(
+        e.contains("without a profile") && e.contains(&mac.to_string()),
+        "{e}"
+    );
+    let e = p
+        .admin
+        .put_group(group("rack3", &[("serial", "SN-R3-01")], None, &[]), true)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("without a profile"), "{e}");
+    assert_eq!(
+        p.admin.group("rack3").unwrap().profile.as_deref(),
+        Some("debian-12"),
+        "a refused change changes nothing"
+    );
+    // Once it has a profile of its own, the group can go.
+    p.admin
+        .update(
+            mac,
+            UpdateRequest {
+                profile: Some("debian-12".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    p.admin.delete_group("rack3").await.unwrap();
+    let m = p.admin.machine(mac).await.unwrap();
+    assert_eq!(m.own_profile(), Some("debian-12"));
+    assert_eq!(
+        m.vars.get("timezone").map(String::as_str),
+        Some("UTC"),
+        "now the site's"
+    );
+}
+
+/// Enroll without a profile takes its group's; updates change the machine's own values and
+/// never bake its groups' into them; a change of labels that would leave it without a
+/// profile is refused.
+#[tokio::test]
+async fn enroll_and_update_keep_own_and_group_values_apart() {
+    let p = prov();
+    let mac: Mac = "52:54:00:aa:10:02".parse().unwrap();
+    let bare = EnrollRequest {
+        mac: mac.to_string(),
+        labels: [("rack".to_string(), "4".to_string())].into(),
+        ..Default::default()
+    };
+    let e = p.admin.enroll(bare.clone()).await.unwrap_err().to_string();
+    assert!(e.contains("no group gives it one"), "{e}");
+    assert!(p.admin.machine(mac).await.is_err(), "nothing was written");
+    p.admin
+        .put_group(
+            group(
+                "rack4",
+                &[("rack", "4")],
+                Some("ubuntu-24.04"),
+                &[("ntp", "r4")],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    let m = p.admin.enroll(bare).await.unwrap();
+    assert_eq!(
+        (m.state, m.profile.as_deref()),
+        (State::Enrolled, Some("ubuntu-24.04"))
+    );
+    assert_eq!(m.inherited.profile.as_deref(), Some("rack4"));
+    // A variable of its own beside the inherited one: the inherited one is not copied in.
+    let m = p
+        .admin
+        .update(
+            mac,
+            UpdateRequest {
+                set_vars: Some([("disk".to_string(), "/dev/vda".to_string())].into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        m.own_vars(),
+        [("disk".to_string(), "/dev/vda".to_string())].into()
+    );
+    assert_eq!(m.vars.get("ntp").map(String::as_str), Some("r4"));
+    // Its own value beats the group's.
+    let m = p
+        .admin
+        .update(
+            mac,
+            UpdateRequest {
+                set_vars: Some([("ntp".to_string(), "mine".to_string())].into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(m.vars.get("ntp").map(String::as_str), Some("mine"));
+    assert!(!m.inherited.values.contains_key("vars.ntp"));
+    // Moving it out of the group would leave it without a profile.
+    let e = p
+        .admin
+        .update(
+            mac,
+            UpdateRequest {
+                labels: Some([("rack".to_string(), "5".to_string())].into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("would have no profile"), "{e}");
+    // Labels a selector reads as facts are refused, for machines and groups alike.
+    let e = p
+        .admin
+        .update(
+            mac,
+            UpdateRequest {
+                labels: Some([("serial".to_string(), "x".to_string())].into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("label name \"serial\" is taken"), "{e}");
+}
+
+/// Group values are validated as a machine's are, selectors normalised, and a tie refused.
+#[tokio::test]
+async fn groups_refuse_bad_values_and_ties() {
+    let p = prov();
+    let bad = [
+        (group("bad name", &[], None, &[]), "group name"),
+        (group("g", &[("mac", "zz")], None, &[]), "selector mac=zz"),
+        (group("g", &[("rack", "")], None, &[]), "has no value"),
+        (group("g", &[("uuid", "nope")], None, &[]), "UUID"),
+        (group("g", &[], Some("nope"), &[]), "no profile named"),
+        (
+            group("g", &[], None, &[("ip", "10.0.0.5")]),
+            "belongs to one machine",
+        ),
+        (group("g", &[], None, &[("x", "a\nb")]), "control character"),
+        (
+            group("g", &[], Some("debian-12"), &[("console", "a b")]),
+            "does not render",
+        ),
+    ];
+    for (g, want) in bad {
+        let e = p
+            .admin
+            .put_group(g.clone(), true)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{g:?}: {e}");
+    }
+    assert!(p.admin.groups().is_empty(), "nothing was written");
+    p.admin
+        .put_group(
+            group(
+                "byuuid",
+                &[
+                    ("mac", "52-54-00-AA-10-03"),
+                    ("uuid", "4C4C4544-0000-0000-0000-000000000001"),
+                ],
+                None,
+                &[],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    let g = p.admin.group("byuuid").unwrap();
+    assert_eq!(g.selector["mac"], "52:54:00:aa:10:03");
+    assert_eq!(g.selector["uuid"], "4c4c4544-0000-0000-0000-000000000001");
+    p.admin
+        .put_group(
+            group("rack3", &[("rack", "3")], Some("debian-12"), &[]),
+            false,
+        )
+        .await
+        .unwrap();
+    let e = p
+        .admin
+        .put_group(
+            group("r640", &[("model", "r640")], Some("ubuntu-24.04"), &[]),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Store(StoreError::GroupConflict(_))),
+        "{e}"
+    );
+    assert!(e.to_string().contains("groups r640 and rack3"), "{e}");
+    let e = p
+        .admin
+        .put_group(group("rack3", &[], None, &[]), false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::Conflict(_)),
+        "create refuses a taken name: {e}"
+    );
+    assert!(matches!(
+        p.admin.delete_group("nope").await,
+        Err(Error::Store(StoreError::NoGroup(_)))
+    ));
 }

@@ -80,6 +80,90 @@ pub fn vars(vars: &BTreeMap<String, String>) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// Checks a machine's labels: named like variables, free-text values, and none named like
+/// a fact a group selector reads (`mac`, `uuid`, `serial`, …): a selector key then means one
+/// thing.
+pub fn labels(labels: &BTreeMap<String, String>) -> Result<(), Invalid> {
+    for (k, v) in labels {
+        var_name(k).map_err(|_| {
+            invalid(format!(
+                "label name {k:?} must start with a letter or underscore and contain only letters, digits and underscores (at most 64)"
+            ))
+        })?;
+        if crate::policy::FACT_KEYS.contains(&k.as_str()) {
+            return Err(invalid(format!(
+                "label name {k:?} is taken: group selectors read {k} from the machine itself; name the label otherwise (e.g. {k}_label)"
+            )));
+        }
+        text(&format!("label {k}"), v)?;
+    }
+    Ok(())
+}
+
+/// Checks a group name: as a profile name (1-64 letters, digits, `.`, `_`, `-`).
+pub fn group_name(g: &str) -> Result<(), Invalid> {
+    profile_name(g).map_err(|_| {
+        invalid(format!(
+            "group name {g:?} must be 1-64 letters, digits, '.', '_' or '-', not starting with '.'"
+        ))
+    })
+}
+
+/// Checks a group selector and returns it normalised: each key a machine fact (`mac`,
+/// `uuid`, `serial`, `hostname`, `arch`, `platform`) or a label name, each value non-empty;
+/// a MAC in any accepted form becomes the inventory's form and a UUID lower case, so the
+/// selector compares equal to what the inventory stores.
+pub fn selector(sel: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>, Invalid> {
+    let mut out = BTreeMap::new();
+    for (k, v) in sel {
+        var_name(k).map_err(|_| {
+            invalid(format!(
+                "selector key {k:?} must be one of {} or a label name (letters, digits, underscores)",
+                crate::policy::FACT_KEYS.join(", ")
+            ))
+        })?;
+        if v.is_empty() {
+            return Err(invalid(format!(
+                "selector {k}= has no value; a selector matches exact values (leave the key out to match any)"
+            )));
+        }
+        let v = match k.as_str() {
+            "mac" => v
+                .parse::<crate::mac::Mac>()
+                .map_err(|e| invalid(format!("selector mac={v}: {e}")))?
+                .to_string(),
+            "uuid" => {
+                uuid(v)?;
+                v.to_lowercase()
+            }
+            "hostname" => {
+                hostname(v)?;
+                v.clone()
+            }
+            _ => {
+                text(&format!("selector {k}"), v)?;
+                v.clone()
+            }
+        };
+        out.insert(k.clone(), v);
+    }
+    Ok(out)
+}
+
+/// Checks a group's variables: as a machine's, except those only one machine may have.
+pub fn group_vars(vars: &BTreeMap<String, String>) -> Result<(), Invalid> {
+    self::vars(vars)?;
+    if let Some(k) = crate::policy::MACHINE_ONLY_VARS
+        .iter()
+        .find(|k| vars.contains_key(**k))
+    {
+        return Err(invalid(format!(
+            "variable {k} belongs to one machine (a DHCP reservation or SSH address), not to a group: set it on the machine"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a SMBIOS UUID as iPXE prints `${uuid}`: 8-4-4-4-12 hex digits.
 pub fn uuid(u: &str) -> Result<(), Invalid> {
     let groups: Vec<&str> = u.split('-').collect();

@@ -704,7 +704,7 @@ mod address_mode {
         st.admin
             .enroll(EnrollRequest {
                 mac: "52:54:00:77:00:05".into(),
-                profile: "debian-12".into(),
+                profile: Some("debian-12".into()),
                 vars: [("ip".to_string(), "10.77.0.50".to_string())].into(),
                 ..Default::default()
             })
@@ -744,7 +744,7 @@ mod address_mode {
             .admin
             .enroll(EnrollRequest {
                 mac: "52:54:00:77:00:06".into(),
-                profile: "debian-12".into(),
+                profile: Some("debian-12".into()),
                 vars: [("ip".to_string(), "10.77.0.50".to_string())].into(),
                 ..Default::default()
             })

@@ -385,3 +385,68 @@ pub async fn status(State(st): State<AppState>) -> Result<Response, AppError> {
     })
     .into_response())
 }
+
+/// `GET /groups`: every group, by name.
+pub async fn groups(State(st): State<AppState>) -> Json<Vec<dto::Group>> {
+    Json(st.admin.groups().into_iter().map(Into::into).collect())
+}
+
+/// `GET /groups/{name}`.
+pub async fn group(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<dto::Group>, AppError> {
+    Ok(Json(st.admin.group(&name)?.into()))
+}
+
+/// `POST /groups`: create (409 if the name is taken).
+pub async fn create_group(
+    State(st): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<Response, AppError> {
+    let g: dto::Group = json_body(&body)?;
+    let name = g.name.clone();
+    st.admin.put_group(g, false).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(dto::Group::from(st.admin.group(&name)?)),
+    )
+        .into_response())
+}
+
+/// `PUT /groups/{name}`: create or replace the whole group (201 when created).
+pub async fn put_group(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, AppError> {
+    let mut g: dto::Group = json_body(&body)?;
+    if g.name.is_empty() {
+        g.name = name.clone();
+    }
+    if g.name != name {
+        return Err(AppError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "the body names group {:?} but the path {name:?}; a group cannot be renamed (create the new one, then delete the old)",
+                g.name
+            ),
+        ));
+    }
+    let created = st.admin.put_group(g, true).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(dto::Group::from(st.admin.group(&name)?))).into_response())
+}
+
+/// `DELETE /groups/{name}`.
+pub async fn delete_group(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, AppError> {
+    st.admin.delete_group(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -46,6 +46,9 @@ pub struct IpxeQuery {
     arch: Option<String>,
     #[serde(default)]
     platform: Option<String>,
+    /// `${serial}`: the SMBIOS serial number (empty when the firmware has none).
+    #[serde(default)]
+    serial: Option<String>,
 }
 
 /// Keeps a firmware-reported field only if it is short printable ASCII: these are claims from
@@ -106,6 +109,7 @@ pub(super) async fn ipxe_answer(
     };
     let sighting = Sighting {
         uuid,
+        serial: claim(q.serial, 64),
         arch: claim(q.arch, 16),
         platform: platform_claim,
         ip: Some(peer.ip().to_canonical().to_string()),

@@ -46,6 +46,8 @@ pub const ADMIN_ROUTES: &[&str] = &[
     "/api/v1/inventory/ansible",
     "/api/v1/inventory/known_hosts",
     "/api/v1/events",
+    "/api/v1/groups",
+    "/api/v1/groups/{name}",
     "/api/v1/profiles",
     "/api/v1/profiles/{name}",
     "/api/v1/reload",

@@ -115,6 +115,13 @@ pub fn admin_router(state: AppState) -> Router {
         .route("/machines/{mac}/events", get(api::machine_events))
         .route("/machines/{mac}/render/{artifact}", get(api::render))
         .route("/events", get(api::events))
+        .route("/groups", get(api::groups).post(api::create_group))
+        .route(
+            "/groups/{name}",
+            get(api::group)
+                .put(api::put_group)
+                .delete(api::delete_group),
+        )
         .route("/profiles", get(api::profiles))
         .route("/profiles/{name}", get(api::profile))
         .route("/reload", post(api::reload))
@@ -186,7 +193,11 @@ impl From<Error> for AppError {
             Error::Forbidden(_) | Error::Store(StoreError::TokenHeld { .. }) => {
                 StatusCode::FORBIDDEN
             }
-            Error::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
+            Error::Store(StoreError::NotFound(_)) | Error::Store(StoreError::NoGroup(_)) => {
+                StatusCode::NOT_FOUND
+            }
+            Error::Store(StoreError::NoProfile(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::Store(StoreError::GroupConflict(_)) => StatusCode::CONFLICT,
             Error::Store(StoreError::AlreadyEnrolled(..))
             | Error::Store(StoreError::Illegal(_))
             | Error::Store(StoreError::Conflict(_)) => StatusCode::CONFLICT,

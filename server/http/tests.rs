@@ -175,7 +175,7 @@ async fn api_errors_are_json_with_a_message() {
                 Some(serde_json::json!({"mac": "52:54:00:00:00:01"})),
             ),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "missing field `profile`",
+            "has no profile and no group gives it one",
         ),
         (
             api(
@@ -258,7 +258,7 @@ async fn enroll_chain_config_phone_home_local() {
 
     let (s, chain) = send(&app, get("/boot.ipxe")).await;
     assert_eq!(s, StatusCode::OK);
-    assert!(chain.contains("chain --autofree http://10.0.0.1:8080/ipxe?mac=${mac:hexhyp}&uuid=${uuid}&arch=${buildarch}&platform=${platform}"), "{chain}");
+    assert!(chain.contains("chain --autofree http://10.0.0.1:8080/ipxe?mac=${mac:hexhyp}&uuid=${uuid}&serial=${serial:uristring}&arch=${buildarch}&platform=${platform}"), "{chain}");
 
     let (s, script) = send(
         &app,

@@ -1416,7 +1416,7 @@ async fn enroll_discovered(State(st): State<AppState>, f: Form) -> Response {
             let mac = parse_mac(m)?;
             reqs.push(EnrollRequest {
                 mac: mac.to_string(),
-                profile: f.get("profile").to_string(),
+                profile: Some(f.get("profile").to_string()).filter(|p| !p.is_empty()),
                 hostname: hostname_from_pattern(f.get("hostname"), i + 1, mac)?,
                 uuid: None,
                 serial: None,
@@ -1474,7 +1474,7 @@ async fn enroll(State(st): State<AppState>, f: Form) -> Response {
     let result = async {
         let req = EnrollRequest {
             mac: f.get("mac").trim().to_string(),
-            profile: f.get("profile").to_string(),
+            profile: Some(f.get("profile").to_string()).filter(|p| !p.is_empty()),
             hostname: opt("hostname"),
             uuid: opt("uuid"),
             serial: opt("serial"),

@@ -33,6 +33,8 @@ event_kinds! {
     Updated = "updated";
     /// The operator deleted the machine.
     Deleted = "deleted";
+    /// The operator created, changed or deleted a group (an event of no machine).
+    GroupChanged = "group_changed";
     /// First boot request from an unknown MAC.
     Discovered = "discovered";
     /// A boot handed the installer an install token.

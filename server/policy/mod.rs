@@ -11,10 +11,12 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 mod events;
+mod groups;
 #[cfg(test)]
 mod tests;
 
 pub use events::EventKind;
+pub use groups::{Group, GroupSet, Resolved, Selectable, Source, FACT_KEYS, MACHINE_ONLY_VARS};
 
 /// Where a machine is in its life. Every change is an event row written in the same
 /// transaction as the change (see `store`).
@@ -338,7 +340,7 @@ impl FromStr for ClaimPolicy {
 pub struct MachineFacts<'a> {
     /// Lifecycle state.
     pub state: State,
-    /// The profile it installs, if enrolled.
+    /// The profile it installs: its own, or its groups' (see [`GroupSet::profile`]).
     pub profile: Option<&'a str>,
     /// The installer has fetched everything it needs and is writing the disk (the profile's
     /// `local_boot_after` artifact was served): the OS phones home from its own first boot.
@@ -403,7 +405,8 @@ pub fn always_answers(discover: DiscoverAnswer) -> bool {
 /// fresh token), except an installing machine whose installer is done, which boots the disk it
 /// wrote and phones home from there; installed and later → local boot, never a reinstall loop;
 /// failed → local boot until the operator reprovisions; unknown and discovered → the
-/// configured discovery answer.
+/// configured discovery answer, except a discovered machine a group gives a profile, which
+/// installs it as if it had been enrolled with it (the install enrolls it).
 pub fn decide(
     machine: Option<&MachineFacts<'_>>,
     req: &BootRequest,
@@ -421,14 +424,20 @@ pub fn decide(
         return discovered();
     };
     match m.state {
-        State::Discovered => discovered(),
+        State::Discovered => match m.profile {
+            Some(p) => BootDecision::Install {
+                profile: p.to_string(),
+            },
+            None => discovered(),
+        },
         State::Installing if m.installer_done => local(LocalReason::InstallerDone),
         State::Enrolled | State::Installing => match m.profile {
             Some(p) => BootDecision::Install {
                 profile: p.to_string(),
             },
-            // An enrolled machine always has a profile (the store enforces it); if one ever
-            // does not, wiping it with a guess would be worse than booting its disk.
+            // An enrolled machine always has a profile, its own or a group's (the store
+            // refuses a group change that would take the last one away); if one ever does
+            // not, wiping it with a guess would be worse than booting its disk.
             None => local(LocalReason::Failed),
         },
         State::Installed | State::Registering | State::Registered | State::HandedOff => {

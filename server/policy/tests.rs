@@ -100,7 +100,8 @@ fn decision_table() {
             BootDecision::Ignore
         );
         let table = [
-            (Discovered, local(platform, LocalReason::Discovered)),
+            // A discovered machine has a profile only from a group: it installs it.
+            (Discovered, install.clone()),
             (Enrolled, install.clone()),
             (Installing, install.clone()),
             (Installed, local(platform, LocalReason::Installed)),
@@ -138,6 +139,10 @@ fn decision_table() {
         assert_eq!(
             decide(Some(&ignored), &r, DiscoverAnswer::Ignore),
             BootDecision::Ignore
+        );
+        assert_eq!(
+            decide(Some(&ignored), &r, DiscoverAnswer::LocalBoot),
+            local(platform, LocalReason::Discovered)
         );
     }
 }
@@ -179,4 +184,281 @@ fn only_the_ignore_answer_ignores() {
         let ignored = answers.contains(&BootDecision::Ignore);
         assert_eq!(ignored, !always_answers(discover), "{discover:?}");
     }
+}
+
+fn group(
+    name: &str,
+    selector: &[(&str, &str)],
+    profile: Option<&str>,
+    vars: &[(&str, &str)],
+) -> Group {
+    let map = |kv: &[(&str, &str)]| {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    Group {
+        name: name.into(),
+        selector: map(selector),
+        profile: profile.map(str::to_string),
+        vars: map(vars),
+        labels: Default::default(),
+    }
+}
+
+fn machine<'a>(labels: &'a std::collections::BTreeMap<String, String>) -> Selectable<'a> {
+    Selectable {
+        mac: "52:54:00:00:00:01",
+        uuid: Some("4c4c4544-0001"),
+        serial: Some("SN1"),
+        hostname: None,
+        arch: Some("x86_64"),
+        platform: Some("efi"),
+        labels: Some(labels),
+    }
+}
+
+fn labels(kv: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn selection_needs_every_selector_value_and_a_default_selects_all() {
+    let set = GroupSet::new(vec![
+        group("default", &[], Some("d"), &[]),
+        group("rack3", &[("rack", "3")], None, &[]),
+        group(
+            "rack3-efi",
+            &[("rack", "3"), ("platform", "efi")],
+            None,
+            &[],
+        ),
+        group(
+            "rack3-bios",
+            &[("rack", "3"), ("platform", "pcbios")],
+            None,
+            &[],
+        ),
+        group("by-serial", &[("serial", "SN1")], None, &[]),
+        group("other-serial", &[("serial", "SN2")], None, &[]),
+        group("by-mac", &[("mac", "52:54:00:00:00:01")], None, &[]),
+        // A label named like a fact never stands in for the fact.
+        group("fake-serial", &[("serial", "FAKE")], None, &[]),
+    ]);
+    let l = labels(&[("rack", "3"), ("serial", "FAKE")]);
+    let names: Vec<&str> = set
+        .matching(&machine(&l))
+        .iter()
+        .map(|g| g.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["rack3-efi", "by-mac", "by-serial", "rack3", "default"],
+        "most specific first, then by name"
+    );
+    let none = labels(&[]);
+    let names: Vec<&str> = set
+        .matching(&machine(&none))
+        .iter()
+        .map(|g| g.name.as_str())
+        .collect();
+    assert_eq!(names, ["by-mac", "by-serial", "default"]);
+}
+
+#[test]
+fn precedence_own_then_most_specific_then_less_then_default() {
+    // (own profile, own vars) → (profile, from), each var → (value, source)
+    let set = GroupSet::new(vec![
+        group(
+            "default",
+            &[],
+            Some("discovery"),
+            &[("ntp", "pool"), ("tz", "UTC")],
+        ),
+        group(
+            "rack3",
+            &[("rack", "3")],
+            Some("ubuntu"),
+            &[("ntp", "rack3-ntp"), ("gw", "10.3.0.1")],
+        ),
+        group(
+            "rack3-gpu",
+            &[("rack", "3"), ("gpu", "yes")],
+            Some("ubuntu-gpu"),
+            &[("ntp", "gpu-ntp")],
+        ),
+    ]);
+    type Want<'a> = (
+        Option<&'a str>,
+        Option<&'a str>,
+        &'a [(&'a str, &'a str, Option<&'a str>)],
+    );
+    type Case<'a> = (
+        Vec<(&'a str, &'a str)>,
+        Option<&'a str>,
+        Vec<(&'a str, &'a str)>,
+        Want<'a>,
+    );
+    let cases: Vec<Case> = vec![
+        // Only the default selects it.
+        (
+            vec![],
+            None,
+            vec![],
+            (
+                Some("discovery"),
+                Some("default"),
+                &[
+                    ("ntp", "pool", Some("default")),
+                    ("tz", "UTC", Some("default")),
+                ],
+            ),
+        ),
+        // rack3 beats the default, the default still fills what rack3 does not set.
+        (
+            vec![("rack", "3")],
+            None,
+            vec![],
+            (
+                Some("ubuntu"),
+                Some("rack3"),
+                &[
+                    ("gw", "10.3.0.1", Some("rack3")),
+                    ("ntp", "rack3-ntp", Some("rack3")),
+                    ("tz", "UTC", Some("default")),
+                ],
+            ),
+        ),
+        // The two-label group beats the one-label one.
+        (
+            vec![("rack", "3"), ("gpu", "yes")],
+            None,
+            vec![],
+            (
+                Some("ubuntu-gpu"),
+                Some("rack3-gpu"),
+                &[
+                    ("gw", "10.3.0.1", Some("rack3")),
+                    ("ntp", "gpu-ntp", Some("rack3-gpu")),
+                    ("tz", "UTC", Some("default")),
+                ],
+            ),
+        ),
+        // The machine's own values beat every group.
+        (
+            vec![("rack", "3"), ("gpu", "yes")],
+            Some("debian"),
+            vec![("ntp", "mine")],
+            (
+                Some("debian"),
+                None,
+                &[
+                    ("gw", "10.3.0.1", Some("rack3")),
+                    ("ntp", "mine", None),
+                    ("tz", "UTC", Some("default")),
+                ],
+            ),
+        ),
+    ];
+    for (own_labels, own_profile, own_vars, (profile, from, vars)) in cases {
+        let l = labels(&own_labels);
+        let v = labels(&own_vars);
+        let m = machine(&l);
+        let r = set.resolve(&m, own_profile, &v, &Default::default());
+        let ctx = format!("labels {own_labels:?}, own profile {own_profile:?}");
+        assert_eq!(r.profile.as_deref(), profile, "{ctx}");
+        assert_eq!(r.profile_from.as_deref(), from, "{ctx}");
+        assert_eq!(
+            set.profile(&m, own_profile),
+            (r.profile.clone(), r.profile_from.clone()),
+            "{ctx}"
+        );
+        let got: Vec<(String, String, Source)> = r
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone(), r.source(&format!("vars.{k}"))))
+            .collect();
+        let want: Vec<(String, String, Source)> = vars
+            .iter()
+            .map(|(k, v, s)| {
+                (
+                    k.to_string(),
+                    v.to_string(),
+                    s.map_or(Source::Own, |g| Source::Group(g.into())),
+                )
+            })
+            .collect();
+        assert_eq!(got, want, "{ctx}");
+    }
+}
+
+#[test]
+fn a_tie_is_refused_when_the_second_group_is_made() {
+    let set = GroupSet::new(vec![
+        group("rack3", &[("rack", "3")], Some("ubuntu"), &[("ntp", "a")]),
+        group("default", &[], None, &[("tz", "UTC")]),
+    ]);
+    // (candidate, refused?)
+    let table = [
+        // Same specificity, can co-select (rack=3 and model=r640), both set the profile.
+        (
+            group("r640", &[("model", "r640")], Some("debian"), &[]),
+            true,
+        ),
+        // ... both set vars.ntp.
+        (
+            group("r640", &[("model", "r640")], None, &[("ntp", "b")]),
+            true,
+        ),
+        // Same selector key, another value: never the same machine.
+        (
+            group("rack4", &[("rack", "4")], Some("debian"), &[("ntp", "b")]),
+            false,
+        ),
+        // More specific: wins, no tie.
+        (
+            group(
+                "rack3-r640",
+                &[("rack", "3"), ("model", "r640")],
+                Some("debian"),
+                &[],
+            ),
+            false,
+        ),
+        // Same specificity, nothing in common.
+        (
+            group("r640", &[("model", "r640")], None, &[("gw", "x")]),
+            false,
+        ),
+        // A second default that sets what the first sets.
+        (group("default2", &[], None, &[("tz", "CET")]), true),
+        (group("default2", &[], Some("p"), &[]), false),
+        // Replacing a group by its own name is not a tie with itself.
+        (
+            group("rack3", &[("rack", "3")], Some("debian"), &[("ntp", "c")]),
+            false,
+        ),
+    ];
+    for (candidate, refused) in table {
+        let why = set.conflict(&candidate);
+        assert_eq!(why.is_some(), refused, "{candidate:?}: {why:?}");
+        if let Some(why) = why {
+            assert!(why.contains(&candidate.name), "{why}");
+            assert!(why.contains("more specific"), "{why}");
+        }
+    }
+}
+
+#[test]
+fn no_groups_resolve_to_the_machines_own_values() {
+    let set = GroupSet::new(vec![]);
+    let l = labels(&[("a", "b")]);
+    let v = labels(&[("x", "y")]);
+    let r = set.resolve(&machine(&l), Some("p"), &v, &l);
+    assert_eq!(r.profile.as_deref(), Some("p"));
+    assert_eq!(r.vars, v);
+    assert_eq!(r.labels, l);
+    assert!(r.inherited.is_empty() && r.groups.is_empty());
 }

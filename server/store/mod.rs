@@ -31,7 +31,9 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 
 use crate::mac::Mac;
-use crate::policy::{EventKind, Failure, IllegalTransition, State, Transition};
+use crate::policy::{
+    EventKind, Failure, Group, GroupSet, IllegalTransition, Selectable, State, Transition,
+};
 
 mod leases;
 pub mod sqlite;
@@ -83,6 +85,16 @@ pub enum StoreError {
     /// The store is shutting down.
     #[error("the inventory is shutting down")]
     Closed,
+    /// A group change that would make resolution ambiguous or leave machines without a
+    /// profile; the words say which and what to do.
+    #[error("{0}")]
+    GroupConflict(String),
+    /// No group with that name.
+    #[error("no group named {0:?}; `provision groups list` shows them")]
+    NoGroup(String),
+    /// A machine enrolled without a profile that no group gives it either.
+    #[error("machine {0} has no profile and no group gives it one; enroll it with --profile, or create a group that selects it with a profile")]
+    NoProfile(Mac),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -122,7 +134,8 @@ impl std::fmt::Display for TokenProblem {
 /// Result type of the store.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// A machine as stored.
+/// A machine as the inventory answers it: its own values with its groups' added (see
+/// [`crate::policy::GroupSet::resolve`]); `inherited` says which values came from a group.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Machine {
     /// The key: normalised MAC.
@@ -133,14 +146,17 @@ pub struct Machine {
     pub serial: Option<String>,
     /// Hostname given at enroll.
     pub hostname: Option<String>,
-    /// The profile it installs.
+    /// The profile it installs: its own, or its most specific group's.
     pub profile: Option<String>,
     /// Lifecycle state.
     pub state: State,
-    /// Template variables.
+    /// Template variables: its own and its groups'.
     pub vars: BTreeMap<String, String>,
-    /// Labels (for group selectors and inventory grouping).
+    /// Labels (for group selectors and inventory grouping): its own and its groups'.
     pub labels: BTreeMap<String, String>,
+    /// What came from groups, and which groups select it.
+    #[serde(default)]
+    pub inherited: Inherited,
     /// Install generation: bumped on every reprovision.
     pub generation: i64,
     /// `${buildarch}` seen at the last boot.
@@ -174,26 +190,155 @@ pub struct Machine {
     pub state_at: i64,
 }
 
-/// What the boot decision reads about a machine on every boot request: a point read of three
-/// columns, so a machine that only gets the local-boot script costs no more than that.
+/// The values of a [`Machine`] that came from its groups.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Inherited {
+    /// The group that gave the profile (none: its own, or none at all).
+    pub profile: Option<String>,
+    /// `vars.KEY` / `labels.KEY` → the group that gave it.
+    pub values: BTreeMap<String, String>,
+    /// The groups that select the machine, most specific first.
+    pub groups: Vec<String>,
+}
+
+impl Machine {
+    /// What a group selector sees of the machine (`mac` is its MAC as text).
+    pub fn selectable<'a>(&'a self, mac: &'a str) -> Selectable<'a> {
+        Selectable {
+            mac,
+            uuid: self.uuid.as_deref(),
+            serial: self.serial.as_deref(),
+            hostname: self.hostname.as_deref(),
+            arch: self.arch.as_deref(),
+            platform: self.platform.as_deref(),
+            labels: Some(&self.labels),
+        }
+    }
+
+    /// The machine as stored (own values only) with its groups' values added. Called once,
+    /// on what the database returned.
+    pub fn resolve(mut self, groups: &GroupSet) -> Machine {
+        if groups.is_empty() {
+            return self;
+        }
+        let mac = self.mac.to_string();
+        let r = groups.resolve(
+            &self.selectable(&mac),
+            self.profile.as_deref(),
+            &self.vars,
+            &self.labels,
+        );
+        self.profile = r.profile;
+        self.vars = r.vars;
+        self.labels = r.labels;
+        self.inherited = Inherited {
+            profile: r.profile_from,
+            values: r.inherited,
+            groups: r.groups,
+        };
+        self
+    }
+
+    /// The machine as stored: its own values only (what [`Machine::resolve`] added taken
+    /// out), to be resolved again after a change of what selects its groups.
+    pub fn unresolved(mut self) -> Machine {
+        self.profile = self.own_profile().map(str::to_string);
+        self.vars = self.own_vars();
+        self.labels = self.own_labels();
+        self.inherited = Inherited::default();
+        self
+    }
+
+    /// Its own profile (not a group's).
+    pub fn own_profile(&self) -> Option<&str> {
+        self.profile
+            .as_deref()
+            .filter(|_| self.inherited.profile.is_none())
+    }
+
+    /// Its own variables (not its groups').
+    pub fn own_vars(&self) -> BTreeMap<String, String> {
+        self.own("vars", &self.vars)
+    }
+
+    /// Its own labels (not its groups').
+    pub fn own_labels(&self) -> BTreeMap<String, String> {
+        self.own("labels", &self.labels)
+    }
+
+    fn own(&self, prefix: &str, all: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        all.iter()
+            .filter(|(k, _)| !self.inherited.values.contains_key(&format!("{prefix}.{k}")))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// What the boot decision reads about a machine on every boot request: a point read of a few
+/// columns, so a machine that only gets the local-boot script costs no more than that. The
+/// profile is the machine's own; its groups' is resolved at each use against the current
+/// groups ([`BootFacts::profile`]), so a group change needs no cached facts forgotten.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootFacts {
     /// Lifecycle state.
     pub state: State,
-    /// The profile it installs, if enrolled.
+    /// The machine's own profile.
     pub profile: Option<String>,
     /// The installer of the current install fetched its last artifact.
     pub installer_done: bool,
+    /// What group selectors read: facts and own labels.
+    pub uuid: Option<String>,
+    /// Serial number.
+    pub serial: Option<String>,
+    /// Hostname.
+    pub hostname: Option<String>,
+    /// `${buildarch}` last seen.
+    pub arch: Option<String>,
+    /// `${platform}` last seen.
+    pub platform: Option<String>,
+    /// Own labels.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl BootFacts {
-    /// A machine's boot facts.
+    /// A machine's boot facts (from what the store answered: its own values).
     pub fn of(m: &Machine) -> BootFacts {
         BootFacts {
             state: m.state,
-            profile: m.profile.clone(),
+            profile: m.own_profile().map(str::to_string),
             installer_done: m.installer_done_at.is_some(),
+            uuid: m.uuid.clone(),
+            serial: m.serial.clone(),
+            hostname: m.hostname.clone(),
+            arch: m.arch.clone(),
+            platform: m.platform.clone(),
+            labels: m.own_labels(),
         }
+    }
+
+    /// The profile the machine installs and the group it comes from (none: its own), with
+    /// what this request says of it (`now`) over what is stored: a group that selects by
+    /// serial finds a machine on the very request that first reports its serial.
+    pub fn profile(
+        &self,
+        mac: Mac,
+        now: &Sighting,
+        groups: &GroupSet,
+    ) -> (Option<String>, Option<String>) {
+        if self.profile.is_some() || groups.is_empty() {
+            return (self.profile.clone(), None);
+        }
+        let mac = mac.to_string();
+        let sel = Selectable {
+            mac: &mac,
+            uuid: self.uuid.as_deref().or(now.uuid.as_deref()),
+            serial: self.serial.as_deref().or(now.serial.as_deref()),
+            hostname: self.hostname.as_deref(),
+            arch: now.arch.as_deref().or(self.arch.as_deref()),
+            platform: now.platform.as_deref().or(self.platform.as_deref()),
+            labels: Some(&self.labels),
+        };
+        groups.profile(&sel, None)
     }
 }
 
@@ -274,8 +419,8 @@ pub struct Event {
 pub struct NewMachine {
     /// The MAC.
     pub mac: Mac,
-    /// Profile name (already checked to exist by the caller).
-    pub profile: String,
+    /// Profile name (already checked to exist by the caller); none: its groups'.
+    pub profile: Option<String>,
     /// Hostname (validated by the caller).
     pub hostname: Option<String>,
     /// SMBIOS UUID.
@@ -306,6 +451,8 @@ pub struct MachinePatch {
 pub struct Sighting {
     /// `${uuid}`, or the DHCP client GUID.
     pub uuid: Option<String>,
+    /// `${serial}` (SMBIOS).
+    pub serial: Option<String>,
     /// `${buildarch}`.
     pub arch: Option<String>,
     /// `${platform}`.
@@ -323,6 +470,7 @@ impl Sighting {
             }
         };
         keep(&mut self.uuid, later.uuid);
+        keep(&mut self.serial, later.serial);
         keep(&mut self.arch, later.arch);
         keep(&mut self.platform, later.platform);
         keep(&mut self.ip, later.ip);
@@ -580,6 +728,9 @@ pub trait Inventory: Send + Sync + 'static {
     async fn revoked_certs(&self) -> Result<Vec<RevokedCert>>;
     /// What the bounds have thrown away, and how writes were grouped.
     fn stats(&self) -> Stats;
+    /// Every group, as of the last committed group change (held in memory: every boot
+    /// request of a machine without a profile of its own resolves against it).
+    fn groups(&self) -> std::sync::Arc<GroupSet>;
 
     // --- durable operations ---
 
@@ -595,9 +746,11 @@ pub trait Inventory: Send + Sync + 'static {
     async fn discover(&self, mac: Mac, sighting: Sighting, now: i64) -> Result<Machine>;
     /// Hands the installer of `mac` a new install token (only its hash is given):
     /// `enrolled → installing`, or an `install_restarted` event for a machine already
-    /// installing. An older token is replaced, unless it is live and was issued to another
+    /// installing; a discovered machine whose `profile` comes from `group` is enrolled
+    /// first (its `enrolled` event names the group), in the same transaction. An older token is replaced, unless it is live and was issued to another
     /// address than `from` ([`StoreError::TokenHeld`]); the token records `from`; what the
     /// boot request said is recorded.
+    #[allow(clippy::too_many_arguments)] // one transaction's inputs, each a different thing
     async fn start_install(
         &self,
         mac: Mac,
@@ -605,6 +758,7 @@ pub trait Inventory: Send + Sync + 'static {
         expires_at: i64,
         sighting: Sighting,
         from: String,
+        group: Option<(String, String)>,
         now: i64,
     ) -> Result<()>;
     /// A config artifact was served by install token: its event, and with `installer_done`
@@ -664,6 +818,13 @@ pub trait Inventory: Send + Sync + 'static {
         subject: String,
         now: i64,
     ) -> Result<()>;
+    /// Creates the group, or replaces the one of its name; records a `group_changed` event.
+    /// Refused ([`StoreError::GroupConflict`]) if another group could select one machine with
+    /// the same specificity and sets a value it sets, or if a machine past discovery would
+    /// be left without a profile. Returns whether it was created.
+    async fn put_group(&self, group: Group, now: i64) -> Result<bool>;
+    /// Deletes a group, unless a machine past discovery would be left without a profile.
+    async fn delete_group(&self, name: String, now: i64) -> Result<()>;
     /// Fails every machine left `installing` whose token expired (or that has none).
     async fn expire_installs(&self, now: i64) -> Result<Vec<Mac>>;
     /// Appends an event that changes no state but must not be lost (a registrar retry).

@@ -23,7 +23,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use include_dir::{include_dir, Dir};
@@ -39,7 +39,7 @@ use super::{
     MAX_PAGE,
 };
 use crate::mac::Mac;
-use crate::policy::{self, EventKind, Failure, State, Transition};
+use crate::policy::{self, EventKind, Failure, Group, GroupSet, State, Transition};
 
 static MIGRATIONS_DIR: Dir = include_dir!("$CARGO_MANIFEST_DIR/migrations");
 
@@ -79,6 +79,8 @@ struct Shared {
     checkpointer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The newest committed event id (see [`Inventory::event_feed`]).
     events: tokio::sync::watch::Receiver<i64>,
+    /// Every group, replaced whole after a group change commits.
+    groups: Arc<RwLock<Arc<GroupSet>>>,
     /// Keeps a test database's directory alive as long as the store.
     _dir: Option<tempfile::TempDir>,
 }
@@ -322,7 +324,9 @@ fn open_writer(path: &Path) -> Result<Connection> {
     // acknowledged write survives power loss (NORMAL would not, in WAL mode).
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Off while migrating: a migration that rebuilds a table (SQLite's way to change a
+    // constraint) drops the old one, which would cascade to the rows that reference it.
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
     conn.pragma_update(None, "mmap_size", MMAP_SIZE)?;
     // Checkpoints run on their own thread (see `checkpointer`).
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -344,6 +348,17 @@ fn open_writer(path: &Path) -> Result<Connection> {
     migrations
         .to_latest(&mut conn)
         .map_err(|e| StoreError::Migration(e.to_string()))?;
+    let broken: Vec<String> = conn
+        .prepare("PRAGMA foreign_key_check")?
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if !broken.is_empty() {
+        return Err(StoreError::Migration(format!(
+            "rows of {} refer to rows that do not exist",
+            broken.join(", ")
+        )));
+    }
+    conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(conn)
 }
 
@@ -482,6 +497,7 @@ impl SqliteInventory {
         )?;
         let last_event: i64 =
             conn.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))?;
+        let groups = Arc::new(RwLock::new(Arc::new(GroupSet::new(load_groups(&conn)?))));
         let (events_tx, events_rx) = tokio::sync::watch::channel(last_event);
         let (tx, rx) = mpsc::channel();
         let queue = Arc::new(ObservationQueue {
@@ -539,6 +555,7 @@ impl SqliteInventory {
                 to_checkpointer: Mutex::new(Some(cp_tx)),
                 checkpointer: Mutex::new(Some(cp)),
                 events: events_rx,
+                groups,
                 _dir: dir,
             }),
         })
@@ -640,6 +657,32 @@ impl SqliteInventory {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Runs a group change `f` in the next group commit; once it is durable, the set of
+    /// groups it returns replaces the one in memory (before its caller is answered, so the
+    /// caller's next read sees it).
+    async fn write_groups<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<(T, GroupSet)> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let slot = self.shared.groups.clone();
+        let run: Box<dyn FnOnce(&Connection) -> Completion + Send> = Box::new(move |conn| {
+            let out = in_savepoint(conn, f);
+            Box::new(move |commit_error: Option<&str>| {
+                let _ = tx.send(match (commit_error, out) {
+                    (None, Ok((t, set))) => {
+                        *slot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+                        Ok(t)
+                    }
+                    (None, Err(e)) => Err(e),
+                    (Some(e), _) => Err(StoreError::Database(format!("commit failed: {e}"))),
+                });
+            })
+        });
+        self.send(Msg::Write((Touch::Nothing, run)))?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
     /// The machine a live token belongs to, read before a durable write that uses the token
     /// (so the write names its machine; it checks the token again inside its transaction).
     fn token_owner(&self, token_hash: &str, now: i64) -> Result<Mac> {
@@ -649,6 +692,11 @@ impl SqliteInventory {
     /// Runs a short read inline on a pooled read connection.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         self.shared.read(f)
+    }
+
+    /// `m` as stored with its groups' values added.
+    fn resolved(&self, m: Machine) -> Machine {
+        m.resolve(&self.groups())
     }
 
     /// Runs a longer read (a page, a scan) on a blocking thread.
@@ -1180,7 +1228,14 @@ fn write_observations(
             continue;
         }
         match record_sighting(c, mac, &s, last, discover)? {
-            Sighted::Updated | Sighted::Unchanged => recent.written(mac, s, last),
+            Sighted::Updated => {
+                // Its cached boot facts hold what group selectors read (uuid, serial, arch,
+                // platform): forgotten at this commit, as any write of them is. At most once
+                // a window per machine, unless what it says changes.
+                out.created.push(mac);
+                recent.written(mac, s, last)
+            }
+            Sighted::Unchanged => recent.written(mac, s, last),
             Sighted::Unknown if discover => {
                 if budget > 0 {
                     budget -= 1;
@@ -1408,7 +1463,8 @@ fn write_count(c: &Connection, key: &RowKey, r: &RecentRow) -> Result<Option<i64
 /// What a batch of observations did.
 #[derive(Default)]
 struct ObservationsWritten {
-    /// Machines it created (discovered).
+    /// Machines it created (discovered) or whose sighting columns it wrote: their cached boot
+    /// facts are forgotten at the commit.
     created: Vec<Mac>,
     discovered: u64,
     shed: u64,
@@ -1491,6 +1547,7 @@ fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<Machine> {
         serial: row.get(2)?,
         hostname: row.get(3)?,
         profile: row.get(4)?,
+        inherited: Default::default(),
         state: state.parse().map_err(|e| conv(5, e))?,
         vars: serde_json::from_str(&vars).map_err(|e| conv(6, e))?,
         labels: serde_json::from_str(&labels).map_err(|e| conv(7, e))?,
@@ -1536,6 +1593,76 @@ fn load(c: &Connection, mac: Mac) -> Result<Option<Machine>> {
     ))?
     .query_row([mac.to_string()], machine_from_row)
     .optional()?)
+}
+
+/// Every group, as stored.
+fn load_groups(c: &Connection) -> Result<Vec<Group>> {
+    let mut stmt =
+        c.prepare_cached("SELECT name, selector, profile, vars, labels FROM groups ORDER BY name")?;
+    let rows = stmt
+        .query_map([], |r| {
+            let map = |i: usize| -> rusqlite::Result<BTreeMap<String, String>> {
+                serde_json::from_str(&r.get::<_, String>(i)?).map_err(|e| conv(i, e))
+            };
+            Ok(Group {
+                name: r.get(0)?,
+                selector: map(1)?,
+                profile: r.get(2)?,
+                vars: map(3)?,
+                labels: map(4)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+/// Refuses a group change (`what`) after which a machine past discovery with no profile of
+/// its own would have none from its groups either: an installing or installed machine must
+/// know what it installs (reprovision, registration role, configs).
+fn every_machine_keeps_a_profile(c: &Connection, next: &GroupSet, what: &str) -> Result<()> {
+    let mut stmt = c.prepare_cached(
+        "SELECT mac, uuid, serial, hostname, arch, platform, labels FROM machines
+         WHERE state != 'discovered' AND profile IS NULL ORDER BY mac",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut orphans: Vec<String> = Vec::new();
+    while let Some(r) = rows.next()? {
+        let mac: String = r.get(0)?;
+        let labels: BTreeMap<String, String> =
+            serde_json::from_str(&r.get::<_, String>(6)?).map_err(|e| conv(6, e))?;
+        let text = |i: usize| r.get::<_, Option<String>>(i);
+        let (uuid, serial, hostname) = (text(1)?, text(2)?, text(3)?);
+        let (arch, platform) = (text(4)?, text(5)?);
+        let sel = policy::Selectable {
+            mac: &mac,
+            uuid: uuid.as_deref(),
+            serial: serial.as_deref(),
+            hostname: hostname.as_deref(),
+            arch: arch.as_deref(),
+            platform: platform.as_deref(),
+            labels: Some(&labels),
+        };
+        if next.profile(&sel, None).0.is_none() {
+            orphans.push(mac);
+        }
+    }
+    if orphans.is_empty() {
+        return Ok(());
+    }
+    Err(StoreError::GroupConflict(format!(
+        "{what} would leave {} enrolled or installed machine{} without a profile ({}{}): give \
+         them a profile of their own first (`provision machines update MAC --profile P`), or \
+         have another group give them one",
+        orphans.len(),
+        if orphans.len() == 1 { "" } else { "s" },
+        orphans
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", "),
+        if orphans.len() > 5 { ", …" } else { "" }
+    )))
 }
 
 /// Revoked node certificates are kept this long, past the 13 months any of them is valid.
@@ -1733,12 +1860,15 @@ fn record_sighting(
         .prepare_cached(
             "UPDATE machines SET uuid = COALESCE(uuid, ?2), arch = COALESCE(?3, arch),
              platform = COALESCE(?4, platform), boot_ip = COALESCE(?5, boot_ip),
-             last_seen = MAX(COALESCE(last_seen, 0), ?6)
+             last_seen = MAX(COALESCE(last_seen, 0), ?6), serial = COALESCE(serial, ?8)
              WHERE mac = ?1 AND (last_seen IS NULL OR last_seen < ?6 - ?7
                 OR (uuid IS NULL AND ?2 IS NOT NULL) OR (?3 IS NOT NULL AND arch IS NOT ?3)
-                OR (?4 IS NOT NULL AND platform IS NOT ?4) OR (?5 IS NOT NULL AND boot_ip IS NOT ?5))",
+                OR (?4 IS NOT NULL AND platform IS NOT ?4) OR (?5 IS NOT NULL AND boot_ip IS NOT ?5)
+                OR (serial IS NULL AND ?8 IS NOT NULL))",
         )?
-        .execute(params![key, s.uuid, s.arch, s.platform, s.ip, now, WINDOW_MS])?;
+        .execute(params![
+            key, s.uuid, s.arch, s.platform, s.ip, now, WINDOW_MS, s.serial
+        ])?;
     if n == 1 {
         return Ok(Sighted::Updated);
     }
@@ -1756,10 +1886,10 @@ fn create_discovered(c: &Connection, mac: Mac, s: &Sighting, now: i64, what: &st
     let n = c
         .prepare_cached(
             "INSERT INTO machines (mac, state, uuid, arch, platform, boot_ip, last_seen, created_at,
-             updated_at, state_at)
-             VALUES (?1, 'discovered', ?2, ?3, ?4, ?5, ?6, ?6, ?6, ?6) ON CONFLICT (mac) DO NOTHING",
+             updated_at, state_at, serial)
+             VALUES (?1, 'discovered', ?2, ?3, ?4, ?5, ?6, ?6, ?6, ?6, ?7) ON CONFLICT (mac) DO NOTHING",
         )?
-        .execute(params![mac.to_string(), s.uuid, s.arch, s.platform, s.ip, now])?;
+        .execute(params![mac.to_string(), s.uuid, s.arch, s.platform, s.ip, now, s.serial])?;
     if n == 1 {
         let detail = format!(
             "{what}{}{}",
@@ -1861,7 +1991,7 @@ fn page(limit: usize) -> i64 {
 #[async_trait::async_trait]
 impl Inventory for SqliteInventory {
     async fn machine(&self, mac: Mac) -> Result<Option<Machine>> {
-        self.read(|c| load(c, mac))
+        Ok(self.read(|c| load(c, mac))?.map(|m| self.resolved(m)))
     }
 
     async fn boot_facts(&self, mac: Mac) -> Result<Option<BootFacts>> {
@@ -1870,23 +2000,27 @@ impl Inventory for SqliteInventory {
             Err(g) => g,
         };
         let facts = self.read(|c| {
-            let row: Option<(String, Option<String>, Option<i64>)> = c
-                .prepare_cached(
-                    "SELECT m.state, m.profile, t.handed_over_at FROM machines m
-                     LEFT JOIN install_tokens t ON t.mac = m.mac WHERE m.mac = ?1",
-                )?
-                .query_row([mac.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .optional()?;
-            row.map(|(state, profile, done)| {
+            Ok(c.prepare_cached(
+                "SELECT m.state, m.profile, t.handed_over_at, m.uuid, m.serial, m.hostname,
+                 m.arch, m.platform, m.labels FROM machines m
+                 LEFT JOIN install_tokens t ON t.mac = m.mac WHERE m.mac = ?1",
+            )?
+            .query_row([mac.to_string()], |r| {
+                let state: String = r.get(0)?;
+                let labels: String = r.get(8)?;
                 Ok(BootFacts {
-                    state: state
-                        .parse()
-                        .map_err(|e: String| StoreError::Corrupt("state", e))?,
-                    profile,
-                    installer_done: done.is_some(),
+                    state: state.parse().map_err(|e| conv(0, e))?,
+                    profile: r.get(1)?,
+                    installer_done: r.get::<_, Option<i64>>(2)?.is_some(),
+                    uuid: r.get(3)?,
+                    serial: r.get(4)?,
+                    hostname: r.get(5)?,
+                    arch: r.get(6)?,
+                    platform: r.get(7)?,
+                    labels: serde_json::from_str(&labels).map_err(|e| conv(8, e))?,
                 })
             })
-            .transpose()
+            .optional()?)
         })?;
         self.shared.facts.insert(generation, mac, facts.clone());
         Ok(facts)
@@ -1908,10 +2042,11 @@ impl Inventory for SqliteInventory {
                     ],
                     machine_from_row,
                 )?
-                .collect::<rusqlite::Result<_>>()?;
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
         .await
+        .map(|rows| rows.into_iter().map(|m| self.resolved(m)).collect())
     }
 
     async fn count_by_state(&self) -> Result<BTreeMap<State, u64>> {
@@ -1977,6 +2112,7 @@ impl Inventory for SqliteInventory {
             }
             Ok(m)
         })
+        .map(|m| self.resolved(m))
     }
 
     async fn reservations(&self) -> Result<Vec<(Mac, Ipv4Addr)>> {
@@ -2044,22 +2180,24 @@ impl Inventory for SqliteInventory {
         }
     }
 
+    fn groups(&self) -> Arc<GroupSet> {
+        self.shared
+            .groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     async fn enroll(&self, new: NewMachine, now: i64) -> Result<Machine> {
+        let groups = self.shared.groups.clone();
         self.write_touching(Touch::One(new.mac), move |c| {
             let mac = new.mac;
-            let detail = format!(
-                "profile {}{}",
-                new.profile,
-                new.hostname
-                    .as_deref()
-                    .map(|h| format!(", hostname {h}"))
-                    .unwrap_or_default()
-            );
-            match load(c, mac)? {
+            let before = load(c, mac)?;
+            match &before {
                 Some(m) if m.state != State::Discovered => {
                     return Err(StoreError::AlreadyEnrolled(mac, m.state))
                 }
-                Some(m) => {
+                Some(_) => {
                     c.execute(
                         "UPDATE machines SET profile = ?2, hostname = ?3, uuid = COALESCE(?4, uuid),
                          serial = COALESCE(?5, serial), vars = ?6, labels = ?7, updated_at = ?8
@@ -2075,7 +2213,6 @@ impl Inventory for SqliteInventory {
                             now
                         ],
                     )?;
-                    apply(c, now, &m, &Transition::Enroll, &detail)?;
                 }
                 None => {
                     c.execute(
@@ -2093,6 +2230,32 @@ impl Inventory for SqliteInventory {
                             now
                         ],
                     )?;
+                }
+            }
+            // The profile it will install: its own, or a group's, checked against the groups
+            // as committed (a group change is a write too, so none can slip in between).
+            let groups = groups.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let m = must_load(c, mac)?.resolve(&groups);
+            let Some(profile) = m.profile.as_deref() else {
+                return Err(StoreError::NoProfile(mac));
+            };
+            let detail = format!(
+                "profile {profile}{}{}",
+                m.inherited
+                    .profile
+                    .as_deref()
+                    .map(|g| format!(" from group {g}"))
+                    .unwrap_or_default(),
+                new.hostname
+                    .as_deref()
+                    .map(|h| format!(", hostname {h}"))
+                    .unwrap_or_default()
+            );
+            match before {
+                Some(before) => {
+                    apply(c, now, &before, &Transition::Enroll, &detail)?;
+                }
+                None => {
                     insert_transition(
                         c,
                         now,
@@ -2107,6 +2270,7 @@ impl Inventory for SqliteInventory {
             must_load(c, mac)
         })
         .await
+        .map(|m| self.resolved(m))
     }
 
     async fn update(&self, mac: Mac, patch: MachinePatch, now: i64) -> Result<Machine> {
@@ -2163,6 +2327,7 @@ impl Inventory for SqliteInventory {
             must_load(c, mac)
         })
         .await
+        .map(|m| self.resolved(m))
     }
 
     async fn delete(&self, mac: Mac, now: i64) -> Result<()> {
@@ -2185,6 +2350,7 @@ impl Inventory for SqliteInventory {
             must_load(c, mac)
         })
         .await
+        .map(|m| self.resolved(m))
     }
 
     async fn start_install(
@@ -2194,11 +2360,19 @@ impl Inventory for SqliteInventory {
         expires_at: i64,
         sighting: Sighting,
         from: String,
+        group: Option<(String, String)>,
         now: i64,
     ) -> Result<()> {
         self.write_touching(Touch::One(mac), move |c| {
             record_sighting(c, mac, &sighting, now, false)?;
-            let m = head(c, mac)?;
+            let mut m = head(c, mac)?;
+            if let (State::Discovered, Some((profile, group))) = (m.state, &group) {
+                // The decision to install came from a group: it enrolls the machine, the
+                // same step an operator's enroll is, named in its event.
+                let detail = format!("profile {profile} from group {group}");
+                m.state = apply(c, now, &m, &Transition::Enroll, &detail)?;
+                m.profile = Some(profile.clone());
+            }
             if m.state == State::Installing {
                 let live: Option<(Option<String>, i64)> = c
                     .prepare_cached(
@@ -2221,7 +2395,10 @@ impl Inventory for SqliteInventory {
             }
             let detail = format!(
                 "profile {}, generation {}, token issued to {from}, expires {}",
-                m.profile.as_deref().unwrap_or("?"),
+                m.profile
+                    .as_deref()
+                    .or(group.as_ref().map(|(p, _)| p.as_str()))
+                    .unwrap_or("?"),
                 m.generation,
                 super::fmt_time(expires_at)
             );
@@ -2283,6 +2460,7 @@ impl Inventory for SqliteInventory {
         now: i64,
     ) -> Result<Machine> {
         let owner = self.token_owner(&token_hash, now)?;
+        let groups = self.shared.groups.clone();
         self.write_touching(Touch::One(owner), move |c| {
             let (m, issued_to) = token_machine(c, &token_hash, now)?;
             if m.mac != owner {
@@ -2290,7 +2468,9 @@ impl Inventory for SqliteInventory {
             }
             let mut detail = detail;
             if let Some(issued_to) = issued_to.filter(|ip| *ip != from_ip) {
-                if !m.profile.as_ref().is_some_and(|p| any_address.contains(p)) {
+                let groups = groups.read().unwrap_or_else(|p| p.into_inner()).clone();
+                let profile = m.clone().resolve(&groups).profile;
+                if !profile.as_ref().is_some_and(|p| any_address.contains(p)) {
                     return Err(StoreError::Token(TokenProblem::OtherAddress, Some(m.mac)));
                 }
                 detail.push_str(&format!(
@@ -2322,6 +2502,7 @@ impl Inventory for SqliteInventory {
             must_load(c, m.mac)
         })
         .await
+        .map(|m| self.resolved(m))
     }
 
     async fn move_token(
@@ -2347,6 +2528,7 @@ impl Inventory for SqliteInventory {
             Ok(m)
         })
         .await
+        .map(|m| self.resolved(m))
     }
 
     async fn reprovision(&self, mac: Mac, now: i64) -> Result<Machine> {
@@ -2371,6 +2553,7 @@ impl Inventory for SqliteInventory {
             must_load(c, mac)
         })
         .await
+        .map(|m| self.resolved(m))
     }
 
     async fn transition(
@@ -2386,6 +2569,7 @@ impl Inventory for SqliteInventory {
             must_load(c, mac)
         })
         .await
+        .map(|m| self.resolved(m))
     }
 
     async fn start_registration(&self, mac: Mac, detail: String, now: i64) -> Result<Machine> {
@@ -2399,6 +2583,7 @@ impl Inventory for SqliteInventory {
             must_load(c, mac)
         })
         .await
+        .map(|m| self.resolved(m))
     }
 
     async fn record_step(&self, mac: Mac, step: StepRecord, detail: String) -> Result<()> {
@@ -2454,6 +2639,75 @@ impl Inventory for SqliteInventory {
                 params![mac.to_string(), cert_pem, fingerprint, subject, now],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn put_group(&self, group: Group, now: i64) -> Result<bool> {
+        self.write_groups(move |c| {
+            let mut all = load_groups(c)?;
+            let existed = all.iter().any(|g| g.name == group.name);
+            if let Some(why) = GroupSet::new(all.clone()).conflict(&group) {
+                return Err(StoreError::GroupConflict(why));
+            }
+            all.retain(|g| g.name != group.name);
+            all.push(group.clone());
+            let next = GroupSet::new(all);
+            every_machine_keeps_a_profile(c, &next, &format!("changing group {}", group.name))?;
+            c.prepare_cached(
+                "INSERT INTO groups (name, selector, profile, vars, labels, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                 ON CONFLICT (name) DO UPDATE SET selector = ?2, profile = ?3, vars = ?4,
+                 labels = ?5, updated_at = ?6",
+            )?
+            .execute(params![
+                group.name,
+                map_json(&group.selector),
+                group.profile,
+                map_json(&group.vars),
+                map_json(&group.labels),
+                now
+            ])?;
+            let words = |m: &BTreeMap<String, String>| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let detail = format!(
+                "group {} {}: selector {{{}}}, profile {}, vars {}, labels {}",
+                group.name,
+                if existed { "updated" } else { "created" },
+                words(&group.selector),
+                group.profile.as_deref().unwrap_or("(none)"),
+                group.vars.keys().cloned().collect::<Vec<_>>().join(","),
+                group.labels.keys().cloned().collect::<Vec<_>>().join(","),
+            );
+            insert_event(c, now, None, EventKind::GroupChanged, &detail, 1)?;
+            Ok((!existed, next))
+        })
+        .await
+    }
+
+    async fn delete_group(&self, name: String, now: i64) -> Result<()> {
+        self.write_groups(move |c| {
+            let mut all = load_groups(c)?;
+            if !all.iter().any(|g| g.name == name) {
+                return Err(StoreError::NoGroup(name));
+            }
+            all.retain(|g| g.name != name);
+            let next = GroupSet::new(all);
+            every_machine_keeps_a_profile(c, &next, &format!("deleting group {name}"))?;
+            c.execute("DELETE FROM groups WHERE name = ?1", [&name])?;
+            insert_event(
+                c,
+                now,
+                None,
+                EventKind::GroupChanged,
+                &format!("group {name} deleted"),
+                1,
+            )?;
+            Ok(((), next))
         })
         .await
     }
@@ -2627,10 +2881,17 @@ impl Inventory for SqliteInventory {
                     order("")
                 ))?
                 .query_map([], machine_from_row)?
-                .collect::<rusqlite::Result<_>>()?;
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(MachinePage { total, machines })
         })
         .await
+        .map(|mut p| {
+            p.machines = std::mem::take(&mut p.machines)
+                .into_iter()
+                .map(|m| self.resolved(m))
+                .collect();
+            p
+        })
     }
 
     async fn install_token(&self, mac: Mac) -> Result<Option<TokenInfo>> {

@@ -19,7 +19,7 @@ fn nth(n: u32) -> Mac {
 fn new(m: &str) -> NewMachine {
     NewMachine {
         mac: mac(m),
-        profile: "debian-12".into(),
+        profile: Some("debian-12".into()),
         hostname: Some("node1".into()),
         uuid: None,
         serial: None,
@@ -82,11 +82,17 @@ async fn discovered_then_enrolled() {
     let m = mac("52:54:00:00:00:02");
     let sighting = Sighting {
         uuid: Some("4c4c4544-0038-4410-8051-b4c04f4d4e32".into()),
+        serial: Some("SN-2".into()),
         arch: Some("x86_64".into()),
         platform: Some("efi".into()),
         ip: Some("10.0.0.5".into()),
     };
     let d = s.discover(m, sighting.clone(), 1).await.unwrap();
+    assert_eq!(
+        d.serial.as_deref(),
+        Some("SN-2"),
+        "the reported serial is kept"
+    );
     assert_eq!((d.state, d.profile.as_deref()), (State::Discovered, None));
     assert_eq!(d.last_seen, Some(1));
     // A second sighting adds no second `discovered` event.
@@ -118,14 +124,30 @@ async fn token_lifecycle() {
         s.machine_by_token("h1", FROM, 2).await,
         Err(StoreError::Token(TokenProblem::Unknown, _))
     ));
-    s.start_install(m, "h1".into(), 100, Sighting::default(), FROM.into(), 2)
-        .await
-        .unwrap();
+    s.start_install(
+        m,
+        "h1".into(),
+        100,
+        Sighting::default(),
+        FROM.into(),
+        None,
+        2,
+    )
+    .await
+    .unwrap();
     assert_eq!(s.machine_by_token("h1", FROM, 3).await.unwrap().mac, m);
     // A second boot replaces the token.
-    s.start_install(m, "h2".into(), 100, Sighting::default(), FROM.into(), 4)
-        .await
-        .unwrap();
+    s.start_install(
+        m,
+        "h2".into(),
+        100,
+        Sighting::default(),
+        FROM.into(),
+        None,
+        4,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         s.machine(m).await.unwrap().unwrap().state,
         State::Installing
@@ -179,9 +201,17 @@ async fn token_lifecycle() {
 async fn a_token_is_bound_to_the_address_it_was_issued_to() {
     let s = store();
     let m = s.enroll(new("52:54:00:00:00:33"), 1).await.unwrap().mac;
-    s.start_install(m, "h1".into(), 100, Sighting::default(), FROM.into(), 2)
-        .await
-        .unwrap();
+    s.start_install(
+        m,
+        "h1".into(),
+        100,
+        Sighting::default(),
+        FROM.into(),
+        None,
+        2,
+    )
+    .await
+    .unwrap();
     assert!(matches!(
         s.machine_by_token("h1", "10.0.0.66", 3).await,
         Err(StoreError::Token(TokenProblem::OtherAddress, Some(x))) if x == m
@@ -194,6 +224,7 @@ async fn a_token_is_bound_to_the_address_it_was_issued_to() {
             100,
             Sighting::default(),
             "10.0.0.66".into(),
+            None,
             3,
         )
         .await;
@@ -213,6 +244,7 @@ async fn a_token_is_bound_to_the_address_it_was_issued_to() {
         200,
         Sighting::default(),
         "10.0.0.66".into(),
+        None,
         100,
     )
     .await
@@ -263,9 +295,17 @@ async fn boot_requests_set_the_boot_address_never_the_ssh_address() {
         ip: Some(ip.into()),
         ..Default::default()
     };
-    s.start_install(m, "h".into(), 100, at("10.0.0.5"), "10.0.0.5".into(), 2)
-        .await
-        .unwrap();
+    s.start_install(
+        m,
+        "h".into(),
+        100,
+        at("10.0.0.5"),
+        "10.0.0.5".into(),
+        None,
+        2,
+    )
+    .await
+    .unwrap();
     s.phone_home(
         "h".into(),
         key(),
@@ -294,9 +334,17 @@ async fn boot_requests_set_the_boot_address_never_the_ssh_address() {
 async fn reprovision_kills_token_and_keys() {
     let s = store();
     let m = s.enroll(new("52:54:00:00:00:04"), 1).await.unwrap().mac;
-    s.start_install(m, "h1".into(), 100, Sighting::default(), FROM.into(), 2)
-        .await
-        .unwrap();
+    s.start_install(
+        m,
+        "h1".into(),
+        100,
+        Sighting::default(),
+        FROM.into(),
+        None,
+        2,
+    )
+    .await
+    .unwrap();
     s.phone_home(
         "h1".into(),
         key(),
@@ -315,9 +363,17 @@ async fn reprovision_kills_token_and_keys() {
         Err(StoreError::Token(TokenProblem::Unknown, _))
     ));
     // Reprovision during an install invalidates the live token too.
-    s.start_install(m, "h2".into(), 100, Sighting::default(), FROM.into(), 6)
-        .await
-        .unwrap();
+    s.start_install(
+        m,
+        "h2".into(),
+        100,
+        Sighting::default(),
+        FROM.into(),
+        None,
+        6,
+    )
+    .await
+    .unwrap();
     s.reprovision(m, 7).await.unwrap();
     assert!(s.machine_by_token("h2", FROM, 8).await.is_err());
 }
@@ -381,12 +437,28 @@ async fn expired_installs_fail_with_step_and_reason() {
     let s = store();
     let a = s.enroll(new("52:54:00:00:00:06"), 1).await.unwrap().mac;
     let b = s.enroll(new("52:54:00:00:00:07"), 1).await.unwrap().mac;
-    s.start_install(a, "ha".into(), 50, Sighting::default(), FROM.into(), 2)
-        .await
-        .unwrap();
-    s.start_install(b, "hb".into(), 500, Sighting::default(), FROM.into(), 2)
-        .await
-        .unwrap();
+    s.start_install(
+        a,
+        "ha".into(),
+        50,
+        Sighting::default(),
+        FROM.into(),
+        None,
+        2,
+    )
+    .await
+    .unwrap();
+    s.start_install(
+        b,
+        "hb".into(),
+        500,
+        Sighting::default(),
+        FROM.into(),
+        None,
+        2,
+    )
+    .await
+    .unwrap();
     assert_eq!(s.expire_installs(100).await.unwrap(), vec![a]);
     let fa = s.machine(a).await.unwrap().unwrap();
     assert_eq!(fa.state, State::Failed);
@@ -490,12 +562,26 @@ async fn boot_facts_are_the_decision_inputs() {
         BootFacts {
             state: State::Enrolled,
             profile: Some("debian-12".into()),
-            installer_done: false
+            installer_done: false,
+            uuid: None,
+            serial: None,
+            hostname: Some("node1".into()),
+            arch: None,
+            platform: None,
+            labels: BTreeMap::new(),
         }
     );
-    s.start_install(m, "h".into(), 100, Sighting::default(), FROM.into(), 2)
-        .await
-        .unwrap();
+    s.start_install(
+        m,
+        "h".into(),
+        100,
+        Sighting::default(),
+        FROM.into(),
+        None,
+        2,
+    )
+    .await
+    .unwrap();
     s.config_served(m, "x".into(), Some("done".into()), 3)
         .await
         .unwrap();
@@ -585,9 +671,17 @@ async fn observations_are_coalesced_and_written_in_order() {
         });
     }
     // A durable write after them comes after them on the timeline.
-    s.start_install(m, "h".into(), 100, Sighting::default(), FROM.into(), 20)
-        .await
-        .unwrap();
+    s.start_install(
+        m,
+        "h".into(),
+        100,
+        Sighting::default(),
+        FROM.into(),
+        None,
+        20,
+    )
+    .await
+    .unwrap();
     let ev = timeline(&s, m).await;
     let got: Vec<(&str, i64)> = ev.iter().map(|e| (e.kind.as_str(), e.count)).collect();
     assert_eq!(
@@ -728,9 +822,17 @@ async fn retention_keeps_transitions_longest() {
     })
     .unwrap();
     let m = s.enroll(new("52:54:00:00:00:11"), 1).await.unwrap().mac;
-    s.start_install(m, "h".into(), 1000, Sighting::default(), FROM.into(), 2)
-        .await
-        .unwrap();
+    s.start_install(
+        m,
+        "h".into(),
+        1000,
+        Sighting::default(),
+        FROM.into(),
+        None,
+        2,
+    )
+    .await
+    .unwrap();
     for i in 0..30 {
         s.observe(Observation::Event {
             mac: Some(m),
@@ -897,6 +999,7 @@ async fn repeats_within_a_minute_add_to_the_newest_row() {
         t0 + 1_000_000,
         Sighting::default(),
         FROM.into(),
+        None,
         t0 + 41_000,
     )
     .await
@@ -948,6 +1051,7 @@ async fn a_durable_write_writes_its_own_machines_repeats_first_and_only_those() 
         t0 + 1_000_000,
         Sighting::default(),
         FROM.into(),
+        None,
         t0 + 3_000,
     )
     .await
@@ -1075,6 +1179,7 @@ async fn cached_boot_facts_follow_every_write() {
             i64::MAX,
             Sighting::default(),
             FROM.into(),
+            None,
             2,
         )
         .await
@@ -1107,6 +1212,7 @@ async fn cached_boot_facts_follow_every_write() {
         i64::MAX,
         Sighting::default(),
         FROM.into(),
+        None,
         5,
     )
     .await
@@ -1318,9 +1424,17 @@ async fn the_event_feed_moves_with_each_commit_and_token_info_never_shows_the_to
     assert_eq!(last[0].id, after);
 
     assert_eq!(s.install_token(m).await.unwrap(), None);
-    s.start_install(m, "hash".into(), 1000, Sighting::default(), FROM.into(), 2)
-        .await
-        .unwrap();
+    s.start_install(
+        m,
+        "hash".into(),
+        1000,
+        Sighting::default(),
+        FROM.into(),
+        None,
+        2,
+    )
+    .await
+    .unwrap();
     let t = s.install_token(m).await.unwrap().unwrap();
     assert_eq!(
         (t.created_at, t.expires_at, t.burnt_at, t.ip.as_deref()),
@@ -1328,4 +1442,174 @@ async fn the_event_feed_moves_with_each_commit_and_token_info_never_shows_the_to
     );
     assert!(!format!("{t:?}").contains("hash"));
     assert!(feed.has_changed().unwrap());
+}
+
+/// What group selectors read (uuid, serial, arch, platform) is in the cached boot facts, so a
+/// sighting that writes them forgets them at its commit, as any write does.
+#[tokio::test]
+async fn a_sighting_that_writes_what_selectors_read_is_seen_by_the_next_boot_facts() {
+    let s = store();
+    let m = mac("52:54:00:00:00:31");
+    s.observe(Observation::Seen {
+        mac: m,
+        sighting: Sighting::default(),
+        discover: true,
+        at: 1,
+    });
+    s.flush().await.unwrap();
+    let f = s.boot_facts(m).await.unwrap().unwrap();
+    assert_eq!((f.serial, f.platform), (None, None));
+    s.observe(Observation::Seen {
+        mac: m,
+        sighting: Sighting {
+            serial: Some("SN-31".into()),
+            platform: Some("efi".into()),
+            ..Default::default()
+        },
+        discover: false,
+        at: 2,
+    });
+    s.flush().await.unwrap();
+    let f = s.boot_facts(m).await.unwrap().unwrap();
+    assert_eq!(
+        (f.serial.as_deref(), f.platform.as_deref()),
+        (Some("SN-31"), Some("efi"))
+    );
+}
+
+/// The schema-8 migration rebuilds the machines table (to drop a CHECK): a version-7
+/// database keeps every machine and every row that refers to one, and the references still
+/// cascade afterwards.
+#[tokio::test]
+async fn the_groups_migration_keeps_every_machine_and_what_refers_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("provision.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        for sql in [
+            include_str!("../../migrations/01-initial/up.sql"),
+            include_str!("../../migrations/02-leases/up.sql"),
+            include_str!("../../migrations/03-registration/up.sql"),
+            include_str!("../../migrations/04-hot-path/up.sql"),
+            include_str!("../../migrations/05-claims/up.sql"),
+            include_str!("../../migrations/06-revocation/up.sql"),
+            include_str!("../../migrations/07-state-time/up.sql"),
+        ] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "user_version", 7).unwrap();
+        c.execute_batch(
+            "PRAGMA foreign_keys = ON;
+             INSERT INTO machines (mac, hostname, profile, state, vars, labels, created_at,
+                updated_at, last_seen, boot_ip, state_at)
+             VALUES ('52:54:00:00:00:41', 'n1', 'debian-12', 'installed', '{\"ip\":\"10.0.0.41\"}',
+                '{\"rack\":\"3\"}', 1, 2, 3, '10.0.0.41', 2),
+                ('52:54:00:00:00:42', NULL, NULL, 'discovered', '{}', '{}', 1, 1, 5, NULL, 1);
+             INSERT INTO install_tokens (mac, hash, generation, created_at, expires_at, burnt_at)
+             VALUES ('52:54:00:00:00:41', 'h41', 0, 1, 9, 2);
+             INSERT INTO host_keys (mac, algorithm, key, added_at)
+             VALUES ('52:54:00:00:00:41', 'ssh-ed25519', 'AAAA', 2);
+             INSERT INTO register_steps (mac, seq, name, status, at)
+             VALUES ('52:54:00:00:00:41', 0, 'ovs', 'ok', 3);",
+        )
+        .unwrap();
+    }
+    let s = SqliteInventory::open(&path, Limits::default()).unwrap();
+    let m = s.machine(mac("52:54:00:00:00:41")).await.unwrap().unwrap();
+    assert_eq!(
+        (m.state, m.profile.as_deref(), m.hostname.as_deref()),
+        (State::Installed, Some("debian-12"), Some("n1"))
+    );
+    assert_eq!(m.vars.get("ip").map(String::as_str), Some("10.0.0.41"));
+    assert_eq!(m.labels.get("rack").map(String::as_str), Some("3"));
+    assert_eq!(m.host_keys.len(), 1);
+    assert_eq!(m.register_steps.len(), 1);
+    assert_eq!(m.last_seen, Some(3));
+    assert_eq!(
+        s.machine(mac("52:54:00:00:00:42"))
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        State::Discovered
+    );
+    assert_eq!(
+        s.reservations().await.unwrap().len(),
+        1,
+        "the index came back"
+    );
+    // The references still cascade: deleting the machine takes its rows with it.
+    s.delete(m.mac, 10).await.unwrap();
+    drop(s);
+    let c = rusqlite::Connection::open(&path).unwrap();
+    for table in ["install_tokens", "host_keys", "register_steps"] {
+        let n: i64 = c
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0, "{table}");
+    }
+}
+
+/// Group changes are refused inside the writer's transaction, against the groups as
+/// committed: a tie, and a change that leaves a machine past discovery without a profile.
+#[tokio::test]
+async fn group_changes_keep_resolution_unambiguous_and_every_install_with_a_profile() {
+    let s = store();
+    let g = |name: &str, sel: &[(&str, &str)], profile: Option<&str>| Group {
+        name: name.into(),
+        selector: sel
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        profile: profile.map(str::to_string),
+        ..Default::default()
+    };
+    assert!(s
+        .put_group(g("rack3", &[("rack", "3")], Some("debian-12")), 1)
+        .await
+        .unwrap());
+    assert!(!s
+        .put_group(g("rack3", &[("rack", "3")], Some("debian-12")), 2)
+        .await
+        .unwrap());
+    let e = s
+        .put_group(g("gpu", &[("gpu", "yes")], Some("ubuntu-24.04")), 3)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::GroupConflict(_)), "{e}");
+    assert_eq!(
+        s.groups().groups().len(),
+        1,
+        "the refused group is not in memory"
+    );
+    let mut n = new("52:54:00:00:00:51");
+    n.profile = None;
+    n.labels = [("rack".to_string(), "3".to_string())].into();
+    let m = s.enroll(n, 4).await.unwrap();
+    assert_eq!(m.profile.as_deref(), Some("debian-12"));
+    let e = s.delete_group("rack3".into(), 5).await.unwrap_err();
+    assert!(matches!(e, StoreError::GroupConflict(_)), "{e}");
+    assert!(s.groups().get("rack3").is_some());
+    // A group event for each change, of no machine.
+    let groups: Vec<String> = s
+        .events(EventQuery::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == EventKind::GroupChanged)
+        .map(|e| e.detail)
+        .collect();
+    assert_eq!(groups.len(), 2, "{groups:?}");
+    assert!(groups[0].starts_with("group rack3 created"), "{groups:?}");
+    assert!(groups[1].starts_with("group rack3 updated"), "{groups:?}");
+    // The groups survive a reopen.
+    let path = s.path().to_path_buf();
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("p.db");
+    crate::store::snapshot(&path, &copy).unwrap();
+    let s2 = SqliteInventory::open(&copy, Limits::default()).unwrap();
+    assert_eq!(
+        s2.groups().get("rack3").unwrap().profile.as_deref(),
+        Some("debian-12")
+    );
 }
