@@ -5,9 +5,9 @@
 //! default and selects every machine. What a machine gets is resolved per value: its own
 //! value, else the most specific matching group's (the one with the most selector labels),
 //! else a less specific one's. Two groups that can select one machine, with the same number
-//! of selector labels and a value in common, would leave that value to chance: such a pair
-//! is refused when the second group is created ([`GroupSet::conflict`]), so resolution never
-//! meets a tie.
+//! of selector labels, that set one value differently would leave it to chance: such a pair
+//! is refused when the second group is created or changed ([`GroupSet::conflict`]), so
+//! resolution never meets a tie.
 //!
 //! Selection reads a machine's own labels only, never the labels groups give it: a group's
 //! membership cannot depend on another group's.
@@ -45,12 +45,20 @@ impl Group {
     }
 
     /// The values this group sets, by field name (`profile`, `vars.KEY`, `labels.KEY`).
-    fn fields(&self) -> Vec<String> {
+    fn fields(&self) -> BTreeMap<String, &str> {
         self.profile
             .iter()
-            .map(|_| "profile".to_string())
-            .chain(self.vars.keys().map(|k| format!("vars.{k}")))
-            .chain(self.labels.keys().map(|k| format!("labels.{k}")))
+            .map(|p| ("profile".to_string(), p.as_str()))
+            .chain(
+                self.vars
+                    .iter()
+                    .map(|(k, v)| (format!("vars.{k}"), v.as_str())),
+            )
+            .chain(
+                self.labels
+                    .iter()
+                    .map(|(k, v)| (format!("labels.{k}"), v.as_str())),
+            )
             .collect()
     }
 }
@@ -276,8 +284,8 @@ impl GroupSet {
     }
 
     /// Why `candidate` (new, or replacing the group of its name) cannot join the set: another
-    /// group can select the same machine with the same specificity and sets a value it sets,
-    /// so which one a machine gets would be a tie. `None`: it can.
+    /// group can select the same machine with the same specificity and sets a value it sets
+    /// to something else, so which one a machine gets would be a tie. `None`: it can.
     pub fn conflict(&self, candidate: &Group) -> Option<String> {
         let ours = candidate.fields();
         for g in &self.groups {
@@ -288,7 +296,12 @@ impl GroupSet {
                 continue;
             }
             let theirs = g.fields();
-            let shared: Vec<&String> = ours.iter().filter(|f| theirs.contains(f)).collect();
+            // The same value from both is no choice to make.
+            let shared: Vec<&String> = ours
+                .iter()
+                .filter(|(f, v)| theirs.get(*f).is_some_and(|w| w != *v))
+                .map(|(f, _)| f)
+                .collect();
             if shared.is_empty() {
                 continue;
             }
@@ -311,9 +324,9 @@ impl GroupSet {
                 )
             };
             return Some(format!(
-                "groups {} and {} {which}, and both set {}: a machine would get one of them by \
-                 chance. Make one selector more specific (add a label to it), or set each value \
-                 in only one of the groups",
+                "groups {} and {} {which}, and set {} differently: a machine would get one of \
+                 them by chance. Make one selector more specific (add a label to it), or set \
+                 each value in only one of the groups (or to the same value in both)",
                 candidate.name,
                 g.name,
                 shared

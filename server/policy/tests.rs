@@ -432,8 +432,19 @@ fn a_tie_is_refused_when_the_second_group_is_made() {
             group("r640", &[("model", "r640")], None, &[("gw", "x")]),
             false,
         ),
-        // A second default that sets what the first sets.
+        // A second default that sets what the first sets, differently.
         (group("default2", &[], None, &[("tz", "CET")]), true),
+        // ... or to the same value: no choice to make.
+        (group("default2", &[], None, &[("tz", "UTC")]), false),
+        (
+            group(
+                "r640",
+                &[("model", "r640")],
+                Some("ubuntu"),
+                &[("ntp", "a")],
+            ),
+            false,
+        ),
         (group("default2", &[], Some("p"), &[]), false),
         // Replacing a group by its own name is not a tie with itself.
         (

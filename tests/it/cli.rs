@@ -322,3 +322,204 @@ fn bad_input_gets_a_message_and_exit_code_2() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("wrong admin token"));
 }
+
+/// Groups through the real CLI and daemon: a default group and a rack group, a machine
+/// enrolled with no profile of its own getting the rack's, `machines show` naming where each
+/// value came from, a tie refused with exit code 2, update and delete.
+#[test]
+fn groups_give_machines_their_values_and_show_says_from_where() {
+    let d = Daemon::start();
+    d.cli_ok(&[
+        "groups",
+        "create",
+        "site",
+        "--var",
+        "domain=site.example",
+        "--var",
+        "timezone=UTC",
+    ]);
+    let out = d.cli_ok(&[
+        "groups",
+        "create",
+        "rack3",
+        "--selector",
+        "rack=3",
+        "--profile",
+        "debian-12",
+        "--var",
+        "timezone=Europe/Oslo",
+        "--label",
+        "row=b",
+    ]);
+    assert!(
+        out.contains("created group rack3") && out.contains("selector   rack=3"),
+        "{out}"
+    );
+    let list = d.cli_ok(&["groups", "list"]);
+    assert!(
+        list.contains("rack3") && list.contains("debian-12"),
+        "{list}"
+    );
+    assert!(list.contains("(every machine)"), "{list}");
+
+    let out = d.cli_ok(&[
+        "enroll",
+        "52:54:00:00:33:01",
+        "--label",
+        "rack=3",
+        "--hostname",
+        "r3n1",
+    ]);
+    assert!(out.contains("with profile debian-12"), "{out}");
+    let show = d.cli_ok(&["machines", "show", "52:54:00:00:33:01"]);
+    for want in [
+        "profile     debian-12   (group rack3)",
+        "groups      rack3, site",
+        "var        domain=site.example   (group site)",
+        "var        timezone=Europe/Oslo   (group rack3)",
+        "label      rack=3\n",
+        "label      row=b   (group rack3)",
+    ] {
+        assert!(show.contains(want), "{want:?} in:\n{show}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&d.cli_ok(&["machines", "show", "52:54:00:00:33:01", "--json"]))
+            .unwrap();
+    assert_eq!(json["inherited"]["profile"], "rack3");
+    assert_eq!(json["inherited"]["vars.domain"], "site");
+    assert_eq!(json["groups"], serde_json::json!(["rack3", "site"]));
+    // What the machine is served carries the groups' values.
+    let (s, script) = d.get("/ipxe?mac=52-54-00-00-33-01&arch=x86_64&platform=pcbios");
+    assert_eq!(s, 200, "{script}");
+    assert!(script.contains("domain=site.example"), "{script}");
+
+    // A tie: same specificity, can select one machine, both set the profile.
+    let out = d.cli(&[
+        "groups",
+        "create",
+        "r640",
+        "-s",
+        "model=r640",
+        "-p",
+        "ubuntu-24.04",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("groups r640 and rack3") && err.contains("more specific"),
+        "{err}"
+    );
+    // More specific is fine, and wins.
+    d.cli_ok(&[
+        "groups",
+        "create",
+        "rack3-r640",
+        "-s",
+        "rack=3",
+        "-s",
+        "model=r640",
+        "-p",
+        "ubuntu-24.04",
+    ]);
+    d.cli_ok(&[
+        "machines",
+        "update",
+        "52:54:00:00:33:01",
+        "--var",
+        "timezone=Asia/Tokyo",
+    ]);
+    let show = d.cli_ok(&["machines", "show", "52:54:00:00:33:01"]);
+    assert!(
+        show.contains("var        timezone=Asia/Tokyo\n"),
+        "its own: {show}"
+    );
+
+    let out = d.cli_ok(&[
+        "groups",
+        "update",
+        "site",
+        "--unset-var",
+        "timezone",
+        "--var",
+        "mirror_host=m.site",
+    ]);
+    assert!(
+        out.contains("var        mirror_host=m.site") && !out.contains("timezone"),
+        "{out}"
+    );
+    let out = d.cli(&["groups", "delete", "rack3"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("without a profile") && err.contains("52:54:00:00:33:01"),
+        "{err}"
+    );
+    d.cli_ok(&["groups", "delete", "rack3-r640"]);
+    let out = d.cli(&["groups", "show", "rack3-r640"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no group named"));
+    let events = d.cli_ok(&["events"]);
+    assert!(events.contains("group rack3-r640 deleted"), "{events}");
+}
+
+/// The worked example in docs/fleet.md, run as written (each `provision` line of its marked
+/// block through the real CLI), then the first boot request of the server known only by its
+/// serial: it installs the profile its serial's group gives, with that group's values.
+#[test]
+fn the_fleet_example_runs_as_written() {
+    let d = Daemon::start();
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/fleet.md"),
+    )
+    .unwrap();
+    let block = doc
+        .split_once("<!-- example: groups -->")
+        .and_then(|(_, rest)| rest.split_once("```sh\n"))
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("docs/fleet.md has the marked example block")
+        .0;
+    let mut outputs = Vec::new();
+    for line in block.lines().filter(|l| !l.trim().is_empty()) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words[0], "provision", "{line}");
+        outputs.push(d.cli_ok(&words[1..]));
+    }
+    assert!(outputs.len() >= 7, "{block}");
+    let show = outputs.last().unwrap();
+    for want in [
+        "profile     debian-12   (group rack3)",
+        "var        domain=site.example   (group site)",
+        "var        timezone=Europe/Oslo   (group rack3)",
+        "label      row=b   (group rack3)",
+    ] {
+        assert!(show.contains(want), "{want:?} in:\n{show}");
+    }
+    // SN1001 powers on: nothing enrolled, its serial in the boot request.
+    let (s, script) =
+        d.get("/ipxe?mac=52-54-00-00-10-01&serial=SN1001&arch=x86_64&platform=pcbios");
+    assert_eq!(s, 200, "{script}");
+    assert!(script.contains("/assets/debian-12/linux"), "{script}");
+    let token = token_of(&script);
+    let (s, preseed) = d.get(&format!("/config/{token}/preseed.cfg"));
+    assert_eq!(s, 200, "{preseed}");
+    assert!(
+        preseed.contains("d-i partman-auto/disk string /dev/nvme0n1"),
+        "{preseed}"
+    );
+    let show = d.cli_ok(&["machines", "show", "52:54:00:00:10:01"]);
+    for want in [
+        "state       installing",
+        "profile     debian-12   (group sn1001)",
+        "serial      SN1001",
+        "label      rack=3   (group sn1001)",
+    ] {
+        assert!(show.contains(want), "{want:?} in:\n{show}");
+    }
+    assert!(
+        show.contains("profile debian-12 from group sn1001"),
+        "{show}"
+    );
+    // SN1002 has not booted: nothing about it exists.
+    let list = d.cli_ok(&["machines", "list"]);
+    assert_eq!(list.lines().count(), 3, "header, r3n1, SN1001:\n{list}");
+}

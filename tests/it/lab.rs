@@ -591,22 +591,42 @@ fn vms_install_phone_home_and_then_boot_local() {
             "./cloud-config",
         ),
     ];
+    // One machine nobody enrolls: a group selects it by the serial number its firmware
+    // reports (SMBIOS, `${serial}` in iPXE) and gives it its profile and a variable.
+    const GROUPED: &str = "52:54:00:77:01:03";
+    const SERIAL: &str = "SN-LAB-0003";
+    lab.cli(&[
+        "groups",
+        "create",
+        "lab-rack",
+        "--selector",
+        &format!("serial={SERIAL}"),
+        "--profile",
+        "test-preseed",
+        "--var",
+        "timezone=Europe/Oslo",
+    ]);
     let qemu = tool("qemu-system-x86_64");
     for (i, (tap, fw, mac, profile, _)) in machines.iter().enumerate() {
-        lab.cli(&[
-            "enroll",
-            mac,
-            "--profile",
-            profile,
-            "--hostname",
-            &format!("node{i}"),
-        ]);
+        if *mac != GROUPED {
+            lab.cli(&[
+                "enroll",
+                mac,
+                "--profile",
+                profile,
+                "--hostname",
+                &format!("node{i}"),
+            ]);
+        }
         let disk = lab.path(&format!("{tap}.img"));
         std::fs::File::create(&disk)
             .unwrap()
             .set_len(64 << 20)
             .unwrap();
-        let args = vm(&lab, *fw, tap, mac, Some(&disk), true);
+        let mut args = vm(&lab, *fw, tap, mac, Some(&disk), true);
+        if *mac == GROUPED {
+            args.extend(["-smbios".into(), format!("type=1,serial={SERIAL}")]);
+        }
         lab.spawn(&ns, &format!("{tap}.log"), &qemu, &refs(&args));
     }
 
@@ -671,6 +691,27 @@ fn vms_install_phone_home_and_then_boot_local() {
         let disk = std::fs::read(lab.path(&format!("{tap}.img"))).unwrap();
         let head = String::from_utf8_lossy(&disk[..64 << 10]);
         assert!(head.contains(written), "{mac}: {written} not on the disk");
+        if *mac == GROUPED {
+            // Enrolled by its group at its first install boot, with the group's values.
+            let enrolled = events
+                .lines()
+                .find(|l| l.contains("enrolled"))
+                .unwrap_or_else(|| panic!("{events}"));
+            assert!(
+                enrolled.contains("profile test-preseed from group lab-rack"),
+                "{events}"
+            );
+            assert!(
+                show.contains(&format!("serial      {SERIAL}"))
+                    && show.contains("(group lab-rack)")
+                    && show.contains("var        timezone=Europe/Oslo   (group lab-rack)"),
+                "{show}"
+            );
+            assert!(
+                head.contains("d-i time/zone string Europe/Oslo"),
+                "{mac}: the group's timezone is not in the preseed on the disk"
+            );
+        }
     }
 }
 
