@@ -152,8 +152,9 @@ impl Resolved {
 pub struct GroupSet {
     /// By name.
     groups: Vec<Group>,
-    /// (key, value) → the groups whose selector requires it.
-    index: HashMap<(String, String), Vec<usize>>,
+    /// key → value → the groups whose selector requires it (two levels, so a lookup borrows
+    /// the machine's strings instead of copying them).
+    index: HashMap<String, HashMap<String, Vec<usize>>>,
     /// Groups with an empty selector.
     defaults: Vec<usize>,
 }
@@ -162,14 +163,19 @@ impl GroupSet {
     /// The set of `groups` (any order; names are unique).
     pub fn new(mut groups: Vec<Group>) -> GroupSet {
         groups.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut index: HashMap<(String, String), Vec<usize>> = HashMap::new();
+        let mut index: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
         let mut defaults = Vec::new();
         for (i, g) in groups.iter().enumerate() {
             if g.selector.is_empty() {
                 defaults.push(i);
             }
             for (k, v) in &g.selector {
-                index.entry((k.clone(), v.clone())).or_default().push(i);
+                index
+                    .entry(k.clone())
+                    .or_default()
+                    .entry(v.clone())
+                    .or_default()
+                    .push(i);
             }
         }
         GroupSet {
@@ -201,9 +207,7 @@ impl GroupSet {
     pub fn matching(&self, m: &Selectable<'_>) -> Vec<&Group> {
         let mut hits: HashMap<usize, usize> = HashMap::new();
         for (k, v) in m.pairs() {
-            // A lookup key of borrowed strings would need a second map type; the pairs are
-            // few and short.
-            if let Some(gs) = self.index.get(&(k.to_string(), v.to_string())) {
+            if let Some(gs) = self.index.get(k).and_then(|by_value| by_value.get(v)) {
                 for &i in gs {
                     *hits.entry(i).or_default() += 1;
                 }

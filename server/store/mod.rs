@@ -325,7 +325,13 @@ impl BootFacts {
         now: &Sighting,
         groups: &GroupSet,
     ) -> (Option<String>, Option<String>) {
-        if self.profile.is_some() || groups.is_empty() {
+        // Only a machine that may install needs its profile for the decision; an installed
+        // one boots its disk whatever its groups say (and costs no resolution).
+        let may_install = matches!(
+            self.state,
+            State::Discovered | State::Enrolled | State::Installing
+        );
+        if self.profile.is_some() || groups.is_empty() || !may_install {
             return (self.profile.clone(), None);
         }
         let mac = mac.to_string();
