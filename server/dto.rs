@@ -115,7 +115,8 @@ impl From<store::Machine> for Machine {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Group {
-    /// Unique name.
+    /// Unique name (on `PUT /groups/{name}` the path's, which the body may leave out).
+    #[serde(default)]
     pub name: String,
     /// Machine fact (`mac`, `uuid`, `serial`, `hostname`, `arch`, `platform`) or label →
     /// the exact value a machine must have; empty: every machine (a default group).

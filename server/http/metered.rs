@@ -68,6 +68,7 @@ pub const ADMIN_ROUTES: &[&str] = &[
     "/ui/discovered",
     "/ui/discovered/enroll",
     "/ui/enroll",
+    "/ui/groups",
     "/ui/profiles",
     "/ui/profiles/{name}",
     "/ui/profiles/{name}/preview",

@@ -1061,3 +1061,118 @@ async fn patch_changes_what_it_names_keeps_the_rest_and_refuses_bad_input_changi
     let after: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(after, m, "a refused PATCH changed the machine");
 }
+
+/// The groups API: create, replace, read, delete with their statuses; the machine object
+/// and the UI's machine page say which values came from a group, and the UI's edit form holds
+/// only the machine's own values (saving it never copies a group's into the machine).
+#[tokio::test]
+async fn groups_through_the_api_and_the_machine_page() {
+    let d = tempfile::tempdir().unwrap();
+    let app = app(d.path());
+    let rack = serde_json::json!({"name": "rack3", "selector": {"rack": "3"},
+        "profile": "debian-12", "vars": {"timezone": "Europe/Oslo"}, "labels": {"row": "b"}});
+    let (s, body) = send(&app, api("POST", "/api/v1/groups", Some(rack.clone()))).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (s, body) = send(&app, api("POST", "/api/v1/groups", Some(rack))).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    let site = serde_json::json!({"vars": {"domain": "site.example"}});
+    let (s, body) = send(&app, api("PUT", "/api/v1/groups/site", Some(site.clone()))).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let (s, body) = send(&app, api("PUT", "/api/v1/groups/site", Some(site))).await;
+    assert_eq!(s, StatusCode::OK, "replaced: {body}");
+    let (s, body) = send(
+        &app,
+        api(
+            "PUT",
+            "/api/v1/groups/site",
+            Some(serde_json::json!({"name": "other"})),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (s, body) = send(
+        &app,
+        api(
+            "PUT",
+            "/api/v1/groups/x",
+            Some(serde_json::json!({"selectr": {}})),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body.contains("unknown field `selectr`"), "{body}");
+    let (s, body) = send(&app, api("GET", "/api/v1/groups", None)).await;
+    assert_eq!(s, StatusCode::OK);
+    let list: Vec<crate::dto::Group> = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        list.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(),
+        ["rack3", "site"]
+    );
+    let (s, _) = send(&app, api("GET", "/api/v1/groups/nope", None)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let enroll = serde_json::json!({"mac": "52:54:00:00:00:61", "labels": {"rack": "3"},
+        "vars": {"install_disk": "/dev/sdb"}});
+    let (s, body) = send(&app, api("POST", "/api/v1/machines", Some(enroll))).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let m: crate::dto::Machine = serde_json::from_str(&body).unwrap();
+    assert_eq!(m.profile.as_deref(), Some("debian-12"));
+    assert_eq!(m.groups, ["rack3", "site"]);
+    assert_eq!(m.inherited["profile"], "rack3");
+    assert_eq!(m.inherited["vars.domain"], "site");
+    assert!(!m.inherited.contains_key("vars.install_disk"));
+
+    let (cookie, csrf) = ui_login(&app).await;
+    let (s, page) = send(&app, ui_get("/ui/machines/52:54:00:00:00:61", &cookie)).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    assert!(
+        page.contains("debian-12</a> <span class=\"muted from-group\">(group rack3)</span>"),
+        "{page}"
+    );
+    assert!(
+        page.contains("domain=site.example <span class=\"muted from-group\">(group site)</span>"),
+        "{page}"
+    );
+    assert!(
+        page.contains("<dd id=\"groups\">rack3, site</dd>"),
+        "{page}"
+    );
+    let form = page.split_once("id=\"edit\"").unwrap().1;
+    assert!(form.contains("install_disk=&#x2f;dev&#x2f;sdb"), "{form}");
+    assert!(
+        !form.contains("domain=site.example") && !form.contains("timezone"),
+        "{form}"
+    );
+    // Saving the form as shown keeps the group's values the group's.
+    let save =
+        format!("_csrf={csrf}&hostname=&profile=&vars=install_disk%3D%2Fdev%2Fsdb&labels=rack%3D3");
+    let (s, _) = send(
+        &app,
+        ui_post("/ui/machines/52:54:00:00:00:61/edit", &cookie, &save),
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let (_, body) = send(&app, api("GET", "/api/v1/machines/52:54:00:00:00:61", None)).await;
+    let m: crate::dto::Machine = serde_json::from_str(&body).unwrap();
+    assert_eq!(m.inherited["profile"], "rack3");
+    assert_eq!(m.inherited["vars.timezone"], "rack3");
+
+    let (s, page) = send(&app, ui_get("/ui/groups", &cookie)).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    assert!(
+        page.contains("<tr id=\"group-rack3\"><td>rack3</td>"),
+        "{page}"
+    );
+    assert!(
+        page.contains("rack=3<br>") && page.contains("every machine"),
+        "{page}"
+    );
+
+    let (s, body) = send(&app, api("DELETE", "/api/v1/groups/rack3", None)).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("without a profile"), "{body}");
+    let (s, _) = send(&app, api("DELETE", "/api/v1/groups/site", None)).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = send(&app, api("DELETE", "/api/v1/groups/site", None)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

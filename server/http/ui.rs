@@ -118,6 +118,7 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/discovered", get(discovered))
         .route("/ui/discovered/enroll", post(enroll_discovered))
         .route("/ui/enroll", get(enroll_page).post(enroll))
+        .route("/ui/groups", get(groups))
         .route("/ui/profiles", get(profiles))
         .route("/ui/profiles/{name}", get(profile))
         .route("/ui/profiles/{name}/preview", get(profile_preview))
@@ -1192,12 +1193,14 @@ async fn machine_page(
                 .unwrap_or_default(),
         )
         .collect();
+    // The machine's own values: a save replaces them, and its groups' are added again when
+    // it is read (copying them in would pin them to the machine).
     let form = form_in.unwrap_or_else(|| {
         json!({
             "hostname": m.hostname.clone().unwrap_or_default(),
-            "profile": m.profile.clone().unwrap_or_default(),
-            "vars": pairs_text(&m.vars),
-            "labels": pairs_text(&m.labels),
+            "profile": m.own_profile().unwrap_or_default(),
+            "vars": pairs_text(&m.own_vars()),
+            "labels": pairs_text(&m.own_labels()),
         })
     });
     let topic = format!("pv-m-{}", m.mac.to_string().replace(':', ""));
@@ -1510,6 +1513,18 @@ async fn enroll(State(st): State<AppState>, f: Form) -> Response {
 
 // ---------------------------------------------------------------------------------------
 // Profiles
+
+async fn groups(State(st): State<AppState>, s: Session) -> Response {
+    let list: Vec<dto::Group> = st.admin.groups().into_iter().map(Into::into).collect();
+    page(
+        &st,
+        Some(&s),
+        "groups.html",
+        "Groups",
+        "groups",
+        json!({ "groups": list }),
+    )
+}
 
 async fn profiles(State(st): State<AppState>, s: Session) -> Response {
     let cat = st.admin.catalog();
