@@ -747,6 +747,41 @@ def seeded(b):
     return b.seed
 
 
+GROUPS = 1000
+
+
+def with_groups(b, seed_dir, enrolled):
+    """A copy of the seeded data dir with GROUPS groups made through the API: half select one
+    enrolled machine each by MAC (a var), the rest select a rack label no machine has, and one
+    is a default (a var); none gives a profile, so every answer stays what it was and only the
+    cost of resolving a machine's groups is added."""
+    data = b.work / "ipxe-groups-seed"
+    if data.exists():
+        return data
+    shutil.copytree(seed_dir, data, symlinks=True)
+    d = b.provision("provision-groups-seed", data, extra=LOOPBACK_CLAIMS)
+    token = (data / "admin-token").read_text().strip()
+    macs = enrolled.read_text().split()
+    try:
+        for i in range(GROUPS):
+            if i == 0:
+                g = {"vars": {"site_ntp": "ntp.example"}}
+            elif i <= GROUPS // 2 and i <= len(macs):
+                g = {"selector": {"mac": macs[i - 1]}, "vars": {"bench_slot": str(i)}}
+            else:
+                g = {"selector": {"rack": str(i)}, "vars": {"rack_gw": f"10.{i % 250}.0.1"}}
+            req = urllib.request.Request(
+                f"http://{ADMIN}/api/v1/groups/g{i:04}", data=json.dumps(g).encode(),
+                method="PUT", headers={"Authorization": f"Bearer {token}",
+                                       "Content-Type": "application/json"})
+            with NO_PROXY.open(req, timeout=10) as r:
+                if r.status not in (200, 201):
+                    raise BenchError(f"PUT group g{i:04}: HTTP {r.status}")
+    finally:
+        d.stop()
+    return data
+
+
 def section_ipxe(b):
     cfg = b.cfg
     seed_dir, out = seeded(b)
@@ -771,6 +806,9 @@ def section_ipxe(b):
     res = {("p", t[0]): [] for t in tests}
     res.update({("n", t[0]): [] for t in tests})
     res[("p", "install")] = []
+    res[("g", "c50")] = []
+    res[("g", "install")] = []
+    groups_dir = with_groups(b, seed_dir, enrolled)
     for rnd in range(cfg["rounds"]):
         log(f"ipxe: round {rnd + 1}, provision (fresh copy of the seeded data dir)")
         data = b.work / "ipxe-run"
@@ -781,6 +819,15 @@ def section_ipxe(b):
             for name, t, c, path, macs in tests:
                 res[("p", name)].append(wrk(b, t, c, path, macs, d))
             res[("p", "install")].append(wrk(b, 2, 50, "/ipxe", enrolled, d))
+        finally:
+            d.stop()
+        log(f"ipxe: round {rnd + 1}, provision with {GROUPS:,} groups")
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.copytree(groups_dir, data, symlinks=True)
+        d = b.provision("provision-ipxe-groups", data, extra=LOOPBACK_CLAIMS)
+        try:
+            res[("g", "c50")].append(wrk(b, 2, 50, "/ipxe", installed, d))
+            res[("g", "install")].append(wrk(b, 2, 50, "/ipxe", enrolled, d))
         finally:
             d.stop()
         log(f"ipxe: round {rnd + 1}, nginx")
@@ -822,6 +869,15 @@ def section_ipxe(b):
                 f"{med('p', 'install', 'p99_us') / 1000:.2f} ms; over "
                 f"{cfg['seed_enrolled']:,} enrolled MACs" +
                 (f"; {errs('p', 'install')}" if errs("p", "install") else ""))
+    for name, what in (("c50", "/ipxe local boot -t2 -c50"),
+                       ("install", "/ipxe install answer -t2 -c50")):
+        notes = [n for n in (errs("g", name),) if n]
+        b.row(f"{what} [req/s] with {GROUPS:,} groups vs without (same run)",
+              med("g", name, "rps"), med("p", name, "rps"),
+              notes="; ".join(notes + [f"p99 {med('g', name, 'p99_us') / 1000:.2f} vs "
+                                       f"{med('p', name, 'p99_us') / 1000:.2f} ms; "
+                                       f"{GROUPS // 2:,} groups select an enrolled machine "
+                                       "by MAC, one is a default"]))
     notes = [n for n in (errs("p", "boot"), errs("n", "boot")) if n]
     b.row("/boot.ipxe (static) -t2 -c50 [req/s] vs nginx (reference)", med("p", "boot", "rps"),
           med("n", "boot", "rps"),
