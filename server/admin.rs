@@ -119,6 +119,8 @@ pub fn probe(new: &NewMachine) -> Machine {
         updated_at: 0,
         state_at: 0,
         installer_done_at: None,
+        dhcp: Default::default(),
+        proposed_rule: None,
     }
 }
 
@@ -398,6 +400,165 @@ impl AdminService {
             })?;
         }
         Ok(group)
+    }
+
+    /// Every discovery rule, in the order they are tried.
+    pub fn rules(&self) -> Vec<crate::policy::Rule> {
+        self.inv.rules().rules().to_vec()
+    }
+
+    /// The rule called `name`.
+    pub fn rule(&self, name: &str) -> Result<crate::policy::Rule> {
+        self.inv
+            .rules()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::NoRule(name.to_string()).into())
+    }
+
+    /// Creates a rule (`replace`: or replaces the one of its name, keeping its count) after
+    /// validating every value; returns whether it was created.
+    pub async fn put_rule(&self, r: crate::dto::Rule, replace: bool) -> Result<bool> {
+        let rule = self.checked_rule(r)?;
+        if !replace && self.inv.rules().get(&rule.name).is_some() {
+            return Err(Error::Conflict(format!(
+                "rule {} already exists; change it with `provision rules update {}`",
+                rule.name, rule.name
+            )));
+        }
+        Ok(self.inv.put_rule(rule, store::now_ms()).await?)
+    }
+
+    /// Deletes a rule.
+    pub async fn delete_rule(&self, name: &str) -> Result<()> {
+        Ok(self
+            .inv
+            .delete_rule(name.to_string(), store::now_ms())
+            .await?)
+    }
+
+    /// Confirms the proposal of a propose-mode rule for a discovered machine: enrolls it as
+    /// the rule says (with the rule's next index).
+    pub async fn confirm(&self, mac: Mac) -> Result<Machine> {
+        let m = self.machine(mac).await?;
+        let Some(rule) = m.proposed_rule.clone() else {
+            return Err(Error::Conflict(format!(
+                "no rule proposes machine {mac}; enroll it with `provision enroll {mac}`"
+            )));
+        };
+        match self
+            .inv
+            .apply_rule(mac, rule.clone(), Default::default(), true, store::now_ms())
+            .await?
+        {
+            store::RuleOutcome::Enrolled(m) => Ok(*m),
+            store::RuleOutcome::Full(why) => Err(Error::Conflict(format!(
+                "{why}; raise its max (`provision rules update {rule} --max N`) to confirm more"
+            ))),
+            store::RuleOutcome::Skipped(why) => Err(Error::Conflict(why)),
+            // Only without `confirm`; never here.
+            store::RuleOutcome::Proposed => Err(Error::Internal(format!(
+                "rule {rule} proposed machine {mac} again instead of enrolling it"
+            ))),
+        }
+    }
+
+    /// A rule as the API gave it, validated and normalised (MAC conditions in the
+    /// inventory's form), its profile known and rendered with its values, its hostname
+    /// pattern giving a valid hostname.
+    pub fn checked_rule(&self, r: crate::dto::Rule) -> Result<crate::policy::Rule> {
+        validate::group_name(&r.name).map_err(|_| {
+            Error::Invalid(format!(
+                "rule name {:?} must be 1-64 letters, digits, '.', '_' or '-', not starting with '.'",
+                r.name
+            ))
+        })?;
+        let mode: crate::policy::RuleMode = r.mode.parse().map_err(Error::Invalid)?;
+        let conditions = validate::conditions(&r.conditions)?;
+        if let Some(p) = &r.profile {
+            validate::profile_name(p)?;
+            self.catalog().profile(p)?;
+        }
+        validate::group_vars(&r.vars)?;
+        validate::labels(&r.labels)?;
+        if r.max == Some(0) {
+            return Err(Error::Invalid(
+                "max 0 would enroll nothing: leave it out for no limit, or disable the rule".into(),
+            ));
+        }
+        let rule = crate::policy::Rule {
+            name: r.name,
+            priority: r.priority,
+            enabled: r.enabled,
+            mode,
+            conditions,
+            profile: r.profile,
+            hostname: r.hostname.filter(|h| !h.is_empty()),
+            labels: r.labels,
+            vars: r.vars,
+            max: r.max,
+            used: 0,
+        };
+        // What a machine it enrolls would be: the pattern's hostname, the rule's values, the
+        // facts its conditions name exactly; resolved against the groups for the profile.
+        let at = |k: &str| {
+            rule.conditions
+                .get(k)
+                .filter(|v| !v.ends_with('*'))
+                .cloned()
+        };
+        let mac = at("mac")
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(Mac([0x52, 0x54, 0, 0, 0, 1]));
+        let mac_text = mac.to_string();
+        let serial = at("serial").unwrap_or_else(|| "SERIAL1".into());
+        let reported = crate::policy::Reported {
+            mac: &mac_text,
+            serial: Some(&serial),
+            ..Default::default()
+        };
+        let hostname = rule
+            .hostname_for(1, &reported)
+            .map_err(|e| Error::Invalid(format!("rule {}: {e}", rule.name)))?;
+        if let Some(h) = &hostname {
+            validate::hostname(h).map_err(|e| {
+                Error::Invalid(format!(
+                    "rule {}: its hostname pattern gives {h:?}: {}",
+                    rule.name, e.0
+                ))
+            })?;
+        }
+        let mut labels = rule.labels.clone();
+        for (k, v) in &rule.conditions {
+            if !crate::policy::RULE_FACTS.contains(&k.as_str()) && !v.ends_with('*') {
+                labels.insert(k.clone(), v.clone());
+            }
+        }
+        let probe = probe(&NewMachine {
+            mac,
+            profile: rule.profile.clone(),
+            hostname,
+            uuid: at("uuid"),
+            serial: Some(serial),
+            vars: rule.vars.clone(),
+            labels,
+        })
+        .resolve(&self.inv.groups());
+        match &probe.profile {
+            None => {
+                return Err(Error::Invalid(format!(
+                    "rule {} gives no profile, and no group gives one to the machines it enrolls: give it --profile, or labels a group with a profile selects",
+                    rule.name
+                )))
+            }
+            Some(p) => self.renderer.check_renders(&probe).map_err(|e| {
+                Error::Invalid(format!(
+                    "rule {}: profile {p} does not render with the rule's values: {e}",
+                    rule.name
+                ))
+            })?,
+        }
+        Ok(rule)
     }
 
     /// One machine, or NotFound.

@@ -17,12 +17,14 @@ use crate::keys;
 use crate::mac::Mac;
 use crate::metrics::{self, Metrics};
 use crate::policy::{
-    self, BootDecision, BootRequest, ClaimPolicy, DiscoverAnswer, EventKind, MachineFacts, Platform,
+    self, BootDecision, BootRequest, Choice, ClaimPolicy, DiscoverAnswer, EventKind, MachineFacts,
+    Platform, RuleMode, State,
 };
 use crate::registrar;
 use crate::render::{ArtifactKind, RenderError, Renderer};
 use crate::store::{
-    self, BootFacts, Inventory, Machine, Observation, Sighting, StoreError, TokenProblem,
+    self, BootFacts, Inventory, Machine, Observation, RuleOutcome, Sighting, StoreError,
+    TokenProblem,
 };
 use crate::validate::truncate;
 
@@ -184,7 +186,18 @@ impl BootService {
         };
         // A machine without a profile of its own may get one from its groups, resolved with
         // what this request says of it (a serial reported for the first time counts now).
-        let (profile, group) = facts.profile(mac, &sighting, &self.inv.groups());
+        let (mut profile, mut group) = facts.profile(mac, &sighting, &self.inv.groups());
+        let (mut facts, mut machine) = (facts, machine);
+        // One that still has none may be enrolled by a discovery rule, and from here on is
+        // an enrolled machine.
+        if facts.state == State::Discovered && profile.is_none() {
+            if let Some(m) = self.apply_rules(mac, &facts, &sighting, now).await {
+                profile = m.profile.clone();
+                group = m.inherited.profile.clone();
+                facts = BootFacts::of(&m);
+                machine = Some(Box::new(m));
+            }
+        }
         let decision = policy::decide(
             Some(&facts_of(&facts, profile.as_deref())),
             &req,
@@ -260,6 +273,59 @@ impl BootService {
                     body,
                     install: true,
                 }))
+            }
+        }
+    }
+
+    /// The discovery rule `facts` (a discovered machine without a profile) gets, applied:
+    /// the machine if the rule enrolled it. A full rule, a proposal and a failure are
+    /// recorded and leave it discovered.
+    async fn apply_rules(
+        &self,
+        mac: Mac,
+        facts: &BootFacts,
+        sighting: &Sighting,
+        now: i64,
+    ) -> Option<Machine> {
+        let rules = self.inv.rules();
+        if rules.is_idle() {
+            return None;
+        }
+        let text = mac.to_string();
+        let rule = match rules.choose(&facts.reported(&text, sighting)) {
+            Choice::None => return None,
+            Choice::Full(r) => {
+                self.observe(
+                    Some(mac),
+                    EventKind::RuleFull,
+                    format!(
+                        "rule {} matches but has enrolled its {} machines",
+                        r.name,
+                        r.max.unwrap_or_default()
+                    ),
+                );
+                return None;
+            }
+            Choice::Rule(r) => r,
+        };
+        if rule.mode == RuleMode::Propose && facts.proposed_rule.as_deref() == Some(&rule.name) {
+            return None;
+        }
+        match self
+            .inv
+            .apply_rule(mac, rule.name.clone(), sighting.clone(), false, now)
+            .await
+        {
+            Ok(RuleOutcome::Enrolled(m)) => Some(*m),
+            Ok(RuleOutcome::Proposed) | Ok(RuleOutcome::Skipped(_)) => None,
+            Ok(RuleOutcome::Full(why)) => {
+                self.observe(Some(mac), EventKind::RuleFull, why);
+                None
+            }
+            Err(e) => {
+                tracing::warn!(%mac, rule = %rule.name, "discovery rule failed: {e}");
+                self.observe(Some(mac), EventKind::RuleFailed, e.to_string());
+                None
             }
         }
     }
@@ -376,14 +442,10 @@ impl BootService {
     /// DHCP asks whether a boot client gets an answer at all. The request is observed (an
     /// unknown MAC becomes `discovered` when the batch is written: the OFFER never waits for
     /// the disk); "ignore" means no reply. Only the ignore discovery answer needs a read.
-    pub async fn dhcp_answer(&self, mac: Mac, uuid: Option<String>, what: &str) -> bool {
-        let uuid_seen = uuid.clone();
+    pub async fn dhcp_answer(&self, mac: Mac, said: Sighting, what: &str) -> bool {
         self.inv.observe(Observation::Seen {
             mac,
-            sighting: Sighting {
-                uuid,
-                ..Default::default()
-            },
+            sighting: said.clone(),
             discover: true,
             at: store::now_ms(),
         });
@@ -404,15 +466,23 @@ impl BootService {
             arch: None,
         };
         let groups = self.inv.groups();
-        let said = Sighting {
-            uuid: uuid_seen,
-            ..Default::default()
-        };
         let profile = facts
             .as_ref()
             .and_then(|f| f.profile(mac, &said, &groups).0);
-        let facts = facts.as_ref().map(|f| facts_of(f, profile.as_deref()));
-        if policy::decide(facts.as_ref(), &req, self.settings.discover) == BootDecision::Ignore {
+        // A discovered machine a rule will take is answered: its /ipxe applies the rule.
+        let ruled = || {
+            let rules = self.inv.rules();
+            let text = mac.to_string();
+            let none = BootFacts::unknown();
+            let f = facts.as_ref().unwrap_or(&none);
+            f.state == State::Discovered
+                && !rules.is_idle()
+                && matches!(rules.choose(&f.reported(&text, &said)), Choice::Rule(_))
+        };
+        let decided = facts.as_ref().map(|f| facts_of(f, profile.as_deref()));
+        if policy::decide(decided.as_ref(), &req, self.settings.discover) == BootDecision::Ignore
+            && !ruled()
+        {
             self.observe(
                 Some(mac),
                 EventKind::DhcpIgnored,

@@ -108,6 +108,10 @@ pub enum Command {
     /// Groups: a profile, variables and labels for every machine a label selector picks.
     #[command(subcommand)]
     Groups(GroupsCmd),
+    /// Discovery rules: enroll discovered machines by what they report, in priority order,
+    /// up to a count.
+    #[command(subcommand)]
+    Rules(RulesCmd),
     /// Show events: all, or one machine's timeline.
     Events {
         /// Only this machine.
@@ -286,6 +290,11 @@ pub enum MachinesCmd {
         /// The machine.
         mac: String,
     },
+    /// Enroll a discovered machine as the propose-mode rule that matches it says.
+    Confirm {
+        /// The machine.
+        mac: String,
+    },
 }
 
 /// `provision groups ...`.
@@ -339,6 +348,101 @@ pub enum GroupsCmd {
         /// The group.
         name: String,
     },
+}
+
+/// `provision rules ...`.
+#[derive(Subcommand, Debug)]
+pub enum RulesCmd {
+    /// List rules in the order they are tried.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one rule.
+    Show {
+        /// The rule.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a rule. A discovered machine that meets every --match is enrolled by the first
+    /// such rule (lowest priority first) that has not enrolled its --max machines.
+    Create {
+        /// The rule's name.
+        name: String,
+        #[command(flatten)]
+        values: RuleValues,
+        /// Only mark matching machines; `provision machines confirm MAC` enrolls one.
+        #[arg(long)]
+        propose: bool,
+        /// Create it disabled.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// Change a rule: what is given replaces what it had (--match replaces every
+    /// condition; --label and --var add or change one value each). Its count is kept.
+    Update {
+        /// The rule.
+        name: String,
+        #[command(flatten)]
+        values: RuleValues,
+        /// `enroll` or `propose`.
+        #[arg(long)]
+        mode: Option<String>,
+        /// Enable it.
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        /// Disable it: it matches nothing, and withdraws its proposals.
+        #[arg(long)]
+        disable: bool,
+        /// Match every discovered machine.
+        #[arg(long, conflicts_with = "conditions")]
+        no_match: bool,
+        /// No limit on the machines it enrolls.
+        #[arg(long, conflicts_with = "max")]
+        no_max: bool,
+        /// Remove a label (repeatable).
+        #[arg(long = "unset-label", value_name = "NAME")]
+        unset_labels: Vec<String>,
+        /// Remove a variable (repeatable).
+        #[arg(long = "unset-var", value_name = "NAME")]
+        unset_vars: Vec<String>,
+    },
+    /// Delete a rule (machines it enrolled stay; its proposals are withdrawn).
+    Delete {
+        /// The rule.
+        name: String,
+    },
+}
+
+/// What `rules create` and `rules update` set.
+#[derive(clap::Args, Debug)]
+pub struct RuleValues {
+    /// A condition KEY=VALUE (repeatable): mac (52:54:00:* for an OUI), uuid, serial, arch,
+    /// platform, vendor_class, user_class, interface, relay, or a label; a trailing * matches
+    /// a prefix.
+    #[arg(long = "match", short = 'm', value_name = "KEY=VALUE")]
+    conditions: Vec<String>,
+    /// Lower is tried first [create's default: 100].
+    #[arg(long)]
+    priority: Option<i64>,
+    /// The profile matching machines are enrolled with (none: their groups').
+    #[arg(long, short)]
+    profile: Option<String>,
+    /// Hostname pattern: {index}, {index:02} (zero-padded), {serial}, {mac}.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// A label NAME=VALUE enrolled machines get (repeatable).
+    #[arg(long = "label", value_name = "NAME=VALUE")]
+    labels: Vec<String>,
+    /// A variable NAME=VALUE enrolled machines get (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    vars: Vec<String>,
+    /// Most machines it enrolls.
+    #[arg(long)]
+    max: Option<u64>,
 }
 
 /// What `groups create` and `groups update` set.
@@ -536,6 +640,7 @@ fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
         Command::Enroll(a) => enroll(c, a),
         Command::Machines(m) => machines(c, m),
         Command::Groups(g) => groups(c, g),
+        Command::Rules(r) => rules(c, r),
         Command::Events { mac, json, limit } => {
             let mac = mac.as_deref().map(parse_mac).transpose()?;
             let tail = c.events(mac, limit)?;
@@ -809,13 +914,187 @@ fn print_group(g: &crate::dto::Group) {
     }
 }
 
-fn groups(c: &Client, cmd: GroupsCmd) -> Result<(), Fail> {
-    let path = |name: &str| {
-        format!(
-            "/groups/{}",
-            percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC)
-        )
+fn print_rule(r: &crate::dto::Rule) {
+    let pairs = |m: &BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| format!("{k}={}", printable(v)))
+            .collect::<Vec<_>>()
     };
+    let conditions = pairs(&r.conditions);
+    println!("name       {}", r.name);
+    println!(
+        "state      {}, {}, priority {}",
+        if r.enabled { "enabled" } else { "disabled" },
+        r.mode,
+        r.priority
+    );
+    println!(
+        "match      {}",
+        if conditions.is_empty() {
+            "(every discovered machine)".to_string()
+        } else {
+            conditions.join(" ")
+        }
+    );
+    println!("profile    {}", opt(&r.profile));
+    println!("hostname   {}", opt(&r.hostname));
+    println!(
+        "enrolled   {}{}",
+        r.used,
+        r.max.map(|m| format!(" of {m}")).unwrap_or_default()
+    );
+    for v in pairs(&r.vars) {
+        println!("var        {v}");
+    }
+    for l in pairs(&r.labels) {
+        println!("label      {l}");
+    }
+}
+
+/// `/{kind}/{name}` with the name escaped.
+fn named_path(kind: &str, name: &str) -> String {
+    format!(
+        "/{kind}/{}",
+        percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC)
+    )
+}
+
+fn rules(c: &Client, cmd: RulesCmd) -> Result<(), Fail> {
+    match cmd {
+        RulesCmd::List { json } => {
+            let all: Vec<crate::dto::Rule> = c.get("/rules")?;
+            if json {
+                print_json(&all);
+                return Ok(());
+            }
+            println!(
+                "{:<20} {:>8} {:<8} {:<20} {:<9} MATCH",
+                "RULE", "PRIORITY", "MODE", "PROFILE", "ENROLLED"
+            );
+            for r in &all {
+                let conditions: Vec<String> = r
+                    .conditions
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", printable(v)))
+                    .collect();
+                println!(
+                    "{:<20} {:>8} {:<8} {:<20} {:<9} {}",
+                    r.name,
+                    r.priority,
+                    if r.enabled {
+                        r.mode.as_str()
+                    } else {
+                        "disabled"
+                    },
+                    opt(&r.profile),
+                    format!(
+                        "{}{}",
+                        r.used,
+                        r.max.map(|m| format!("/{m}")).unwrap_or_default()
+                    ),
+                    if conditions.is_empty() {
+                        "(every discovered machine)".to_string()
+                    } else {
+                        conditions.join(" ")
+                    }
+                );
+            }
+            Ok(())
+        }
+        RulesCmd::Show { name, json } => {
+            let r: crate::dto::Rule = c.get(&named_path("rules", &name))?;
+            if json {
+                print_json(&r);
+            } else {
+                print_rule(&r);
+            }
+            Ok(())
+        }
+        RulesCmd::Create {
+            name,
+            values,
+            propose,
+            disabled,
+        } => {
+            let r = crate::dto::Rule {
+                name,
+                priority: values.priority.unwrap_or(100),
+                enabled: !disabled,
+                mode: if propose { "propose" } else { "enroll" }.into(),
+                conditions: parse_pairs("--match", &values.conditions)?,
+                profile: values.profile,
+                hostname: values.hostname,
+                labels: parse_pairs("--label", &values.labels)?,
+                vars: parse_pairs("--var", &values.vars)?,
+                max: values.max,
+                used: 0,
+            };
+            let r: crate::dto::Rule = c.send("POST", "/rules", Some(&r))?;
+            println!("created rule {}", r.name);
+            print_rule(&r);
+            Ok(())
+        }
+        RulesCmd::Update {
+            name,
+            values,
+            mode,
+            enable,
+            disable,
+            no_match,
+            no_max,
+            unset_labels,
+            unset_vars,
+        } => {
+            let path = named_path("rules", &name);
+            let mut r: crate::dto::Rule = c.get(&path)?;
+            if no_match {
+                r.conditions.clear();
+            } else if !values.conditions.is_empty() {
+                r.conditions = parse_pairs("--match", &values.conditions)?;
+            }
+            if let Some(p) = values.priority {
+                r.priority = p;
+            }
+            if values.profile.is_some() {
+                r.profile = values.profile;
+            }
+            if values.hostname.is_some() {
+                r.hostname = values.hostname;
+            }
+            if no_max {
+                r.max = None;
+            } else if values.max.is_some() {
+                r.max = values.max;
+            }
+            if let Some(m) = mode {
+                r.mode = m;
+            }
+            if enable || disable {
+                r.enabled = enable;
+            }
+            r.labels.extend(parse_pairs("--label", &values.labels)?);
+            for k in unset_labels {
+                r.labels.remove(&k);
+            }
+            r.vars.extend(parse_pairs("--var", &values.vars)?);
+            for k in unset_vars {
+                r.vars.remove(&k);
+            }
+            let r: crate::dto::Rule = c.send("PUT", &path, Some(&r))?;
+            println!("updated rule {}", r.name);
+            print_rule(&r);
+            Ok(())
+        }
+        RulesCmd::Delete { name } => {
+            c.call("DELETE", &named_path("rules", &name), None::<&()>)?;
+            println!("deleted rule {name}");
+            Ok(())
+        }
+    }
+}
+
+fn groups(c: &Client, cmd: GroupsCmd) -> Result<(), Fail> {
+    let path = |name: &str| named_path("groups", name);
     match cmd {
         GroupsCmd::List { json } => {
             let all: Vec<crate::dto::Group> = c.get("/groups")?;
@@ -984,6 +1263,24 @@ fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
             if !m.groups.is_empty() {
                 println!("{:<11} {}", "groups", m.groups.join(", "));
             }
+            let dhcp = [
+                ("vendor", &m.dhcp.vendor_class),
+                ("user class", &m.dhcp.user_class),
+                ("on", &m.dhcp.interface),
+                ("relay", &m.dhcp.relay),
+            ]
+            .iter()
+            .filter_map(|(k, v)| v.as_deref().map(|v| format!("{k} {}", printable(v))))
+            .collect::<Vec<_>>();
+            if !dhcp.is_empty() {
+                println!("{:<11} {}", "dhcp", dhcp.join(", "));
+            }
+            if let Some(r) = &m.proposed_rule {
+                println!(
+                    "{:<11} rule {r} matches; `provision machines confirm {}` enrolls it",
+                    "proposed", m.mac
+                );
+            }
             for (k, v) in &m.vars {
                 println!(
                     "var        {k}={}{}",
@@ -1052,6 +1349,22 @@ fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
             let mac = parse_mac(&mac)?;
             c.delete(mac)?;
             println!("deleted {mac}");
+            Ok(())
+        }
+        MachinesCmd::Confirm { mac } => {
+            let mac = parse_mac(&mac)?;
+            let m: crate::dto::Machine =
+                c.send("POST", &format!("/machines/{mac}/confirm"), None::<&()>)?;
+            println!(
+                "{} is {} with profile {}{}: its next network boot installs",
+                m.mac,
+                m.state,
+                opt(&m.profile),
+                m.hostname
+                    .as_deref()
+                    .map(|h| format!(", hostname {h}"))
+                    .unwrap_or_default()
+            );
             Ok(())
         }
         MachinesCmd::Reprovision { mac } => {

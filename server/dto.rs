@@ -69,6 +69,13 @@ pub struct Machine {
     /// Every other value is the machine's own.
     #[serde(default)]
     pub inherited: BTreeMap<String, String>,
+    /// What its last DHCP request said: `vendor_class`, `user_class`, and the `interface` it
+    /// arrived on or the `relay` it came through.
+    #[serde(default)]
+    pub dhcp: store::DhcpSeen,
+    /// A propose-mode discovery rule that matches it, waiting for `confirm`.
+    #[serde(default)]
+    pub proposed_rule: Option<String>,
 }
 
 impl From<store::Machine> for Machine {
@@ -107,6 +114,8 @@ impl From<store::Machine> for Machine {
             state_at: m.state_at,
             groups: m.inherited.groups,
             inherited,
+            dhcp: m.dhcp,
+            proposed_rule: m.proposed_rule,
         }
     }
 }
@@ -336,4 +345,93 @@ pub struct TokenStatus {
     pub burnt_at: Option<i64>,
     /// The address it serves.
     pub ip: Option<String>,
+}
+
+/// A discovery rule, as the API shows it and takes it (`POST /rules`, `PUT /rules/{name}`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Unique name (on `PUT /rules/{name}` the path's, which the body may leave out).
+    #[serde(default)]
+    pub name: String,
+    /// Lower is tried first (default 100).
+    #[serde(default = "default_priority")]
+    pub priority: i64,
+    /// A disabled rule matches nothing (default true).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `enroll` (default) or `propose` (an operator confirms).
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// Fact (`mac`, `uuid`, `serial`, `arch`, `platform`, `vendor_class`, `user_class`,
+    /// `interface`, `relay`) or label → the value it must have; a trailing `*` matches a
+    /// prefix. Empty: every discovered machine.
+    #[serde(default, rename = "match")]
+    pub conditions: BTreeMap<String, String>,
+    /// The profile it enrolls machines with (none: their groups').
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// Hostname pattern: `{index}`, `{index:02}`, `{serial}`, `{mac}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Labels it enrolls machines with.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Variables it enrolls machines with.
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    /// Most machines it enrolls (none: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u64>,
+    /// Machines it has enrolled (read-only: ignored when given).
+    #[serde(default)]
+    pub used: u64,
+}
+
+fn default_priority() -> i64 {
+    100
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_mode() -> String {
+    "enroll".into()
+}
+
+impl Default for Rule {
+    fn default() -> Rule {
+        Rule {
+            name: String::new(),
+            priority: default_priority(),
+            enabled: true,
+            mode: default_mode(),
+            conditions: BTreeMap::new(),
+            profile: None,
+            hostname: None,
+            labels: BTreeMap::new(),
+            vars: BTreeMap::new(),
+            max: None,
+            used: 0,
+        }
+    }
+}
+
+impl From<crate::policy::Rule> for Rule {
+    fn from(r: crate::policy::Rule) -> Rule {
+        Rule {
+            name: r.name,
+            priority: r.priority,
+            enabled: r.enabled,
+            mode: r.mode.as_str().into(),
+            conditions: r.conditions,
+            profile: r.profile,
+            hostname: r.hostname,
+            labels: r.labels,
+            vars: r.vars,
+            max: r.max,
+            used: r.used,
+        }
+    }
 }

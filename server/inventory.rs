@@ -145,6 +145,8 @@ mod tests {
             hostname: host.map(str::to_string),
             profile: Some("hv-24.04".into()),
             inherited: Default::default(),
+            dhcp: Default::default(),
+            proposed_rule: None,
             state,
             vars: BTreeMap::new(),
             labels: BTreeMap::new(),

@@ -775,7 +775,9 @@ async fn a_machine_whose_profile_comes_from_a_group_installs_like_an_enrolled_on
     let p = prov();
     let mac: Mac = "52:54:00:aa:10:01".parse().unwrap();
     // First seen by DHCP only: discovered, no serial yet.
-    p.boot.dhcp_answer(mac, None, "DHCPDISCOVER").await;
+    p.boot
+        .dhcp_answer(mac, Default::default(), "DHCPDISCOVER")
+        .await;
     p.inv.flush().await.unwrap();
     assert_eq!(p.admin.machine(mac).await.unwrap().state, State::Discovered);
     p.admin
@@ -1104,4 +1106,271 @@ async fn groups_refuse_bad_values_and_ties() {
         p.admin.delete_group("nope").await,
         Err(Error::Store(StoreError::NoGroup(_)))
     ));
+}
+
+fn rule(name: &str, conditions: &[(&str, &str)], profile: Option<&str>) -> crate::dto::Rule {
+    crate::dto::Rule {
+        name: name.into(),
+        conditions: conditions
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        profile: profile.map(str::to_string),
+        ..Default::default()
+    }
+}
+
+/// An OUI rule with a count enrolls the first machines that boot (hostnames from the
+/// pattern), installs them on that same boot, and leaves the next one discovered with a
+/// `rule_full` event; a rule on what DHCP said (vendor class) works from the DHCP sighting.
+#[tokio::test]
+async fn a_rule_enrolls_the_first_machines_up_to_its_count_and_they_install_at_once() {
+    let p = prov();
+    p.admin
+        .put_rule(
+            crate::dto::Rule {
+                hostname: Some("rack7-{index:02}".into()),
+                max: Some(2),
+                labels: [("rack".to_string(), "7".to_string())].into(),
+                ..rule("rack7", &[("mac", "52-54-00-AB-*")], Some("debian-12"))
+            },
+            false,
+        )
+        .await
+        .unwrap();
+    let stored = p.admin.rule("rack7").unwrap();
+    assert_eq!(stored.conditions["mac"], "52:54:00:ab:*", "normalised");
+    for (i, m) in ["52:54:00:ab:00:01", "52:54:00:ab:00:02"]
+        .iter()
+        .enumerate()
+    {
+        let mac: Mac = m.parse().unwrap();
+        let script = p
+            .boot
+            .boot(mac, bios(), Sighting::default(), PEER, BASE)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(script.contains("/assets/debian-12/linux"), "{script}");
+        let m = p.admin.machine(mac).await.unwrap();
+        assert_eq!(m.state, State::Installing);
+        assert_eq!(m.hostname, Some(format!("rack7-{:02}", i + 1)));
+        assert_eq!(m.labels["rack"], "7");
+        assert_eq!(m.own_profile(), Some("debian-12"));
+        let kinds = kinds(&p, mac).await;
+        assert_eq!(
+            kinds,
+            ["discovered", "enrolled", "install_started"],
+            "{mac}"
+        );
+    }
+    let third: Mac = "52:54:00:ab:00:03".parse().unwrap();
+    let script = p
+        .boot
+        .boot(third, bios(), Sighting::default(), PEER, BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(script.contains("sanboot"), "the discovery answer: {script}");
+    assert_eq!(
+        p.admin.machine(third).await.unwrap().state,
+        State::Discovered
+    );
+    let events = events_of(&p, third).await;
+    assert!(
+        events
+            .iter()
+            .any(|(k, d)| k == "rule_full" && d.contains("has enrolled its 2 machines")),
+        "{events:?}"
+    );
+    assert_eq!(p.admin.rule("rack7").unwrap().used, 2);
+
+    // A rule on the DHCP vendor class (UEFI x64 PXE), tried before the OUI rule.
+    p.admin
+        .put_rule(
+            crate::dto::Rule {
+                priority: 5,
+                ..rule(
+                    "uefi",
+                    &[("vendor_class", "PXEClient:Arch:00007*")],
+                    Some("ubuntu-24.04"),
+                )
+            },
+            false,
+        )
+        .await
+        .unwrap();
+    let uefi: Mac = "52:54:00:ab:00:04".parse().unwrap();
+    p.boot
+        .dhcp_answer(
+            uefi,
+            Sighting {
+                dhcp: crate::store::DhcpSeen {
+                    vendor_class: Some("PXEClient:Arch:00007:UNDI:003016".into()),
+                    interface: Some("eno1".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            "DHCPDISCOVER",
+        )
+        .await;
+    p.inv.flush().await.unwrap();
+    let script = p
+        .boot
+        .boot(uefi, bios(), Sighting::default(), PEER, BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(script.contains("/assets/ubuntu-24.04/"), "{script}");
+    let m = p.admin.machine(uefi).await.unwrap();
+    assert_eq!(m.dhcp.interface.as_deref(), Some("eno1"));
+}
+
+/// Propose mode: the machine is marked and keeps getting the discovery answer until an
+/// operator confirms; a rule can leave the profile to a group through the labels it gives.
+#[tokio::test]
+async fn a_proposal_waits_for_the_operator_and_a_rule_can_put_a_machine_in_a_group() {
+    let p = prov();
+    p.admin
+        .put_group(
+            group("rack9", &[("rack", "9")], Some("ubuntu-24.04"), &[]),
+            false,
+        )
+        .await
+        .unwrap();
+    p.admin
+        .put_rule(
+            crate::dto::Rule {
+                mode: "propose".into(),
+                labels: [("rack".to_string(), "9".to_string())].into(),
+                ..rule("by-serial", &[("serial", "SN9-*")], None)
+            },
+            false,
+        )
+        .await
+        .unwrap();
+    let mac: Mac = "52:54:00:ab:09:01".parse().unwrap();
+    let said = Sighting {
+        serial: Some("SN9-0001".into()),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        let s = p
+            .boot
+            .boot(mac, bios(), said.clone(), PEER, BASE)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(s.contains("sanboot"), "{s}");
+    }
+    let m = p.admin.machine(mac).await.unwrap();
+    assert_eq!(
+        (m.state, m.proposed_rule.as_deref()),
+        (State::Discovered, Some("by-serial"))
+    );
+    let e = p.admin.confirm("52:54:00:ab:09:02".parse().unwrap()).await;
+    assert!(e.is_err());
+    let m = p.admin.confirm(mac).await.unwrap();
+    assert_eq!(m.state, State::Enrolled);
+    assert_eq!(m.profile.as_deref(), Some("ubuntu-24.04"));
+    assert_eq!(m.inherited.profile.as_deref(), Some("rack9"));
+    let e = p.admin.confirm(mac).await.unwrap_err().to_string();
+    assert!(e.contains("no rule proposes"), "{e}");
+    let s = p
+        .boot
+        .boot(mac, bios(), Sighting::default(), PEER, BASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(s.contains("/assets/ubuntu-24.04/"), "{s}");
+}
+
+/// With the ignore discovery answer, DHCP answers a discovered machine only if a rule will
+/// take it at `/ipxe`.
+#[tokio::test]
+async fn the_ignore_answer_still_answers_machines_a_rule_takes() {
+    let p = stack(DiscoverAnswer::Ignore);
+    let taken: Mac = "52:54:00:ab:0a:01".parse().unwrap();
+    let other: Mac = "00:11:22:33:44:55".parse().unwrap();
+    assert!(!p.boot.dhcp_answer(taken, Default::default(), "x").await);
+    p.admin
+        .put_rule(
+            rule("oui", &[("mac", "52:54:00:*")], Some("debian-12")),
+            false,
+        )
+        .await
+        .unwrap();
+    assert!(p.boot.dhcp_answer(taken, Default::default(), "x").await);
+    assert!(!p.boot.dhcp_answer(other, Default::default(), "x").await);
+}
+
+/// Rule values are checked like a machine's: conditions, mode, the hostname pattern, the
+/// profile (its own or a group's) rendered with its values.
+#[tokio::test]
+async fn rules_refuse_bad_values() {
+    let p = prov();
+    let bad = [
+        (rule("bad name", &[], Some("debian-12")), "rule name"),
+        (
+            rule("r", &[("mac", "52:5*")], Some("debian-12")),
+            "whole octets",
+        ),
+        (
+            rule("r", &[("mac", "zz")], Some("debian-12")),
+            "match mac=zz",
+        ),
+        (
+            rule("r", &[("rack", "")], Some("debian-12")),
+            "has no value",
+        ),
+        (rule("r", &[("a-b", "1")], Some("debian-12")), "match key"),
+        (rule("r", &[], Some("nope")), "no profile named"),
+        (rule("r", &[], None), "gives no profile"),
+        (
+            crate::dto::Rule {
+                mode: "sometimes".into(),
+                ..rule("r", &[], Some("debian-12"))
+            },
+            "enroll or propose",
+        ),
+        (
+            crate::dto::Rule {
+                hostname: Some("rack_{index}".into()),
+                ..rule("r", &[], Some("debian-12"))
+            },
+            "RFC 1123",
+        ),
+        (
+            crate::dto::Rule {
+                hostname: Some("n-{nope}".into()),
+                ..rule("r", &[], Some("debian-12"))
+            },
+            "unknown placeholder",
+        ),
+        (
+            crate::dto::Rule {
+                max: Some(0),
+                ..rule("r", &[], Some("debian-12"))
+            },
+            "max 0",
+        ),
+        (
+            crate::dto::Rule {
+                vars: [("console".to_string(), "a b".to_string())].into(),
+                ..rule("r", &[], Some("debian-12"))
+            },
+            "does not render",
+        ),
+    ];
+    for (r, want) in bad {
+        let e = p
+            .admin
+            .put_rule(r.clone(), true)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{r:?}: {e}");
+    }
+    assert!(p.admin.rules().is_empty(), "nothing was written");
 }

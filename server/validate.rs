@@ -150,6 +150,61 @@ pub fn selector(sel: &BTreeMap<String, String>) -> Result<BTreeMap<String, Strin
     Ok(out)
 }
 
+/// Checks a rule's conditions and returns them normalised: each key a fact a rule reads
+/// (`mac`, `uuid`, `serial`, `arch`, `platform`, `vendor_class`, `user_class`, `interface`,
+/// `relay`) or a label name, each value non-empty text, a trailing `*` meaning a prefix. A MAC
+/// (or a prefix of whole octets, `52:54:00:*`, in any notation) becomes the inventory's form
+/// and a UUID lower case, so a condition compares equal to what the inventory stores.
+pub fn conditions(c: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>, Invalid> {
+    let mut out = BTreeMap::new();
+    for (k, v) in c {
+        var_name(k).map_err(|_| {
+            invalid(format!(
+                "match key {k:?} must be one of {} or a label name (letters, digits, underscores)",
+                crate::policy::RULE_FACTS.join(", ")
+            ))
+        })?;
+        if v.is_empty() {
+            return Err(invalid(format!(
+                "match {k}= has no value; leave the key out to match any"
+            )));
+        }
+        text(&format!("match {k}"), v)?;
+        let v = match (k.as_str(), v.strip_suffix('*')) {
+            ("mac", Some(prefix)) => {
+                let hex: String = prefix
+                    .chars()
+                    .filter(|c| !matches!(c, ':' | '-' | '.'))
+                    .collect::<String>()
+                    .to_ascii_lowercase();
+                if hex.is_empty()
+                    || hex.len() % 2 != 0
+                    || hex.len() > 10
+                    || !hex.bytes().all(|b| b.is_ascii_hexdigit())
+                {
+                    return Err(invalid(format!(
+                        "match mac={v}: a MAC prefix is whole octets followed by *, e.g. 52:54:00:* (an OUI)"
+                    )));
+                }
+                let octets: Vec<&str> = (0..hex.len()).step_by(2).map(|i| &hex[i..i + 2]).collect();
+                format!("{}:*", octets.join(":"))
+            }
+            ("mac", None) => v
+                .parse::<crate::mac::Mac>()
+                .map_err(|e| invalid(format!("match mac={v}: {e}")))?
+                .to_string(),
+            ("uuid", None) => {
+                uuid(v)?;
+                v.to_lowercase()
+            }
+            ("uuid", Some(_)) => v.to_lowercase(),
+            _ => v.clone(),
+        };
+        out.insert(k.clone(), v);
+    }
+    Ok(out)
+}
+
 /// Checks a group's variables: as a machine's, except those only one machine may have.
 pub fn group_vars(vars: &BTreeMap<String, String>) -> Result<(), Invalid> {
     self::vars(vars)?;

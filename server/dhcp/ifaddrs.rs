@@ -25,23 +25,35 @@ pub const MAX_AGE: Duration = Duration::from_secs(30);
 /// rtnetlink multicast group of IPv4 address changes (linux/rtnetlink.h).
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 
-/// Interface index → first IPv4 address.
+/// Interface index → first IPv4 address and the interface's name.
+type ByIndex = HashMap<u32, (Ipv4Addr, Arc<str>)>;
+
+/// Interface index → first IPv4 address, and the interface's name.
 #[derive(Default)]
 pub struct InterfaceAddrs {
-    cache: Mutex<Option<(Instant, HashMap<u32, Ipv4Addr>)>>,
+    cache: Mutex<Option<(Instant, ByIndex)>>,
     stale: AtomicBool,
 }
 
 impl InterfaceAddrs {
     /// The first IPv4 address of the interface with index `ifindex`.
     pub fn get(&self, ifindex: u32) -> Option<Ipv4Addr> {
+        self.with(ifindex, |(ip, _)| *ip)
+    }
+
+    /// The name of the interface with index `ifindex` (one with an IPv4 address).
+    pub fn name(&self, ifindex: u32) -> Option<Arc<str>> {
+        self.with(ifindex, |(_, name)| name.clone())
+    }
+
+    fn with<T>(&self, ifindex: u32, f: impl FnOnce(&(Ipv4Addr, Arc<str>)) -> T) -> Option<T> {
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let fresh = matches!(&*c, Some((at, _)) if at.elapsed() < MAX_AGE)
             && !self.stale.swap(false, Ordering::Relaxed);
         if !fresh {
             *c = Some((Instant::now(), read_all()));
         }
-        c.as_ref().and_then(|(_, m)| m.get(&ifindex).copied())
+        c.as_ref().and_then(|(_, m)| m.get(&ifindex)).map(f)
     }
 
     /// Forgets every cached address (an address changed).
@@ -101,7 +113,7 @@ impl InterfaceAddrs {
     }
 }
 
-fn read_all() -> HashMap<u32, Ipv4Addr> {
+fn read_all() -> ByIndex {
     let mut out = HashMap::new();
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return out;
@@ -115,7 +127,8 @@ fn read_all() -> HashMap<u32, Ipv4Addr> {
             .entry(a.interface_name.clone())
             .or_insert_with(|| nix::net::if_::if_nametoindex(a.interface_name.as_str()).ok());
         if let Some(i) = idx {
-            out.entry(i).or_insert(sin.ip());
+            out.entry(i)
+                .or_insert_with(|| (sin.ip(), Arc::from(a.interface_name.as_str())));
         }
     }
     out
@@ -133,5 +146,6 @@ mod tests {
         c.invalidate();
         assert_eq!(c.get(lo), Some(Ipv4Addr::LOCALHOST));
         assert_eq!(c.get(u32::MAX), None);
+        assert_eq!(c.name(lo).as_deref(), Some("lo"));
     }
 }

@@ -37,7 +37,7 @@ use crate::attribution::Learned;
 use crate::boot::BootService;
 use crate::metrics::{DhcpClient, DhcpPort, DhcpReply, DhcpResult, DhcpType, Metrics};
 use crate::policy::EventKind;
-use crate::store::Inventory;
+use crate::store::{DhcpSeen, Inventory, Sighting};
 use packet::{BootFiles, ClientKind, Drop};
 
 /// The DHCP client port (RFC 2131 section 4.1).
@@ -524,7 +524,23 @@ async fn handle(
     } else {
         match packet::boot_target(&req, &ctx.files, &base_url) {
             Ok(t) => {
-                if !ctx.boot.dhcp_answer(mac, req.uuid(), &what).await {
+                // What it said, for the operator and discovery rules: the classes, and the
+                // interface it arrived on or the relay it came through.
+                let said = Sighting {
+                    uuid: req.uuid(),
+                    dhcp: DhcpSeen {
+                        vendor_class: req.vendor_class.clone(),
+                        user_class: req.user_class.clone(),
+                        interface: req
+                            .giaddr
+                            .is_unspecified()
+                            .then(|| ctx.ifaddrs.name(r.ifindex).map(|n| n.to_string()))
+                            .flatten(),
+                        relay: (!req.giaddr.is_unspecified()).then(|| req.giaddr.to_string()),
+                    },
+                    ..Default::default()
+                };
+                if !ctx.boot.dhcp_answer(mac, said, &what).await {
                     // "Ignore" is no reply at all, in either mode.
                     tally.result = DhcpResult::Ignored;
                     return None;

@@ -114,6 +114,11 @@ pub struct PxeRequest {
     /// Option 97 (client machine identifier, the SMBIOS UUID), echoed when present; PXE 2.1
     /// requires it, but firmware in the wild omits it.
     pub guid: Option<Vec<u8>>,
+    /// Option 60 as text, if it is short printable ASCII (kept for discovery rules).
+    pub vendor_class: Option<String>,
+    /// Option 77 as text: iPXE's bare string, or RFC 3004's length-prefixed instances joined
+    /// with `,`; only short printable ASCII is kept.
+    pub user_class: Option<String>,
 }
 
 impl PxeRequest {
@@ -187,6 +192,10 @@ pub fn parse(b: &[u8]) -> Result<PxeRequest, Drop> {
         Some(DhcpOption::ClassIdentifier(c)) => c.clone(),
         _ => Vec::new(),
     };
+    let user_class = match opts.get(OptionCode::UserClass) {
+        Some(DhcpOption::UserClass(u)) => user_class_text(u),
+        _ => None,
+    };
     let is_ipxe = matches!(opts.get(OptionCode::UserClass), Some(DhcpOption::UserClass(u)) if user_class_is_ipxe(u))
         || opts.get(OptionCode::Unknown(175)).is_some();
     let kind = if class.starts_with(b"HTTPClient") {
@@ -226,7 +235,33 @@ pub fn parse(b: &[u8]) -> Result<PxeRequest, Drop> {
         kind,
         arch,
         guid,
+        vendor_class: printable(&class),
+        user_class,
     })
+}
+
+/// `b` as text if it is 1 to 64 printable ASCII characters: these are claims from the network,
+/// kept for the operator and for rule conditions, never trusted.
+fn printable(b: &[u8]) -> Option<String> {
+    (!b.is_empty() && b.len() <= 64 && b.iter().all(|c| c.is_ascii_graphic() || *c == b' '))
+        .then(|| String::from_utf8_lossy(b).into_owned())
+}
+
+/// Option 77's text: iPXE sends its user class as a bare string ("iPXE"), RFC 3004 clients as
+/// length-prefixed instances.
+fn user_class_text(u: &[u8]) -> Option<String> {
+    if let Some(s) = printable(u) {
+        return Some(s);
+    }
+    let mut parts = Vec::new();
+    let mut rest = u;
+    while let Some((&len, tail)) = rest.split_first() {
+        let part = tail.get(..len as usize)?;
+        parts.push(printable(part)?);
+        rest = &tail[len as usize..];
+    }
+    let joined = parts.join(",");
+    (!joined.is_empty() && joined.len() <= 64).then_some(joined)
 }
 
 /// RFC 3004 user class: iPXE sends the bare string "iPXE"; accept the RFC's length-prefixed

@@ -421,18 +421,7 @@ pub async fn put_group(
     body: axum::body::Bytes,
 ) -> Result<Response, AppError> {
     let mut g: dto::Group = json_body(&body)?;
-    if g.name.is_empty() {
-        g.name = name.clone();
-    }
-    if g.name != name {
-        return Err(AppError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!(
-                "the body names group {:?} but the path {name:?}; a group cannot be renamed (create the new one, then delete the old)",
-                g.name
-            ),
-        ));
-    }
+    name_from_path(&mut g.name, &name, "group")?;
     let created = st.admin.put_group(g, true).await?;
     let status = if created {
         StatusCode::CREATED
@@ -449,4 +438,84 @@ pub async fn delete_group(
 ) -> Result<StatusCode, AppError> {
     st.admin.delete_group(&name).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /rules`: every discovery rule, in the order they are tried.
+pub async fn rules(State(st): State<AppState>) -> Json<Vec<dto::Rule>> {
+    Json(st.admin.rules().into_iter().map(Into::into).collect())
+}
+
+/// `GET /rules/{name}`.
+pub async fn rule(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<dto::Rule>, AppError> {
+    Ok(Json(st.admin.rule(&name)?.into()))
+}
+
+/// `POST /rules`: create (409 if the name is taken).
+pub async fn create_rule(
+    State(st): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<Response, AppError> {
+    let r: dto::Rule = json_body(&body)?;
+    let name = r.name.clone();
+    st.admin.put_rule(r, false).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(dto::Rule::from(st.admin.rule(&name)?)),
+    )
+        .into_response())
+}
+
+/// `PUT /rules/{name}`: create or replace the whole rule, keeping its count (201 when
+/// created).
+pub async fn put_rule(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, AppError> {
+    let mut r: dto::Rule = json_body(&body)?;
+    name_from_path(&mut r.name, &name, "rule")?;
+    let status = if st.admin.put_rule(r, true).await? {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(dto::Rule::from(st.admin.rule(&name)?))).into_response())
+}
+
+/// `DELETE /rules/{name}`.
+pub async fn delete_rule(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, AppError> {
+    st.admin.delete_rule(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /machines/{mac}/confirm`: enroll a discovered machine as the propose-mode rule that
+/// matches it says.
+pub async fn confirm(
+    State(st): State<AppState>,
+    Path(mac): Path<String>,
+) -> Result<Response, AppError> {
+    Ok(machine(st.admin.confirm(parse_mac(&mac)?).await?).into_response())
+}
+
+/// The `name` of a `PUT /{what}s/{name}` body: the path's when the body leaves it out; another
+/// is refused (nothing is renamed by a PUT).
+fn name_from_path(body: &mut String, path: &str, what: &str) -> Result<(), AppError> {
+    if body.is_empty() {
+        *body = path.to_string();
+    }
+    if body != path {
+        return Err(AppError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "the body names {what} {body:?} but the path {path:?}; a {what} cannot be renamed (create the new one, then delete the old)"
+            ),
+        ));
+    }
+    Ok(())
 }

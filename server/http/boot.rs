@@ -110,6 +110,7 @@ pub(super) async fn ipxe_answer(
     let sighting = Sighting {
         uuid,
         serial: claim(q.serial, 64),
+        dhcp: Default::default(),
         arch: claim(q.arch, 16),
         platform: platform_claim,
         ip: Some(peer.ip().to_canonical().to_string()),

@@ -122,6 +122,12 @@ pub fn admin_router(state: AppState) -> Router {
                 .put(api::put_group)
                 .delete(api::delete_group),
         )
+        .route("/rules", get(api::rules).post(api::create_rule))
+        .route(
+            "/rules/{name}",
+            get(api::rule).put(api::put_rule).delete(api::delete_rule),
+        )
+        .route("/machines/{mac}/confirm", post(api::confirm))
         .route("/profiles", get(api::profiles))
         .route("/profiles/{name}", get(api::profile))
         .route("/reload", post(api::reload))
@@ -193,9 +199,10 @@ impl From<Error> for AppError {
             Error::Forbidden(_) | Error::Store(StoreError::TokenHeld { .. }) => {
                 StatusCode::FORBIDDEN
             }
-            Error::Store(StoreError::NotFound(_)) | Error::Store(StoreError::NoGroup(_)) => {
-                StatusCode::NOT_FOUND
-            }
+            Error::Store(StoreError::NotFound(_))
+            | Error::Store(StoreError::NoGroup(_))
+            | Error::Store(StoreError::NoRule(_)) => StatusCode::NOT_FOUND,
+            Error::Store(StoreError::RuleRefused(_)) => StatusCode::CONFLICT,
             Error::Store(StoreError::NoProfile(_)) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Store(StoreError::GroupConflict(_)) => StatusCode::CONFLICT,
             Error::Store(StoreError::AlreadyEnrolled(..))

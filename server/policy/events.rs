@@ -35,6 +35,15 @@ event_kinds! {
     Deleted = "deleted";
     /// The operator created, changed or deleted a group (an event of no machine).
     GroupChanged = "group_changed";
+    /// The operator created, changed or deleted a discovery rule (an event of no machine).
+    RuleChanged = "rule_changed";
+    /// A propose-mode rule matches the discovered machine; an operator confirms.
+    RuleProposed = "rule_proposed";
+    /// Rules match the discovered machine, but each has enrolled its most machines.
+    RuleFull = "rule_full";
+    /// A rule matched the discovered machine but could not enroll it (its hostname pattern
+    /// or profile did not work for it).
+    RuleFailed = "rule_failed";
     /// First boot request from an unknown MAC.
     Discovered = "discovered";
     /// A boot handed the installer an install token.

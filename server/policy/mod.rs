@@ -12,11 +12,13 @@ use serde::{Deserialize, Serialize};
 
 mod events;
 mod groups;
+mod rules;
 #[cfg(test)]
 mod tests;
 
 pub use events::EventKind;
 pub use groups::{Group, GroupSet, Resolved, Selectable, Source, FACT_KEYS, MACHINE_ONLY_VARS};
+pub use rules::{glob, hostname, Choice, Reported, Rule, RuleMode, RuleSet, RULE_FACTS};
 
 /// Where a machine is in its life. Every change is an event row written in the same
 /// transaction as the change (see `store`).

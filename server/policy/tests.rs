@@ -473,3 +473,114 @@ fn no_groups_resolve_to_the_machines_own_values() {
     assert_eq!(r.labels, l);
     assert!(r.inherited.is_empty() && r.groups.is_empty());
 }
+
+fn rule(
+    name: &str,
+    priority: i64,
+    conditions: &[(&str, &str)],
+    max: Option<u64>,
+    used: u64,
+) -> Rule {
+    Rule {
+        name: name.into(),
+        priority,
+        enabled: true,
+        conditions: conditions
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        max,
+        used,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn rules_match_every_condition_prefixes_with_a_star_and_go_in_priority_order() {
+    let l = labels(&[("site", "oslo")]);
+    let m = Reported {
+        mac: "52:54:00:12:34:56",
+        serial: Some("SN1"),
+        platform: Some("efi"),
+        vendor_class: Some("PXEClient:Arch:00007:UNDI:003016"),
+        interface: Some("eno1"),
+        labels: Some(&l),
+        ..Default::default()
+    };
+    // (conditions, matches?)
+    let table: &[(&[(&str, &str)], bool)] = &[
+        (&[], true),
+        (&[("mac", "52:54:00:*")], true),
+        (&[("mac", "52:54:01:*")], false),
+        (&[("mac", "52:54:00:12:34:56")], true),
+        (&[("mac", "52:54:00:12:34")], false),
+        (&[("vendor_class", "PXEClient:Arch:00007*")], true),
+        (&[("platform", "efi"), ("serial", "SN1")], true),
+        (&[("platform", "efi"), ("serial", "SN2")], false),
+        (&[("uuid", "*")], false),
+        (&[("relay", "10.0.0.1")], false),
+        (&[("interface", "eno1"), ("site", "oslo")], true),
+        (&[("site", "bergen")], false),
+    ];
+    for (conditions, want) in table {
+        assert_eq!(
+            rule("r", 0, conditions, None, 0).matches(&m),
+            *want,
+            "{conditions:?}"
+        );
+    }
+    let set = RuleSet::new(vec![
+        rule("b-late", 50, &[("mac", "52:54:00:*")], None, 0),
+        rule("a-full", 10, &[("platform", "efi")], Some(2), 2),
+        rule("c-early", 10, &[("serial", "SN9")], None, 0),
+        Rule {
+            enabled: false,
+            ..rule("d-off", 1, &[], None, 0)
+        },
+    ]);
+    let names: Vec<&str> = set.rules().iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["d-off", "a-full", "c-early", "b-late"]);
+    // The disabled one is skipped, the full one is passed over for the next with room.
+    assert!(matches!(set.choose(&m), Choice::Rule(r) if r.name == "b-late"));
+    let only_full = RuleSet::new(vec![rule("a-full", 10, &[("platform", "efi")], Some(2), 2)]);
+    assert!(matches!(only_full.choose(&m), Choice::Full(r) if r.name == "a-full"));
+    let other = Reported {
+        mac: "00:11:22:33:44:55",
+        ..Default::default()
+    };
+    assert_eq!(set.choose(&other), Choice::None);
+}
+
+#[test]
+fn hostname_patterns_fill_index_serial_and_mac() {
+    let m = Reported {
+        mac: "52:54:00:12:34:56",
+        serial: Some("SN-R3-7"),
+        ..Default::default()
+    };
+    for (pattern, index, want) in [
+        ("rack3-{index:02}", 3, Ok("rack3-03")),
+        ("rack3-{index:03}", 12, Ok("rack3-012")),
+        ("n{index}", 12, Ok("n12")),
+        ("{serial}", 1, Ok("sn-r3-7")),
+        ("host-{mac}", 1, Ok("host-525400123456")),
+        ("x-{bogus}", 1, Err("unknown placeholder {bogus}")),
+        ("x-{index", 1, Err("without its")),
+    ] {
+        let got = hostname(pattern, index, &m);
+        match want {
+            Ok(w) => assert_eq!(got.as_deref(), Ok(w), "{pattern}"),
+            Err(w) => assert!(
+                got.as_ref().is_err_and(|e| e.contains(w)),
+                "{pattern}: {got:?}"
+            ),
+        }
+    }
+    let no_serial = Reported {
+        mac: "52:54:00:12:34:56",
+        ..Default::default()
+    };
+    assert!(hostname("{serial}", 1, &no_serial)
+        .unwrap_err()
+        .contains("no serial"));
+}

@@ -32,7 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::mac::Mac;
 use crate::policy::{
-    EventKind, Failure, Group, GroupSet, IllegalTransition, Selectable, State, Transition,
+    EventKind, Failure, Group, GroupSet, IllegalTransition, Reported, Rule, RuleSet, Selectable,
+    State, Transition,
 };
 
 mod leases;
@@ -95,6 +96,13 @@ pub enum StoreError {
     /// A machine enrolled without a profile that no group gives it either.
     #[error("machine {0} has no profile and no group gives it one; enroll it with --profile, or create a group that selects it with a profile")]
     NoProfile(Mac),
+    /// No rule with that name.
+    #[error("no rule named {0:?}; `provision rules list` shows them")]
+    NoRule(String),
+    /// A rule could not do what was asked (full, disabled, gone, or its result not valid);
+    /// the words say which and what to do.
+    #[error("{0}")]
+    RuleRefused(String),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -188,6 +196,25 @@ pub struct Machine {
     pub updated_at: i64,
     /// When it entered its current state, Unix ms.
     pub state_at: i64,
+    /// What its last DHCP request said and where it came from (for discovery rules).
+    #[serde(default)]
+    pub dhcp: DhcpSeen,
+    /// A propose-mode rule that matches it (discovered), waiting for an operator.
+    #[serde(default)]
+    pub proposed_rule: Option<String>,
+}
+
+/// What a machine's last DHCP request said beyond its MAC and UUID.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DhcpSeen {
+    /// Option 60 (vendor class identifier).
+    pub vendor_class: Option<String>,
+    /// Option 77 (user class).
+    pub user_class: Option<String>,
+    /// The interface a direct request arrived on.
+    pub interface: Option<String>,
+    /// The relay agent (giaddr) a relayed request came through.
+    pub relay: Option<String>,
 }
 
 /// The values of a [`Machine`] that came from its groups.
@@ -249,6 +276,22 @@ impl Machine {
         self
     }
 
+    /// What discovery rules' conditions read of it (`mac` is its MAC as text).
+    pub fn reported<'a>(&'a self, mac: &'a str) -> Reported<'a> {
+        Reported {
+            mac,
+            uuid: self.uuid.as_deref(),
+            serial: self.serial.as_deref(),
+            arch: self.arch.as_deref(),
+            platform: self.platform.as_deref(),
+            vendor_class: self.dhcp.vendor_class.as_deref(),
+            user_class: self.dhcp.user_class.as_deref(),
+            interface: self.dhcp.interface.as_deref(),
+            relay: self.dhcp.relay.as_deref(),
+            labels: Some(&self.labels),
+        }
+    }
+
     /// Its own profile (not a group's).
     pub fn own_profile(&self) -> Option<&str> {
         self.profile
@@ -298,6 +341,10 @@ pub struct BootFacts {
     pub platform: Option<String>,
     /// Own labels.
     pub labels: BTreeMap<String, String>,
+    /// What its last DHCP request said (discovery rules read it).
+    pub dhcp: DhcpSeen,
+    /// A propose-mode rule already waiting for an operator about it.
+    pub proposed_rule: Option<String>,
 }
 
 impl BootFacts {
@@ -313,6 +360,43 @@ impl BootFacts {
             arch: m.arch.clone(),
             platform: m.platform.clone(),
             labels: m.own_labels(),
+            dhcp: m.dhcp.clone(),
+            proposed_rule: m.proposed_rule.clone(),
+        }
+    }
+
+    /// The facts of a MAC the inventory does not know yet: discovered, nothing stored.
+    pub fn unknown() -> BootFacts {
+        BootFacts {
+            state: State::Discovered,
+            profile: None,
+            installer_done: false,
+            uuid: None,
+            serial: None,
+            hostname: None,
+            arch: None,
+            platform: None,
+            labels: BTreeMap::new(),
+            dhcp: DhcpSeen::default(),
+            proposed_rule: None,
+        }
+    }
+
+    /// What discovery rules read of the machine, with what this request says (`now`) over
+    /// what is stored, as [`BootFacts::profile`] does.
+    pub fn reported<'a>(&'a self, mac: &'a str, now: &'a Sighting) -> Reported<'a> {
+        let latest = |n: &'a Option<String>, s: &'a Option<String>| n.as_deref().or(s.as_deref());
+        Reported {
+            mac,
+            uuid: self.uuid.as_deref().or(now.uuid.as_deref()),
+            serial: self.serial.as_deref().or(now.serial.as_deref()),
+            arch: latest(&now.arch, &self.arch),
+            platform: latest(&now.platform, &self.platform),
+            vendor_class: latest(&now.dhcp.vendor_class, &self.dhcp.vendor_class),
+            user_class: latest(&now.dhcp.user_class, &self.dhcp.user_class),
+            interface: latest(&now.dhcp.interface, &self.dhcp.interface),
+            relay: latest(&now.dhcp.relay, &self.dhcp.relay),
+            labels: Some(&self.labels),
         }
     }
 
@@ -459,6 +543,8 @@ pub struct Sighting {
     pub uuid: Option<String>,
     /// `${serial}` (SMBIOS).
     pub serial: Option<String>,
+    /// What a DHCP request said beyond MAC and UUID.
+    pub dhcp: DhcpSeen,
     /// `${buildarch}`.
     pub arch: Option<String>,
     /// `${platform}`.
@@ -477,6 +563,10 @@ impl Sighting {
         };
         keep(&mut self.uuid, later.uuid);
         keep(&mut self.serial, later.serial);
+        keep(&mut self.dhcp.vendor_class, later.dhcp.vendor_class);
+        keep(&mut self.dhcp.user_class, later.dhcp.user_class);
+        keep(&mut self.dhcp.interface, later.dhcp.interface);
+        keep(&mut self.dhcp.relay, later.dhcp.relay);
         keep(&mut self.arch, later.arch);
         keep(&mut self.platform, later.platform);
         keep(&mut self.ip, later.ip);
@@ -737,6 +827,8 @@ pub trait Inventory: Send + Sync + 'static {
     /// Every group, as of the last committed group change (held in memory: every boot
     /// request of a machine without a profile of its own resolves against it).
     fn groups(&self) -> std::sync::Arc<GroupSet>;
+    /// Every discovery rule, as of the last committed change (counts included).
+    fn rules(&self) -> std::sync::Arc<RuleSet>;
 
     // --- durable operations ---
 
@@ -831,6 +923,24 @@ pub trait Inventory: Send + Sync + 'static {
     async fn put_group(&self, group: Group, now: i64) -> Result<bool>;
     /// Deletes a group, unless a machine past discovery would be left without a profile.
     async fn delete_group(&self, name: String, now: i64) -> Result<()>;
+    /// Creates the rule, or replaces the one of its name (keeping its count); records a
+    /// `rule_changed` event. Returns whether it was created.
+    async fn put_rule(&self, rule: Rule, now: i64) -> Result<bool>;
+    /// Deletes a rule (the machines it enrolled stay; proposals of it are withdrawn).
+    async fn delete_rule(&self, name: String, now: i64) -> Result<()>;
+    /// Applies rule `rule` to the discovered machine `mac` (what `sighting` says recorded
+    /// first), in one transaction: checks the rule is enabled and matches, then enrolls the
+    /// machine with its next index (a compare-and-set on the rule's count against its max), or
+    /// in propose mode marks it (unless `confirm`, the operator's confirmation, which
+    /// enrolls).
+    async fn apply_rule(
+        &self,
+        mac: Mac,
+        rule: String,
+        sighting: Sighting,
+        confirm: bool,
+        now: i64,
+    ) -> Result<RuleOutcome>;
     /// Fails every machine left `installing` whose token expired (or that has none).
     async fn expire_installs(&self, now: i64) -> Result<Vec<Mac>>;
     /// Appends an event that changes no state but must not be lost (a registrar retry).
@@ -868,6 +978,20 @@ pub trait Inventory: Send + Sync + 'static {
     /// views wait on it and then read the events after the last one they showed, so a slow
     /// reader holds no queue of its own and misses nothing the retention bounds keep.
     fn event_feed(&self) -> tokio::sync::watch::Receiver<i64>;
+}
+
+/// What [`Inventory::apply_rule`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RuleOutcome {
+    /// Enrolled with the rule's next index.
+    Enrolled(Box<Machine>),
+    /// Marked as matching a propose-mode rule (or already was).
+    Proposed,
+    /// Nothing: the rule has enrolled its max (the words say so).
+    Full(String),
+    /// Nothing: the machine is no longer discovered, or the rule no longer matches it, is
+    /// disabled or gone (the words say which).
+    Skipped(String),
 }
 
 pub use leases::{BindRequest, OfferRequest};

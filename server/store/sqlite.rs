@@ -33,13 +33,15 @@ use tokio::sync::oneshot;
 
 use super::leases::{self, BindRequest, Lease, OfferRequest};
 use super::{
-    BootFacts, Event, EventQuery, Inventory, Limits, Machine, MachinePage, MachinePatch,
-    MachineQuery, MachineSearch, NewMachine, Observation, Result, RevokedCert, SearchTerm,
-    Sighting, SortKey, Stats, StepRecord, StepStatus, StoreError, TokenInfo, TokenProblem,
-    MAX_PAGE,
+    BootFacts, DhcpSeen, Event, EventQuery, Inventory, Limits, Machine, MachinePage, MachinePatch,
+    MachineQuery, MachineSearch, NewMachine, Observation, Result, RevokedCert, RuleOutcome,
+    SearchTerm, Sighting, SortKey, Stats, StepRecord, StepStatus, StoreError, TokenInfo,
+    TokenProblem, MAX_PAGE,
 };
 use crate::mac::Mac;
-use crate::policy::{self, EventKind, Failure, Group, GroupSet, State, Transition};
+use crate::policy::{
+    self, EventKind, Failure, Group, GroupSet, Rule, RuleMode, RuleSet, State, Transition,
+};
 
 static MIGRATIONS_DIR: Dir = include_dir!("$CARGO_MANIFEST_DIR/migrations");
 
@@ -81,6 +83,8 @@ struct Shared {
     events: tokio::sync::watch::Receiver<i64>,
     /// Every group, replaced whole after a group change commits.
     groups: Arc<RwLock<Arc<GroupSet>>>,
+    /// Every discovery rule with its count, replaced whole after a commit that changed one.
+    rules: Arc<RwLock<Arc<RuleSet>>>,
     /// Keeps a test database's directory alive as long as the store.
     _dir: Option<tempfile::TempDir>,
 }
@@ -498,6 +502,7 @@ impl SqliteInventory {
         let last_event: i64 =
             conn.query_row("SELECT coalesce(max(id), 0) FROM events", [], |r| r.get(0))?;
         let groups = Arc::new(RwLock::new(Arc::new(GroupSet::new(load_groups(&conn)?))));
+        let rules = Arc::new(RwLock::new(Arc::new(RuleSet::new(load_rules(&conn)?))));
         let (events_tx, events_rx) = tokio::sync::watch::channel(last_event);
         let (tx, rx) = mpsc::channel();
         let queue = Arc::new(ObservationQueue {
@@ -556,6 +561,7 @@ impl SqliteInventory {
                 checkpointer: Mutex::new(Some(cp)),
                 events: events_rx,
                 groups,
+                rules,
                 _dir: dir,
             }),
         })
@@ -657,21 +663,30 @@ impl SqliteInventory {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Runs a group change `f` in the next group commit; once it is durable, the set of
-    /// groups it returns replaces the one in memory (before its caller is answered, so the
-    /// caller's next read sees it).
-    async fn write_groups<T: Send + 'static>(
+    /// Runs `f` in the next group commit (forgetting the cached facts `touch` names); once
+    /// it is durable, the groups or rules it returns replace the ones in memory (before its
+    /// caller is answered, so the caller's next read sees them).
+    async fn write_publishing<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> Result<(T, GroupSet)> + Send + 'static,
+        touch: Touch,
+        f: impl FnOnce(&Connection) -> Result<(T, Publish)> + Send + 'static,
     ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        let slot = self.shared.groups.clone();
+        let (groups, rules) = (self.shared.groups.clone(), self.shared.rules.clone());
         let run: Box<dyn FnOnce(&Connection) -> Completion + Send> = Box::new(move |conn| {
             let out = in_savepoint(conn, f);
             Box::new(move |commit_error: Option<&str>| {
                 let _ = tx.send(match (commit_error, out) {
-                    (None, Ok((t, set))) => {
-                        *slot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+                    (None, Ok((t, publish))) => {
+                        match publish {
+                            Publish::Groups(set) => {
+                                *groups.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set)
+                            }
+                            Publish::Rules(set) => {
+                                *rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set)
+                            }
+                            Publish::Nothing => {}
+                        }
                         Ok(t)
                     }
                     (None, Err(e)) => Err(e),
@@ -679,7 +694,7 @@ impl SqliteInventory {
                 });
             })
         });
-        self.send(Msg::Write((Touch::Nothing, run)))?;
+        self.send(Msg::Write((touch, run)))?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -1523,7 +1538,8 @@ const MACHINE_COLS: &str = "m.mac, m.uuid, m.serial, m.hostname, m.profile, m.st
      (SELECT json_group_array(k.key) FROM (SELECT key FROM host_keys WHERE mac = m.mac ORDER BY algorithm) k), \
      (SELECT json_group_array(json_array(s.seq, s.name, s.status, s.exit_code, s.output, s.at)) \
         FROM (SELECT * FROM register_steps WHERE mac = m.mac ORDER BY seq) s), \
-     m.boot_ip, m.state_at";
+     m.boot_ip, m.state_at, m.vendor_class, m.user_class, m.dhcp_interface, m.dhcp_relay, \
+     m.proposed_rule";
 
 fn conv(i: usize, e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.to_string().into())
@@ -1564,6 +1580,13 @@ fn machine_from_row(row: &Row<'_>) -> rusqlite::Result<Machine> {
         created_at: row.get(15)?,
         updated_at: row.get(16)?,
         state_at: row.get(22)?,
+        dhcp: DhcpSeen {
+            vendor_class: row.get(23)?,
+            user_class: row.get(24)?,
+            interface: row.get(25)?,
+            relay: row.get(26)?,
+        },
+        proposed_rule: row.get(27)?,
         installer_done_at: row.get(17)?,
         cert_fingerprint: row.get(18)?,
         host_keys: json_col(19, row.get(19)?)?,
@@ -1593,6 +1616,43 @@ fn load(c: &Connection, mac: Mac) -> Result<Option<Machine>> {
     ))?
     .query_row([mac.to_string()], machine_from_row)
     .optional()?)
+}
+
+/// What a write hands to memory once it is durable.
+enum Publish {
+    Groups(GroupSet),
+    Rules(RuleSet),
+    Nothing,
+}
+
+/// Every discovery rule, as stored.
+fn load_rules(c: &Connection) -> Result<Vec<Rule>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT name, priority, enabled, mode, conditions, profile, hostname, labels, vars, max,
+         used FROM rules ORDER BY priority, name",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            let map = |i: usize| -> rusqlite::Result<BTreeMap<String, String>> {
+                serde_json::from_str(&r.get::<_, String>(i)?).map_err(|e| conv(i, e))
+            };
+            let mode: String = r.get(3)?;
+            Ok(Rule {
+                name: r.get(0)?,
+                priority: r.get(1)?,
+                enabled: r.get(2)?,
+                mode: mode.parse().map_err(|e| conv(3, e))?,
+                conditions: map(4)?,
+                profile: r.get(5)?,
+                hostname: r.get(6)?,
+                labels: map(7)?,
+                vars: map(8)?,
+                max: r.get::<_, Option<i64>>(9)?.map(|m| m.max(0) as u64),
+                used: r.get::<_, i64>(10)?.max(0) as u64,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
 }
 
 /// Every group, as stored.
@@ -1860,14 +1920,31 @@ fn record_sighting(
         .prepare_cached(
             "UPDATE machines SET uuid = COALESCE(uuid, ?2), arch = COALESCE(?3, arch),
              platform = COALESCE(?4, platform), boot_ip = COALESCE(?5, boot_ip),
-             last_seen = MAX(COALESCE(last_seen, 0), ?6), serial = COALESCE(serial, ?8)
+             last_seen = MAX(COALESCE(last_seen, 0), ?6), serial = COALESCE(serial, ?8),
+             vendor_class = COALESCE(?9, vendor_class), user_class = COALESCE(?10, user_class),
+             dhcp_interface = COALESCE(?11, dhcp_interface), dhcp_relay = COALESCE(?12, dhcp_relay)
              WHERE mac = ?1 AND (last_seen IS NULL OR last_seen < ?6 - ?7
                 OR (uuid IS NULL AND ?2 IS NOT NULL) OR (?3 IS NOT NULL AND arch IS NOT ?3)
                 OR (?4 IS NOT NULL AND platform IS NOT ?4) OR (?5 IS NOT NULL AND boot_ip IS NOT ?5)
-                OR (serial IS NULL AND ?8 IS NOT NULL))",
+                OR (serial IS NULL AND ?8 IS NOT NULL)
+                OR (?9 IS NOT NULL AND vendor_class IS NOT ?9)
+                OR (?10 IS NOT NULL AND user_class IS NOT ?10)
+                OR (?11 IS NOT NULL AND dhcp_interface IS NOT ?11)
+                OR (?12 IS NOT NULL AND dhcp_relay IS NOT ?12))",
         )?
         .execute(params![
-            key, s.uuid, s.arch, s.platform, s.ip, now, WINDOW_MS, s.serial
+            key,
+            s.uuid,
+            s.arch,
+            s.platform,
+            s.ip,
+            now,
+            WINDOW_MS,
+            s.serial,
+            s.dhcp.vendor_class,
+            s.dhcp.user_class,
+            s.dhcp.interface,
+            s.dhcp.relay
         ])?;
     if n == 1 {
         return Ok(Sighted::Updated);
@@ -1886,10 +1963,23 @@ fn create_discovered(c: &Connection, mac: Mac, s: &Sighting, now: i64, what: &st
     let n = c
         .prepare_cached(
             "INSERT INTO machines (mac, state, uuid, arch, platform, boot_ip, last_seen, created_at,
-             updated_at, state_at, serial)
-             VALUES (?1, 'discovered', ?2, ?3, ?4, ?5, ?6, ?6, ?6, ?6, ?7) ON CONFLICT (mac) DO NOTHING",
+             updated_at, state_at, serial, vendor_class, user_class, dhcp_interface, dhcp_relay)
+             VALUES (?1, 'discovered', ?2, ?3, ?4, ?5, ?6, ?6, ?6, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT (mac) DO NOTHING",
         )?
-        .execute(params![mac.to_string(), s.uuid, s.arch, s.platform, s.ip, now, s.serial])?;
+        .execute(params![
+            mac.to_string(),
+            s.uuid,
+            s.arch,
+            s.platform,
+            s.ip,
+            now,
+            s.serial,
+            s.dhcp.vendor_class,
+            s.dhcp.user_class,
+            s.dhcp.interface,
+            s.dhcp.relay
+        ])?;
     if n == 1 {
         let detail = format!(
             "{what}{}{}",
@@ -2002,7 +2092,8 @@ impl Inventory for SqliteInventory {
         let facts = self.read(|c| {
             Ok(c.prepare_cached(
                 "SELECT m.state, m.profile, t.handed_over_at, m.uuid, m.serial, m.hostname,
-                 m.arch, m.platform, m.labels FROM machines m
+                 m.arch, m.platform, m.labels, m.vendor_class, m.user_class, m.dhcp_interface,
+                 m.dhcp_relay, m.proposed_rule FROM machines m
                  LEFT JOIN install_tokens t ON t.mac = m.mac WHERE m.mac = ?1",
             )?
             .query_row([mac.to_string()], |r| {
@@ -2018,6 +2109,13 @@ impl Inventory for SqliteInventory {
                     arch: r.get(6)?,
                     platform: r.get(7)?,
                     labels: serde_json::from_str(&labels).map_err(|e| conv(8, e))?,
+                    dhcp: DhcpSeen {
+                        vendor_class: r.get(9)?,
+                        user_class: r.get(10)?,
+                        interface: r.get(11)?,
+                        relay: r.get(12)?,
+                    },
+                    proposed_rule: r.get(13)?,
                 })
             })
             .optional()?)
@@ -2178,6 +2276,14 @@ impl Inventory for SqliteInventory {
             commits: get(&c.commits),
             writes: get(&c.writes),
         }
+    }
+
+    fn rules(&self) -> Arc<RuleSet> {
+        self.shared
+            .rules
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn groups(&self) -> Arc<GroupSet> {
@@ -2644,7 +2750,7 @@ impl Inventory for SqliteInventory {
     }
 
     async fn put_group(&self, group: Group, now: i64) -> Result<bool> {
-        self.write_groups(move |c| {
+        self.write_publishing(Touch::Nothing, move |c| {
             let mut all = load_groups(c)?;
             let existed = all.iter().any(|g| g.name == group.name);
             if let Some(why) = GroupSet::new(all.clone()).conflict(&group) {
@@ -2684,13 +2790,13 @@ impl Inventory for SqliteInventory {
                 group.labels.keys().cloned().collect::<Vec<_>>().join(","),
             );
             insert_event(c, now, None, EventKind::GroupChanged, &detail, 1)?;
-            Ok((!existed, next))
+            Ok((!existed, Publish::Groups(next)))
         })
         .await
     }
 
     async fn delete_group(&self, name: String, now: i64) -> Result<()> {
-        self.write_groups(move |c| {
+        self.write_publishing(Touch::Nothing, move |c| {
             let mut all = load_groups(c)?;
             if !all.iter().any(|g| g.name == name) {
                 return Err(StoreError::NoGroup(name));
@@ -2707,9 +2813,214 @@ impl Inventory for SqliteInventory {
                 &format!("group {name} deleted"),
                 1,
             )?;
-            Ok(((), next))
+            Ok(((), Publish::Groups(next)))
         })
         .await
+    }
+
+    async fn put_rule(&self, rule: Rule, now: i64) -> Result<bool> {
+        self.write_publishing(Touch::All, move |c| {
+            let existed = c
+                .prepare_cached("SELECT 1 FROM rules WHERE name = ?1")?
+                .exists([&rule.name])?;
+            c.prepare_cached(
+                "INSERT INTO rules (name, priority, enabled, mode, conditions, profile, hostname,
+                 labels, vars, max, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)
+                 ON CONFLICT (name) DO UPDATE SET priority = ?2, enabled = ?3, mode = ?4,
+                 conditions = ?5, profile = ?6, hostname = ?7, labels = ?8, vars = ?9, max = ?10,
+                 updated_at = ?11",
+            )?
+            .execute(params![
+                rule.name,
+                rule.priority,
+                rule.enabled,
+                rule.mode.as_str(),
+                map_json(&rule.conditions),
+                rule.profile,
+                rule.hostname,
+                map_json(&rule.labels),
+                map_json(&rule.vars),
+                rule.max.map(|m| m as i64),
+                now
+            ])?;
+            // A rule that proposes no more withdraws what it proposed.
+            if !(rule.enabled && rule.mode == RuleMode::Propose) {
+                c.execute(
+                    "UPDATE machines SET proposed_rule = NULL WHERE proposed_rule = ?1",
+                    [&rule.name],
+                )?;
+            }
+            let words = |m: &BTreeMap<String, String>| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let detail = format!(
+                "rule {} {}: priority {}, {}, {}, match {{{}}}, profile {}, hostname {}, max {}",
+                rule.name,
+                if existed { "updated" } else { "created" },
+                rule.priority,
+                if rule.enabled { "enabled" } else { "disabled" },
+                rule.mode,
+                words(&rule.conditions),
+                rule.profile.as_deref().unwrap_or("(its groups')"),
+                rule.hostname.as_deref().unwrap_or("(none)"),
+                rule.max
+                    .map(|m| m.to_string())
+                    .unwrap_or_else(|| "none".into()),
+            );
+            insert_event(c, now, None, EventKind::RuleChanged, &detail, 1)?;
+            Ok((!existed, Publish::Rules(RuleSet::new(load_rules(c)?))))
+        })
+        .await
+    }
+
+    async fn delete_rule(&self, name: String, now: i64) -> Result<()> {
+        self.write_publishing(Touch::All, move |c| {
+            if c.execute("DELETE FROM rules WHERE name = ?1", [&name])? == 0 {
+                return Err(StoreError::NoRule(name));
+            }
+            c.execute(
+                "UPDATE machines SET proposed_rule = NULL WHERE proposed_rule = ?1",
+                [&name],
+            )?;
+            insert_event(
+                c,
+                now,
+                None,
+                EventKind::RuleChanged,
+                &format!("rule {name} deleted"),
+                1,
+            )?;
+            Ok(((), Publish::Rules(RuleSet::new(load_rules(c)?))))
+        })
+        .await
+    }
+
+    async fn apply_rule(
+        &self,
+        mac: Mac,
+        rule: String,
+        sighting: Sighting,
+        confirm: bool,
+        now: i64,
+    ) -> Result<RuleOutcome> {
+        let groups = self.shared.groups.clone();
+        let out = self
+            .write_publishing(Touch::One(mac), move |c| {
+                record_sighting(c, mac, &sighting, now, false)?;
+                let skip = |why: String| Ok((RuleOutcome::Skipped(why), Publish::Nothing));
+                let m = must_load(c, mac)?;
+                if m.state != State::Discovered {
+                    return skip(format!("machine {mac} is {}, not discovered", m.state));
+                }
+                let Some(r) = load_rules(c)?.into_iter().find(|r| r.name == rule) else {
+                    return skip(format!("rule {rule} no longer exists"));
+                };
+                if !r.enabled {
+                    return skip(format!("rule {rule} is disabled"));
+                }
+                let text = mac.to_string();
+                if !r.matches(&m.reported(&text)) {
+                    return skip(format!("rule {rule} no longer matches machine {mac}"));
+                }
+                if r.mode == RuleMode::Propose && !confirm {
+                    if m.proposed_rule.as_deref() != Some(rule.as_str()) {
+                        c.execute(
+                            "UPDATE machines SET proposed_rule = ?2 WHERE mac = ?1",
+                            params![text, rule],
+                        )?;
+                        insert_event(
+                            c,
+                            now,
+                            Some(mac),
+                            EventKind::RuleProposed,
+                            &format!(
+                                "rule {rule} matches; `provision machines confirm {mac}` enrolls it"
+                            ),
+                            1,
+                        )?;
+                    }
+                    return Ok((RuleOutcome::Proposed, Publish::Nothing));
+                }
+                // The next index, only while the count is below the max: of two machines
+                // racing for the last place, one gets it.
+                let index: Option<i64> = c
+                    .prepare_cached(
+                        "UPDATE rules SET used = used + 1 WHERE name = ?1 AND enabled = 1
+                         AND (max IS NULL OR used < max) RETURNING used",
+                    )?
+                    .query_row([&rule], |r| r.get(0))
+                    .optional()?;
+                let Some(index) = index else {
+                    let why = format!(
+                        "rule {rule} matches but has enrolled its {} machines",
+                        r.max.unwrap_or_default()
+                    );
+                    return Ok((RuleOutcome::Full(why), Publish::Nothing));
+                };
+                let index = index as u64;
+                let hostname = r
+                    .hostname_for(index, &m.reported(&text))
+                    .map_err(|e| StoreError::RuleRefused(format!("rule {rule}: {e}")))?;
+                if let Some(h) = &hostname {
+                    crate::validate::hostname(h).map_err(|e| {
+                        StoreError::RuleRefused(format!("rule {rule}: hostname {h:?}: {}", e.0))
+                    })?;
+                }
+                let mut labels = r.labels.clone();
+                labels.extend(m.labels.clone());
+                let mut vars = r.vars.clone();
+                vars.extend(m.vars.clone());
+                c.execute(
+                    "UPDATE machines SET profile = COALESCE(profile, ?2),
+                     hostname = COALESCE(hostname, ?3), labels = ?4, vars = ?5,
+                     proposed_rule = NULL, updated_at = ?6 WHERE mac = ?1",
+                    params![
+                        text,
+                        r.profile,
+                        hostname,
+                        map_json(&labels),
+                        map_json(&vars),
+                        now
+                    ],
+                )?;
+                let groups = groups.read().unwrap_or_else(|p| p.into_inner()).clone();
+                let after = must_load(c, mac)?.resolve(&groups);
+                let Some(profile) = after.profile.as_deref() else {
+                    return Err(StoreError::RuleRefused(format!(
+                        "rule {rule} gives no profile, and no group gives machine {mac} one"
+                    )));
+                };
+                let detail = format!(
+                    "profile {profile}{} by rule {rule} (machine {index}{}){}",
+                    after
+                        .inherited
+                        .profile
+                        .as_deref()
+                        .map(|g| format!(" from group {g}"))
+                        .unwrap_or_default(),
+                    r.max.map(|m| format!(" of {m}")).unwrap_or_default(),
+                    after
+                        .hostname
+                        .as_deref()
+                        .map(|h| format!(", hostname {h}"))
+                        .unwrap_or_default(),
+                );
+                apply(c, now, &m, &Transition::Enroll, &detail)?;
+                let m = must_load(c, mac)?;
+                Ok((
+                    RuleOutcome::Enrolled(Box::new(m)),
+                    Publish::Rules(RuleSet::new(load_rules(c)?)),
+                ))
+            })
+            .await?;
+        Ok(match out {
+            RuleOutcome::Enrolled(m) => RuleOutcome::Enrolled(Box::new(self.resolved(*m))),
+            other => other,
+        })
     }
 
     async fn expire_installs(&self, now: i64) -> Result<Vec<Mac>> {

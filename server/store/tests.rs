@@ -83,6 +83,12 @@ async fn discovered_then_enrolled() {
     let sighting = Sighting {
         uuid: Some("4c4c4544-0038-4410-8051-b4c04f4d4e32".into()),
         serial: Some("SN-2".into()),
+        dhcp: DhcpSeen {
+            vendor_class: Some("PXEClient:Arch:00007:UNDI:003016".into()),
+            user_class: None,
+            interface: Some("eno1".into()),
+            relay: None,
+        },
         arch: Some("x86_64".into()),
         platform: Some("efi".into()),
         ip: Some("10.0.0.5".into()),
@@ -569,6 +575,8 @@ async fn boot_facts_are_the_decision_inputs() {
             arch: None,
             platform: None,
             labels: BTreeMap::new(),
+            dhcp: DhcpSeen::default(),
+            proposed_rule: None,
         }
     );
     s.start_install(
@@ -1612,4 +1620,236 @@ async fn group_changes_keep_resolution_unambiguous_and_every_install_with_a_prof
         s2.groups().get("rack3").unwrap().profile.as_deref(),
         Some("debian-12")
     );
+}
+
+fn oui_rule(max: Option<u64>) -> crate::policy::Rule {
+    crate::policy::Rule {
+        name: "rack7".into(),
+        priority: 10,
+        enabled: true,
+        conditions: [("mac".to_string(), "52:54:00:*".to_string())].into(),
+        profile: Some("debian-12".into()),
+        hostname: Some("rack7-{index:02}".into()),
+        max,
+        ..Default::default()
+    }
+}
+
+/// Forty machines discovered at once race for a rule's five places: exactly five are
+/// enrolled, with the indexes 1 to 5 once each, and the count stops at five.
+#[tokio::test]
+async fn concurrent_discoveries_never_share_an_index_or_pass_the_count() {
+    let s = Arc::new(store());
+    assert!(s.put_rule(oui_rule(Some(5)), 1).await.unwrap());
+    let macs: Vec<Mac> = (0..40).map(|i| nth(0x7700 + i)).collect();
+    for m in &macs {
+        s.discover(*m, Sighting::default(), 2).await.unwrap();
+    }
+    let mut tasks = Vec::new();
+    for m in macs.clone() {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.apply_rule(m, "rack7".into(), Sighting::default(), false, 3)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut hostnames = Vec::new();
+    let mut full = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            RuleOutcome::Enrolled(m) => {
+                assert_eq!(m.state, State::Enrolled);
+                assert_eq!(m.profile.as_deref(), Some("debian-12"));
+                hostnames.push(m.hostname.unwrap());
+            }
+            RuleOutcome::Full(why) => {
+                assert!(why.contains("has enrolled its 5 machines"), "{why}");
+                full += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    hostnames.sort();
+    assert_eq!(
+        hostnames,
+        ["rack7-01", "rack7-02", "rack7-03", "rack7-04", "rack7-05"]
+    );
+    assert_eq!(full, 35);
+    assert_eq!(
+        s.rules().get("rack7").unwrap().used,
+        5,
+        "the count in memory"
+    );
+    let enrolled = s
+        .machines(MachineQuery {
+            state: Some(State::Enrolled),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(enrolled.len(), 5);
+    // Raising the max gives room again; the index goes on from the count.
+    s.put_rule(oui_rule(Some(6)), 4).await.unwrap();
+    let out = s
+        .apply_rule(macs[0], "rack7".into(), Sighting::default(), false, 5)
+        .await
+        .unwrap();
+    let out = match out {
+        RuleOutcome::Skipped(_) => s
+            .apply_rule(macs[39], "rack7".into(), Sighting::default(), false, 5)
+            .await
+            .unwrap(),
+        other => other,
+    };
+    let RuleOutcome::Enrolled(m) = out else {
+        panic!("{out:?}")
+    };
+    assert_eq!(m.hostname.as_deref(), Some("rack7-06"));
+}
+
+/// A propose-mode rule marks the machine once; confirming enrolls it; a disabled or deleted
+/// rule withdraws what it proposed; a machine that no longer matches is skipped.
+#[tokio::test]
+async fn proposals_wait_for_confirmation_and_go_with_their_rule() {
+    let s = store();
+    let m = nth(0x7800);
+    s.discover(m, Sighting::default(), 1).await.unwrap();
+    let propose = crate::policy::Rule {
+        mode: crate::policy::RuleMode::Propose,
+        ..oui_rule(None)
+    };
+    s.put_rule(propose.clone(), 2).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            s.apply_rule(m, "rack7".into(), Sighting::default(), false, 3)
+                .await
+                .unwrap(),
+            RuleOutcome::Proposed
+        );
+    }
+    let d = s.machine(m).await.unwrap().unwrap();
+    assert_eq!(
+        (d.state, d.proposed_rule.as_deref()),
+        (State::Discovered, Some("rack7"))
+    );
+    assert_eq!(
+        kinds(&s, m)
+            .await
+            .iter()
+            .filter(|k| *k == "rule_proposed")
+            .count(),
+        1,
+        "proposed once"
+    );
+    assert!(s
+        .boot_facts(m)
+        .await
+        .unwrap()
+        .unwrap()
+        .proposed_rule
+        .is_some());
+    // Disabling withdraws it.
+    s.put_rule(
+        crate::policy::Rule {
+            enabled: false,
+            ..propose.clone()
+        },
+        4,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.machine(m).await.unwrap().unwrap().proposed_rule, None);
+    assert_eq!(s.boot_facts(m).await.unwrap().unwrap().proposed_rule, None);
+    assert!(matches!(
+        s.apply_rule(m, "rack7".into(), Sighting::default(), true, 5)
+            .await
+            .unwrap(),
+        RuleOutcome::Skipped(w) if w.contains("disabled")
+    ));
+    s.put_rule(propose, 6).await.unwrap();
+    s.apply_rule(m, "rack7".into(), Sighting::default(), false, 7)
+        .await
+        .unwrap();
+    let RuleOutcome::Enrolled(e) = s
+        .apply_rule(m, "rack7".into(), Sighting::default(), true, 8)
+        .await
+        .unwrap()
+    else {
+        panic!("confirm enrolls")
+    };
+    assert_eq!(
+        (e.state, e.proposed_rule.as_deref()),
+        (State::Enrolled, None)
+    );
+    assert_eq!(e.hostname.as_deref(), Some("rack7-01"));
+    let enrolled = timeline(&s, m).await;
+    assert!(
+        enrolled.iter().any(
+            |e| e.kind == EventKind::Enrolled && e.detail.contains("by rule rack7 (machine 1)")
+        ),
+        "{enrolled:?}"
+    );
+    // Once enrolled, a rule leaves it alone.
+    assert!(matches!(
+        s.apply_rule(m, "rack7".into(), Sighting::default(), true, 9)
+            .await
+            .unwrap(),
+        RuleOutcome::Skipped(w) if w.contains("not discovered")
+    ));
+    // A machine the conditions do not match, and a rule that is gone.
+    let other = mac("00:11:22:33:44:55");
+    s.discover(other, Sighting::default(), 10).await.unwrap();
+    assert!(matches!(
+        s.apply_rule(other, "rack7".into(), Sighting::default(), false, 11)
+            .await
+            .unwrap(),
+        RuleOutcome::Skipped(w) if w.contains("no longer matches")
+    ));
+    s.delete_rule("rack7".into(), 12).await.unwrap();
+    assert!(matches!(
+        s.delete_rule("rack7".into(), 13).await,
+        Err(StoreError::NoRule(_))
+    ));
+    assert!(s.rules().rules().is_empty());
+}
+
+/// A rule whose pattern gives no valid hostname for this machine, or that gives no profile
+/// a group does not fill, enrolls nothing and takes no index.
+#[tokio::test]
+async fn a_rule_that_cannot_enroll_a_machine_changes_nothing() {
+    let s = store();
+    let m = nth(0x7900);
+    s.discover(m, Sighting::default(), 1).await.unwrap();
+    s.put_rule(
+        crate::policy::Rule {
+            hostname: Some("{serial}".into()),
+            ..oui_rule(Some(3))
+        },
+        2,
+    )
+    .await
+    .unwrap();
+    let e = s
+        .apply_rule(m, "rack7".into(), Sighting::default(), false, 3)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no serial"), "{e}");
+    s.put_rule(
+        crate::policy::Rule {
+            profile: None,
+            ..oui_rule(Some(3))
+        },
+        4,
+    )
+    .await
+    .unwrap();
+    let e = s
+        .apply_rule(m, "rack7".into(), Sighting::default(), false, 5)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("gives no profile"), "{e}");
+    assert_eq!(s.rules().get("rack7").unwrap().used, 0, "no index taken");
+    let d = s.machine(m).await.unwrap().unwrap();
+    assert_eq!((d.state, d.hostname), (State::Discovered, None));
 }
