@@ -299,8 +299,9 @@ impl BootService {
                     Some(mac),
                     EventKind::RuleFull,
                     format!(
-                        "rule {} matches but has enrolled its {} machines",
+                        "rule {} matches but is full: it has enrolled {} of {} machines",
                         r.name,
+                        r.used,
                         r.max.unwrap_or_default()
                     ),
                 );

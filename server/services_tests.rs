@@ -1178,9 +1178,9 @@ async fn a_rule_enrolls_the_first_machines_up_to_its_count_and_they_install_at_o
     );
     let events = events_of(&p, third).await;
     assert!(
-        events
-            .iter()
-            .any(|(k, d)| k == "rule_full" && d.contains("has enrolled its 2 machines")),
+        events.iter().any(
+            |(k, d)| k == "rule_full" && d.contains("is full: it has enrolled 2 of 2 machines")
+        ),
         "{events:?}"
     );
     assert_eq!(p.admin.rule("rack7").unwrap().used, 2);

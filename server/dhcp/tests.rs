@@ -794,3 +794,30 @@ async fn ignore_means_no_reply_at_all() {
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["discovered", "dhcp_ignored"]);
 }
+
+/// What real firmware sends as its classes, kept as text for discovery rules: EDK2's PXE
+/// client and iPXE on SeaBIOS and OVMF.
+#[test]
+fn golden_packets_keep_their_vendor_and_user_class() {
+    for (name, vendor, user) in [
+        (
+            "ovmf-pxe-discover-port67.bin",
+            "PXEClient:Arch:00007:UNDI:003001",
+            None,
+        ),
+        (
+            "seabios-ipxe-discover-port67.bin",
+            "PXEClient:Arch:00000:UNDI:002001",
+            Some("iPXE"),
+        ),
+        (
+            "ovmf-ipxe-discover-port67.bin",
+            "PXEClient:Arch:00007:UNDI:003010",
+            Some("iPXE"),
+        ),
+    ] {
+        let req = classify(&golden(name)).unwrap();
+        assert_eq!(req.vendor_class.as_deref(), Some(vendor), "{name}");
+        assert_eq!(req.user_class.as_deref(), user, "{name}");
+    }
+}

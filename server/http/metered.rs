@@ -72,6 +72,7 @@ pub const ADMIN_ROUTES: &[&str] = &[
     "/ui/discovered/enroll",
     "/ui/enroll",
     "/ui/groups",
+    "/ui/rules",
     "/ui/profiles",
     "/ui/profiles/{name}",
     "/ui/profiles/{name}/preview",

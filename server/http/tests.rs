@@ -1176,3 +1176,118 @@ async fn groups_through_the_api_and_the_machine_page() {
     let (s, _) = send(&app, api("DELETE", "/api/v1/groups/site", None)).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+/// The rules API: create, replace (the count kept), read, delete with their statuses, the
+/// read-only count ignored when given, and confirm of a proposal.
+#[tokio::test]
+async fn rules_through_the_api() {
+    let d = tempfile::tempdir().unwrap();
+    let app = app(d.path());
+    let rule = serde_json::json!({"name": "oui", "match": {"mac": "52-54-00-*"},
+        "profile": "debian-12", "hostname": "n-{index:02}", "max": 3, "mode": "propose"});
+    let (s, body) = send(&app, api("POST", "/api/v1/rules", Some(rule.clone()))).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let r: crate::dto::Rule = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (r.conditions["mac"].as_str(), r.priority, r.enabled, r.used),
+        ("52:54:00:*", 100, true, 0)
+    );
+    let (s, _) = send(&app, api("POST", "/api/v1/rules", Some(rule))).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, body) = send(
+        &app,
+        api(
+            "PUT",
+            "/api/v1/rules/oui",
+            Some(serde_json::json!({"match": {"mac": "52:54:00:*"},
+            "profile": "debian-12", "mode": "propose", "used": 99})),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let r: crate::dto::Rule = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (r.used, r.max, r.hostname),
+        (0, None, None),
+        "replaced whole; used ignored"
+    );
+    let (s, body) = send(
+        &app,
+        api(
+            "PUT",
+            "/api/v1/rules/x",
+            Some(serde_json::json!({"matches": {}})),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (s, _) = send(&app, api("GET", "/api/v1/rules/nope", None)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // A machine boots, is proposed, and is confirmed through the API.
+    let (s, _) = send(&app, get("/ipxe?mac=52:54:00:00:0c:01&platform=pcbios")).await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, body) = send(&app, api("GET", "/api/v1/machines/52:54:00:00:0c:01", None)).await;
+    let m: crate::dto::Machine = serde_json::from_str(&body).unwrap();
+    assert_eq!(m.proposed_rule.as_deref(), Some("oui"));
+    let (s, body) = send(
+        &app,
+        api("POST", "/api/v1/machines/52:54:00:00:0c:01/confirm", None),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let m: crate::dto::Machine = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (m.state, m.proposed_rule),
+        (crate::policy::State::Enrolled, None)
+    );
+    let (s, body) = send(
+        &app,
+        api("POST", "/api/v1/machines/52:54:00:00:0c:01/confirm", None),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    let (_, body) = send(&app, api("GET", "/api/v1/rules", None)).await;
+    let list: Vec<crate::dto::Rule> = serde_json::from_str(&body).unwrap();
+    assert_eq!(list[0].used, 1);
+
+    // The web UI: the inbox shows the proposal with its button, which enrolls.
+    let (s, _) = send(&app, get("/ipxe?mac=52:54:00:00:0c:02&platform=pcbios")).await;
+    assert_eq!(s, StatusCode::OK);
+    let (cookie, csrf) = ui_login(&app).await;
+    let (s, page) = send(&app, ui_get("/ui/discovered", &cookie)).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    assert!(page.contains("rule oui proposes it"), "{page}");
+    assert!(
+        page.contains("formaction=\"/ui/machines/52:54:00:00:0c:02/confirm\""),
+        "{page}"
+    );
+    let (s, page) = send(&app, ui_get("/ui/machines/52:54:00:00:0c:02", &cookie)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(page.contains("id=\"action-confirm\""), "{page}");
+    let (s, _) = send(
+        &app,
+        ui_post(
+            "/ui/machines/52:54:00:00:0c:02/confirm",
+            &cookie,
+            &format!("_csrf={csrf}"),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::SEE_OTHER);
+    let (_, body) = send(&app, api("GET", "/api/v1/machines/52:54:00:00:0c:02", None)).await;
+    let m: crate::dto::Machine = serde_json::from_str(&body).unwrap();
+    assert_eq!(m.state, crate::policy::State::Enrolled);
+    let (s, page) = send(&app, ui_get("/ui/rules", &cookie)).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    assert!(
+        page.contains("<tr id=\"rule-oui\"><td>100</td><td>oui</td>"),
+        "{page}"
+    );
+    assert!(page.contains("<td>2</td>"), "two enrolled: {page}");
+
+    let (s, _) = send(&app, api("DELETE", "/api/v1/rules/oui", None)).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = send(&app, api("DELETE", "/api/v1/rules/oui", None)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

@@ -119,6 +119,7 @@ pub fn routes() -> Router<AppState> {
         .route("/ui/discovered/enroll", post(enroll_discovered))
         .route("/ui/enroll", get(enroll_page).post(enroll))
         .route("/ui/groups", get(groups))
+        .route("/ui/rules", get(rules))
         .route("/ui/profiles", get(profiles))
         .route("/ui/profiles/{name}", get(profile))
         .route("/ui/profiles/{name}/preview", get(profile_preview))
@@ -1025,6 +1026,12 @@ async fn run_action(st: &AppState, action: &str, macs: &[Mac]) -> Vec<Value> {
                 )
             }),
             "delete" => st.admin.delete(mac).await.map(|()| "deleted".to_string()),
+            "confirm" => st.admin.confirm(mac).await.map(|m| {
+                format!(
+                    "enrolled with profile {}: installs at its next boot",
+                    m.profile.as_deref().unwrap_or("?")
+                )
+            }),
             "register" => st
                 .admin
                 .register(mac)
@@ -1053,7 +1060,7 @@ fn results(st: &AppState, s: &Session, title: &str, results: Vec<Value>, back: &
     )
 }
 
-const ACTIONS: [&str; 3] = ["reprovision", "delete", "register"];
+const ACTIONS: [&str; 4] = ["reprovision", "delete", "register", "confirm"];
 
 async fn bulk(State(st): State<AppState>, f: Form) -> Response {
     let action = f.get("action").to_string();
@@ -1116,8 +1123,9 @@ async fn machine_action(
         Ok(m) => m,
         Err(e) => return failed(&st, &f.session, e, &back),
     };
-    // Reinstalling and deleting ask first; registering again changes nothing on the node.
-    if action != "register" && f.get("confirm") != "yes" {
+    // Reinstalling and deleting ask first; registering again changes nothing on the node,
+    // and confirming a rule's proposal is itself the operator's answer.
+    if !matches!(action.as_str(), "register" | "confirm") && f.get("confirm") != "yes" {
         let to = format!("/ui/machines/{}/{action}", m.mac);
         return confirm(&st, &f.session, &to, &action, &[m.into()], &back);
     }
@@ -1168,12 +1176,15 @@ async fn machine_page(
             Err(e) => json!({ "algorithm": "?", "fingerprint": format!("unreadable key: {e}") }),
         })
         .collect();
+    let proposed = m.proposed_rule.is_some();
     let actions: Vec<Value> = [
+        ("confirm", "Confirm the rule's enrollment", "primary"),
         ("reprovision", "Reprovision…", "danger"),
         ("register", "Register again", ""),
         ("delete", "Delete…", "danger"),
     ]
     .iter()
+    .filter(|(name, _, _)| *name != "confirm" || proposed)
     .map(|(name, label, class)| {
         json!({ "name": name, "label": label, "class": class, "why": st.admin.why_not(&m, name) })
     })
@@ -1513,6 +1524,18 @@ async fn enroll(State(st): State<AppState>, f: Form) -> Response {
 
 // ---------------------------------------------------------------------------------------
 // Profiles
+
+async fn rules(State(st): State<AppState>, s: Session) -> Response {
+    let list: Vec<dto::Rule> = st.admin.rules().into_iter().map(Into::into).collect();
+    page(
+        &st,
+        Some(&s),
+        "rules.html",
+        "Discovery rules",
+        "rules",
+        json!({ "rules": list }),
+    )
+}
 
 async fn groups(State(st): State<AppState>, s: Session) -> Response {
     let list: Vec<dto::Group> = st.admin.groups().into_iter().map(Into::into).collect();

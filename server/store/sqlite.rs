@@ -2956,7 +2956,8 @@ impl Inventory for SqliteInventory {
                     .optional()?;
                 let Some(index) = index else {
                     let why = format!(
-                        "rule {rule} matches but has enrolled its {} machines",
+                        "rule {rule} matches but is full: it has enrolled {} of {} machines",
+                        r.used,
                         r.max.unwrap_or_default()
                     );
                     return Ok((RuleOutcome::Full(why), Publish::Nothing));

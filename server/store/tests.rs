@@ -1664,7 +1664,10 @@ async fn concurrent_discoveries_never_share_an_index_or_pass_the_count() {
                 hostnames.push(m.hostname.unwrap());
             }
             RuleOutcome::Full(why) => {
-                assert!(why.contains("has enrolled its 5 machines"), "{why}");
+                assert!(
+                    why.contains("is full: it has enrolled 5 of 5 machines"),
+                    "{why}"
+                );
                 full += 1;
             }
             other => panic!("{other:?}"),

@@ -523,3 +523,124 @@ fn the_fleet_example_runs_as_written() {
     let list = d.cli_ok(&["machines", "list"]);
     assert_eq!(list.lines().count(), 3, "header, r3n1, SN1001:\n{list}");
 }
+
+/// Discovery rules through the real CLI and daemon: an OUI rule with a count and a hostname
+/// pattern enrolls the first machines that ask `/ipxe` and leaves the next discovered; a
+/// propose-mode rule waits for `machines confirm`; bad input is exit code 2.
+#[test]
+fn rules_enroll_discovered_machines_up_to_their_count() {
+    let d = Daemon::start();
+    let out = d.cli_ok(&[
+        "rules",
+        "create",
+        "rack7",
+        "-m",
+        "mac=52-54-00-77-*",
+        "-p",
+        "debian-12",
+        "--hostname",
+        "rack7-{index:02}",
+        "--label",
+        "rack=7",
+        "--max",
+        "2",
+        "--priority",
+        "10",
+    ]);
+    assert!(
+        out.contains("created rule rack7") && out.contains("match      mac=52:54:00:77:*"),
+        "{out}"
+    );
+    for i in 1..=3 {
+        let (s, script) = d.get(&format!(
+            "/ipxe?mac=52-54-00-77-00-0{i}&arch=x86_64&platform=pcbios"
+        ));
+        assert_eq!(s, 200, "{script}");
+        assert_eq!(
+            script.contains("/assets/debian-12/linux"),
+            i <= 2,
+            "{i}: {script}"
+        );
+    }
+    let show = d.cli_ok(&["machines", "show", "52:54:00:77:00:02"]);
+    assert!(
+        show.contains("state       installing") && show.contains("hostname    rack7-02"),
+        "{show}"
+    );
+    assert!(
+        show.contains("by rule rack7 (machine 2 of 2), hostname rack7-02"),
+        "{show}"
+    );
+    let show = d.cli_ok(&["machines", "show", "52:54:00:77:00:03"]);
+    assert!(
+        show.contains("state       discovered") && show.contains("rule_full"),
+        "{show}"
+    );
+    let list = d.cli_ok(&["rules", "list"]);
+    assert!(list.contains("rack7") && list.contains("2/2"), "{list}");
+
+    // Propose mode, tried first: it only marks, and confirm enrolls.
+    d.cli_ok(&[
+        "rules",
+        "create",
+        "lab",
+        "-m",
+        "mac=52:54:00:78:*",
+        "-p",
+        "ubuntu-24.04",
+        "--propose",
+        "--priority",
+        "5",
+    ]);
+    let (s, script) = d.get("/ipxe?mac=52-54-00-78-00-01&arch=x86_64&platform=efi");
+    assert_eq!(s, 200);
+    assert!(script.contains("exit"), "the discovery answer: {script}");
+    let show = d.cli_ok(&["machines", "show", "52:54:00:78:00:01"]);
+    assert!(show.contains("proposed    rule lab matches"), "{show}");
+    let out = d.cli_ok(&["machines", "confirm", "52:54:00:78:00:01"]);
+    assert!(out.contains("enrolled with profile ubuntu-24.04"), "{out}");
+    let out = d.cli(&["machines", "confirm", "52:54:00:78:00:01"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no rule proposes"));
+
+    // Raising the count lets the third rack7 machine in at its next boot.
+    d.cli_ok(&["rules", "update", "rack7", "--max", "3"]);
+    let (_, script) = d.get("/ipxe?mac=52-54-00-77-00-03&arch=x86_64&platform=pcbios");
+    assert!(script.contains("/assets/debian-12/linux"), "{script}");
+    let out = d.cli_ok(&["rules", "update", "rack7", "--disable"]);
+    assert!(
+        out.contains("disabled") && out.contains("enrolled   3 of 3"),
+        "{out}"
+    );
+
+    for (args, want) in [
+        (
+            &["rules", "create", "x", "-m", "mac=52:5*", "-p", "debian-12"][..],
+            "whole octets",
+        ),
+        (
+            &[
+                "rules",
+                "create",
+                "x",
+                "--hostname",
+                "a_{index}",
+                "-p",
+                "debian-12",
+            ][..],
+            "RFC 1123",
+        ),
+        (
+            &["rules", "create", "rack7", "-p", "debian-12"][..],
+            "already exists",
+        ),
+        (&["rules", "show", "nope"][..], "no rule named"),
+    ] {
+        let out = d.cli(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    d.cli_ok(&["rules", "delete", "lab"]);
+    assert!(d.cli_ok(&["events"]).contains("rule lab deleted"));
+}

@@ -65,7 +65,7 @@ impl Lab {
             ip(&["-n", l, "link", "set", "vs1", "master", "br0"]);
             ip(&["-n", l, "link", "set", "vs1", "up"]);
         }
-        for tap in ["tap0", "tap1", "tap2", "tap3"] {
+        for tap in ["tap0", "tap1", "tap2", "tap3", "tap4"] {
             ip(&["-n", l, "tuntap", "add", tap, "mode", "tap"]);
             ip(&["-n", l, "link", "set", tap, "master", "br0"]);
             ip(&["-n", l, "link", "set", tap, "up"]);
@@ -606,9 +606,27 @@ fn vms_install_phone_home_and_then_boot_local() {
         "--var",
         "timezone=Europe/Oslo",
     ]);
+    // Another nobody enrolls: a discovery rule takes the first discovered machine of the lab's
+    // OUI range (one place), and gives it its profile and a hostname from a pattern. A fifth
+    // VM of the same range, started once the rule is full, stays discovered.
+    const RULED: &str = "52:54:00:77:01:04";
+    const LEFT_OVER: &str = "52:54:00:77:01:05";
+    lab.cli(&[
+        "rules",
+        "create",
+        "lab-range",
+        "--match",
+        "mac=52:54:00:77:01:*",
+        "--profile",
+        "test-cloud-config",
+        "--hostname",
+        "lab-{index:02}",
+        "--max",
+        "1",
+    ]);
     let qemu = tool("qemu-system-x86_64");
     for (i, (tap, fw, mac, profile, _)) in machines.iter().enumerate() {
-        if *mac != GROUPED {
+        if *mac != GROUPED && *mac != RULED {
             lab.cli(&[
                 "enroll",
                 mac,
@@ -629,6 +647,17 @@ fn vms_install_phone_home_and_then_boot_local() {
         }
         lab.spawn(&ns, &format!("{tap}.log"), &qemu, &refs(&args));
     }
+    let enrolled_by_rule = Instant::now() + Duration::from_secs(600);
+    while !lab.cli(&["events", RULED]).contains("by rule lab-range") {
+        assert!(
+            Instant::now() < enrolled_by_rule,
+            "the rule did not enroll {RULED}:\n{}",
+            lab.cli(&["events", RULED])
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let args = vm(&lab, Firmware::Bios, "tap4", LEFT_OVER, None, false);
+    lab.spawn(&ns, "tap4.log", &qemu, &refs(&args));
 
     // Done when each machine's timeline has a local boot after its phone-home.
     let deadline = Instant::now() + Duration::from_secs(900);
@@ -691,6 +720,14 @@ fn vms_install_phone_home_and_then_boot_local() {
         let disk = std::fs::read(lab.path(&format!("{tap}.img"))).unwrap();
         let head = String::from_utf8_lossy(&disk[..64 << 10]);
         assert!(head.contains(written), "{mac}: {written} not on the disk");
+        if *mac == RULED {
+            assert!(
+                events.contains("enrolled")
+                    && events.contains("by rule lab-range (machine 1 of 1), hostname lab-01"),
+                "{events}"
+            );
+            assert!(show.contains("hostname    lab-01"), "{show}");
+        }
         if *mac == GROUPED {
             // Enrolled by its group at its first install boot, with the group's values.
             let enrolled = events
@@ -713,6 +750,32 @@ fn vms_install_phone_home_and_then_boot_local() {
             );
         }
     }
+    // The fifth VM reached /ipxe, found the rule full, and stays discovered.
+    let left_over = Instant::now() + Duration::from_secs(300);
+    let events = loop {
+        let e = lab.cli(&["events", LEFT_OVER]);
+        if e.contains("ipxe_served") {
+            break e;
+        }
+        assert!(
+            Instant::now() < left_over,
+            "{LEFT_OVER} never reached /ipxe:\n{e}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    assert!(
+        events.contains("rule_full")
+            && events
+                .contains("rule lab-range matches but is full: it has enrolled 1 of 1 machines"),
+        "{events}"
+    );
+    let show = lab.cli(&["machines", "show", LEFT_OVER]);
+    assert!(show.contains("state       discovered"), "{show}");
+    let rules = lab.cli(&["rules", "list"]);
+    assert!(
+        rules.contains("lab-range") && rules.contains("1/1"),
+        "{rules}"
+    );
 }
 
 /// `provision lab` as an operator runs it: in an "operator host" namespace with a running
