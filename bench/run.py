@@ -748,13 +748,25 @@ def seeded(b):
 
 
 GROUPS = 1000
+RULES = 100
+
+
+def admin_put(token, path, body):
+    req = urllib.request.Request(
+        f"http://{ADMIN}/api/v1{path}", data=json.dumps(body).encode(), method="PUT",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with NO_PROXY.open(req, timeout=10) as r:
+        if r.status not in (200, 201):
+            raise BenchError(f"PUT {path}: HTTP {r.status}")
 
 
 def with_groups(b, seed_dir, enrolled):
-    """A copy of the seeded data dir with GROUPS groups made through the API: half select one
-    enrolled machine each by MAC (a var), the rest select a rack label no machine has, and one
-    is a default (a var); none gives a profile, so every answer stays what it was and only the
-    cost of resolving a machine's groups is added."""
+    """A copy of the seeded data dir with GROUPS groups and RULES discovery rules made through
+    the API. Half the groups select one enrolled machine each by MAC (a var), the rest select a
+    rack label no machine has, and one is a default (a var); none gives a profile, so every
+    answer stays what it was and only the cost of resolving a machine's groups is added. The
+    rules match serial numbers no machine reports, so a discovered machine tries them all and
+    gets the discovery answer."""
     data = b.work / "ipxe-groups-seed"
     if data.exists():
         return data
@@ -770,13 +782,11 @@ def with_groups(b, seed_dir, enrolled):
                 g = {"selector": {"mac": macs[i - 1]}, "vars": {"bench_slot": str(i)}}
             else:
                 g = {"selector": {"rack": str(i)}, "vars": {"rack_gw": f"10.{i % 250}.0.1"}}
-            req = urllib.request.Request(
-                f"http://{ADMIN}/api/v1/groups/g{i:04}", data=json.dumps(g).encode(),
-                method="PUT", headers={"Authorization": f"Bearer {token}",
-                                       "Content-Type": "application/json"})
-            with NO_PROXY.open(req, timeout=10) as r:
-                if r.status not in (200, 201):
-                    raise BenchError(f"PUT group g{i:04}: HTTP {r.status}")
+            admin_put(token, f"/groups/g{i:04}", g)
+        for i in range(RULES):
+            admin_put(token, f"/rules/r{i:03}", {
+                "priority": i, "match": {"serial": f"NOSUCH-{i}-*", "platform": "pcbios"},
+                "profile": "debian-12", "hostname": f"r{i}-{{index:03}}", "max": 10})
     finally:
         d.stop()
     return data
@@ -808,7 +818,14 @@ def section_ipxe(b):
     res[("p", "install")] = []
     res[("g", "c50")] = []
     res[("g", "install")] = []
+    res[("p", "disc")] = []
+    res[("g", "disc")] = []
     groups_dir = with_groups(b, seed_dir, enrolled)
+    # MACs no machine has: their first request discovers them (a durable write, in the
+    # unmeasured warm-up run), then each gets the discovery answer, after the rules.
+    discovered = b.work / "macs-discovered.txt"
+    discovered.write_text("".join(f"02:be:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}\n"
+                                  for i in range(2000)))
     for rnd in range(cfg["rounds"]):
         log(f"ipxe: round {rnd + 1}, provision (fresh copy of the seeded data dir)")
         data = b.work / "ipxe-run"
@@ -819,6 +836,8 @@ def section_ipxe(b):
             for name, t, c, path, macs in tests:
                 res[("p", name)].append(wrk(b, t, c, path, macs, d))
             res[("p", "install")].append(wrk(b, 2, 50, "/ipxe", enrolled, d))
+            wrk(b, 2, 50, "/ipxe", discovered, d)
+            res[("p", "disc")].append(wrk(b, 2, 50, "/ipxe", discovered, d))
         finally:
             d.stop()
         log(f"ipxe: round {rnd + 1}, provision with {GROUPS:,} groups")
@@ -828,6 +847,8 @@ def section_ipxe(b):
         try:
             res[("g", "c50")].append(wrk(b, 2, 50, "/ipxe", installed, d))
             res[("g", "install")].append(wrk(b, 2, 50, "/ipxe", enrolled, d))
+            wrk(b, 2, 50, "/ipxe", discovered, d)
+            res[("g", "disc")].append(wrk(b, 2, 50, "/ipxe", discovered, d))
         finally:
             d.stop()
         log(f"ipxe: round {rnd + 1}, nginx")
@@ -870,9 +891,10 @@ def section_ipxe(b):
                 f"{cfg['seed_enrolled']:,} enrolled MACs" +
                 (f"; {errs('p', 'install')}" if errs("p", "install") else ""))
     for name, what in (("c50", "/ipxe local boot -t2 -c50"),
-                       ("install", "/ipxe install answer -t2 -c50")):
+                       ("install", "/ipxe install answer -t2 -c50"),
+                       ("disc", "/ipxe discovery answer (2,000 discovered MACs) -t2 -c50")):
         notes = [n for n in (errs("g", name),) if n]
-        b.row(f"{what} [req/s] with {GROUPS:,} groups vs without (same run)",
+        b.row(f"{what} [req/s] with {GROUPS:,} groups and {RULES} rules vs without (same run)",
               med("g", name, "rps"), med("p", name, "rps"),
               notes="; ".join(notes + [f"p99 {med('g', name, 'p99_us') / 1000:.2f} vs "
                                        f"{med('p', name, 'p99_us') / 1000:.2f} ms; "

@@ -251,6 +251,9 @@ pub enum MachinesCmd {
         /// label, or text in hostnames, profiles and label values (the web UI's search).
         #[arg(long)]
         search: Option<String>,
+        /// Show at most this many (in MAC order, or the search's); the rest is not read.
+        #[arg(long)]
+        limit: Option<usize>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -1190,15 +1193,22 @@ fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
         MachinesCmd::List {
             state,
             search,
+            limit,
             json,
         } => {
             let state = state
                 .map(|st| st.parse::<State>().map_err(bad))
                 .transpose()?;
-            let all = match &search {
-                Some(q) => c.search(q, state)?,
-                None => c.machines(state)?,
+            // One more than asked, to say whether the list goes on.
+            let ask = limit.map(|l| l.saturating_add(1));
+            let mut all = match &search {
+                Some(q) => c.search(q, state, ask)?,
+                None => c.machines(state, ask)?,
             };
+            let more = limit.is_some_and(|l| all.len() > l);
+            if let Some(l) = limit {
+                all.truncate(l);
+            }
             if json {
                 print_json(&all);
                 return Ok(());
@@ -1215,6 +1225,12 @@ fn machines(c: &Client, cmd: MachinesCmd) -> Result<(), Fail> {
                     opt(&m.profile),
                     opt(&m.hostname),
                     time(m.updated_at)
+                );
+            }
+            if more {
+                eprintln!(
+                    "(the first {}; more machines match: raise --limit, or narrow with --state or --search)",
+                    all.len()
                 );
             }
             Ok(())

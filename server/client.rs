@@ -266,16 +266,26 @@ impl Client {
         self.get(&format!("/machines/{mac}"))
     }
 
-    /// Every machine (in one state), walking the API's pages in MAC order.
-    pub fn machines(&self, state: Option<State>) -> Result<Vec<dto::Machine>, ClientError> {
+    /// Every machine (in one state), walking the API's pages in MAC order; with `limit`, the
+    /// first that many (and no more pages than they need).
+    pub fn machines(
+        &self,
+        state: Option<State>,
+        limit: Option<usize>,
+    ) -> Result<Vec<dto::Machine>, ClientError> {
         let filter = state.map(|s| format!("state={s}&")).unwrap_or_default();
         let mut all: Vec<dto::Machine> = Vec::new();
         loop {
+            let want = page_size(limit, all.len());
+            if want == 0 {
+                return Ok(all);
+            }
             let after = all
                 .last()
-                .map(|m| format!("after={}", m.mac))
+                .map(|m| format!("&after={}", m.mac))
                 .unwrap_or_default();
-            let page: Vec<dto::Machine> = self.get(&format!("/machines?{filter}{after}"))?;
+            let page: Vec<dto::Machine> =
+                self.get(&format!("/machines?{filter}limit={want}{after}"))?;
             if page.is_empty() {
                 return Ok(all);
             }
@@ -285,15 +295,25 @@ impl Client {
 
     /// Every machine a search finds (any MAC notation, an IP, `key=value` for a label, or
     /// text), optionally in one state, walking the API's pages by offset.
-    pub fn search(&self, q: &str, state: Option<State>) -> Result<Vec<dto::Machine>, ClientError> {
+    pub fn search(
+        &self,
+        q: &str,
+        state: Option<State>,
+        limit: Option<usize>,
+    ) -> Result<Vec<dto::Machine>, ClientError> {
         let mut params: Vec<(&str, String)> = vec![("q", q.to_string())];
         if let Some(s) = state {
             params.push(("state", s.to_string()));
         }
         let mut all: Vec<dto::Machine> = Vec::new();
         loop {
+            let want = page_size(limit, all.len());
+            if want == 0 {
+                return Ok(all);
+            }
             let mut p = params.clone();
             p.push(("offset", all.len().to_string()));
+            p.push(("limit", want.to_string()));
             let query = serde_urlencoded::to_string(&p).unwrap_or_default();
             let page: Vec<dto::Machine> = self.get(&format!("/machines?{query}"))?;
             if page.is_empty() {
@@ -378,4 +398,12 @@ fn pinned_beside(token_file: Option<&Path>, base: &str) -> Result<[u8; 32], Clie
         ))
     })?;
     crate::tls::parse_fingerprint(&text).map_err(|e| setup(format!("{}: {e}", path.display())))
+}
+
+/// How many to ask for in the next page, `have` already read: a whole page, or what is left
+/// of `limit`.
+fn page_size(limit: Option<usize>, have: usize) -> usize {
+    limit.map_or(crate::store::MAX_PAGE, |l| {
+        l.saturating_sub(have).min(crate::store::MAX_PAGE)
+    })
 }

@@ -1618,6 +1618,14 @@ fn load(c: &Connection, mac: Mac) -> Result<Option<Machine>> {
     .optional()?)
 }
 
+/// `k=v,k=v` for an event's words.
+fn key_values(m: &BTreeMap<String, String>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// What a write hands to memory once it is durable.
 enum Publish {
     Groups(GroupSet),
@@ -2774,17 +2782,11 @@ impl Inventory for SqliteInventory {
                 map_json(&group.labels),
                 now
             ])?;
-            let words = |m: &BTreeMap<String, String>| {
-                m.iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            };
             let detail = format!(
                 "group {} {}: selector {{{}}}, profile {}, vars {}, labels {}",
                 group.name,
                 if existed { "updated" } else { "created" },
-                words(&group.selector),
+                key_values(&group.selector),
                 group.profile.as_deref().unwrap_or("(none)"),
                 group.vars.keys().cloned().collect::<Vec<_>>().join(","),
                 group.labels.keys().cloned().collect::<Vec<_>>().join(","),
@@ -2851,12 +2853,6 @@ impl Inventory for SqliteInventory {
                     [&rule.name],
                 )?;
             }
-            let words = |m: &BTreeMap<String, String>| {
-                m.iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            };
             let detail = format!(
                 "rule {} {}: priority {}, {}, {}, match {{{}}}, profile {}, hostname {}, max {}",
                 rule.name,
@@ -2864,7 +2860,7 @@ impl Inventory for SqliteInventory {
                 rule.priority,
                 if rule.enabled { "enabled" } else { "disabled" },
                 rule.mode,
-                words(&rule.conditions),
+                key_values(&rule.conditions),
                 rule.profile.as_deref().unwrap_or("(its groups')"),
                 rule.hostname.as_deref().unwrap_or("(none)"),
                 rule.max

@@ -644,3 +644,27 @@ fn rules_enroll_discovered_machines_up_to_their_count() {
     d.cli_ok(&["rules", "delete", "lab"]);
     assert!(d.cli_ok(&["events"]).contains("rule lab deleted"));
 }
+
+/// `machines list --limit` reads no more pages than it shows and says when more match.
+#[test]
+fn machines_list_limit_shows_the_first_and_says_more_match() {
+    let d = Daemon::start();
+    for i in 0..5 {
+        d.cli_ok(&["enroll", &format!("52:54:00:00:44:0{i}"), "-p", "debian-12"]);
+    }
+    let out = d.cli(&["machines", "list", "--limit", "3"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.lines().count(), 4, "header and three: {stdout}");
+    assert!(stdout.contains("52:54:00:00:44:02") && !stdout.contains("52:54:00:00:44:03"));
+    assert!(
+        stderr.contains("the first 3; more machines match"),
+        "{stderr}"
+    );
+    let out = d.cli(&["machines", "list", "--limit", "5", "--search", "52:54:00"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 6);
+    assert!(String::from_utf8_lossy(&out.stderr).is_empty());
+}
