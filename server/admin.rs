@@ -341,13 +341,7 @@ impl AdminService {
     /// value and trial-rendering its profile with its values; returns whether it was created.
     pub async fn put_group(&self, g: crate::dto::Group, replace: bool) -> Result<bool> {
         let group = self.checked_group(g)?;
-        if !replace && self.inv.groups().get(&group.name).is_some() {
-            return Err(Error::Conflict(format!(
-                "group {} already exists; change it with `provision groups update {}`",
-                group.name, group.name
-            )));
-        }
-        Ok(self.inv.put_group(group, store::now_ms()).await?)
+        Ok(self.inv.put_group(group, replace, store::now_ms()).await?)
     }
 
     /// Deletes a group.
@@ -420,13 +414,7 @@ impl AdminService {
     /// validating every value; returns whether it was created.
     pub async fn put_rule(&self, r: crate::dto::Rule, replace: bool) -> Result<bool> {
         let rule = self.checked_rule(r)?;
-        if !replace && self.inv.rules().get(&rule.name).is_some() {
-            return Err(Error::Conflict(format!(
-                "rule {} already exists; change it with `provision rules update {}`",
-                rule.name, rule.name
-            )));
-        }
-        Ok(self.inv.put_rule(rule, store::now_ms()).await?)
+        Ok(self.inv.put_rule(rule, replace, store::now_ms()).await?)
     }
 
     /// Deletes a rule.

@@ -466,21 +466,21 @@ impl BootService {
             platform: Platform::Pcbios,
             arch: None,
         };
-        let groups = self.inv.groups();
-        let profile = facts
-            .as_ref()
-            .and_then(|f| f.profile(mac, &said, &groups).0);
+        // A MAC never seen yet is a discovered machine with nothing stored: a group may
+        // already give it a profile (by the UUID it sends), or a rule take it.
+        let none = BootFacts::unknown();
+        let f = facts.as_ref().unwrap_or(&none);
+        let profile = f.profile(mac, &said, &self.inv.groups()).0;
         // A discovered machine a rule will take is answered: its /ipxe applies the rule.
         let ruled = || {
             let rules = self.inv.rules();
             let text = mac.to_string();
-            let none = BootFacts::unknown();
-            let f = facts.as_ref().unwrap_or(&none);
             f.state == State::Discovered
                 && !rules.is_idle()
                 && matches!(rules.choose(&f.reported(&text, &said)), Choice::Rule(_))
         };
-        let decided = facts.as_ref().map(|f| facts_of(f, profile.as_deref()));
+        let decided =
+            (facts.is_some() || profile.is_some()).then(|| facts_of(f, profile.as_deref()));
         if policy::decide(decided.as_ref(), &req, self.settings.discover) == BootDecision::Ignore
             && !ruled()
         {

@@ -1099,8 +1099,9 @@ async fn groups_refuse_bad_values_and_ties() {
         .await
         .unwrap_err();
     assert!(
-        matches!(e, Error::Conflict(_)),
-        "create refuses a taken name: {e}"
+        matches!(e, Error::Store(StoreError::GroupConflict(_)))
+            && e.to_string().contains("already exists"),
+        "create refuses a taken name, checked in the transaction: {e}"
     );
     assert!(matches!(
         p.admin.delete_group("nope").await,
@@ -1303,6 +1304,26 @@ async fn the_ignore_answer_still_answers_machines_a_rule_takes() {
         .unwrap();
     assert!(p.boot.dhcp_answer(taken, Default::default(), "x").await);
     assert!(!p.boot.dhcp_answer(other, Default::default(), "x").await);
+    // A MAC never seen that a group gives a profile (by the UUID its DHCP request carries)
+    // is answered on its first packet too.
+    p.admin
+        .put_group(
+            group(
+                "by-uuid",
+                &[("uuid", "4c4c4544-0000-0000-0000-0000000000aa")],
+                Some("debian-12"),
+                &[],
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    let fresh: Mac = "00:11:22:33:44:66".parse().unwrap();
+    let said = Sighting {
+        uuid: Some("4c4c4544-0000-0000-0000-0000000000aa".into()),
+        ..Default::default()
+    };
+    assert!(p.boot.dhcp_answer(fresh, said, "x").await);
 }
 
 /// Rule values are checked like a machine's: conditions, mode, the hostname pattern, the

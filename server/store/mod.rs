@@ -919,13 +919,15 @@ pub trait Inventory: Send + Sync + 'static {
     /// Creates the group, or replaces the one of its name; records a `group_changed` event.
     /// Refused ([`StoreError::GroupConflict`]) if another group could select one machine with
     /// the same specificity and sets a value it sets, or if a machine past discovery would
-    /// be left without a profile. Returns whether it was created.
-    async fn put_group(&self, group: Group, now: i64) -> Result<bool>;
+    /// be left without a profile, or (without `replace`) if the name is taken. Returns whether
+    /// it was created.
+    async fn put_group(&self, group: Group, replace: bool, now: i64) -> Result<bool>;
     /// Deletes a group, unless a machine past discovery would be left without a profile.
     async fn delete_group(&self, name: String, now: i64) -> Result<()>;
     /// Creates the rule, or replaces the one of its name (keeping its count); records a
-    /// `rule_changed` event. Returns whether it was created.
-    async fn put_rule(&self, rule: Rule, now: i64) -> Result<bool>;
+    /// `rule_changed` event; without `replace`, a taken name is refused. Returns whether it
+    /// was created.
+    async fn put_rule(&self, rule: Rule, replace: bool, now: i64) -> Result<bool>;
     /// Deletes a rule (the machines it enrolled stay; proposals of it are withdrawn).
     async fn delete_rule(&self, name: String, now: i64) -> Result<()>;
     /// Applies rule `rule` to the discovered machine `mac` (what `sighting` says recorded

@@ -2757,10 +2757,16 @@ impl Inventory for SqliteInventory {
         .await
     }
 
-    async fn put_group(&self, group: Group, now: i64) -> Result<bool> {
+    async fn put_group(&self, group: Group, replace: bool, now: i64) -> Result<bool> {
         self.write_publishing(Touch::Nothing, move |c| {
             let mut all = load_groups(c)?;
             let existed = all.iter().any(|g| g.name == group.name);
+            if existed && !replace {
+                return Err(StoreError::GroupConflict(format!(
+                    "group {} already exists; change it with `provision groups update {}`",
+                    group.name, group.name
+                )));
+            }
             if let Some(why) = GroupSet::new(all.clone()).conflict(&group) {
                 return Err(StoreError::GroupConflict(why));
             }
@@ -2820,11 +2826,17 @@ impl Inventory for SqliteInventory {
         .await
     }
 
-    async fn put_rule(&self, rule: Rule, now: i64) -> Result<bool> {
+    async fn put_rule(&self, rule: Rule, replace: bool, now: i64) -> Result<bool> {
         self.write_publishing(Touch::All, move |c| {
             let existed = c
                 .prepare_cached("SELECT 1 FROM rules WHERE name = ?1")?
                 .exists([&rule.name])?;
+            if existed && !replace {
+                return Err(StoreError::RuleRefused(format!(
+                    "rule {} already exists; change it with `provision rules update {}`",
+                    rule.name, rule.name
+                )));
+            }
             c.prepare_cached(
                 "INSERT INTO rules (name, priority, enabled, mode, conditions, profile, hostname,
                  labels, vars, max, created_at, updated_at)
@@ -2906,7 +2918,10 @@ impl Inventory for SqliteInventory {
         let groups = self.shared.groups.clone();
         let out = self
             .write_publishing(Touch::One(mac), move |c| {
-                record_sighting(c, mac, &sighting, now, false)?;
+                // A boot request's; an operator's confirmation is no sighting of the machine.
+                if sighting != Sighting::default() {
+                    record_sighting(c, mac, &sighting, now, false)?;
+                }
                 let skip = |why: String| Ok((RuleOutcome::Skipped(why), Publish::Nothing));
                 let m = must_load(c, mac)?;
                 if m.state != State::Discovered {

@@ -1573,15 +1573,15 @@ async fn group_changes_keep_resolution_unambiguous_and_every_install_with_a_prof
         ..Default::default()
     };
     assert!(s
-        .put_group(g("rack3", &[("rack", "3")], Some("debian-12")), 1)
+        .put_group(g("rack3", &[("rack", "3")], Some("debian-12")), true, 1)
         .await
         .unwrap());
     assert!(!s
-        .put_group(g("rack3", &[("rack", "3")], Some("debian-12")), 2)
+        .put_group(g("rack3", &[("rack", "3")], Some("debian-12")), true, 2)
         .await
         .unwrap());
     let e = s
-        .put_group(g("gpu", &[("gpu", "yes")], Some("ubuntu-24.04")), 3)
+        .put_group(g("gpu", &[("gpu", "yes")], Some("ubuntu-24.04")), true, 3)
         .await
         .unwrap_err();
     assert!(matches!(e, StoreError::GroupConflict(_)), "{e}");
@@ -1640,7 +1640,7 @@ fn oui_rule(max: Option<u64>) -> crate::policy::Rule {
 #[tokio::test]
 async fn concurrent_discoveries_never_share_an_index_or_pass_the_count() {
     let s = Arc::new(store());
-    assert!(s.put_rule(oui_rule(Some(5)), 1).await.unwrap());
+    assert!(s.put_rule(oui_rule(Some(5)), true, 1).await.unwrap());
     let macs: Vec<Mac> = (0..40).map(|i| nth(0x7700 + i)).collect();
     for m in &macs {
         s.discover(*m, Sighting::default(), 2).await.unwrap();
@@ -1693,7 +1693,7 @@ async fn concurrent_discoveries_never_share_an_index_or_pass_the_count() {
         .unwrap();
     assert_eq!(enrolled.len(), 5);
     // Raising the max gives room again; the index goes on from the count.
-    s.put_rule(oui_rule(Some(6)), 4).await.unwrap();
+    s.put_rule(oui_rule(Some(6)), true, 4).await.unwrap();
     let out = s
         .apply_rule(macs[0], "rack7".into(), Sighting::default(), false, 5)
         .await
@@ -1722,7 +1722,7 @@ async fn proposals_wait_for_confirmation_and_go_with_their_rule() {
         mode: crate::policy::RuleMode::Propose,
         ..oui_rule(None)
     };
-    s.put_rule(propose.clone(), 2).await.unwrap();
+    s.put_rule(propose.clone(), true, 2).await.unwrap();
     for _ in 0..2 {
         assert_eq!(
             s.apply_rule(m, "rack7".into(), Sighting::default(), false, 3)
@@ -1758,6 +1758,7 @@ async fn proposals_wait_for_confirmation_and_go_with_their_rule() {
             enabled: false,
             ..propose.clone()
         },
+        true,
         4,
     )
     .await
@@ -1770,7 +1771,7 @@ async fn proposals_wait_for_confirmation_and_go_with_their_rule() {
             .unwrap(),
         RuleOutcome::Skipped(w) if w.contains("disabled")
     ));
-    s.put_rule(propose, 6).await.unwrap();
+    s.put_rule(propose, true, 6).await.unwrap();
     s.apply_rule(m, "rack7".into(), Sighting::default(), false, 7)
         .await
         .unwrap();
@@ -1829,6 +1830,7 @@ async fn a_rule_that_cannot_enroll_a_machine_changes_nothing() {
             hostname: Some("{serial}".into()),
             ..oui_rule(Some(3))
         },
+        true,
         2,
     )
     .await
@@ -1843,6 +1845,7 @@ async fn a_rule_that_cannot_enroll_a_machine_changes_nothing() {
             profile: None,
             ..oui_rule(Some(3))
         },
+        true,
         4,
     )
     .await
