@@ -418,15 +418,17 @@ impl BootFacts {
         if self.profile.is_some() || groups.is_empty() || !may_install {
             return (self.profile.clone(), None);
         }
+        // The same overlay of this request on the stored facts as rules read.
         let mac = mac.to_string();
+        let r = self.reported(&mac, now);
         let sel = Selectable {
-            mac: &mac,
-            uuid: self.uuid.as_deref().or(now.uuid.as_deref()),
-            serial: self.serial.as_deref().or(now.serial.as_deref()),
+            mac: r.mac,
+            uuid: r.uuid,
+            serial: r.serial,
             hostname: self.hostname.as_deref(),
-            arch: now.arch.as_deref().or(self.arch.as_deref()),
-            platform: now.platform.as_deref().or(self.platform.as_deref()),
-            labels: Some(&self.labels),
+            arch: r.arch,
+            platform: r.platform,
+            labels: r.labels,
         };
         groups.profile(&sel, None)
     }
