@@ -6,20 +6,22 @@
 //! Reads first flush the observation queue, so what an operator sees includes what the
 //! machines just did.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use crate::declare::{self, Format, Parsed, Problem};
 use crate::dto::{EnrollRequest, UpdateRequest};
-use crate::error::{Error, Result};
+use crate::error::{at, Error, Result};
 use crate::mac::Mac;
 use crate::policy::{
     self, BootDecision, BootRequest, DiscoverAnswer, GroupSet, MachineFacts, State,
 };
 use crate::registrar;
 use crate::render::{ArtifactKind, Catalog, Renderer, NO_ROLE, REDACTED_TOKEN};
+use crate::store::plan::{self, Desired};
 use crate::store::{
-    self, Event, EventQuery, Inventory, Machine, MachinePage, MachinePatch, MachineQuery,
+    self, ApplyRun, Event, EventQuery, Inventory, Machine, MachinePage, MachinePatch, MachineQuery,
     MachineSearch, NewMachine, SearchTerm, Stats, StoreError, TokenInfo,
 };
 use crate::validate;
@@ -55,27 +57,52 @@ pub fn checked_enrollment(
     groups: &GroupSet,
     req: EnrollRequest,
 ) -> Result<NewMachine> {
+    let new = checked_machine(renderer, req)?;
+    let probe = probe(&new).resolve(groups);
+    if probe.profile.is_none() {
+        return Err(StoreError::NoProfile(new.mac).into());
+    }
+    renderer.check_renders(&probe).map_err(at("profile"))?;
+    Ok(new)
+}
+
+/// Checks each value of `map` with `check`, naming the one refused (`vars.ip`).
+fn each_value(
+    prefix: &str,
+    map: &BTreeMap<String, String>,
+    check: impl Fn(&BTreeMap<String, String>) -> Result<(), validate::Invalid>,
+) -> Result<()> {
+    for (k, v) in map {
+        check(&BTreeMap::from([(k.clone(), v.clone())])).map_err(at(format!("{prefix}.{k}")))?;
+    }
+    Ok(())
+}
+
+/// An enroll request's values validated and normalised, each error naming its field; no
+/// trial render.
+pub fn checked_machine(renderer: &Renderer, req: EnrollRequest) -> Result<NewMachine> {
     let mac: Mac = req
         .mac
         .parse()
-        .map_err(|e: crate::mac::MacError| Error::Invalid(e.to_string()))?;
+        .map_err(|e: crate::mac::MacError| Error::Invalid(e.to_string()))
+        .map_err(at("mac"))?;
     if let Some(p) = &req.profile {
-        validate::profile_name(p)?;
-        renderer.catalog().profile(p)?;
+        validate::profile_name(p).map_err(at("profile"))?;
+        renderer.catalog().profile(p).map_err(at("profile"))?;
     }
     if let Some(h) = &req.hostname {
-        validate::hostname(h)?;
+        validate::hostname(h).map_err(at("hostname"))?;
     }
     if let Some(u) = &req.uuid {
-        validate::uuid(u)?;
+        validate::uuid(u).map_err(at("uuid"))?;
     }
     if let Some(s) = &req.serial {
-        validate::text("serial", s)?;
+        validate::text("serial", s).map_err(at("serial"))?;
     }
-    validate::vars(&req.vars)?;
-    check_ip_var(&req.vars)?;
-    validate::labels(&req.labels)?;
-    let new = NewMachine {
+    each_value("vars", &req.vars, validate::vars)?;
+    check_ip_var(&req.vars).map_err(at("vars.ip"))?;
+    each_value("labels", &req.labels, validate::labels)?;
+    Ok(NewMachine {
         mac,
         profile: req.profile,
         hostname: req.hostname,
@@ -83,13 +110,61 @@ pub fn checked_enrollment(
         serial: req.serial,
         vars: req.vars,
         labels: req.labels,
-    };
-    let probe = probe(&new).resolve(groups);
-    if probe.profile.is_none() {
-        return Err(StoreError::NoProfile(mac).into());
+    })
+}
+
+/// At most this many problems of an inventory file are reported at once.
+pub const MAX_PROBLEMS: usize = 50;
+
+/// Refuses with every problem, one per line.
+fn refuse(problems: Vec<Problem>) -> Result<()> {
+    if problems.is_empty() {
+        return Ok(());
     }
-    renderer.check_renders(&probe)?;
-    Ok(new)
+    let mut lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    if lines.len() >= MAX_PROBLEMS {
+        lines.push(format!("(stopped after {MAX_PROBLEMS} problems)"));
+    }
+    Err(Error::Invalid(lines.join("\n")))
+}
+
+/// An entry's name given twice in one file: the second is refused, naming the first's line.
+fn once(
+    parsed: &Parsed,
+    first: &mut HashMap<String, String>,
+    name: String,
+    path: &str,
+    kind: &str,
+) -> Option<Error> {
+    match first.get(&name) {
+        Some(there) => Some(Error::Invalid(format!(
+            "{kind} {name} is declared twice{}",
+            parsed
+                .line(there)
+                .map(|l| format!(" (first at line {l})"))
+                .unwrap_or_default()
+        ))),
+        None => {
+            first.insert(name, path.to_string());
+            None
+        }
+    }
+}
+
+/// A store's refusal of an apply, at the line of the machine it names, if it names one.
+fn at_machine(parsed: &Parsed, desired: &Desired, e: StoreError) -> Error {
+    let mac = match &e {
+        StoreError::NoProfile(mac) | StoreError::AlreadyEnrolled(mac, _) => *mac,
+        _ => return e.into(),
+    };
+    match desired.machines.iter().flatten().position(|m| m.mac == mac) {
+        Some(i) => Error::Invalid(
+            parsed
+                .problem(format!("machines[{i}].profile"), e.to_string())
+                .to_string(),
+        ),
+        None => e.into(),
+    }
 }
 
 /// The machine `new` would be once enrolled (its own values: resolve it against the groups
@@ -246,7 +321,7 @@ impl AdminService {
         if let Some(p) = req.profile {
             validate::profile_name(&p)?;
             self.catalog().profile(&p)?;
-            patch.profile = Some(p);
+            patch.profile = Some(Some(p));
         }
         if let Some(h) = req.hostname {
             if h.is_empty() {
@@ -283,7 +358,7 @@ impl AdminService {
             probe.labels = l.clone();
         }
         if let Some(p) = &patch.profile {
-            probe.profile = Some(p.clone());
+            probe.profile = p.clone();
         }
         if let Some(h) = &patch.hostname {
             probe.hostname = h.clone();
@@ -356,14 +431,14 @@ impl AdminService {
     /// inventory's form), its profile known and rendered with its values for a machine it
     /// selects.
     pub fn checked_group(&self, g: crate::dto::Group) -> Result<crate::policy::Group> {
-        validate::group_name(&g.name)?;
-        let selector = validate::selector(&g.selector)?;
+        validate::group_name(&g.name).map_err(at("name"))?;
+        let selector = validate::selector(&g.selector).map_err(at("selector"))?;
         if let Some(p) = &g.profile {
-            validate::profile_name(p)?;
-            self.catalog().profile(p)?;
+            validate::profile_name(p).map_err(at("profile"))?;
+            self.catalog().profile(p).map_err(at("profile"))?;
         }
-        validate::group_vars(&g.vars)?;
-        validate::labels(&g.labels)?;
+        each_value("vars", &g.vars, validate::group_vars)?;
+        each_value("labels", &g.labels, validate::labels)?;
         let group = crate::policy::Group {
             name: g.name,
             selector,
@@ -372,26 +447,29 @@ impl AdminService {
             labels: g.labels,
         };
         if group.profile.is_some() {
-            let at = |k: &str| group.selector.get(k).cloned();
-            let mac = at("mac")
+            let given = |k: &str| group.selector.get(k).cloned();
+            let mac = given("mac")
                 .and_then(|m| m.parse().ok())
                 .unwrap_or(Mac([0x52, 0x54, 0, 0, 0, 1]));
             let probe = probe(&NewMachine {
                 mac,
                 profile: group.profile.clone(),
-                hostname: at("hostname"),
-                uuid: at("uuid"),
-                serial: at("serial"),
+                hostname: given("hostname"),
+                uuid: given("uuid"),
+                serial: given("serial"),
                 vars: group.vars.clone(),
                 labels: group.labels.clone(),
             });
-            self.renderer.check_renders(&probe).map_err(|e| {
-                Error::Invalid(format!(
-                    "group {}: profile {} does not render with the group's values: {e}",
-                    group.name,
-                    group.profile.as_deref().unwrap_or_default()
-                ))
-            })?;
+            self.renderer
+                .check_renders(&probe)
+                .map_err(|e| {
+                    Error::Invalid(format!(
+                        "group {}: profile {} does not render with the group's values: {e}",
+                        group.name,
+                        group.profile.as_deref().unwrap_or_default()
+                    ))
+                })
+                .map_err(at("profile"))?;
         }
         Ok(group)
     }
@@ -455,24 +533,37 @@ impl AdminService {
     /// inventory's form), its profile known and rendered with its values, its hostname
     /// pattern giving a valid hostname.
     pub fn checked_rule(&self, r: crate::dto::Rule) -> Result<crate::policy::Rule> {
-        validate::group_name(&r.name).map_err(|_| {
-            Error::Invalid(format!(
-                "rule name {:?} must be 1-64 letters, digits, '.', '_' or '-', not starting with '.'",
-                r.name
-            ))
-        })?;
-        let mode: crate::policy::RuleMode = r.mode.parse().map_err(Error::Invalid)?;
-        let conditions = validate::conditions(&r.conditions)?;
+        self.checked_rule_with(r, &self.inv.groups())
+    }
+
+    /// [`AdminService::checked_rule`] with these groups (an inventory file's) for the
+    /// profile of the machines it enrolls.
+    pub fn checked_rule_with(
+        &self,
+        r: crate::dto::Rule,
+        groups: &GroupSet,
+    ) -> Result<crate::policy::Rule> {
+        validate::group_name(&r.name)
+            .map_err(|_| {
+                Error::Invalid(format!(
+                    "rule name {:?} must be 1-64 letters, digits, '.', '_' or '-', not starting with '.'",
+                    r.name
+                ))
+            })
+            .map_err(at("name"))?;
+        let mode: crate::policy::RuleMode =
+            r.mode.parse().map_err(Error::Invalid).map_err(at("mode"))?;
+        let conditions = validate::conditions(&r.conditions).map_err(at("match"))?;
         if let Some(p) = &r.profile {
-            validate::profile_name(p)?;
-            self.catalog().profile(p)?;
+            validate::profile_name(p).map_err(at("profile"))?;
+            self.catalog().profile(p).map_err(at("profile"))?;
         }
-        validate::group_vars(&r.vars)?;
-        validate::labels(&r.labels)?;
+        each_value("vars", &r.vars, validate::group_vars)?;
+        each_value("labels", &r.labels, validate::labels)?;
         if r.max == Some(0) {
-            return Err(Error::Invalid(
+            return Err(at("max")(Error::Invalid(
                 "max 0 would enroll nothing: leave it out for no limit, or disable the rule".into(),
-            ));
+            )));
         }
         let rule = crate::policy::Rule {
             name: r.name,
@@ -489,17 +580,17 @@ impl AdminService {
         };
         // What a machine it enrolls would be: the pattern's hostname, the rule's values, the
         // facts its conditions name exactly; resolved against the groups for the profile.
-        let at = |k: &str| {
+        let given = |k: &str| {
             rule.conditions
                 .get(k)
                 .filter(|v| !v.ends_with('*'))
                 .cloned()
         };
-        let mac = at("mac")
+        let mac = given("mac")
             .and_then(|m| m.parse().ok())
             .unwrap_or(Mac([0x52, 0x54, 0, 0, 0, 1]));
         let mac_text = mac.to_string();
-        let serial = at("serial").unwrap_or_else(|| "SERIAL1".into());
+        let serial = given("serial").unwrap_or_else(|| "SERIAL1".into());
         let reported = crate::policy::Reported {
             mac: &mac_text,
             serial: Some(&serial),
@@ -507,14 +598,17 @@ impl AdminService {
         };
         let hostname = rule
             .hostname_for(1, &reported)
-            .map_err(|e| Error::Invalid(format!("rule {}: {e}", rule.name)))?;
+            .map_err(|e| Error::Invalid(format!("rule {}: {e}", rule.name)))
+            .map_err(at("hostname"))?;
         if let Some(h) = &hostname {
-            validate::hostname(h).map_err(|e| {
-                Error::Invalid(format!(
-                    "rule {}: its hostname pattern gives {h:?}: {}",
-                    rule.name, e.0
-                ))
-            })?;
+            validate::hostname(h)
+                .map_err(|e| {
+                    Error::Invalid(format!(
+                        "rule {}: its hostname pattern gives {h:?}: {}",
+                        rule.name, e.0
+                    ))
+                })
+                .map_err(at("hostname"))?;
         }
         let mut labels = rule.labels.clone();
         for (k, v) in &rule.conditions {
@@ -526,12 +620,12 @@ impl AdminService {
             mac,
             profile: rule.profile.clone(),
             hostname,
-            uuid: at("uuid"),
+            uuid: given("uuid"),
             serial: Some(serial),
             vars: rule.vars.clone(),
             labels,
         })
-        .resolve(&self.inv.groups());
+        .resolve(groups);
         match &probe.profile {
             None => {
                 return Err(Error::Invalid(format!(
@@ -539,14 +633,256 @@ impl AdminService {
                     rule.name
                 )))
             }
-            Some(p) => self.renderer.check_renders(&probe).map_err(|e| {
-                Error::Invalid(format!(
-                    "rule {}: profile {p} does not render with the rule's values: {e}",
-                    rule.name
-                ))
-            })?,
+            Some(p) => self
+                .renderer
+                .check_renders(&probe)
+                .map_err(|e| {
+                    Error::Invalid(format!(
+                        "rule {}: profile {p} does not render with the rule's values: {e}",
+                        rule.name
+                    ))
+                })
+                .map_err(at("profile"))?,
         }
         Ok(rule)
+    }
+
+    /// Converges the inventory to an inventory file (`provision apply`): every entry checked
+    /// as the API checks it, each problem (all of them, up to [`MAX_PROBLEMS`]) named by line
+    /// and field; then planned and checked whole in a rolled-back transaction, the machines
+    /// that change trial-rendered; then, unless `dry_run`, applied in one transaction that is
+    /// refused if its plan is no longer the checked one.
+    pub async fn apply(
+        &self,
+        text: &str,
+        format: Format,
+        prune: bool,
+        dry_run: bool,
+    ) -> Result<crate::dto::ApplyReport> {
+        let parsed = declare::parse(text, format).map_err(|p| Error::Invalid(p.to_string()))?;
+        let mut problems = Vec::new();
+        let desired = self.declared(&parsed, prune, &mut problems);
+        refuse(problems)?;
+        let checked = self
+            .inv
+            .apply_inventory(desired.clone(), prune, ApplyRun::DryRun, store::now_ms())
+            .await
+            .map_err(|e| at_machine(&parsed, &desired, e))?;
+        let mut problems = Vec::new();
+        self.trial_render(&parsed, &desired, &checked, &mut problems)
+            .await?;
+        refuse(problems)?;
+        if dry_run {
+            return Ok(crate::dto::ApplyReport {
+                dry_run,
+                changes: checked.plan.changes,
+                unchanged: checked.plan.unchanged,
+            });
+        }
+        let run = ApplyRun::Apply {
+            expect: Some(checked.plan),
+        };
+        let done = self
+            .inv
+            .apply_inventory(desired.clone(), prune, run, store::now_ms())
+            .await
+            .map_err(|e| at_machine(&parsed, &desired, e))?;
+        Ok(crate::dto::ApplyReport {
+            dry_run,
+            changes: done.plan.changes,
+            unchanged: done.plan.unchanged,
+        })
+    }
+
+    /// The inventory a parsed file declares, each entry checked; what is wrong is added to
+    /// `problems`.
+    fn declared(&self, parsed: &Parsed, prune: bool, problems: &mut Vec<Problem>) -> Desired {
+        let doc = &parsed.doc;
+        let mut report = |path: String, e: Error| {
+            if problems.len() < MAX_PROBLEMS {
+                let path = match &e {
+                    Error::At { field, .. } => format!("{path}.{field}"),
+                    _ => path,
+                };
+                problems.push(parsed.problem(path, e.to_string()));
+            }
+        };
+        let groups = doc.groups.as_ref().map(|entries| {
+            let mut first = HashMap::new();
+            let mut out = Vec::new();
+            for (i, g) in entries.iter().enumerate() {
+                let path = format!("groups[{i}]");
+                if let Some(e) = once(parsed, &mut first, g.name.clone(), &path, "group") {
+                    report(path.clone(), e);
+                }
+                match self.checked_group(g.clone().into()) {
+                    Ok(g) => out.push(g),
+                    Err(e) => report(path, e),
+                }
+            }
+            out
+        });
+        // The groups after the apply: the rules' trial renders resolve against them.
+        let current = self.inv.groups();
+        let after = match &groups {
+            None => current.groups().to_vec(),
+            Some(declared) => {
+                let mut all = declared.clone();
+                if !prune {
+                    all.extend(
+                        current
+                            .groups()
+                            .iter()
+                            .filter(|g| !declared.iter().any(|d| d.name == g.name))
+                            .cloned(),
+                    );
+                }
+                all
+            }
+        };
+        let after = GroupSet::new(after);
+        let rules = doc.rules.as_ref().map(|entries| {
+            let mut first = HashMap::new();
+            let mut out = Vec::new();
+            for (i, r) in entries.iter().enumerate() {
+                let path = format!("rules[{i}]");
+                if let Some(e) = once(parsed, &mut first, r.name.clone(), &path, "rule") {
+                    report(path.clone(), e);
+                }
+                match self.checked_rule_with(r.clone().into(), &after) {
+                    Ok(r) => out.push(r),
+                    Err(e) => report(path, e),
+                }
+            }
+            out
+        });
+        let machines = doc.machines.as_ref().map(|entries| {
+            let mut first = HashMap::new();
+            let mut reserved: HashMap<String, (Mac, String)> = HashMap::new();
+            let mut out = Vec::new();
+            for (i, m) in entries.iter().enumerate() {
+                let path = format!("machines[{i}]");
+                if let Ok(mac) = m.mac.parse::<Mac>() {
+                    if let Some(e) = once(parsed, &mut first, mac.to_string(), &path, "machine") {
+                        report(path.clone(), e);
+                    }
+                }
+                let new = match checked_machine(&self.renderer, m.clone().into()) {
+                    Ok(new) => new,
+                    Err(e) => {
+                        report(path, e);
+                        continue;
+                    }
+                };
+                if let Some(ip) = new.vars.get("ip") {
+                    let here = format!("{path}.vars.ip");
+                    if let Some((mac, there)) = reserved.get(ip) {
+                        report(
+                            here,
+                            Error::Invalid(format!(
+                                "variable ip {ip} is already the reservation of machine {mac}{}",
+                                parsed
+                                    .line(there)
+                                    .map(|l| format!(" (line {l})"))
+                                    .unwrap_or_default()
+                            )),
+                        );
+                    } else {
+                        reserved.insert(ip.clone(), (new.mac, here));
+                    }
+                }
+                out.push(new);
+            }
+            out
+        });
+        Desired {
+            groups,
+            rules,
+            machines,
+        }
+    }
+
+    /// Trial-renders every machine the plan creates, enrolls or changes, as it will be (its
+    /// groups' values from the groups after the apply).
+    async fn trial_render(
+        &self,
+        parsed: &Parsed,
+        desired: &Desired,
+        checked: &store::Applied,
+        problems: &mut Vec<Problem>,
+    ) -> Result<()> {
+        let changed: std::collections::HashSet<&str> = checked
+            .plan
+            .changes
+            .iter()
+            .filter(|c| c.kind == "machine" && c.action != plan::Action::Delete)
+            .map(|c| c.name.as_str())
+            .collect();
+        let jobs: Vec<(usize, Machine)> = desired
+            .machines
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, m)| changed.contains(m.mac.to_string().as_str()))
+            .map(|(i, m)| (i, probe(m)))
+            .collect();
+        let groups = GroupSet::new(checked.groups.clone());
+        let renderer = self.renderer.clone();
+        // Renders are CPU work (a few hundred microseconds each): on the blocking pool, split
+        // over the cores, so applying thousands of machines neither stalls the runtime nor
+        // waits for one core.
+        let failed = tokio::task::spawn_blocking(move || {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let chunk = jobs.len().div_ceil(threads).max(1);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = jobs
+                    .chunks(chunk)
+                    .map(|part| {
+                        let (renderer, groups) = (&renderer, &groups);
+                        s.spawn(move || {
+                            part.iter()
+                                .filter_map(|(i, m)| {
+                                    let m = m.clone().resolve(groups);
+                                    renderer.check_renders(&m).err().map(|e| (*i, e))
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_default())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("trial renders: {e}")))?;
+        for (i, e) in failed.into_iter().take(MAX_PROBLEMS) {
+            problems.push(parsed.problem(format!("machines[{i}].profile"), e.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The inventory as an inventory file: every group and rule, and every machine past
+    /// discovery with its own values, sorted, so an export applied and exported again gives
+    /// the same bytes.
+    pub async fn export(&self, format: Format) -> Result<String> {
+        self.inv.flush().await?;
+        let mut machines = Vec::new();
+        for state in policy::ALL_STATES {
+            if state != State::Discovered {
+                machines.extend(store::all_in_state(self.inv.as_ref(), state).await?);
+            }
+        }
+        machines.sort_by_key(|m| m.mac);
+        let doc = declare::Document {
+            groups: (format != Format::Csv)
+                .then(|| self.inv.groups().groups().iter().map(Into::into).collect()),
+            rules: (format != Format::Csv)
+                .then(|| self.inv.rules().rules().iter().map(Into::into).collect()),
+            machines: Some(machines.iter().map(Into::into).collect()),
+        };
+        declare::write(&doc, format).map_err(Error::Internal)
     }
 
     /// One machine, or NotFound.

@@ -112,6 +112,12 @@ pub enum Command {
     /// up to a count.
     #[command(subcommand)]
     Rules(RulesCmd),
+    /// Make the inventory what a file says: its groups, rules and machines created or
+    /// changed (and with --prune, what it leaves out deleted), all in one transaction.
+    Apply(ApplyArgs),
+    /// Write the inventory as a file `apply` takes: groups, rules and every machine past
+    /// discovery with its own values (CSV: the machines only).
+    Export(ExportArgs),
     /// Show events: all, or one machine's timeline.
     Events {
         /// Only this machine.
@@ -205,6 +211,38 @@ pub enum TokenCmd {
     /// one stops working at once. A token file this CLI read from is rewritten too; a token
     /// given with --token/PROVISION_TOKEN is replaced by the one printed.
     Rotate,
+}
+
+/// `provision apply`.
+#[derive(clap::Args, Debug)]
+pub struct ApplyArgs {
+    /// The inventory file (`-`: standard input).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    file: String,
+    /// yaml, toml or csv [default: from FILE's extension; yaml for `-`].
+    #[arg(long)]
+    format: Option<crate::declare::Format>,
+    /// Print what would change, and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Also delete the groups, rules and machines the file leaves out (of the kinds it
+    /// declares; discovered machines are never deleted).
+    #[arg(long)]
+    prune: bool,
+    /// Print the changes as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `provision export`.
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// yaml, toml or csv [default: from --output's extension; yaml].
+    #[arg(long)]
+    format: Option<crate::declare::Format>,
+    /// Write to this file (replaced whole) instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
 }
 
 /// `provision enroll`.
@@ -643,6 +681,8 @@ fn command(c: &Client, cmd: Command) -> Result<(), Fail> {
         Command::Enroll(a) => enroll(c, a),
         Command::Machines(m) => machines(c, m),
         Command::Groups(g) => groups(c, g),
+        Command::Apply(a) => apply(c, a),
+        Command::Export(a) => export(c, a),
         Command::Rules(r) => rules(c, r),
         Command::Events { mac, json, limit } => {
             let mac = mac.as_deref().map(parse_mac).transpose()?;
@@ -890,6 +930,125 @@ fn wait_for(
         }
         std::thread::sleep(Duration::from_secs(2));
     }
+}
+
+/// `provision apply`: sends the file as it is (the daemon reads it, so its errors name the
+/// file's lines), then prints the plan as a diff: `+` created, `~` changed, `-` deleted, each
+/// value that changes as `-` before and `+` after.
+fn apply(c: &Client, a: ApplyArgs) -> Result<(), Fail> {
+    use crate::declare::Format;
+    use crate::store::plan::Action;
+    use std::io::Read;
+    let format = match a.format {
+        Some(f) => f,
+        None if a.file == "-" => Format::Yaml,
+        None => Format::of_path(&a.file).ok_or_else(|| {
+            bad(format!(
+                "{}: cannot tell the format from the name; give --format yaml, toml or csv",
+                a.file
+            ))
+        })?,
+    };
+    let mut text = Vec::new();
+    let read = if a.file == "-" {
+        std::io::stdin().read_to_end(&mut text).map(|_| ())
+    } else {
+        std::fs::File::open(&a.file).and_then(|mut f| f.read_to_end(&mut text).map(|_| ()))
+    };
+    read.map_err(|e| bad(format!("{}: {e}", a.file)))?;
+    let path = format!(
+        "/inventory?format={format}&dry_run={}&prune={}",
+        a.dry_run, a.prune
+    );
+    let answer = c
+        .call_with("POST", &path, Some((format.content_type(), text)))
+        .map_err(|e| {
+            let name = if a.file == "-" { "<stdin>" } else { &a.file };
+            // "line 12: machines[3].vars.ip: ..." as compilers say it: "FILE:12: ...".
+            let message = e
+                .message
+                .lines()
+                .map(
+                    |l| match l.strip_prefix("line ").and_then(|r| r.split_once(": ")) {
+                        Some((n, rest)) if n.bytes().all(|b| b.is_ascii_digit()) => {
+                            format!("{name}:{n}: {rest}")
+                        }
+                        _ => format!("{name}: {l}"),
+                    },
+                )
+                .collect::<Vec<_>>()
+                .join("\n");
+            Fail(message, if e.bad_input { 2 } else { 1 })
+        })?;
+    let report: crate::dto::ApplyReport = serde_json::from_str(&answer)
+        .map_err(|e| Fail(format!("the daemon's answer to apply: {e}"), 1))?;
+    if a.json {
+        print_json(&report);
+        return Ok(());
+    }
+    let count = |act: Action| report.changes.iter().filter(|c| c.action == act).count();
+    for ch in &report.changes {
+        let (mark, what) = match ch.action {
+            Action::Create => ('+', ""),
+            Action::Enroll => ('~', " (discovered: enrolled)"),
+            Action::Update => ('~', ""),
+            Action::Delete => ('-', ""),
+        };
+        println!("{mark} {} {}{what}", ch.kind, ch.name);
+        for f in &ch.fields {
+            if let Some(b) = &f.before {
+                println!("-     {}: {}", f.field, printable(b));
+            }
+            if let Some(v) = &f.after {
+                println!("+     {}: {}", f.field, printable(v));
+            }
+        }
+    }
+    let u = report.unchanged;
+    let unchanged = u.groups + u.rules + u.machines;
+    if report.changes.is_empty() {
+        let n = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        println!(
+            "no changes: the inventory is as the file says ({}, {}, {})",
+            n(u.groups, "group"),
+            n(u.rules, "rule"),
+            n(u.machines, "machine")
+        );
+        return Ok(());
+    }
+    println!(
+        "{}: {} to create, {} to enroll, {} to change, {} to delete; {unchanged} unchanged",
+        if report.dry_run {
+            "dry run, nothing changed"
+        } else {
+            "applied"
+        },
+        count(Action::Create),
+        count(Action::Enroll),
+        count(Action::Update),
+        count(Action::Delete),
+    );
+    Ok(())
+}
+
+/// `provision export`.
+fn export(c: &Client, a: ExportArgs) -> Result<(), Fail> {
+    use crate::declare::Format;
+    let format = a
+        .format
+        .or_else(|| {
+            a.output
+                .as_ref()
+                .and_then(|o| Format::of_path(&o.to_string_lossy()))
+        })
+        .unwrap_or(Format::Yaml);
+    let text = c.call("GET", &format!("/inventory?format={format}"), None::<&()>)?;
+    match &a.output {
+        None => print!("{text}"),
+        Some(path) => crate::keys::replace_file(path, text.as_bytes(), 0o644)
+            .map_err(|e| Fail(format!("{}: {e:#}", path.display()), 1))?,
+    }
+    Ok(())
 }
 
 fn print_group(g: &crate::dto::Group) {

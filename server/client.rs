@@ -172,7 +172,7 @@ impl Client {
         &self,
         method: Method,
         path: &str,
-        body: Option<Vec<u8>>,
+        body: Option<(&'static str, Vec<u8>)>,
     ) -> Result<(u16, String), String> {
         let tcp = tokio::net::TcpStream::connect(&self.authority)
             .await
@@ -184,11 +184,13 @@ impl Client {
             .uri(url)
             .header(header::HOST, &self.authority)
             .header(header::AUTHORIZATION, format!("Bearer {}", self.token));
-        if body.is_some() {
-            req = req.header(header::CONTENT_TYPE, "application/json");
+        if let Some((content_type, _)) = &body {
+            req = req.header(header::CONTENT_TYPE, *content_type);
         }
         let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(Bytes::from(
+                body.map(|(_, b)| b).unwrap_or_default(),
+            )))
             .map_err(|e| e.to_string())?;
         let res = match &self.tls {
             Some(tls) => {
@@ -212,8 +214,24 @@ impl Client {
         path: &str,
         body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<String, ClientError> {
+        let body = body.map(|b| {
+            (
+                "application/json",
+                serde_json::to_vec(b).expect("a request body serializes"),
+            )
+        });
+        self.call_with(method, path, body)
+    }
+
+    /// Calls the API with a body of `content_type` (an inventory file); returns the response
+    /// body on 2xx.
+    pub fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&'static str, Vec<u8>)>,
+    ) -> Result<String, ClientError> {
         let method = Method::from_bytes(method.as_bytes()).expect("a method name");
-        let body = body.map(|b| serde_json::to_vec(b).expect("a request body serializes"));
         let r = self.rt.block_on(async {
             tokio::time::timeout(CALL_TIMEOUT, self.request(method, path, body))
                 .await
@@ -238,7 +256,7 @@ impl Client {
             } else {
                 message
             },
-            bad_input: matches!(status, 400 | 404 | 409 | 410 | 422),
+            bad_input: matches!(status, 400 | 404 | 409 | 410 | 413 | 422),
         })
     }
 

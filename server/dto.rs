@@ -435,3 +435,14 @@ impl From<crate::policy::Rule> for Rule {
         }
     }
 }
+
+/// `POST /inventory`: what an apply changed (or a dry run would change).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Nothing was changed: this is the plan.
+    pub dry_run: bool,
+    /// The changes, groups first, then rules, then machines; deletions last in each.
+    pub changes: Vec<crate::store::plan::Change>,
+    /// What the file declares that is already as it says.
+    pub unchanged: crate::store::plan::Unchanged,
+}

@@ -22,6 +22,15 @@ pub enum Error {
     /// A request that does not fit the machine as it is.
     #[error("{0}")]
     Conflict(String),
+    /// `error`, caused by the value of `field` (`hostname`, `vars.ip`, …) of the input: an
+    /// inventory file's error names the line of that field. Reads as `error`.
+    #[error("{error}")]
+    At {
+        /// The field, as a path in the input.
+        field: String,
+        /// What was wrong with it.
+        error: Box<Error>,
+    },
     /// A failure of the daemon itself.
     #[error("internal error: {0}")]
     Internal(String),
@@ -30,6 +39,15 @@ pub enum Error {
 impl From<crate::validate::Invalid> for Error {
     fn from(e: crate::validate::Invalid) -> Self {
         Error::Invalid(e.0)
+    }
+}
+
+/// Tags an error with the input field it is about: `.map_err(at("hostname"))`.
+pub fn at<E: Into<Error>>(field: impl Into<String>) -> impl FnOnce(E) -> Error {
+    let field = field.into();
+    move |e| Error::At {
+        field,
+        error: Box::new(e.into()),
     }
 }
 

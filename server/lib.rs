@@ -30,6 +30,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod declare;
 pub mod dhcp;
 pub mod dto;
 pub mod error;

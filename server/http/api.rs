@@ -283,6 +283,52 @@ pub async fn inventory_known_hosts(State(st): State<AppState>) -> Result<Respons
         .into_response())
 }
 
+/// `?format=` of the inventory file routes.
+#[derive(Deserialize)]
+pub struct FileQuery {
+    format: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    prune: bool,
+}
+
+fn file_format(f: Option<&str>) -> Result<crate::declare::Format, AppError> {
+    f.unwrap_or("yaml")
+        .parse()
+        .map_err(|e: String| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, e))
+}
+
+/// `GET /inventory?format=yaml|toml|csv`: the inventory as a file `POST /inventory` takes.
+pub async fn export(
+    State(st): State<AppState>,
+    Query(q): Query<FileQuery>,
+) -> Result<Response, AppError> {
+    let format = file_format(q.format.as_deref())?;
+    let text = st.admin.export(format).await?;
+    Ok(([(header::CONTENT_TYPE, format.content_type())], text).into_response())
+}
+
+/// `POST /inventory?format=yaml|toml|csv[&dry_run=true][&prune=true]`: converges the
+/// inventory to the file in the body, in one transaction; answers what changed (or, dry,
+/// what would).
+pub async fn apply(
+    State(st): State<AppState>,
+    Query(q): Query<FileQuery>,
+    body: axum::body::Bytes,
+) -> Result<Json<dto::ApplyReport>, AppError> {
+    let format = file_format(q.format.as_deref())?;
+    let text = std::str::from_utf8(&body).map_err(|e| {
+        AppError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("an inventory file is UTF-8 text; this one is not ({e})"),
+        )
+    })?;
+    Ok(Json(
+        st.admin.apply(text, format, q.prune, q.dry_run).await?,
+    ))
+}
+
 #[derive(Deserialize)]
 pub struct EventsQuery {
     mac: Option<String>,

@@ -48,6 +48,7 @@ pub const ADMIN_ROUTES: &[&str] = &[
     "/api/v1/events",
     "/api/v1/groups",
     "/api/v1/groups/{name}",
+    "/api/v1/inventory",
     "/api/v1/rules",
     "/api/v1/rules/{name}",
     "/api/v1/machines/{mac}/confirm",

@@ -97,6 +97,9 @@ async fn scrape(
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response())
 }
 
+/// The largest inventory file `POST /api/v1/inventory` takes (about 200,000 machines).
+pub const INVENTORY_FILE_MAX: usize = 64 << 20;
+
 /// The admin listener's routes: the API under `/api/v1`, the web UI under `/ui/`.
 pub fn admin_router(state: AppState) -> Router {
     let api = Router::new()
@@ -110,6 +113,13 @@ pub fn admin_router(state: AppState) -> Router {
         .route("/machines/{mac}/reprovision", post(api::reprovision))
         .route("/machines/{mac}/register", post(api::register))
         .route("/machines/{mac}/token", get(api::machine_token))
+        // An inventory file of 10,000 machines is a few MB: more than the default 2 MB.
+        .route(
+            "/inventory",
+            get(api::export)
+                .post(api::apply)
+                .layer(axum::extract::DefaultBodyLimit::max(INVENTORY_FILE_MAX)),
+        )
         .route("/inventory/ansible", get(api::inventory_ansible))
         .route("/inventory/known_hosts", get(api::inventory_known_hosts))
         .route("/machines/{mac}/events", get(api::machine_events))
@@ -191,35 +201,38 @@ impl AppError {
     }
 }
 
+/// The status code of a service error.
+fn status_of(e: &Error) -> StatusCode {
+    match e {
+        Error::At { error, .. } => status_of(error),
+        Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::Conflict(_) => StatusCode::CONFLICT,
+        Error::Forbidden(_) | Error::Store(StoreError::TokenHeld { .. }) => StatusCode::FORBIDDEN,
+        Error::Store(StoreError::NotFound(_))
+        | Error::Store(StoreError::NoGroup(_))
+        | Error::Store(StoreError::NoRule(_)) => StatusCode::NOT_FOUND,
+        Error::Store(StoreError::RuleRefused(_)) => StatusCode::CONFLICT,
+        Error::Store(StoreError::NoProfile(_)) => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::Store(StoreError::GroupConflict(_) | StoreError::Changed(_)) => StatusCode::CONFLICT,
+        Error::Store(StoreError::AlreadyEnrolled(..))
+        | Error::Store(StoreError::Illegal(_))
+        | Error::Store(StoreError::Conflict(_)) => StatusCode::CONFLICT,
+        Error::Store(StoreError::Token(TokenProblem::Unknown | TokenProblem::OtherAddress, _)) => {
+            StatusCode::FORBIDDEN
+        }
+        Error::Store(StoreError::Token(_, _)) => StatusCode::GONE,
+        Error::Store(StoreError::Closed) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        Error::Render(crate::render::RenderError::NoProfile(_))
+        | Error::Render(crate::render::RenderError::NoArtifact { .. }) => StatusCode::NOT_FOUND,
+        Error::Render(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 impl From<Error> for AppError {
     fn from(e: Error) -> Self {
-        let status = match &e {
-            Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Error::Conflict(_) => StatusCode::CONFLICT,
-            Error::Forbidden(_) | Error::Store(StoreError::TokenHeld { .. }) => {
-                StatusCode::FORBIDDEN
-            }
-            Error::Store(StoreError::NotFound(_))
-            | Error::Store(StoreError::NoGroup(_))
-            | Error::Store(StoreError::NoRule(_)) => StatusCode::NOT_FOUND,
-            Error::Store(StoreError::RuleRefused(_)) => StatusCode::CONFLICT,
-            Error::Store(StoreError::NoProfile(_)) => StatusCode::UNPROCESSABLE_ENTITY,
-            Error::Store(StoreError::GroupConflict(_)) => StatusCode::CONFLICT,
-            Error::Store(StoreError::AlreadyEnrolled(..))
-            | Error::Store(StoreError::Illegal(_))
-            | Error::Store(StoreError::Conflict(_)) => StatusCode::CONFLICT,
-            Error::Store(StoreError::Token(
-                TokenProblem::Unknown | TokenProblem::OtherAddress,
-                _,
-            )) => StatusCode::FORBIDDEN,
-            Error::Store(StoreError::Token(_, _)) => StatusCode::GONE,
-            Error::Store(StoreError::Closed) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Error::Render(crate::render::RenderError::NoProfile(_))
-            | Error::Render(crate::render::RenderError::NoArtifact { .. }) => StatusCode::NOT_FOUND,
-            Error::Render(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+        let status = status_of(&e);
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!("{e}");
         }

@@ -37,12 +37,34 @@ use crate::policy::{
 };
 
 mod leases;
+pub mod plan;
 pub mod sqlite;
 #[cfg(test)]
 mod tests;
 
 pub use leases::{Lease, LeaseState, Pool};
 pub use sqlite::{snapshot, verify, SqliteInventory};
+
+/// How [`Inventory::apply_inventory`] runs.
+#[derive(Clone, Debug)]
+pub enum ApplyRun {
+    /// Plan and check, then roll back.
+    DryRun,
+    /// Apply; refused if the plan is not `expect` (when given).
+    Apply {
+        /// The plan the caller checked.
+        expect: Option<plan::Plan>,
+    },
+}
+
+/// What an apply did (or a dry run would do).
+#[derive(Clone, Debug)]
+pub struct Applied {
+    /// The changes, and what needed none.
+    pub plan: plan::Plan,
+    /// Every group after it.
+    pub groups: Vec<Group>,
+}
 
 /// What can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +121,9 @@ pub enum StoreError {
     /// No rule with that name.
     #[error("no rule named {0:?}; `provision rules list` shows them")]
     NoRule(String),
+    /// The inventory changed between an apply's check and its write.
+    #[error("{0}")]
+    Changed(String),
     /// A rule could not do what was asked (full, disabled, gone, or its result not valid);
     /// the words say which and what to do.
     #[error("{0}")]
@@ -528,14 +553,18 @@ pub struct NewMachine {
 /// A change to an existing machine; `None` leaves a field alone.
 #[derive(Clone, Debug, Default)]
 pub struct MachinePatch {
-    /// New profile.
-    pub profile: Option<String>,
+    /// New own profile (`Some(None)` clears it: its groups' then).
+    pub profile: Option<Option<String>>,
     /// New hostname (`Some(None)` clears it).
     pub hostname: Option<Option<String>>,
     /// Replaces all variables.
     pub vars: Option<BTreeMap<String, String>>,
     /// Replaces all labels.
     pub labels: Option<BTreeMap<String, String>>,
+    /// New SMBIOS UUID (an inventory file's; the firmware's first report is kept otherwise).
+    pub uuid: Option<String>,
+    /// New serial (likewise).
+    pub serial: Option<String>,
 }
 
 /// What a boot request said about the machine, kept for the operator.
@@ -932,6 +961,20 @@ pub trait Inventory: Send + Sync + 'static {
     async fn put_rule(&self, rule: Rule, replace: bool, now: i64) -> Result<bool>;
     /// Deletes a rule (the machines it enrolled stay; proposals of it are withdrawn).
     async fn delete_rule(&self, name: String, now: i64) -> Result<()>;
+    /// Converges groups, rules and machines to `desired` in one transaction (all of it, or
+    /// nothing): creates and updates, and with `prune` deletes what the file leaves out (of
+    /// the kinds it declares; never a discovered machine). Refused if the result would have a
+    /// tie between groups, a machine past discovery without a profile, or one DHCP
+    /// reservation for two machines. A dry run plans, checks and rolls back; an apply with
+    /// `expect` is refused ([`StoreError::Changed`]) if its plan is not that one (the
+    /// inventory changed since it was checked).
+    async fn apply_inventory(
+        &self,
+        desired: plan::Desired,
+        prune: bool,
+        run: ApplyRun,
+        now: i64,
+    ) -> Result<Applied>;
     /// Applies rule `rule` to the discovered machine `mac` (what `sighting` says recorded
     /// first), in one transaction: checks the rule is enabled and matches, then enrolls the
     /// machine with its next index (a compare-and-set on the rule's count against its max), or

@@ -32,11 +32,12 @@ use rusqlite_migration::Migrations;
 use tokio::sync::oneshot;
 
 use super::leases::{self, BindRequest, Lease, OfferRequest};
+use super::plan;
 use super::{
-    BootFacts, DhcpSeen, Event, EventQuery, Inventory, Limits, Machine, MachinePage, MachinePatch,
-    MachineQuery, MachineSearch, NewMachine, Observation, Result, RevokedCert, RuleOutcome,
-    SearchTerm, Sighting, SortKey, Stats, StepRecord, StepStatus, StoreError, TokenInfo,
-    TokenProblem, MAX_PAGE,
+    Applied, ApplyRun, BootFacts, DhcpSeen, Event, EventQuery, Inventory, Limits, Machine,
+    MachinePage, MachinePatch, MachineQuery, MachineSearch, NewMachine, Observation, Result,
+    RevokedCert, RuleOutcome, SearchTerm, Sighting, SortKey, Stats, StepRecord, StepStatus,
+    StoreError, TokenInfo, TokenProblem, MAX_PAGE,
 };
 use crate::mac::Mac;
 use crate::policy::{
@@ -685,6 +686,10 @@ impl SqliteInventory {
                             Publish::Rules(set) => {
                                 *rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set)
                             }
+                            Publish::Both(g, r) => {
+                                *groups.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(g);
+                                *rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(r);
+                            }
                             Publish::Nothing => {}
                         }
                         Ok(t)
@@ -813,6 +818,16 @@ fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) 
         CHANGES.with(|c| c.borrow_mut().truncate(changes_before));
         conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
     }
+    out
+}
+
+/// Runs `f` in a savepoint and rolls its changes back whatever it returns: a dry run.
+fn rolled_back<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    let changes_before = CHANGES.with(|c| c.borrow().len());
+    conn.execute_batch("SAVEPOINT dry_run")?;
+    let out = f(conn);
+    CHANGES.with(|c| c.borrow_mut().truncate(changes_before));
+    conn.execute_batch("ROLLBACK TO dry_run; RELEASE dry_run")?;
     out
 }
 
@@ -1630,6 +1645,7 @@ fn key_values(m: &BTreeMap<String, String>) -> String {
 enum Publish {
     Groups(GroupSet),
     Rules(RuleSet),
+    Both(GroupSet, RuleSet),
     Nothing,
 }
 
@@ -1749,6 +1765,441 @@ fn revoke_node_cert(c: &rusqlite::Connection, mac: Mac, now: i64, reason: &str) 
         [now - REVOKED_KEPT_MS],
     )?;
     Ok(())
+}
+
+/// Enrolls `new` — a MAC never seen, or a discovered machine — in the caller's transaction;
+/// the profile it will install (its own, or the one `groups` give it) must exist. `how` ends
+/// the event's words (` by apply`).
+fn enroll_in(
+    c: &Connection,
+    new: &NewMachine,
+    groups: &GroupSet,
+    now: i64,
+    how: &str,
+) -> Result<Machine> {
+    let mac = new.mac;
+    let before = load(c, mac)?;
+    match &before {
+        Some(m) if m.state != State::Discovered => {
+            return Err(StoreError::AlreadyEnrolled(mac, m.state))
+        }
+        Some(_) => {
+            c.prepare_cached(
+                "UPDATE machines SET profile = ?2, hostname = ?3, uuid = COALESCE(?4, uuid),
+                 serial = COALESCE(?5, serial), vars = ?6, labels = ?7, updated_at = ?8
+                 WHERE mac = ?1",
+            )?
+            .execute(params![
+                mac.to_string(),
+                new.profile,
+                new.hostname,
+                new.uuid,
+                new.serial,
+                map_json(&new.vars),
+                map_json(&new.labels),
+                now
+            ])?;
+        }
+        None => {
+            c.prepare_cached(
+                "INSERT INTO machines (mac, uuid, serial, hostname, profile, state, vars, labels,
+                 created_at, updated_at, state_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'enrolled', ?6, ?7, ?8, ?8, ?8)",
+            )?
+            .execute(params![
+                mac.to_string(),
+                new.uuid,
+                new.serial,
+                new.hostname,
+                new.profile,
+                map_json(&new.vars),
+                map_json(&new.labels),
+                now
+            ])?;
+        }
+    }
+    let m = must_load(c, mac)?.resolve(groups);
+    let Some(profile) = m.profile.as_deref() else {
+        return Err(StoreError::NoProfile(mac));
+    };
+    let detail = format!(
+        "profile {profile}{}{}{how}",
+        m.inherited
+            .profile
+            .as_deref()
+            .map(|g| format!(" from group {g}"))
+            .unwrap_or_default(),
+        new.hostname
+            .as_deref()
+            .map(|h| format!(", hostname {h}"))
+            .unwrap_or_default()
+    );
+    match before {
+        Some(before) => {
+            apply(c, now, &before, &Transition::Enroll, &detail)?;
+        }
+        None => {
+            insert_transition(
+                c,
+                now,
+                mac,
+                EventKind::Enrolled,
+                None,
+                Some(State::Enrolled),
+                &detail,
+            )?;
+        }
+    }
+    must_load(c, mac)
+}
+
+/// Changes what `patch` names of machine `mac` in the caller's transaction, with an
+/// `updated` event naming the fields (`how` ends its words).
+fn update_in(
+    c: &Connection,
+    mac: Mac,
+    patch: &MachinePatch,
+    now: i64,
+    how: &str,
+) -> Result<Machine> {
+    must_load(c, mac)?;
+    let key = mac.to_string();
+    let mut changed = Vec::new();
+    let mut set = |column: &str, value: Option<&str>, words: String| -> Result<()> {
+        c.prepare_cached(&format!("UPDATE machines SET {column} = ?2 WHERE mac = ?1"))?
+            .execute(params![key, value])?;
+        changed.push(words);
+        Ok(())
+    };
+    if let Some(p) = &patch.profile {
+        set(
+            "profile",
+            p.as_deref(),
+            format!("profile {}", p.as_deref().unwrap_or("(its groups')")),
+        )?;
+    }
+    if let Some(h) = &patch.hostname {
+        set(
+            "hostname",
+            h.as_deref(),
+            format!("hostname {}", h.as_deref().unwrap_or("(none)")),
+        )?;
+    }
+    if let Some(u) = &patch.uuid {
+        set("uuid", Some(u), format!("uuid {u}"))?;
+    }
+    if let Some(s) = &patch.serial {
+        set("serial", Some(s), format!("serial {s}"))?;
+    }
+    if let Some(v) = &patch.vars {
+        set(
+            "vars",
+            Some(&map_json(v)),
+            format!("vars {}", v.keys().cloned().collect::<Vec<_>>().join(",")),
+        )?;
+    }
+    if let Some(l) = &patch.labels {
+        set(
+            "labels",
+            Some(&map_json(l)),
+            format!("labels {}", l.keys().cloned().collect::<Vec<_>>().join(",")),
+        )?;
+    }
+    c.prepare_cached("UPDATE machines SET updated_at = ?2 WHERE mac = ?1")?
+        .execute(params![key, now])?;
+    insert_event(
+        c,
+        now,
+        Some(mac),
+        EventKind::Updated,
+        &format!("{}{how}", changed.join("; ")),
+        1,
+    )?;
+    must_load(c, mac)
+}
+
+/// Deletes machine `mac` in the caller's transaction (its events stay; its node certificate
+/// is revoked).
+fn delete_in(c: &Connection, mac: Mac, now: i64, how: &str) -> Result<()> {
+    let m = must_load(c, mac)?;
+    revoke_node_cert(c, mac, now, "deleted")?;
+    c.execute("DELETE FROM machines WHERE mac = ?1", [mac.to_string()])?;
+    insert_transition(
+        c,
+        now,
+        mac,
+        EventKind::Deleted,
+        Some(m.state),
+        None,
+        how.trim_start(),
+    )
+}
+
+/// Writes `group` (created, or replacing the one of its name: `existed`) with its
+/// `group_changed` event, in the caller's transaction; the caller checked it.
+fn write_group(c: &Connection, group: &Group, existed: bool, now: i64, how: &str) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO groups (name, selector, profile, vars, labels, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+         ON CONFLICT (name) DO UPDATE SET selector = ?2, profile = ?3, vars = ?4,
+         labels = ?5, updated_at = ?6",
+    )?
+    .execute(params![
+        group.name,
+        map_json(&group.selector),
+        group.profile,
+        map_json(&group.vars),
+        map_json(&group.labels),
+        now
+    ])?;
+    let detail = format!(
+        "group {} {}{how}: selector {{{}}}, profile {}, vars {}, labels {}",
+        group.name,
+        if existed { "updated" } else { "created" },
+        key_values(&group.selector),
+        group.profile.as_deref().unwrap_or("(none)"),
+        group.vars.keys().cloned().collect::<Vec<_>>().join(","),
+        group.labels.keys().cloned().collect::<Vec<_>>().join(","),
+    );
+    insert_event(c, now, None, EventKind::GroupChanged, &detail, 1)
+}
+
+/// Deletes group `name` with its event, in the caller's transaction; the caller checked
+/// that every machine keeps a profile.
+fn remove_group(c: &Connection, name: &str, now: i64, how: &str) -> Result<()> {
+    c.execute("DELETE FROM groups WHERE name = ?1", [name])?;
+    insert_event(
+        c,
+        now,
+        None,
+        EventKind::GroupChanged,
+        &format!("group {name} deleted{how}"),
+        1,
+    )
+}
+
+/// Writes `rule` (created, or replacing the one of its name, whose count it keeps) with its
+/// `rule_changed` event, in the caller's transaction.
+fn write_rule(c: &Connection, rule: &Rule, existed: bool, now: i64, how: &str) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO rules (name, priority, enabled, mode, conditions, profile, hostname,
+         labels, vars, max, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)
+         ON CONFLICT (name) DO UPDATE SET priority = ?2, enabled = ?3, mode = ?4,
+         conditions = ?5, profile = ?6, hostname = ?7, labels = ?8, vars = ?9, max = ?10,
+         updated_at = ?11",
+    )?
+    .execute(params![
+        rule.name,
+        rule.priority,
+        rule.enabled,
+        rule.mode.as_str(),
+        map_json(&rule.conditions),
+        rule.profile,
+        rule.hostname,
+        map_json(&rule.labels),
+        map_json(&rule.vars),
+        rule.max.map(|m| m as i64),
+        now
+    ])?;
+    // A rule that proposes no more withdraws what it proposed.
+    if !(rule.enabled && rule.mode == RuleMode::Propose) {
+        c.execute(
+            "UPDATE machines SET proposed_rule = NULL WHERE proposed_rule = ?1",
+            [&rule.name],
+        )?;
+    }
+    let detail = format!(
+        "rule {} {}{how}: priority {}, {}, {}, match {{{}}}, profile {}, hostname {}, max {}",
+        rule.name,
+        if existed { "updated" } else { "created" },
+        rule.priority,
+        if rule.enabled { "enabled" } else { "disabled" },
+        rule.mode,
+        key_values(&rule.conditions),
+        rule.profile.as_deref().unwrap_or("(its groups')"),
+        rule.hostname.as_deref().unwrap_or("(none)"),
+        rule.max
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "none".into()),
+    );
+    insert_event(c, now, None, EventKind::RuleChanged, &detail, 1)
+}
+
+/// Deletes rule `name` (withdrawing its proposals) with its event, in the caller's
+/// transaction.
+fn remove_rule(c: &Connection, name: &str, now: i64, how: &str) -> Result<()> {
+    if c.execute("DELETE FROM rules WHERE name = ?1", [name])? == 0 {
+        return Err(StoreError::NoRule(name.to_string()));
+    }
+    c.execute(
+        "UPDATE machines SET proposed_rule = NULL WHERE proposed_rule = ?1",
+        [name],
+    )?;
+    insert_event(
+        c,
+        now,
+        None,
+        EventKind::RuleChanged,
+        &format!("rule {name} deleted{how}"),
+        1,
+    )
+}
+
+/// The machines an apply plans with: every one past discovery, and the discovered ones the
+/// file names.
+fn machines_for_apply(c: &Connection, desired: &plan::Desired) -> Result<HashMap<Mac, Machine>> {
+    let mut out: HashMap<Mac, Machine> = c
+        .prepare_cached(&format!(
+            "SELECT {MACHINE_COLS} FROM machines m WHERE m.state != 'discovered'"
+        ))?
+        .query_map([], machine_from_row)?
+        .map(|r| r.map(|m| (m.mac, m)))
+        .collect::<rusqlite::Result<_>>()?;
+    for new in desired.machines.iter().flatten() {
+        if !out.contains_key(&new.mac) {
+            if let Some(m) = load(c, new.mac)? {
+                out.insert(m.mac, m);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Plans `desired` against the inventory as it is in this transaction and makes the changes;
+/// the result is checked whole (a tie, a machine without a profile, a reservation twice),
+/// since a change may only be valid with the others. Returns what it did, and the rules
+/// after it.
+fn apply_desired(
+    c: &Connection,
+    desired: &plan::Desired,
+    prune: bool,
+    now: i64,
+) -> Result<(Applied, RuleSet)> {
+    const HOW: &str = " by apply";
+    let stored_groups = load_groups(c)?;
+    let stored_rules = load_rules(c)?;
+    let machines = machines_for_apply(c, desired)?;
+    let plan = plan::plan(
+        &plan::Current {
+            groups: &stored_groups,
+            rules: &stored_rules,
+            machines: &machines,
+        },
+        desired,
+        prune,
+    );
+    let changes = &plan.changes;
+    let find = |kind: &'static str| changes.iter().filter(move |ch| ch.kind == kind);
+    // Groups first: the machines enrolled below take their profiles from them.
+    let declared_groups: HashMap<&str, &Group> = desired
+        .groups
+        .iter()
+        .flatten()
+        .map(|g| (g.name.as_str(), g))
+        .collect();
+    for ch in find("group") {
+        match ch.action {
+            plan::Action::Delete => remove_group(c, &ch.name, now, HOW)?,
+            action => write_group(
+                c,
+                declared_groups[ch.name.as_str()],
+                action == plan::Action::Update,
+                now,
+                HOW,
+            )?,
+        }
+    }
+    let groups = GroupSet::new(load_groups(c)?);
+    for g in groups.groups() {
+        let others = GroupSet::new(
+            groups
+                .groups()
+                .iter()
+                .filter(|o| o.name != g.name)
+                .cloned()
+                .collect(),
+        );
+        if let Some(why) = others.conflict(g) {
+            return Err(StoreError::GroupConflict(why));
+        }
+    }
+    let declared_rules: HashMap<&str, &Rule> = desired
+        .rules
+        .iter()
+        .flatten()
+        .map(|r| (r.name.as_str(), r))
+        .collect();
+    for ch in find("rule") {
+        match ch.action {
+            plan::Action::Delete => remove_rule(c, &ch.name, now, HOW)?,
+            action => write_rule(
+                c,
+                declared_rules[ch.name.as_str()],
+                action == plan::Action::Update,
+                now,
+                HOW,
+            )?,
+        }
+    }
+    let declared_machines: HashMap<Mac, &NewMachine> = desired
+        .machines
+        .iter()
+        .flatten()
+        .map(|m| (m.mac, m))
+        .collect();
+    for ch in find("machine") {
+        let mac: Mac = ch
+            .name
+            .parse()
+            .map_err(|e| StoreError::Database(format!("planned MAC {}: {e}", ch.name)))?;
+        match ch.action {
+            plan::Action::Delete => delete_in(c, mac, now, HOW)?,
+            plan::Action::Create | plan::Action::Enroll => {
+                enroll_in(c, declared_machines[&mac], &groups, now, HOW)?;
+            }
+            plan::Action::Update => {
+                let d = declared_machines[&mac];
+                let m = &machines[&mac];
+                let patch = MachinePatch {
+                    profile: (m.profile != d.profile).then(|| d.profile.clone()),
+                    hostname: (m.hostname != d.hostname).then(|| d.hostname.clone()),
+                    vars: (m.vars != d.vars).then(|| d.vars.clone()),
+                    labels: (m.labels != d.labels).then(|| d.labels.clone()),
+                    uuid: d.uuid.clone().filter(|u| m.uuid.as_ref() != Some(u)),
+                    serial: d.serial.clone().filter(|s| m.serial.as_ref() != Some(s)),
+                };
+                update_in(c, mac, &patch, now, HOW)?;
+            }
+        }
+    }
+    every_machine_keeps_a_profile(c, &groups, "this apply")?;
+    reservations_unique(c)?;
+    Ok((
+        Applied {
+            plan,
+            groups: groups.groups().to_vec(),
+        },
+        RuleSet::new(load_rules(c)?),
+    ))
+}
+
+/// Refuses an inventory in which two machines hold one DHCP reservation (`ip` variable).
+fn reservations_unique(c: &Connection) -> Result<()> {
+    let twice: Option<(String, String)> = c
+        .prepare_cached(
+            "SELECT json_extract(vars, '$.ip') AS ip, group_concat(mac, ', ') FROM machines
+             WHERE json_extract(vars, '$.ip') IS NOT NULL GROUP BY ip HAVING count(*) > 1
+             ORDER BY ip LIMIT 1",
+        )?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    match twice {
+        None => Ok(()),
+        Some((ip, macs)) => Err(StoreError::GroupConflict(format!(
+            "variable ip {ip} would be the DHCP reservation of more than one machine ({macs}); give each its own"
+        ))),
+    }
 }
 
 fn must_load(c: &Connection, mac: Mac) -> Result<Machine> {
@@ -2305,153 +2756,24 @@ impl Inventory for SqliteInventory {
     async fn enroll(&self, new: NewMachine, now: i64) -> Result<Machine> {
         let groups = self.shared.groups.clone();
         self.write_touching(Touch::One(new.mac), move |c| {
-            let mac = new.mac;
-            let before = load(c, mac)?;
-            match &before {
-                Some(m) if m.state != State::Discovered => {
-                    return Err(StoreError::AlreadyEnrolled(mac, m.state))
-                }
-                Some(_) => {
-                    c.execute(
-                        "UPDATE machines SET profile = ?2, hostname = ?3, uuid = COALESCE(?4, uuid),
-                         serial = COALESCE(?5, serial), vars = ?6, labels = ?7, updated_at = ?8
-                         WHERE mac = ?1",
-                        params![
-                            mac.to_string(),
-                            new.profile,
-                            new.hostname,
-                            new.uuid,
-                            new.serial,
-                            map_json(&new.vars),
-                            map_json(&new.labels),
-                            now
-                        ],
-                    )?;
-                }
-                None => {
-                    c.execute(
-                        "INSERT INTO machines (mac, uuid, serial, hostname, profile, state, vars, labels,
-                         created_at, updated_at, state_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, 'enrolled', ?6, ?7, ?8, ?8, ?8)",
-                        params![
-                            mac.to_string(),
-                            new.uuid,
-                            new.serial,
-                            new.hostname,
-                            new.profile,
-                            map_json(&new.vars),
-                            map_json(&new.labels),
-                            now
-                        ],
-                    )?;
-                }
-            }
-            // The profile it will install: its own, or a group's, checked against the groups
-            // as committed (a group change is a write too, so none can slip in between).
+            // Checked against the groups as committed (a group change is a write too, so
+            // none can slip in between).
             let groups = groups.read().unwrap_or_else(|p| p.into_inner()).clone();
-            let m = must_load(c, mac)?.resolve(&groups);
-            let Some(profile) = m.profile.as_deref() else {
-                return Err(StoreError::NoProfile(mac));
-            };
-            let detail = format!(
-                "profile {profile}{}{}",
-                m.inherited
-                    .profile
-                    .as_deref()
-                    .map(|g| format!(" from group {g}"))
-                    .unwrap_or_default(),
-                new.hostname
-                    .as_deref()
-                    .map(|h| format!(", hostname {h}"))
-                    .unwrap_or_default()
-            );
-            match before {
-                Some(before) => {
-                    apply(c, now, &before, &Transition::Enroll, &detail)?;
-                }
-                None => {
-                    insert_transition(
-                        c,
-                        now,
-                        mac,
-                        EventKind::Enrolled,
-                        None,
-                        Some(State::Enrolled),
-                        &detail,
-                    )?;
-                }
-            }
-            must_load(c, mac)
+            enroll_in(c, &new, &groups, now, "")
         })
         .await
         .map(|m| self.resolved(m))
     }
 
     async fn update(&self, mac: Mac, patch: MachinePatch, now: i64) -> Result<Machine> {
-        self.write_touching(Touch::One(mac), move |c| {
-            must_load(c, mac)?;
-            let key = mac.to_string();
-            let mut changed = Vec::new();
-            if let Some(p) = &patch.profile {
-                c.execute(
-                    "UPDATE machines SET profile = ?2 WHERE mac = ?1",
-                    params![key, p],
-                )?;
-                changed.push(format!("profile {p}"));
-            }
-            if let Some(h) = &patch.hostname {
-                c.execute(
-                    "UPDATE machines SET hostname = ?2 WHERE mac = ?1",
-                    params![key, h],
-                )?;
-                changed.push(format!("hostname {}", h.as_deref().unwrap_or("(none)")));
-            }
-            if let Some(v) = &patch.vars {
-                c.execute(
-                    "UPDATE machines SET vars = ?2 WHERE mac = ?1",
-                    params![key, map_json(v)],
-                )?;
-                changed.push(format!(
-                    "vars {}",
-                    v.keys().cloned().collect::<Vec<_>>().join(",")
-                ));
-            }
-            if let Some(l) = &patch.labels {
-                c.execute(
-                    "UPDATE machines SET labels = ?2 WHERE mac = ?1",
-                    params![key, map_json(l)],
-                )?;
-                changed.push(format!(
-                    "labels {}",
-                    l.keys().cloned().collect::<Vec<_>>().join(",")
-                ));
-            }
-            c.execute(
-                "UPDATE machines SET updated_at = ?2 WHERE mac = ?1",
-                params![key, now],
-            )?;
-            insert_event(
-                c,
-                now,
-                Some(mac),
-                EventKind::Updated,
-                &changed.join("; "),
-                1,
-            )?;
-            must_load(c, mac)
-        })
-        .await
-        .map(|m| self.resolved(m))
+        self.write_touching(Touch::One(mac), move |c| update_in(c, mac, &patch, now, ""))
+            .await
+            .map(|m| self.resolved(m))
     }
 
     async fn delete(&self, mac: Mac, now: i64) -> Result<()> {
-        self.write_touching(Touch::One(mac), move |c| {
-            let m = must_load(c, mac)?;
-            revoke_node_cert(c, mac, now, "deleted")?;
-            c.execute("DELETE FROM machines WHERE mac = ?1", [mac.to_string()])?;
-            insert_transition(c, now, mac, EventKind::Deleted, Some(m.state), None, "")
-        })
-        .await
+        self.write_touching(Touch::One(mac), move |c| delete_in(c, mac, now, ""))
+            .await
     }
 
     async fn discover(&self, mac: Mac, sighting: Sighting, now: i64) -> Result<Machine> {
@@ -2774,30 +3096,7 @@ impl Inventory for SqliteInventory {
             all.push(group.clone());
             let next = GroupSet::new(all);
             every_machine_keeps_a_profile(c, &next, &format!("changing group {}", group.name))?;
-            c.prepare_cached(
-                "INSERT INTO groups (name, selector, profile, vars, labels, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
-                 ON CONFLICT (name) DO UPDATE SET selector = ?2, profile = ?3, vars = ?4,
-                 labels = ?5, updated_at = ?6",
-            )?
-            .execute(params![
-                group.name,
-                map_json(&group.selector),
-                group.profile,
-                map_json(&group.vars),
-                map_json(&group.labels),
-                now
-            ])?;
-            let detail = format!(
-                "group {} {}: selector {{{}}}, profile {}, vars {}, labels {}",
-                group.name,
-                if existed { "updated" } else { "created" },
-                key_values(&group.selector),
-                group.profile.as_deref().unwrap_or("(none)"),
-                group.vars.keys().cloned().collect::<Vec<_>>().join(","),
-                group.labels.keys().cloned().collect::<Vec<_>>().join(","),
-            );
-            insert_event(c, now, None, EventKind::GroupChanged, &detail, 1)?;
+            write_group(c, &group, existed, now, "")?;
             Ok((!existed, Publish::Groups(next)))
         })
         .await
@@ -2812,15 +3111,7 @@ impl Inventory for SqliteInventory {
             all.retain(|g| g.name != name);
             let next = GroupSet::new(all);
             every_machine_keeps_a_profile(c, &next, &format!("deleting group {name}"))?;
-            c.execute("DELETE FROM groups WHERE name = ?1", [&name])?;
-            insert_event(
-                c,
-                now,
-                None,
-                EventKind::GroupChanged,
-                &format!("group {name} deleted"),
-                1,
-            )?;
+            remove_group(c, &name, now, "")?;
             Ok(((), Publish::Groups(next)))
         })
         .await
@@ -2837,49 +3128,7 @@ impl Inventory for SqliteInventory {
                     rule.name, rule.name
                 )));
             }
-            c.prepare_cached(
-                "INSERT INTO rules (name, priority, enabled, mode, conditions, profile, hostname,
-                 labels, vars, max, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)
-                 ON CONFLICT (name) DO UPDATE SET priority = ?2, enabled = ?3, mode = ?4,
-                 conditions = ?5, profile = ?6, hostname = ?7, labels = ?8, vars = ?9, max = ?10,
-                 updated_at = ?11",
-            )?
-            .execute(params![
-                rule.name,
-                rule.priority,
-                rule.enabled,
-                rule.mode.as_str(),
-                map_json(&rule.conditions),
-                rule.profile,
-                rule.hostname,
-                map_json(&rule.labels),
-                map_json(&rule.vars),
-                rule.max.map(|m| m as i64),
-                now
-            ])?;
-            // A rule that proposes no more withdraws what it proposed.
-            if !(rule.enabled && rule.mode == RuleMode::Propose) {
-                c.execute(
-                    "UPDATE machines SET proposed_rule = NULL WHERE proposed_rule = ?1",
-                    [&rule.name],
-                )?;
-            }
-            let detail = format!(
-                "rule {} {}: priority {}, {}, {}, match {{{}}}, profile {}, hostname {}, max {}",
-                rule.name,
-                if existed { "updated" } else { "created" },
-                rule.priority,
-                if rule.enabled { "enabled" } else { "disabled" },
-                rule.mode,
-                key_values(&rule.conditions),
-                rule.profile.as_deref().unwrap_or("(its groups')"),
-                rule.hostname.as_deref().unwrap_or("(none)"),
-                rule.max
-                    .map(|m| m.to_string())
-                    .unwrap_or_else(|| "none".into()),
-            );
-            insert_event(c, now, None, EventKind::RuleChanged, &detail, 1)?;
+            write_rule(c, &rule, existed, now, "")?;
             Ok((!existed, Publish::Rules(RuleSet::new(load_rules(c)?))))
         })
         .await
@@ -2887,22 +3136,43 @@ impl Inventory for SqliteInventory {
 
     async fn delete_rule(&self, name: String, now: i64) -> Result<()> {
         self.write_publishing(Touch::All, move |c| {
-            if c.execute("DELETE FROM rules WHERE name = ?1", [&name])? == 0 {
-                return Err(StoreError::NoRule(name));
-            }
-            c.execute(
-                "UPDATE machines SET proposed_rule = NULL WHERE proposed_rule = ?1",
-                [&name],
-            )?;
-            insert_event(
-                c,
-                now,
-                None,
-                EventKind::RuleChanged,
-                &format!("rule {name} deleted"),
-                1,
-            )?;
+            remove_rule(c, &name, now, "")?;
             Ok(((), Publish::Rules(RuleSet::new(load_rules(c)?))))
+        })
+        .await
+    }
+
+    async fn apply_inventory(
+        &self,
+        desired: plan::Desired,
+        prune: bool,
+        run: ApplyRun,
+        now: i64,
+    ) -> Result<Applied> {
+        let touch = match run {
+            ApplyRun::DryRun => Touch::Nothing,
+            ApplyRun::Apply { .. } => Touch::All,
+        };
+        self.write_publishing(touch, move |c| {
+            let applying = |c: &Connection| apply_desired(c, &desired, prune, now);
+            match run {
+                ApplyRun::DryRun => {
+                    let (applied, _) = rolled_back(c, applying)?;
+                    Ok((applied, Publish::Nothing))
+                }
+                ApplyRun::Apply { expect } => {
+                    let (applied, rules) = applying(c)?;
+                    if expect.as_ref().is_some_and(|e| *e != applied.plan) {
+                        return Err(StoreError::Changed(
+                            "the inventory changed while this apply was being checked (another \
+                             apply, or an operator's change); run it again"
+                                .into(),
+                        ));
+                    }
+                    let groups = GroupSet::new(applied.groups.clone());
+                    Ok((applied, Publish::Both(groups, rules)))
+                }
+            }
         })
         .await
     }

@@ -1859,3 +1859,234 @@ async fn a_rule_that_cannot_enroll_a_machine_changes_nothing() {
     let d = s.machine(m).await.unwrap().unwrap();
     assert_eq!((d.state, d.hostname), (State::Discovered, None));
 }
+
+fn labelled_group(name: &str, key: &str, value: &str, profile: Option<&str>) -> Group {
+    Group {
+        name: name.into(),
+        selector: [(key.to_string(), value.to_string())].into(),
+        profile: profile.map(str::to_string),
+        ..Default::default()
+    }
+}
+
+/// The events of the whole inventory, after a flush.
+async fn all_events(s: &SqliteInventory) -> Vec<Event> {
+    s.flush().await.unwrap();
+    s.events(EventQuery {
+        limit: 1000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// An apply is one transaction: a dry run leaves nothing (rows, events, groups and rules in
+/// memory) and plans what the apply then does; a refusal found at its end (a machine no group
+/// gives a profile, once the file's groups are written) undoes the groups written before it.
+#[tokio::test]
+async fn an_apply_is_all_or_nothing_and_a_dry_run_is_its_plan() {
+    use plan::{Action, Desired};
+    let s = store();
+    s.enroll(new("52:54:00:00:00:01"), 1).await.unwrap();
+    let before = all_events(&s).await;
+    let mut rackless = new("52:54:00:00:00:02");
+    rackless.profile = None;
+    rackless.labels = [("rack".to_string(), "4".to_string())].into();
+    let mut racked = new("52:54:00:00:00:03");
+    racked.profile = None;
+    racked.labels = [("rack".to_string(), "3".to_string())].into();
+    let desired = Desired {
+        groups: Some(vec![labelled_group(
+            "rack3",
+            "rack",
+            "3",
+            Some("debian-12"),
+        )]),
+        rules: Some(vec![oui_rule(Some(2))]),
+        machines: Some(vec![racked.clone(), rackless]),
+    };
+    let e = s
+        .apply_inventory(desired.clone(), true, ApplyRun::DryRun, 2)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::NoProfile(m) if m == mac("52:54:00:00:00:02")),
+        "{e}"
+    );
+    let e = s
+        .apply_inventory(desired, true, ApplyRun::Apply { expect: None }, 2)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::NoProfile(_)), "{e}");
+    assert!(s.groups().groups().is_empty() && s.rules().rules().is_empty());
+    assert!(s.machine(mac("52:54:00:00:00:03")).await.unwrap().is_none());
+    assert!(s.machine(mac("52:54:00:00:00:01")).await.unwrap().is_some());
+    assert_eq!(all_events(&s).await.len(), before.len(), "no event kept");
+
+    let desired = Desired {
+        groups: Some(vec![labelled_group(
+            "rack3",
+            "rack",
+            "3",
+            Some("debian-12"),
+        )]),
+        rules: Some(vec![oui_rule(Some(2))]),
+        machines: Some(vec![racked]),
+    };
+    let dry = s
+        .apply_inventory(desired.clone(), true, ApplyRun::DryRun, 3)
+        .await
+        .unwrap();
+    let summary: Vec<(String, Action)> = dry
+        .plan
+        .changes
+        .iter()
+        .map(|c| (format!("{} {}", c.kind, c.name), c.action))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("group rack3".to_string(), Action::Create),
+            ("rule rack7".to_string(), Action::Create),
+            ("machine 52:54:00:00:00:03".to_string(), Action::Create),
+            ("machine 52:54:00:00:00:01".to_string(), Action::Delete),
+        ]
+    );
+    assert!(
+        s.groups().groups().is_empty(),
+        "a dry run publishes nothing"
+    );
+    assert!(s.machine(mac("52:54:00:00:00:01")).await.unwrap().is_some());
+    assert_eq!(all_events(&s).await.len(), before.len());
+
+    // The inventory changes between the check and the apply: refused, nothing written.
+    s.enroll(new("52:54:00:00:00:04"), 4).await.unwrap();
+    let e = s
+        .apply_inventory(
+            desired.clone(),
+            true,
+            ApplyRun::Apply {
+                expect: Some(dry.plan.clone()),
+            },
+            5,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Changed(_)), "{e}");
+    assert!(s.machine(mac("52:54:00:00:00:01")).await.unwrap().is_some());
+
+    let done = s
+        .apply_inventory(desired.clone(), true, ApplyRun::Apply { expect: None }, 6)
+        .await
+        .unwrap();
+    assert_eq!(done.plan.changes.len(), 5, "{:?}", done.plan);
+    assert!(s.groups().get("rack3").is_some(), "published at commit");
+    assert!(s.rules().get("rack7").is_some());
+    let m = s.machine(mac("52:54:00:00:00:03")).await.unwrap().unwrap();
+    assert_eq!(m.state, State::Enrolled);
+    assert_eq!(m.inherited.profile.as_deref(), Some("rack3"));
+    assert!(s.machine(mac("52:54:00:00:00:01")).await.unwrap().is_none());
+    let events = all_events(&s).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.detail == "profile debian-12 from group rack3, hostname node1 by apply"),
+        "{events:#?}"
+    );
+    // Idempotent: the same file again changes nothing and writes no event.
+    let n = events.len();
+    let again = s
+        .apply_inventory(desired, true, ApplyRun::Apply { expect: None }, 7)
+        .await
+        .unwrap();
+    assert_eq!(again.plan.changes, vec![]);
+    assert_eq!(
+        (
+            again.plan.unchanged.groups,
+            again.plan.unchanged.rules,
+            again.plan.unchanged.machines
+        ),
+        (1, 1, 1)
+    );
+    assert_eq!(all_events(&s).await.len(), n);
+}
+
+/// The result of an apply is checked whole: a tie between two of its groups, or one DHCP
+/// reservation for two machines, is refused even though each change alone would do; a
+/// value moved from one group to another in one file is no tie on the way.
+#[tokio::test]
+async fn an_apply_is_checked_as_a_whole() {
+    use plan::Desired;
+    let s = store();
+    let mut a = labelled_group("a", "rack", "3", Some("debian-12"));
+    let b = labelled_group("b", "row", "b", None);
+    let run = || ApplyRun::Apply { expect: None };
+    s.apply_inventory(
+        Desired {
+            groups: Some(vec![a.clone(), b.clone()]),
+            ..Default::default()
+        },
+        false,
+        run(),
+        1,
+    )
+    .await
+    .unwrap();
+    // Move the profile from a to b: alone, giving b one first would tie with a.
+    a.profile = None;
+    let mut b2 = b.clone();
+    b2.profile = Some("ubuntu-24.04".into());
+    s.apply_inventory(
+        Desired {
+            groups: Some(vec![a.clone(), b2.clone()]),
+            ..Default::default()
+        },
+        false,
+        run(),
+        2,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.groups().get("b").unwrap().profile.as_deref(),
+        Some("ubuntu-24.04")
+    );
+    a.profile = Some("debian-12".into());
+    let e = s
+        .apply_inventory(
+            Desired {
+                groups: Some(vec![a, b2]),
+                ..Default::default()
+            },
+            false,
+            run(),
+            3,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::GroupConflict(_)), "{e}");
+    assert_eq!(s.groups().get("a").unwrap().profile, None);
+
+    let mut one = new("52:54:00:00:00:01");
+    one.vars.insert("ip".into(), "10.0.0.5".into());
+    let mut two = new("52:54:00:00:00:02");
+    two.vars.insert("ip".into(), "10.0.0.5".into());
+    let e = s
+        .apply_inventory(
+            Desired {
+                machines: Some(vec![one, two]),
+                ..Default::default()
+            },
+            false,
+            run(),
+            4,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("10.0.0.5 would be the DHCP reservation of more than one machine"),
+        "{e}"
+    );
+    assert!(s.machine(mac("52:54:00:00:00:01")).await.unwrap().is_none());
+}

@@ -668,3 +668,208 @@ fn machines_list_limit_shows_the_first_and_says_more_match() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 6);
     assert!(String::from_utf8_lossy(&out.stderr).is_empty());
 }
+
+/// `apply` and `export` through the real CLI and daemon: a hand-written YAML file is planned
+/// (`--dry-run` changes nothing), applied, and applied again with no change; a discovered
+/// machine the file names is enrolled; an edit shows as a diff; only `--prune` deletes; errors
+/// name the file, line and field and change nothing; export → apply → export gives the same
+/// bytes in YAML, TOML and CSV; a spreadsheet enrolls machines a group gives a profile.
+#[test]
+fn an_inventory_file_plans_applies_prunes_and_round_trips() {
+    let d = Daemon::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    // Seen by the daemon before anyone declared it.
+    let (s, _) = d.get("/ipxe?mac=52-54-00-00-20-09&arch=x86_64&platform=pcbios");
+    assert_eq!(s, 200);
+    let inv = file(
+        "inventory.yaml",
+        "\
+groups:
+  - name: rack3
+    selector: {rack: 3}
+    profile: debian-12
+    vars: {timezone: Europe/Oslo}
+rules:
+  - name: oui
+    priority: 10
+    match: {mac: '52:54:00:00:30:*'}
+    hostname: 'rack3-{index:02}'
+    labels: {rack: 3}
+    max: 2
+machines:
+  - mac: 52:54:00:00:20:01
+    hostname: r3n1
+    labels: {rack: 3}
+    vars: {ip: 10.0.0.21}
+  - mac: 52-54-00-00-20-02
+    profile: ubuntu-24.04
+  - mac: 52:54:00:00:20:09
+    labels: {rack: 3}
+",
+    );
+    let plan = d.cli_ok(&["apply", "-f", &inv, "--dry-run"]);
+    for want in [
+        "+ group rack3\n",
+        "+     profile: debian-12\n",
+        "+ rule oui\n",
+        "+ machine 52:54:00:00:20:01\n",
+        "+     vars.ip: 10.0.0.21\n",
+        "~ machine 52:54:00:00:20:09 (discovered: enrolled)\n",
+        "dry run, nothing changed: 4 to create, 1 to enroll, 0 to change, 0 to delete; 0 unchanged",
+    ] {
+        assert!(plan.contains(want), "{want:?} in:\n{plan}");
+    }
+    assert!(d.cli_ok(&["groups", "list"]).lines().count() == 1);
+    let list = d.cli_ok(&["machines", "list"]);
+    assert_eq!(
+        list.lines().count(),
+        2,
+        "header and the discovered one:\n{list}"
+    );
+
+    let applied = d.cli_ok(&["apply", "-f", &inv]);
+    assert!(
+        applied.contains("applied: 4 to create, 1 to enroll"),
+        "{applied}"
+    );
+    let again = d.cli_ok(&["apply", "-f", &inv]);
+    assert_eq!(
+        again,
+        "no changes: the inventory is as the file says (1 group, 1 rule, 3 machines)\n"
+    );
+    let show = d.cli_ok(&["machines", "show", "52:54:00:00:20:09"]);
+    assert!(
+        show.contains("state       enrolled") && show.contains("(group rack3)"),
+        "{show}"
+    );
+    // It boots like any enrolled machine.
+    let (s, script) = d.get("/ipxe?mac=52-54-00-00-20-01&arch=x86_64&platform=pcbios");
+    assert_eq!(s, 200);
+    assert!(script.contains("/assets/debian-12/linux"), "{script}");
+
+    // An edit, as a diff; without --prune the machine left out stays.
+    let edited = file(
+        "edited.yaml",
+        &std::fs::read_to_string(&inv)
+            .unwrap()
+            .replace("hostname: r3n1", "hostname: r3n01")
+            .replace(
+                "  - mac: 52-54-00-00-20-02\n    profile: ubuntu-24.04\n",
+                "",
+            ),
+    );
+    let diff = d.cli_ok(&["apply", "-f", &edited, "--dry-run"]);
+    assert!(
+        diff.contains("~ machine 52:54:00:00:20:01\n-     hostname: r3n1\n+     hostname: r3n01\n"),
+        "{diff}"
+    );
+    assert!(!diff.contains("- machine"), "{diff}");
+    let pruned = d.cli_ok(&["apply", "-f", &edited, "--prune"]);
+    assert!(
+        pruned.contains("- machine 52:54:00:00:20:02\n")
+            && pruned.contains(
+                "applied: 0 to create, 0 to enroll, 1 to change, 1 to delete; 3 unchanged"
+            ),
+        "{pruned}"
+    );
+    assert!(!d
+        .cli(&["machines", "show", "52:54:00:00:20:02"])
+        .status
+        .success());
+
+    // Every problem, at its line and field; nothing changes.
+    let bad = file(
+        "bad.yaml",
+        "\
+machines:
+  - mac: 52:54:00:00:20:01
+    hostname: -r3n1-
+  - mac: 52:54:00:00:20:05
+    profile: debian-12
+    vars: {ip: 10.0.0.21}
+  - mac: 52:54:00:00:20:05
+    profile: no-such-profile
+",
+    );
+    let out = d.cli(&["apply", "-f", &bad, "--prune"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "bad.yaml:3: machines[0].hostname: hostname \"-r3n1-\" is not a valid RFC 1123 name",
+        "bad.yaml:7: machines[2]: machine 52:54:00:00:20:05 is declared twice (first at line 4)",
+        "bad.yaml:8: machines[2].profile: no profile named \"no-such-profile\"",
+    ] {
+        assert!(err.contains(want), "{want:?} in:\n{err}");
+    }
+    let out = d.cli(&[
+        "apply",
+        "-f",
+        &file(
+            "typo.yaml",
+            "machines:\n  - mac: 52:54:00:00:20:01\n    hostnme: x\n",
+        ),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("typo.yaml:3: ") && err.contains("unknown field `hostnme`"),
+        "{err}"
+    );
+    // A reservation held by a machine outside the file.
+    let out = d.cli(&[
+        "apply",
+        "-f",
+        &file(
+            "taken.csv",
+            "mac,profile,vars.ip\n52:54:00:00:20:06,debian-12,10.0.0.21\n",
+        ),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "a conflict is bad input");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("10.0.0.21 would be the DHCP reservation"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        d.cli_ok(&["apply", "-f", &edited]),
+        "no changes: the inventory is as the file says (1 group, 1 rule, 2 machines)\n"
+    );
+
+    // A spreadsheet: machines only; the group gives them their profile.
+    let sheet = file(
+        "rack3.csv",
+        "mac,hostname,serial,labels.rack\n\
+         52:54:00:00:20:11,r3n11,SN11,3\n\
+         52:54:00:00:20:12,\"r3n12\",SN12,3\n",
+    );
+    let out = d.cli_ok(&["apply", "-f", &sheet]);
+    assert!(out.contains("applied: 2 to create"), "{out}");
+    let show = d.cli_ok(&["machines", "show", "52:54:00:00:20:12"]);
+    assert!(
+        show.contains("profile     debian-12   (group rack3)") && show.contains("serial      SN12"),
+        "{show}"
+    );
+
+    // Export → apply → export, byte for byte, in each format.
+    for format in ["yaml", "toml", "csv"] {
+        let out = dir.path().join(format!("export.{format}"));
+        let out = out.to_str().unwrap();
+        d.cli_ok(&["export", "-o", out]);
+        let first = std::fs::read_to_string(out).unwrap();
+        assert!(first.contains("52:54:00:00:20:12"), "{first}");
+        let again = d.cli_ok(&["apply", "-f", out, "--prune"]);
+        assert!(again.starts_with("no changes: "), "{format}: {again}");
+        let second = d.cli_ok(&["export", "--format", format]);
+        assert_eq!(first, second, "{format}");
+    }
+    let yaml = d.cli_ok(&["export"]);
+    assert!(
+        yaml.contains("- name: oui\n  priority: 10\n") && !yaml.contains("20:02"),
+        "{yaml}"
+    );
+}
