@@ -70,7 +70,7 @@ deb:
 
 # Benchmarks (not part of `make test`): installs the peers (bench/peers.sh), builds the release
 # binary, runs bench/run.py and appends its table to bench/RESULTS.md. Needs root and 2 CPUs.
-# BENCH_QUICK=1: short runs; BENCH_ONLY=dhcp,ipxe,tftp,storm,e2e,rss: a subset;
+# BENCH_QUICK=1: short runs; BENCH_ONLY=dhcp,ipxe,tftp,storm,e2e,fleet,rss: a subset;
 # PROVISION_BIN=path: benchmark that binary instead of target/release/provision;
 # BENCH_NOTE='text': a note recorded with the results (e.g. what else the machine was doing).
 # bench/run.py reads PROVISION_BIN and BENCH_NOTE from the environment (make exports them).

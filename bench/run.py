@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PY = "/usr/bin/python3"
 CLK = os.sysconf("SC_CLK_TCK")
-SECTIONS = ["dhcp", "ipxe", "ui", "tftp", "storm", "e2e", "rss"]
+SECTIONS = ["dhcp", "ipxe", "ui", "tftp", "storm", "e2e", "fleet", "rss"]
 
 FULL = dict(
     rounds=3,
@@ -60,6 +60,7 @@ FULL = dict(
     storm_mib=(10, 20),
     e2e_machines=500,
     ui_requests=30,
+    fleet_machines=10000,
 )
 QUICK = dict(
     FULL,
@@ -1358,6 +1359,99 @@ def section_e2e(b):
                    "config -> phone-home; each machine has its own client address and broadcasts the DHCPREQUEST "
                    "for it (ProxyDHCP learns IP -> MAC from it); DISCOVER retransmitted after 4, 8, "
                    "16, 32 s (±1 s), then the machine fails.")
+
+
+FLEET_RACKS = 20
+
+
+def fleet_files(work, n):
+    """A YAML inventory of n machines in FLEET_RACKS racks (a group per rack gives the profile
+    and a gateway; each machine has a hostname, serial, rack label and its own reservation)
+    and a CSV of the same machines with every hostname changed: what an operator's
+    spreadsheet of a delivery looks like, then a renaming."""
+    y = ["groups:"]
+    for r in range(FLEET_RACKS):
+        y += [f"  - name: rack{r:02}", f"    selector: {{rack: '{r:02}'}}",
+              "    profile: debian-12", f"    vars: {{gateway: 10.{r}.0.1}}"]
+    y.append("machines:")
+    rows = ["mac,hostname,serial,labels.rack,vars.ip"]
+    per_rack = -(-n // FLEET_RACKS)
+    for i in range(n):
+        r = i // per_rack
+        mac = f"52:54:01:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}"
+        ip = f"10.{100 + (i >> 8)}.{i & 255}.10"
+        y += [f"  - mac: {mac}", f"    hostname: r{r:02}n{i % per_rack:04}",
+              f"    serial: SN{i:06}", f"    labels: {{rack: '{r:02}'}}", f"    vars: {{ip: {ip}}}"]
+        rows.append(f"{mac},rack{r:02}-{i % per_rack:04},SN{i:06},{r:02},{ip}")
+    yaml_path, csv_path = work / "fleet.yaml", work / "fleet-renamed.csv"
+    yaml_path.write_text("\n".join(y) + "\n")
+    csv_path.write_text("\n".join(rows) + "\n")
+    return yaml_path, csv_path
+
+
+def measured(argv, env, timeout):
+    """Runs argv; (wall seconds, stdout, stderr); a failure is a BenchError."""
+    t0 = time.monotonic()
+    p = subprocess.Popen([str(a) for a in argv], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise BenchError(f"{argv[2:]} took over {timeout} s")
+    wall = time.monotonic() - t0
+    if p.returncode != 0:
+        raise BenchError(f"{argv[2:]} failed ({p.returncode}): {err.strip()[-300:]}")
+    return wall, out, err
+
+
+def section_fleet(b):
+    """A 10,000-machine inventory file (point 5 of the fleet issue): `provision apply` of it
+    (dry run, the apply itself in one transaction, again with nothing to change), a CSV that
+    renames every machine, `export`, and `machines list` of all of them. Wall time of each
+    CLI command; peak RSS of the CLI (GNU time), and the daemon's RSS before the command, its
+    peak during it (VmHWM, reset just before through /proc/PID/clear_refs) and its RSS after.
+    No peer has a declarative inventory to
+    compare with: figures only."""
+    n = b.cfg["fleet_machines"]
+    yaml_path, csv_path = fleet_files(b.work, n)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISION_")}
+    env["PROVISION_URL"] = f"http://{ADMIN}"
+    steps = [
+        (f"apply --dry-run, {n:,} machines to create [s]", ["apply", "-f", yaml_path, "--dry-run"]),
+        (f"apply, {n:,} machines created in one transaction [s]", ["apply", "-f", yaml_path]),
+        ("apply the same file again: no changes [s]", ["apply", "-f", yaml_path]),
+        (f"apply a CSV renaming all {n:,} [s]", ["apply", "-f", csv_path]),
+        ("export (YAML) [s]", ["export", "-o", b.work / "fleet-export.yaml"]),
+        (f"machines list, all {n:,} [s]", ["machines", "list", "--limit", n * 2]),
+    ]
+    results = {name: [] for name, _ in steps}
+    for rnd in range(b.cfg["rounds"]):
+        data = b.fresh("fleet-data")
+        d = b.provision("provision-fleet", data)
+        try:
+            env["PROVISION_TOKEN_FILE"] = str(data / "admin-token")
+            for name, args in steps:
+                with open(f"/proc/{d.pid}/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current RSS
+                before = d.kb("VmRSS")
+                argv = b.pin_c() + ["/usr/bin/time", "-f", "maxrss_kib=%M", b.bin, *args]
+                wall, out, err = measured(argv, env, timeout=600)
+                cli_kib = int(re.findall(r"maxrss_kib=(\d+)", err)[-1])
+                results[name].append((wall, before, d.kb("VmHWM"), d.kb("VmRSS"), cli_kib))
+                log(f"fleet round {rnd + 1}: {name}: {wall:.2f} s, daemon RSS "
+                    f"{before / 1024:.0f} → peak {d.kb('VmHWM') / 1024:.0f} MiB, CLI peak "
+                    f"{cli_kib / 1024:.0f} MiB; {(out.strip().splitlines() or [''])[-1][:120]}")
+        finally:
+            d.stop()
+    for name, _ in steps:
+        rs = results[name]
+        mib = [f"{median([r[i] for r in rs]) / 1024:,.0f}" for i in range(1, 5)]
+        b.row(f"[fleet] {name}", median([r[0] for r in rs]), None, ratio=None, fmt="{:,.2f}",
+              notes=f"daemon RSS {mib[0]} → peak {mib[1]} → after {mib[2]} MiB; CLI peak "
+                    f"{mib[3]} MiB (medians of {len(rs)})")
+    b.notes.append(f"Fleet: {yaml_path.stat().st_size / 1e6:.1f} MB YAML of {n:,} machines in "
+                   f"{FLEET_RACKS} rack groups; the daemon starts each round on an empty data dir.")
 
 
 def section_rss(b):

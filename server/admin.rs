@@ -113,6 +113,18 @@ pub fn checked_machine(renderer: &Renderer, req: EnrollRequest) -> Result<NewMac
     })
 }
 
+/// Returns the heap an apply freed to the system. Applying 10,000 machines holds some 80 MB
+/// for a second or two (the file, its line index, the stored machines, the plan; measured
+/// with heaptrack); glibc keeps freed memory in its arenas, so without this the daemon would
+/// stay that size until it restarts.
+fn give_back_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks glibc's own free lists; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// At most this many problems of an inventory file are reported at once.
 pub const MAX_PROBLEMS: usize = 50;
 
@@ -659,9 +671,10 @@ impl AdminService {
         prune: bool,
         dry_run: bool,
     ) -> Result<crate::dto::ApplyReport> {
-        let parsed = declare::parse(text, format).map_err(|p| Error::Invalid(p.to_string()))?;
+        let mut parsed = declare::parse(text, format).map_err(|p| Error::Invalid(p.to_string()))?;
+        let doc = std::mem::take(&mut parsed.doc);
         let mut problems = Vec::new();
-        let desired = self.declared(&parsed, prune, &mut problems);
+        let desired = self.declared(&parsed, doc, prune, &mut problems);
         refuse(problems)?;
         let checked = self
             .inv
@@ -686,7 +699,10 @@ impl AdminService {
             .inv
             .apply_inventory(desired.clone(), prune, run, store::now_ms())
             .await
-            .map_err(|e| at_machine(&parsed, &desired, e))?;
+            .map_err(|e| at_machine(&parsed, &desired, e));
+        drop((parsed, desired));
+        give_back_memory();
+        let done = done?;
         Ok(crate::dto::ApplyReport {
             dry_run,
             changes: done.plan.changes,
@@ -694,10 +710,15 @@ impl AdminService {
         })
     }
 
-    /// The inventory a parsed file declares, each entry checked; what is wrong is added to
-    /// `problems`.
-    fn declared(&self, parsed: &Parsed, prune: bool, problems: &mut Vec<Problem>) -> Desired {
-        let doc = &parsed.doc;
+    /// The inventory `doc` (of `parsed`, whose lines name where) declares, each entry
+    /// checked; what is wrong is added to `problems`.
+    fn declared(
+        &self,
+        parsed: &Parsed,
+        doc: declare::Document,
+        prune: bool,
+        problems: &mut Vec<Problem>,
+    ) -> Desired {
         let mut report = |path: String, e: Error| {
             if problems.len() < MAX_PROBLEMS {
                 let path = match &e {
@@ -707,15 +728,15 @@ impl AdminService {
                 problems.push(parsed.problem(path, e.to_string()));
             }
         };
-        let groups = doc.groups.as_ref().map(|entries| {
+        let groups = doc.groups.map(|entries| {
             let mut first = HashMap::new();
             let mut out = Vec::new();
-            for (i, g) in entries.iter().enumerate() {
+            for (i, g) in entries.into_iter().enumerate() {
                 let path = format!("groups[{i}]");
                 if let Some(e) = once(parsed, &mut first, g.name.clone(), &path, "group") {
                     report(path.clone(), e);
                 }
-                match self.checked_group(g.clone().into()) {
+                match self.checked_group(g.into()) {
                     Ok(g) => out.push(g),
                     Err(e) => report(path, e),
                 }
@@ -741,33 +762,33 @@ impl AdminService {
             }
         };
         let after = GroupSet::new(after);
-        let rules = doc.rules.as_ref().map(|entries| {
+        let rules = doc.rules.map(|entries| {
             let mut first = HashMap::new();
             let mut out = Vec::new();
-            for (i, r) in entries.iter().enumerate() {
+            for (i, r) in entries.into_iter().enumerate() {
                 let path = format!("rules[{i}]");
                 if let Some(e) = once(parsed, &mut first, r.name.clone(), &path, "rule") {
                     report(path.clone(), e);
                 }
-                match self.checked_rule_with(r.clone().into(), &after) {
+                match self.checked_rule_with(r.into(), &after) {
                     Ok(r) => out.push(r),
                     Err(e) => report(path, e),
                 }
             }
             out
         });
-        let machines = doc.machines.as_ref().map(|entries| {
+        let machines = doc.machines.map(|entries| {
             let mut first = HashMap::new();
             let mut reserved: HashMap<String, (Mac, String)> = HashMap::new();
             let mut out = Vec::new();
-            for (i, m) in entries.iter().enumerate() {
+            for (i, m) in entries.into_iter().enumerate() {
                 let path = format!("machines[{i}]");
                 if let Ok(mac) = m.mac.parse::<Mac>() {
                     if let Some(e) = once(parsed, &mut first, mac.to_string(), &path, "machine") {
                         report(path.clone(), e);
                     }
                 }
-                let new = match checked_machine(&self.renderer, m.clone().into()) {
+                let new = match checked_machine(&self.renderer, m.into()) {
                     Ok(new) => new,
                     Err(e) => {
                         report(path, e);

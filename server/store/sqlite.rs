@@ -2049,13 +2049,15 @@ fn remove_rule(c: &Connection, name: &str, now: i64, how: &str) -> Result<()> {
 /// The machines an apply plans with: every one past discovery, and the discovered ones the
 /// file names.
 fn machines_for_apply(c: &Connection, desired: &plan::Desired) -> Result<HashMap<Mac, Machine>> {
-    let mut out: HashMap<Mac, Machine> = c
-        .prepare_cached(&format!(
-            "SELECT {MACHINE_COLS} FROM machines m WHERE m.state != 'discovered'"
-        ))?
-        .query_map([], machine_from_row)?
-        .map(|r| r.map(|m| (m.mac, m)))
-        .collect::<rusqlite::Result<_>>()?;
+    let declared = desired.machines.as_ref().map_or(0, Vec::len);
+    let mut out: HashMap<Mac, Machine> = HashMap::with_capacity(declared);
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT {MACHINE_COLS} FROM machines m WHERE m.state != 'discovered'"
+    ))?;
+    for m in stmt.query_map([], machine_from_row)? {
+        let m = m?;
+        out.insert(m.mac, m);
+    }
     for new in desired.machines.iter().flatten() {
         if !out.contains_key(&new.mac) {
             if let Some(m) = load(c, new.mac)? {
