@@ -27,7 +27,7 @@ DEBIAN_PACKAGES := cloud-init ignition debconf util-linux tftp-hpa atftp ipxe \
 	libvirt-daemon-system libvirt-daemon-driver-qemu virtinst \
 	openssh-server openssh-client openvswitch-switch ansible-core openssl curl \
 	chromium chromium-driver systemd prometheus dpkg-dev binutils lintian debootstrap \
-	kea-dhcp4-server man-db
+	kea-dhcp4-server man-db git
 
 CARGO ?= cargo
 

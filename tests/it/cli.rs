@@ -873,3 +873,118 @@ machines:
         "{yaml}"
     );
 }
+
+/// The text of the fenced block after `marker` in docs/fleet.md.
+fn fleet_doc_block(doc: &str, marker: &str) -> String {
+    doc.split_once(marker)
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .and_then(|(_, rest)| rest.split_once('\n'))
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .unwrap_or_else(|| panic!("docs/fleet.md has a block after {marker:?}"))
+        .0
+        .to_string()
+}
+
+/// The worked example of an inventory kept in git (docs/fleet.md), run as written: its file,
+/// its first block of commands (dry run, apply, export, git), then three machines of the
+/// batch and SN1001 boot, then its second block (export, git diff, commit, a pruning dry run
+/// that finds nothing to do). The plan the page shows is the plan printed.
+#[test]
+fn the_inventory_example_runs_as_written() {
+    let d = Daemon::start();
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/fleet.md"),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("inventory.yaml"),
+        fleet_doc_block(&doc, "<!-- example: inventory.yaml -->"),
+    )
+    .unwrap();
+    let bin_dir = std::path::Path::new(crate::support::BIN).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let run = |block: &str| -> Vec<String> {
+        block
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|line| {
+                let out = std::process::Command::new("bash")
+                    .args(["-c", line])
+                    .current_dir(dir.path())
+                    .env("PATH", &path)
+                    .env("PROVISION_URL", d.admin_url())
+                    .env("PROVISION_TOKEN_FILE", d.token_file())
+                    .env_remove("PROVISION_TOKEN")
+                    .env_remove("PROVISION_FINGERPRINT")
+                    .env("GIT_AUTHOR_NAME", "Operator")
+                    .env("GIT_AUTHOR_EMAIL", "ops@site.example")
+                    .env("GIT_COMMITTER_NAME", "Operator")
+                    .env("GIT_COMMITTER_EMAIL", "ops@site.example")
+                    .env("GIT_CONFIG_GLOBAL", "/dev/null")
+                    .output()
+                    .expect("running bash");
+                assert!(
+                    out.status.success(),
+                    "{line}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8(out.stdout).unwrap()
+            })
+            .collect()
+    };
+    let first = run(&fleet_doc_block(&doc, "<!-- example: inventory -->"));
+    let plan = &first[0];
+    let shown = doc
+        .split_once("The dry run prints the plan as a diff and changes nothing:")
+        .and_then(|(_, rest)| rest.split_once("```\n"))
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("the page shows the plan")
+        .0;
+    for line in shown.lines().filter(|l| *l != "…") {
+        assert!(plan.contains(&format!("{line}\n")), "{line:?} in:\n{plan}");
+    }
+    assert!(first[1].contains("applied: 6 to create"), "{}", first[1]);
+    assert_eq!(
+        d.cli_ok(&[
+            "apply",
+            "-f",
+            dir.path().join("inventory.yaml").to_str().unwrap()
+        ]),
+        "no changes: the inventory is as the file says (3 groups, 1 rule, 2 machines)\n"
+    );
+
+    // Three of the batch and SN1001 power on.
+    for i in 1..=3 {
+        let (s, script) = d.get(&format!(
+            "/ipxe?mac=3c-ec-ef-10-00-0{i}&arch=x86_64&platform=efi"
+        ));
+        assert_eq!(s, 200);
+        assert!(script.contains("/assets/debian-12/linux"), "{script}");
+    }
+    let (s, script) =
+        d.get("/ipxe?mac=52-54-00-00-10-01&serial=SN1001&arch=x86_64&platform=pcbios");
+    assert_eq!(s, 200);
+    assert!(script.contains("/assets/debian-12/linux"), "{script}");
+
+    let second = run(&fleet_doc_block(
+        &doc,
+        "<!-- example: inventory, after the batch booted -->",
+    ));
+    assert!(second[1].contains("1 file changed"), "{}", second[1]);
+    assert_eq!(
+        second[3],
+        "no changes: the inventory is as the file says (3 groups, 1 rule, 6 machines)\n"
+    );
+    let file = std::fs::read_to_string(dir.path().join("inventory.yaml")).unwrap();
+    for want in [
+        "- mac: 3c:ec:ef:10:00:03\n  profile: debian-12\n  hostname: r4n03\n",
+        "- mac: 52:54:00:00:10:01\n  serial: SN1001\n",
+    ] {
+        assert!(file.contains(want), "{want:?} in:\n{file}");
+    }
+}
