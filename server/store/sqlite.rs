@@ -2113,16 +2113,13 @@ fn apply_desired(
         }
     }
     let groups = GroupSet::new(load_groups(c)?);
-    for g in groups.groups() {
-        let others = GroupSet::new(
-            groups
-                .groups()
-                .iter()
-                .filter(|o| o.name != g.name)
-                .cloned()
-                .collect(),
-        );
-        if let Some(why) = others.conflict(g) {
+    // Each written group against all the others (`conflict` passes over the group of the
+    // candidate's own name); the ones not written were checked when they were.
+    for ch in find("group").filter(|ch| ch.action != plan::Action::Delete) {
+        let written = groups.get(&ch.name).ok_or_else(|| {
+            StoreError::Database(format!("group {} was written but is not there", ch.name))
+        })?;
+        if let Some(why) = groups.conflict(written) {
             return Err(StoreError::GroupConflict(why));
         }
     }
