@@ -240,7 +240,7 @@ pub struct ExportArgs {
     /// yaml, toml or csv [default: from --output's extension; yaml].
     #[arg(long)]
     format: Option<crate::declare::Format>,
-    /// Write to this file (replaced whole) instead of standard output.
+    /// Write to this file (replaced whole, mode 0600) instead of standard output.
     #[arg(short, long, value_name = "FILE")]
     output: Option<PathBuf>,
 }
@@ -1045,7 +1045,8 @@ fn export(c: &Client, a: ExportArgs) -> Result<(), Fail> {
     let text = c.call("GET", &format!("/inventory?format={format}"), None::<&()>)?;
     match &a.output {
         None => print!("{text}"),
-        Some(path) => crate::keys::replace_file(path, text.as_bytes(), 0o644)
+        // Variables may hold what only operators should read: the file is the owner's.
+        Some(path) => crate::keys::replace_file(path, text.as_bytes(), 0o600)
             .map_err(|e| Fail(format!("{}: {e:#}", path.display()), 1))?,
     }
     Ok(())

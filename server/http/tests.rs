@@ -1291,3 +1291,72 @@ async fn rules_through_the_api() {
     let (s, _) = send(&app, api("DELETE", "/api/v1/rules/oui", None)).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+fn file_request(uri: &str, body: Vec<u8>) -> Request<Body> {
+    Request::post(uri)
+        .header(header::HOST, "10.0.0.1:8080")
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .header(header::CONTENT_TYPE, "application/yaml")
+        .body(Body::from(body))
+        .unwrap()
+}
+
+/// The inventory file routes: an apply answers its changes as JSON and an export the file; a
+/// problem is 422 with its line, a body that is not UTF-8 or over the limit is refused before
+/// anything reads it, an unknown format is named.
+#[tokio::test]
+async fn inventory_files_through_the_api() {
+    let d = tempfile::tempdir().unwrap();
+    let app = app(d.path());
+    let file = b"machines:\n  - mac: 52:54:00:00:00:01\n    profile: debian-12\n".to_vec();
+    let (s, body) = send(
+        &app,
+        file_request("/api/v1/inventory?dry_run=true", file.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let report: crate::dto::ApplyReport = serde_json::from_str(&body).unwrap();
+    assert!(report.dry_run && report.changes.len() == 1, "{body}");
+    let (s, body) = send(&app, file_request("/api/v1/inventory", file)).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, body) = send(&app, api("GET", "/api/v1/inventory?format=csv", None)).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        "mac,profile,hostname,uuid,serial\n52:54:00:00:00:01,debian-12,,,\n"
+    );
+    let (s, body) = send(
+        &app,
+        file_request(
+            "/api/v1/inventory",
+            b"machines:\n  - mac: 52:54:00:00:00:02\n    profile: nope\n".to_vec(),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body.contains("line 3: machines[0].profile: no profile named"),
+        "{body}"
+    );
+    let (s, body) = send(&app, file_request("/api/v1/inventory", vec![0xff, 0xfe])).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body.contains("UTF-8"), "{body}");
+    let (s, _) = send(
+        &app,
+        file_request(
+            "/api/v1/inventory",
+            vec![b'#'; super::INVENTORY_FILE_MAX + 1],
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    let (s, body) = send(&app, api("GET", "/api/v1/inventory?format=json", None)).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body.contains("yaml, toml or csv"), "{body}");
+    let (s, body) = send(&app, api("GET", "/api/v1/machines", None)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        !body.contains("00:00:00:02"),
+        "nothing of the refused file: {body}"
+    );
+}
