@@ -87,7 +87,7 @@ bench:
 # by fuzz/make_corpus.py); new inputs go to fuzz/corpus-found/<target>, a crash to
 # fuzz/artifacts/<target>/ and stops the run. The first build takes about 10 minutes.
 FUZZ_SECONDS ?= 300
-FUZZ_TARGETS := dhcp tftp api
+FUZZ_TARGETS := dhcp tftp api inventory
 fuzz:
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && for t in $(FUZZ_TARGETS); do \

@@ -155,12 +155,33 @@ def api_seeds():
     put("api", "not-json", "mac=52:54:00:12:34:56&profile=debian-12")
 
 
+def inventory_seeds():
+    fleet = (HERE.parent / "docs" / "fleet.md").read_text()
+    example = fleet.split("<!-- example: inventory.yaml -->", 1)[1].split("```yaml\n", 1)[1]
+    put("inventory", "fleet-example-yaml", example.split("```", 1)[0])
+    put("inventory", "toml", '[[groups]]\nname = "rack3"\nselector = { rack = 3 }\n'
+        'profile = "debian-12"\n\n[[machines]]\nmac = "52:54:00:00:00:01"\n[machines.vars]\n'
+        'vlan = 100\nflag = true\nratio = 1.5\n')
+    put("inventory", "csv", 'mac,hostname,vars.ip,labels.rack\n52:54:00:00:00:01,a,10.0.0.5,3\n'
+        '"52:54:00:00:00:02",,,"r,4"\n,,,\n')
+    put("inventory", "csv-ragged", "mac,hostname\n52:54:00:00:00:01\n52:54:00:00:00:02,b,c\n")
+    put("inventory", "yaml-aliases", "a: &a [x, x, x, x]\nb: &b [*a, *a, *a, *a]\n"
+        "c: &c [*b, *b, *b, *b]\nmachines: [*c]\n")
+    put("inventory", "deep", "[" * 5000 + "]" * 5000)
+    put("inventory", "deep-toml", "a = " + "[" * 5000 + "]" * 5000)
+    put("inventory", "yaml-strings", "machines:\n  - mac: ~\n    hostname: 'null'\n"
+        "    vars: {a: '', b: 'true', c: '0x10', d: '1e999', e: \"\\u0000\", f: 'line\\nbreak'}\n")
+    put("inventory", "numbers", "groups:\n  - name: 1\n    vars: {big: 18446744073709551616, f: 1e999, n: -0}\n")
+    put("inventory", "not-utf8", b"machines:\n  - mac: \xff\xfe\n")
+
+
 def main():
     if OUT.exists():
         shutil.rmtree(OUT)
     dhcp_seeds()
     tftp_seeds()
     api_seeds()
+    inventory_seeds()
     for t in sorted(os.listdir(OUT)):
         print(t, len(os.listdir(OUT / t)))
 
