@@ -846,6 +846,10 @@ def section_ipxe(b):
         shutil.copytree(groups_dir, data, symlinks=True)
         d = b.provision("provision-ipxe-groups", data, extra=LOOPBACK_CLAIMS)
         try:
+            # The run without groups measured -t1 -c1 first, which warmed its caches (boot
+            # facts, SQLite pages) over the installed MACs; the same run here, not counted, so
+            # the two -c50 figures start alike.
+            wrk(b, 1, 1, "/ipxe", installed, d)
             res[("g", "c50")].append(wrk(b, 2, 50, "/ipxe", installed, d))
             res[("g", "install")].append(wrk(b, 2, 50, "/ipxe", enrolled, d))
             wrk(b, 2, 50, "/ipxe", discovered, d)
