@@ -21,13 +21,15 @@
 # dpkg-dev (dpkg-shlibdeps), binutils (strip): `make deb`; lintian, debootstrap: the package
 # is linted and installed into a Debian 12 chroot (tests/it/deb.rs); kea-dhcp4-server: the
 # site-DHCP recipe for Kea (docs/site-dhcp.md) boots a VM in the firmware lab; man-db: the
-# unit's Documentation= pages are looked up by systemd-analyze verify.
+# unit's Documentation= pages are looked up by systemd-analyze verify; dhcpcd-base: a real DHCP
+# client that sends address mode the RELEASE, DECLINE and INFORM firmware never does; git: the
+# inventory-in-git example of docs/fleet.md.
 DEBIAN_PACKAGES := cloud-init ignition debconf util-linux tftp-hpa atftp ipxe \
 	qemu-system-x86 ipxe-qemu ovmf dnsmasq-base iproute2 cpio e2fsprogs \
 	libvirt-daemon-system libvirt-daemon-driver-qemu virtinst \
 	openssh-server openssh-client openvswitch-switch ansible-core openssl curl \
 	chromium chromium-driver systemd prometheus dpkg-dev binutils lintian debootstrap \
-	kea-dhcp4-server man-db git
+	kea-dhcp4-server man-db git dhcpcd-base
 
 CARGO ?= cargo
 

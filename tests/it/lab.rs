@@ -21,6 +21,8 @@ const UEFI_MAC: &str = "52:54:00:77:00:02";
 struct Lab {
     site: String,
     lab: String,
+    /// Further namespaces on the lab's bridge (`Lab::host`).
+    hosts: Vec<String>,
     children: Vec<Child>,
     dir: tempfile::TempDir,
 }
@@ -45,6 +47,7 @@ impl Lab {
         let lab = Lab {
             site: format!("pv{tag}s{id}"),
             lab: format!("pv{tag}l{id}"),
+            hosts: Vec::new(),
             children: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
         };
@@ -75,6 +78,24 @@ impl Lab {
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// A namespace plugged into the lab's bridge by a veth whose end in it is `ifname`, with
+    /// `mac`; returns the namespace's name.
+    fn host(&mut self, ifname: &str, mac: &str) -> String {
+        let ns = format!("{}{ifname}", self.lab);
+        ip(&["netns", "add", &ns]);
+        self.hosts.push(ns.clone());
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        let peer = format!("{ifname}p");
+        ip(&[
+            "link", "add", ifname, "netns", &ns, "address", mac, "type", "veth", "peer", "name",
+            &peer, "netns", &self.lab,
+        ]);
+        ip(&["-n", &self.lab, "link", "set", &peer, "master", "br0"]);
+        ip(&["-n", &self.lab, "link", "set", &peer, "up"]);
+        ip(&["-n", &ns, "link", "set", ifname, "up"]);
+        ns
     }
 
     /// Starts a process inside namespace `ns`, its output in `log`.
@@ -126,7 +147,7 @@ impl Drop for Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for ns in [&self.lab, &self.site] {
+        for ns in self.hosts.iter().chain([&self.lab, &self.site]) {
             if Path::new("/run/netns").join(ns).exists() {
                 let _ = Command::new("ip").args(["netns", "del", ns]).status();
             }
@@ -519,6 +540,147 @@ fn address_mode_boots_a_vm_with_no_other_dhcp_server() {
     );
     // A boot request is not where provision SSHes to: that is set by a phone-home.
     assert!(m.contains("last_ip     -"), "{m}");
+}
+
+/// The IPv4 addresses on `ifname` in namespace `ns`.
+fn addresses(ns: &str, ifname: &str) -> String {
+    let out = Command::new(tool("ip"))
+        .args(["-n", ns, "-4", "-o", "addr", "show", "dev", ifname])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until `what` holds, or fails with `why()`.
+fn until(limit: Duration, mut what: impl FnMut() -> bool, why: impl Fn() -> String) {
+    let deadline = Instant::now() + limit;
+    while !what() {
+        assert!(Instant::now() < deadline, "{}", why());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Address mode against a real DHCP client — dhcpcd, each client in its own namespace on the
+/// lab's bridge — for the messages firmware never sends: DHCPRELEASE frees the address for the
+/// next client, DHCPDECLINE (dhcpcd's RFC 5227 probe found the offered address in use by
+/// another host) quarantines it, and DHCPINFORM from a host with its own address is answered
+/// without taking one. The pool has two addresses, so every effect shows in who gets what.
+#[test]
+fn address_mode_answers_a_real_clients_release_decline_and_inform() {
+    let mut lab = Lab::new("d", false);
+    start_provision(
+        &mut lab,
+        &[
+            "--dhcp-mode",
+            "full",
+            "--dhcp-range",
+            "10.77.0.150-10.77.0.151",
+            "--dhcp-router",
+            "10.77.0.1",
+            "--dhcp-interface",
+            "br0",
+            "--tftp",
+            "off",
+        ],
+    );
+    let dhcpcd = tool("dhcpcd");
+    // dhcpcd keeps leases by interface name in /var/lib/dhcpcd and would ask for an old one.
+    for i in ["pvdca", "pvdcb", "pvdcc"] {
+        let _ = std::fs::remove_file(format!("/var/lib/dhcpcd/{i}.lease"));
+    }
+    // Its own config (none), no hooks (nothing touches this host's resolv.conf), no IPv4LL,
+    // in the foreground, asking for as long as it takes.
+    let client = |ifname: &str| -> Vec<String> {
+        ["-4", "-B", "-d", "-f", "/dev/null", "-c", "/bin/true", "--noipv4ll", "-t", "0", ifname]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let (mac_a, mac_b, mac_c) = ("52:54:00:77:0d:01", "52:54:00:77:0d:02", "52:54:00:77:0d:03");
+    let a = lab.host("pvdca", mac_a);
+    let b = lab.host("pvdcb", mac_b);
+    let squatter = lab.host("pvdcs", "52:54:00:77:0d:09");
+    let c = lab.host("pvdcc", mac_c);
+    let pvd = |mac: &str| lab.cli(&["events", mac]);
+
+    // A takes the first address.
+    let args = client("pvdca");
+    lab.spawn(&a, "dhcpcd-a.log", &dhcpcd, &refs(&args));
+    until(
+        Duration::from_secs(60),
+        || addresses(&a, "pvdca").contains("10.77.0.150/24"),
+        || format!("A got no address: {}", lab.log("dhcpcd-a.log")),
+    );
+    assert!(pvd(mac_a).contains("dhcp_lease: 10.77.0.150 until"), "{}", pvd(mac_a));
+
+    // B is offered the other one, which a host B cannot see from DHCP already uses: dhcpcd's
+    // probe finds it, B declines it, and with nothing left B gets nothing.
+    ip(&["-n", &squatter, "addr", "add", "10.77.0.151/24", "dev", "pvdcs"]);
+    let args = client("pvdcb");
+    lab.spawn(&b, "dhcpcd-b.log", &dhcpcd, &refs(&args));
+    until(
+        Duration::from_secs(60),
+        || pvd(mac_b).contains("dhcp_decline: 10.77.0.151 is in use by someone else; quarantined until"),
+        || format!("no decline from B: {}\n{}", pvd(mac_b), lab.log("dhcpcd-b.log")),
+    );
+    assert!(
+        lab.log("dhcpcd-b.log").contains("10.77.0.151"),
+        "{}",
+        lab.log("dhcpcd-b.log")
+    );
+    until(
+        Duration::from_secs(60),
+        || pvd(mac_b).contains("no free address in 10.77.0.150-10.77.0.151"),
+        || format!("B was given an address after its decline: {}", pvd(mac_b)),
+    );
+    assert!(!addresses(&b, "pvdcb").contains("10.77.0."), "{}", addresses(&b, "pvdcb"));
+
+    // A releases its lease; B, asking again, gets that address.
+    let out = Command::new(tool("ip"))
+        .args(["netns", "exec", &a])
+        .arg(&dhcpcd)
+        .args(["-4", "-k", "pvdca"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    until(
+        Duration::from_secs(30),
+        || !addresses(&a, "pvdca").contains("10.77.0.150"),
+        || format!("A kept its address: {}", lab.log("dhcpcd-a.log")),
+    );
+    assert!(lab.log("dhcpcd-a.log").contains("releasing lease"), "{}", lab.log("dhcpcd-a.log"));
+    let again = Command::new(tool("ip"))
+        .args(["netns", "exec", &b])
+        .arg(&dhcpcd)
+        .args(["-4", "-n", "pvdcb"])
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    until(
+        Duration::from_secs(60),
+        || addresses(&b, "pvdcb").contains("10.77.0.150/24"),
+        || format!("B did not get the released address: {}\n{}", pvd(mac_b), lab.log("dhcpcd-b.log")),
+    );
+
+    // C has its own address and only asks for its parameters: an ACK, and no lease.
+    ip(&["-n", &c, "addr", "add", "10.77.0.170/24", "dev", "pvdcc"]);
+    let inform = Command::new(tool("ip"))
+        .args(["netns", "exec", &c])
+        .arg(&dhcpcd)
+        .args([
+            "-4", "-1", "-B", "-d", "-f", "/dev/null", "-c", "/bin/true", "--noipv4ll", "-t",
+            "30", "-s", "10.77.0.170/24", "pvdcc",
+        ])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&inform.stdout),
+        String::from_utf8_lossy(&inform.stderr)
+    );
+    assert!(inform.status.success(), "{said}");
+    assert!(said.contains("acknowledged 10.77.0.170 from 10.77.0.1"), "{said}");
+    assert!(!pvd(mac_c).contains("dhcp_lease"), "{}", pvd(mac_c));
 }
 
 /// Builds (or reuses) the test installer: tests/installer/build.sh, cached in the target dir.
