@@ -421,6 +421,11 @@ async fn handle(
     r: &Received,
     tally: &mut Tally,
 ) -> Option<(Vec<u8>, SocketAddrV4)> {
+    // The hardware address (RFC 2131 `chaddr`, at offset 28) a test sends to make this panic.
+    #[cfg(test)]
+    if data.get(28..34) == Some(&tests::PANIC_MAC[..]) {
+        panic!("a test asked for a panic");
+    }
     let full = match (&ctx.leases, port) {
         (Some(book), Port::Dhcp) => Some(book),
         _ => None,

@@ -821,3 +821,58 @@ fn golden_packets_keep_their_vendor_and_user_class() {
         assert_eq!(req.user_class.as_deref(), user, "{name}");
     }
 }
+
+/// The client hardware address that makes `handle` panic (tests only).
+pub(super) const PANIC_MAC: [u8; 6] = [0x02, 0xde, 0xad, 0x00, 0x00, 0x01];
+
+/// The per-packet guard on a real socket: a packet whose handling panics is dropped and
+/// counted, and the server goes on answering — the next request, OVMF's real PXE request to
+/// port 4011, gets its ACK from the same loop.
+#[tokio::test]
+async fn a_packet_that_panics_costs_that_packet_not_the_server() {
+    let stack = crate::testkit::stack(crate::policy::DiscoverAnswer::LocalBoot);
+    let ctx = Arc::new(Context::new(
+        stack.boot.clone(),
+        stack.inv.clone(),
+        Mode::Proxy,
+        BootFiles::default(),
+        Some("http://127.0.0.1:8080".into()),
+        Some(Ipv4Addr::LOCALHOST),
+        8080,
+    ));
+    let sock = bind(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), None).unwrap();
+    let addr = sock.local_addr().unwrap();
+    let sd = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(run(sock, Port::Pxe, ctx, sd.clone()));
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let good = golden("ovmf-pxe-request-port4011.bin");
+    let mut bad = good.clone();
+    bad[28..34].copy_from_slice(&PANIC_MAC);
+    client.send_to(&bad, addr).await.unwrap();
+    client.send_to(&good, addr).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, _) = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        client.recv_from(&mut buf),
+    )
+    .await
+    .expect("the server still answers after a panic")
+    .unwrap();
+    let reply = Message::decode(&mut Decoder::new(&buf[..n])).unwrap();
+    assert_eq!(
+        reply.chaddr()[..6],
+        good[28..34],
+        "the answer is the good packet's"
+    );
+    assert_eq!(reply.opts().msg_type(), Some(MessageType::Ack));
+    assert!(!server.is_finished());
+    let scraped = stack.boot.scrape().await.unwrap();
+    assert!(
+        scraped.contains(
+            r#"provision_dhcp_packets_received_total{port="4011",result="panicked",type="unknown"} 1"#
+        ),
+        "{scraped}"
+    );
+    sd.cancel();
+    server.await.unwrap().unwrap();
+}
