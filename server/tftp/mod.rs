@@ -513,6 +513,13 @@ mod tests {
         SocketAddr::from(([127, 0, 0, ip], port))
     }
 
+    // The limits as docs/firmware.md states them ("at most 1024 transfers … at most 256 of
+    // them to one IP address … at most 128 whose client has not acknowledged"), written out
+    // here rather than taken from the constants, so a change of either shows.
+    const DOCUMENTED_TRANSFERS: usize = 1024;
+    const DOCUMENTED_PER_ADDRESS: usize = 256;
+    const DOCUMENTED_UNPROVEN: usize = 128;
+
     #[test]
     fn unproven_transfers_make_room_after_their_grace_and_proven_ones_stay() {
         let mut a = Active::default();
@@ -521,7 +528,7 @@ mod tests {
         let (first, _) = a.admit(peer(1, 1), new(), t0).unwrap();
         a.prove(peer(1, 1), first);
         let mut tokens = Vec::new();
-        for i in 0..MAX_UNPROVEN as u16 {
+        for i in 0..DOCUMENTED_UNPROVEN as u16 {
             let t = new();
             let (_, evicted) = a.admit(peer(2, i), t.clone(), t0).unwrap();
             assert_eq!(evicted, None);
@@ -537,7 +544,7 @@ mod tests {
         assert!(a.peers.contains_key(&peer(1, 1)));
         assert_eq!(
             (a.peers.len(), a.n_unproven),
-            (MAX_UNPROVEN + 2, MAX_UNPROVEN + 1)
+            (DOCUMENTED_UNPROVEN + 2, DOCUMENTED_UNPROVEN + 1)
         );
         // Ending frees the slot and the address's count; a stale id ends nothing.
         a.end(peer(1, 1), first + 1000);
@@ -545,14 +552,14 @@ mod tests {
         a.end(peer(1, 1), first);
         assert!(!a.peers.contains_key(&peer(1, 1)));
         assert!(!a.per_ip.contains_key(&"127.0.0.1".parse().unwrap()));
-        assert!(a.unproven.len() <= MAX_UNPROVEN + 1);
+        assert!(a.unproven.len() <= DOCUMENTED_UNPROVEN + 1);
     }
 
     #[test]
     fn every_slot_taken_refuses_until_an_unproven_one_is_past_its_grace() {
         let mut a = Active::default();
         let t0 = Instant::now();
-        for i in 0..MAX_TRANSFERS {
+        for i in 0..DOCUMENTED_TRANSFERS {
             let p = SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8], 69));
             a.admit(p, CancellationToken::new(), t0).unwrap();
         }
@@ -564,14 +571,14 @@ mod tests {
             .admit(peer(1, 1), CancellationToken::new(), t0 + UNPROVEN_GRACE)
             .unwrap();
         assert!(evicted.is_some());
-        assert_eq!(a.peers.len(), MAX_TRANSFERS);
+        assert_eq!(a.peers.len(), DOCUMENTED_TRANSFERS);
     }
 
     #[test]
     fn one_address_holds_at_most_a_quarter_of_the_slots() {
         let mut a = Active::default();
         let t0 = Instant::now();
-        for i in 0..MAX_PER_ADDRESS as u16 {
+        for i in 0..DOCUMENTED_PER_ADDRESS as u16 {
             let (id, _) = a.admit(peer(4, i), CancellationToken::new(), t0).unwrap();
             a.prove(peer(4, i), id);
         }
