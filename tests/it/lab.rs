@@ -694,17 +694,21 @@ fn address_mode_answers_a_real_clients_release_decline_and_inform() {
     );
 
     // A releases its lease; B, asking again, gets that address.
-    let out = Command::new(tool("ip"))
-        .args(["netns", "exec", &a])
-        .arg(&dhcpcd)
-        .args(["-4", "-k", "pvdca"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Tells the dhcpcd running in `ns` what to do.
+    let control = |ns: &str, args: &[&str]| {
+        let out = Command::new(tool("ip"))
+            .args(["netns", "exec", ns])
+            .arg(&dhcpcd)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "dhcpcd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    control(&a, &["-4", "-k", "pvdca"]);
     until(
         Duration::from_secs(30),
         || !addresses(&a, "pvdca").contains("10.77.0.150"),
@@ -715,17 +719,7 @@ fn address_mode_answers_a_real_clients_release_decline_and_inform() {
         "{}",
         lab.log("dhcpcd-a.log")
     );
-    let again = Command::new(tool("ip"))
-        .args(["netns", "exec", &b])
-        .arg(&dhcpcd)
-        .args(["-4", "-n", "pvdcb"])
-        .output()
-        .unwrap();
-    assert!(
-        again.status.success(),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    control(&b, &["-4", "-n", "pvdcb"]);
     until(
         Duration::from_secs(60),
         || addresses(&b, "pvdcb").contains("10.77.0.150/24"),
