@@ -589,8 +589,8 @@ fn address_mode_answers_a_real_clients_release_decline_and_inform() {
         let _ = std::fs::remove_file(format!("/var/lib/dhcpcd/{i}.lease"));
     }
     // Its own config (none), no hooks (nothing touches this host's resolv.conf), no IPv4LL,
-    // in the foreground, asking for as long as it takes.
-    let client = |ifname: &str| -> Vec<String> {
+    // in the foreground; `how`: how long it asks, and what for.
+    let client = |how: &[&str], ifname: &str| -> Vec<String> {
         [
             "-4",
             "-B",
@@ -600,14 +600,14 @@ fn address_mode_answers_a_real_clients_release_decline_and_inform() {
             "-c",
             "/bin/true",
             "--noipv4ll",
-            "-t",
-            "0",
-            ifname,
         ]
         .iter()
+        .chain(how)
+        .chain([&ifname])
         .map(|s| s.to_string())
         .collect()
     };
+    let forever: &[&str] = &["-t", "0"];
     let (mac_a, mac_b, mac_c) = (
         "52:54:00:77:0d:01",
         "52:54:00:77:0d:02",
@@ -619,7 +619,7 @@ fn address_mode_answers_a_real_clients_release_decline_and_inform() {
     let c = lab.host("pvdcc", mac_c);
 
     // A takes the first address.
-    let args = client("pvdca");
+    let args = client(forever, "pvdca");
     lab.spawn(&a, "dhcpcd-a.log", &dhcpcd, &refs(&args));
     until(
         Duration::from_secs(60),
@@ -644,7 +644,7 @@ fn address_mode_answers_a_real_clients_release_decline_and_inform() {
         "dev",
         "pvdcs",
     ]);
-    let args = client("pvdcb");
+    let args = client(forever, "pvdcb");
     lab.spawn(&b, "dhcpcd-b.log", &dhcpcd, &refs(&args));
     until(
         Duration::from_secs(60),
@@ -734,25 +734,11 @@ fn address_mode_answers_a_real_clients_release_decline_and_inform() {
 
     // C has its own address and only asks for its parameters: an ACK, and no lease.
     ip(&["-n", &c, "addr", "add", "10.77.0.170/24", "dev", "pvdcc"]);
+    let args = client(&["-1", "-t", "30", "-s", "10.77.0.170/24"], "pvdcc");
     let inform = Command::new(tool("ip"))
         .args(["netns", "exec", &c])
         .arg(&dhcpcd)
-        .args([
-            "-4",
-            "-1",
-            "-B",
-            "-d",
-            "-f",
-            "/dev/null",
-            "-c",
-            "/bin/true",
-            "--noipv4ll",
-            "-t",
-            "30",
-            "-s",
-            "10.77.0.170/24",
-            "pvdcc",
-        ])
+        .args(&args)
         .output()
         .unwrap();
     let said = format!(
