@@ -71,7 +71,11 @@ impl fmt::Display for Format {
     }
 }
 
-/// A whole inventory file. A kind left out is not declared: an apply leaves it alone, even
+/// A whole inventory file. Its entries are the file's own types, not the API's bodies (`dto`):
+/// a file leaves out empty maps, defaults and a rule's count (the daemon's, not the operator's),
+/// so an export reads as a person would write it.
+///
+/// A kind left out is not declared: an apply leaves it alone, even
 /// with `--prune`; `machines: []` declares that there are none.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
