@@ -137,36 +137,55 @@ fn rule_fields(r: &Rule) -> Fields {
     f
 }
 
-/// A declared machine's values; `uuid` and `serial` only if declared (see the module).
-fn declared_fields(m: &NewMachine) -> Fields {
+/// A machine's own values as the plan compares them: `uuid` and `serial` only where the
+/// declared machine `like` gives them (see the module).
+fn own_fields(
+    like: &NewMachine,
+    profile: &Option<String>,
+    hostname: &Option<String>,
+    uuid: &Option<String>,
+    serial: &Option<String>,
+    vars: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> Fields {
     let mut f = Fields::new();
-    put(&mut f, "profile", m.profile.as_deref());
-    put(&mut f, "hostname", m.hostname.as_deref());
-    if m.uuid.is_some() {
-        put(&mut f, "uuid", m.uuid.as_deref());
+    put(&mut f, "profile", profile.as_deref());
+    put(&mut f, "hostname", hostname.as_deref());
+    if like.uuid.is_some() {
+        put(&mut f, "uuid", uuid.as_deref());
     }
-    if m.serial.is_some() {
-        put(&mut f, "serial", m.serial.as_deref());
+    if like.serial.is_some() {
+        put(&mut f, "serial", serial.as_deref());
     }
-    put_map(&mut f, "vars", &m.vars);
-    put_map(&mut f, "labels", &m.labels);
+    put_map(&mut f, "vars", vars);
+    put_map(&mut f, "labels", labels);
     f
 }
 
-/// A stored machine's own values, with `uuid` and `serial` only where `like` declares them.
-fn stored_fields(m: &Machine, like: &NewMachine) -> Fields {
-    let mut f = Fields::new();
-    put(&mut f, "profile", m.profile.as_deref());
-    put(&mut f, "hostname", m.hostname.as_deref());
-    if like.uuid.is_some() {
-        put(&mut f, "uuid", m.uuid.as_deref());
-    }
-    if like.serial.is_some() {
-        put(&mut f, "serial", m.serial.as_deref());
-    }
-    put_map(&mut f, "vars", &m.vars);
-    put_map(&mut f, "labels", &m.labels);
-    f
+/// What the file declares of machine `d`.
+fn declared_fields(d: &NewMachine) -> Fields {
+    own_fields(
+        d,
+        &d.profile,
+        &d.hostname,
+        &d.uuid,
+        &d.serial,
+        &d.vars,
+        &d.labels,
+    )
+}
+
+/// Stored machine `m`'s own values, compared with declared `d`.
+fn stored_fields(m: &Machine, d: &NewMachine) -> Fields {
+    own_fields(
+        d,
+        &m.profile,
+        &m.hostname,
+        &m.uuid,
+        &m.serial,
+        &m.vars,
+        &m.labels,
+    )
 }
 
 /// The values that differ, in field order; a value unset on both sides is no change.

@@ -468,16 +468,7 @@ fn groups_give_machines_their_values_and_show_says_from_where() {
 #[test]
 fn the_fleet_example_runs_as_written() {
     let d = Daemon::start();
-    let doc = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/fleet.md"),
-    )
-    .unwrap();
-    let block = doc
-        .split_once("<!-- example: groups -->")
-        .and_then(|(_, rest)| rest.split_once("```sh\n"))
-        .and_then(|(_, rest)| rest.split_once("```"))
-        .expect("docs/fleet.md has the marked example block")
-        .0;
+    let block = fleet_doc_block(&fleet_doc(), "<!-- example: groups -->");
     let mut outputs = Vec::new();
     for line in block.lines().filter(|l| !l.trim().is_empty()) {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -874,6 +865,12 @@ machines:
     );
 }
 
+/// docs/fleet.md.
+fn fleet_doc() -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/fleet.md"))
+        .unwrap()
+}
+
 /// The text of the fenced block after `marker` in docs/fleet.md.
 fn fleet_doc_block(doc: &str, marker: &str) -> String {
     doc.split_once(marker)
@@ -892,10 +889,7 @@ fn fleet_doc_block(doc: &str, marker: &str) -> String {
 #[test]
 fn the_inventory_example_runs_as_written() {
     let d = Daemon::start();
-    let doc = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/fleet.md"),
-    )
-    .unwrap();
+    let doc = fleet_doc();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("inventory.yaml"),
