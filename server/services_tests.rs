@@ -149,11 +149,15 @@ async fn install_then_phone_home_then_local_boot() {
         p.boot.config(&token, "nope", PEER, BASE).await,
         Err(Error::Render(RenderError::NoArtifact { .. }))
     ));
-    assert!(p
-        .boot
-        .config(&"0".repeat(64), "preseed.cfg", PEER, BASE)
-        .await
-        .is_err());
+    assert!(matches!(
+        p.boot
+            .config(&"0".repeat(64), "preseed.cfg", PEER, BASE)
+            .await,
+        Err(Error::Store(StoreError::Token(
+            crate::store::TokenProblem::Unknown,
+            None
+        )))
+    ));
 
     // A phone-home without a key changes nothing.
     assert!(matches!(
@@ -188,11 +192,13 @@ async fn install_then_phone_home_then_local_boot() {
             _
         )))
     ));
-    assert!(p
-        .boot
-        .phone_home(&token, vec![KEY.into()], PEER)
-        .await
-        .is_err());
+    assert!(matches!(
+        p.boot.phone_home(&token, vec![KEY.into()], PEER).await,
+        Err(Error::Store(StoreError::Token(
+            crate::store::TokenProblem::Used,
+            Some(m)
+        ))) if m == mac
+    ));
 
     for platform in [Platform::Pcbios, Platform::Efi] {
         let req = BootRequest {
@@ -289,7 +295,14 @@ async fn reboot_during_install_replaces_the_token_and_reprovision_reinstalls() {
             .unwrap(),
     );
     assert_ne!(t1, t2);
-    assert!(p.boot.config(&t1, "config.ign", PEER, BASE).await.is_err());
+    // The first token was replaced by the second boot's: unknown, not merely refused.
+    assert!(matches!(
+        p.boot.config(&t1, "config.ign", PEER, BASE).await,
+        Err(Error::Store(StoreError::Token(
+            crate::store::TokenProblem::Unknown,
+            _
+        )))
+    ));
     p.boot.config(&t2, "config.ign", PEER, BASE).await.unwrap();
     // coreos-installer has the config and writes the disk; the installed system phones home
     // from its first boot, so the reboot must boot that disk, not install again.
@@ -476,7 +489,13 @@ async fn update_checks_like_enroll() {
         set_vars: Some(BTreeMap::from([("domain".to_string(), "a b".to_string())])),
         ..Default::default()
     };
-    assert!(p.admin.update(mac, bad).await.is_err());
+    let e = p.admin.update(mac, bad).await.unwrap_err();
+    assert!(
+        // The trial render refuses it: the profile's command line cannot hold a space.
+        matches!(&e, Error::Render(RenderError::Template { what, message })
+            if what.contains("cmdline") && message.contains("cannot be placed")),
+        "{e:?}"
+    );
     let good = UpdateRequest {
         hostname: Some("node7".into()),
         set_vars: Some(BTreeMap::from([(
@@ -708,22 +727,26 @@ async fn a_token_follows_its_machine_to_a_new_address_only_on_evidence() {
         .unwrap();
     let token = token_of(&script);
     // From an address nothing ties to the machine: refused, and the token stays put.
-    assert!(p
-        .boot
-        .config(&token, "preseed.cfg", v4(31), BASE)
-        .await
-        .is_err());
+    assert!(matches!(
+        p.boot.config(&token, "preseed.cfg", v4(31), BASE).await,
+        Err(Error::Store(StoreError::Token(
+            crate::store::TokenProblem::OtherAddress,
+            Some(m)
+        ))) if m == mac
+    ));
     // From one DHCP saw it take: served, and the token moves there.
     dhcp_saw(&p, v4(31), mac);
     p.boot
         .config(&token, "preseed.cfg", v4(31), BASE)
         .await
         .unwrap();
-    assert!(p
-        .boot
-        .config(&token, "preseed.cfg", v4(33), BASE)
-        .await
-        .is_err());
+    assert!(matches!(
+        p.boot.config(&token, "preseed.cfg", v4(33), BASE).await,
+        Err(Error::Store(StoreError::Token(
+            crate::store::TokenProblem::OtherAddress,
+            Some(m)
+        ))) if m == mac
+    ));
     // The installed OS comes up on yet another address DHCP saw it take: phone-home works
     // and sets the SSH address there.
     dhcp_saw(&p, v4(32), mac);
@@ -945,7 +968,10 @@ async fn enroll_and_update_keep_own_and_group_values_apart() {
     };
     let e = p.admin.enroll(bare.clone()).await.unwrap_err().to_string();
     assert!(e.contains("no group gives it one"), "{e}");
-    assert!(p.admin.machine(mac).await.is_err(), "nothing was written");
+    assert!(
+        matches!(p.admin.machine(mac).await, Err(Error::Store(StoreError::NotFound(m))) if m == mac),
+        "nothing was written"
+    );
     p.admin
         .put_group(
             group(
@@ -1270,8 +1296,12 @@ async fn a_proposal_waits_for_the_operator_and_a_rule_can_put_a_machine_in_a_gro
         (m.state, m.proposed_rule.as_deref()),
         (State::Discovered, Some("by-serial"))
     );
-    let e = p.admin.confirm("52:54:00:ab:09:02".parse().unwrap()).await;
-    assert!(e.is_err());
+    let e = p
+        .admin
+        .confirm("52:54:00:ab:09:02".parse().unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Store(StoreError::NotFound(_))), "{e:?}");
     let m = p.admin.confirm(mac).await.unwrap();
     assert_eq!(m.state, State::Enrolled);
     assert_eq!(m.profile.as_deref(), Some("ubuntu-24.04"));
