@@ -444,6 +444,37 @@ async fn hostile_vars_are_escaped_where_they_are_allowed() {
     let mac: Mac = "52:54:00:aa:00:05".parse().unwrap();
     let (_, preseed) = p.admin.preview(mac, "preseed.cfg", BASE).await.unwrap();
     assert!(preseed.contains(&format!("d-i passwd/username string {hostile}\n")));
+    // The dangerous place is the late_command: d-i hands it to a shell. Run it with `in-target`
+    // standing in for the chroot, printing the arguments the real script would get: the value
+    // arrives as one argument, byte for byte, and nothing in it ran (PATH is empty, so a
+    // command substitution that escaped its quotes would fail, not reboot this machine).
+    let late = preseed
+        .lines()
+        .find_map(|l| l.strip_prefix("d-i preseed/late_command string "))
+        .expect("the preseed has a late_command");
+    let out = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            // dash allows no '-' in a function's name.
+            "in_target() {{ shift 3; for a; do printf '[%s]\\n' \"$a\"; done; }}\nin_target {}",
+            late.strip_prefix("in-target ")
+                .expect("the late_command runs in the target")
+        ))
+        .env_clear()
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let args = String::from_utf8(out.stdout).unwrap();
+    let args: Vec<&str> = args.lines().collect();
+    assert_eq!(args.len(), 3, "phone-home URL, user, one key: {args:?}");
+    assert!(args[0].starts_with("[http://10.0.0.1:8080/"), "{args:?}");
+    assert_eq!(args[1], format!("[{hostile}]"));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (_, script) = p.admin.preview(mac, "ipxe", BASE).await.unwrap();
     assert!(!script.contains(hostile));
     // No iPXE script gains a line from inventory data: same shape as a plain machine's.
