@@ -18,39 +18,55 @@ fn lifecycle_happy_path() {
     }
 }
 
+/// The lifecycle table in ARCHITECTURE.md is the specification: every state and move is
+/// read from it and checked against `transition`, so the code and the document cannot drift
+/// apart (a table copied into this test would only repeat the code).
 #[test]
 fn transition_table() {
-    // (from, transition, legal?)
-    let fail = || Transition::Fail(Failure::default());
-    let legal: &[(State, Transition)] = &[
-        (Discovered, Transition::Enroll),
-        (Enrolled, Transition::StartInstall),
-        (Installing, Transition::PhoneHome),
-        (Installed, Transition::StartRegistration),
-        (Registered, Transition::StartRegistration),
-        (HandedOff, Transition::StartRegistration),
-        (Failed, Transition::StartRegistration),
-        (Registering, Transition::FinishRegistration),
-        (Installed, Transition::HandOff),
-        (Registered, Transition::HandOff),
-        (Enrolled, Transition::Reprovision),
-        (Installing, Transition::Reprovision),
-        (Installed, Transition::Reprovision),
-        (Registering, Transition::Reprovision),
-        (Registered, Transition::Reprovision),
-        (HandedOff, Transition::Reprovision),
-        (Failed, Transition::Reprovision),
-        (Enrolled, fail()),
-        (Installing, fail()),
-        (Registering, fail()),
-        (Registered, fail()),
-    ];
-    for from in ALL_STATES {
-        for t in &ALL_TRANSITIONS {
-            let want = legal.contains(&(from, t.clone()));
-            assert_eq!(transition(from, t).is_ok(), want, "{from} {t:?}");
+    let doc = include_str!("../../ARCHITECTURE.md");
+    let section = doc
+        .split("### The lifecycle\n")
+        .nth(1)
+        .expect("ARCHITECTURE.md has a lifecycle section");
+    let mut rows = section
+        .lines()
+        .skip_while(|l| !l.starts_with("| from"))
+        .take_while(|l| l.starts_with('|'));
+    let cells = |l: &str| -> Vec<String> {
+        l.trim_matches('|')
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    let header = cells(rows.next().expect("the table's header"));
+    let fail = Transition::Fail(Failure::default());
+    let moves: Vec<Transition> = header[1..]
+        .iter()
+        .map(|m| match m.as_str() {
+            "enroll" => Transition::Enroll,
+            "install" => Transition::StartInstall,
+            "phone-home" => Transition::PhoneHome,
+            "register" => Transition::StartRegistration,
+            "finish" => Transition::FinishRegistration,
+            "hand-off" => Transition::HandOff,
+            "reprovision" => Transition::Reprovision,
+            "fail" => fail.clone(),
+            other => panic!("unknown move {other:?} in the lifecycle table"),
+        })
+        .collect();
+    assert_eq!(moves.len(), ALL_TRANSITIONS.len(), "every move has a column");
+    let mut seen = Vec::new();
+    for row in rows.skip(1) {
+        let row = cells(row);
+        let from: State = row[0].parse().unwrap();
+        assert_eq!(row.len(), moves.len() + 1, "{row:?}");
+        for (t, cell) in moves.iter().zip(&row[1..]) {
+            let want = (!cell.is_empty()).then(|| cell.parse::<State>().unwrap());
+            assert_eq!(transition(from, t).ok(), want, "{from} {t:?}");
         }
+        seen.push(from);
     }
+    assert_eq!(seen, ALL_STATES, "every state has a row, in lifecycle order");
 }
 
 #[test]
