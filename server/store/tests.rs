@@ -2093,3 +2093,96 @@ async fn an_apply_is_checked_as_a_whole() {
     );
     assert!(s.machine(mac("52:54:00:00:00:01")).await.unwrap().is_none());
 }
+
+/// Read-then-write calls take effect once under concurrency: each reads and writes inside the
+/// writer's `BEGIN IMMEDIATE` transaction and is a compare-and-set besides. Twenty installing
+/// machines each get eight phone-homes with their token at once, with an expiry sweep (of
+/// tokens that ran out by its clock) racing them: per machine exactly one phone-home succeeds
+/// and the sweep leaves it alone, or the sweep fails it and every phone-home is refused — never
+/// both, never two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_read_then_write_calls_take_effect_once() {
+    let s = Arc::new(store());
+    let mut macs = Vec::new();
+    for i in 0..20u32 {
+        let mut n = new("52:54:00:00:00:00");
+        n.mac = nth(0x0a00 + i);
+        let m = s.enroll(n, 1).await.unwrap().mac;
+        s.start_install(
+            m,
+            format!("race{i}"),
+            100,
+            Sighting::default(),
+            FROM.into(),
+            None,
+            2,
+        )
+        .await
+        .unwrap();
+        macs.push(m);
+    }
+    enum Outcome {
+        Home(usize, Result<State>),
+        Sweep(Result<Vec<Mac>>),
+    }
+    let mut tasks = Vec::new();
+    for i in 0..20usize {
+        for _ in 0..8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = s
+                    .phone_home(
+                        format!("race{i}"),
+                        key(),
+                        FROM.into(),
+                        BTreeSet::new(),
+                        "1 host key".into(),
+                        50,
+                    )
+                    .await;
+                Outcome::Home(i, r.map(|m| m.state))
+            }));
+        }
+        if i == 10 {
+            // The sweep's clock is past every token's expiry; it races the rest.
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                Outcome::Sweep(s.expire_installs(200).await)
+            }));
+        }
+    }
+    let mut won = [0; 20];
+    let mut swept = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Outcome::Sweep(r) => swept = r.unwrap(),
+            Outcome::Home(i, Ok(state)) => {
+                assert_eq!(state, State::Installed);
+                won[i] += 1;
+            }
+            Outcome::Home(_, Err(StoreError::Token(..) | StoreError::Illegal(_))) => {}
+            Outcome::Home(_, Err(e)) => panic!("a phone-home failed for another reason: {e}"),
+        }
+    }
+    for (i, m) in macs.iter().enumerate() {
+        let was_swept = swept.contains(m);
+        let state = s.machine(*m).await.unwrap().unwrap().state;
+        let k = kinds(&s, *m).await;
+        let count = |kind: &str| k.iter().filter(|x| *x == kind).count();
+        if was_swept {
+            assert_eq!((won[i], state), (0, State::Failed), "{m}: {k:?}");
+            assert_eq!(
+                (count("failed"), count("phoned_home")),
+                (1, 0),
+                "{m}: {k:?}"
+            );
+        } else {
+            assert_eq!((won[i], state), (1, State::Installed), "{m}: {k:?}");
+            assert_eq!(
+                (count("failed"), count("phoned_home")),
+                (0, 1),
+                "{m}: {k:?}"
+            );
+        }
+    }
+}
