@@ -17,6 +17,7 @@ pub mod metrics;
 mod nodes;
 mod powercut;
 mod register;
+mod snippets;
 mod systemd;
 mod tftp;
 mod ui;
