@@ -206,12 +206,15 @@ pub struct VmSpec<'a> {
     pub reboot: bool,
 }
 
-/// QEMU arguments for a lab VM: TCG (nested KVM is not assumed), network boot first, no
-/// display, serial console to a file. UEFI VMs get no NIC option ROM, so OVMF's own
+/// QEMU arguments for a lab VM: TCG (nested KVM is not assumed), network boot first (the NIC
+/// has boot index 0, the disk 1, as a provisioned server's boot order has it: every boot asks
+/// provision, whose local-boot answer then hands over to the disk — BIOS by `sanboot`, UEFI by
+/// `exit` back to the boot manager, which tries the next entry; with the disk first, an
+/// installed UEFI VM would boot it without asking), no display, serial console to a file. UEFI VMs get no NIC option ROM, so OVMF's own
 /// VirtioNetDxe and EDK2 PXE client do the first DHCP, as on a stock server, and iPXE arrives
 /// over TFTP; with the ROM, OVMF would try the ROM's iPXE boot entry first.
 pub fn qemu_args(v: &VmSpec<'_>) -> Vec<String> {
-    let mut a: Vec<String> = ["-accel", "tcg", "-display", "none", "-boot", "n"]
+    let mut a: Vec<String> = ["-accel", "tcg", "-display", "none"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -225,12 +228,19 @@ pub fn qemu_args(v: &VmSpec<'_>) -> Vec<String> {
             format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
             "-drive".into(),
             format!("if=pflash,format=raw,file={}", vars.display()),
+            // The lab is IPv4 only. OVMF makes PXEv6 and HTTPv6 boot entries for the NIC too,
+            // and after iPXE's `exit` it would spend their DHCPv6 timeouts before the disk
+            // (OvmfPkg/RUNTIME_CONFIG.md: opt/org.tianocore/IPv6Support).
+            "-fw_cfg".into(),
+            "name=opt/org.tianocore/IPv6Support,string=no".into(),
         ]);
     }
     if let Some(d) = v.disk {
         a.extend([
             "-drive".into(),
-            format!("file={},if=virtio,format=raw", d.display()),
+            format!("file={},if=none,id=d0,format=raw", d.display()),
+            "-device".into(),
+            "virtio-blk-pci,drive=d0,bootindex=1".into(),
         ]);
     }
     a.extend([
@@ -240,7 +250,7 @@ pub fn qemu_args(v: &VmSpec<'_>) -> Vec<String> {
         format!("tap,id=n0,ifname={},script=no,downscript=no", v.tap),
         "-device".into(),
         format!(
-            "virtio-net-pci,netdev=n0,mac={}{}",
+            "virtio-net-pci,netdev=n0,mac={},bootindex=0{}",
             v.mac,
             if v.uefi { ",romfile=" } else { "" }
         ),

@@ -380,7 +380,8 @@ impl LocalReason {
 pub enum BootDecision {
     /// Boot the local disk.
     LocalBoot {
-        /// BIOS: `sanboot --drive 0x80`; UEFI: `exit` back to the firmware's boot order.
+        /// BIOS: `sanboot --drive 0x80`; UEFI: `exit` back to `/boot.ipxe`, whose `exit 1` sends the
+        /// firmware to its next boot entry.
         platform: Platform,
         /// Why.
         reason: LocalReason,

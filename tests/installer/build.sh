@@ -2,12 +2,20 @@
 # Builds the test installer: a Debian kernel and a small initramfs whose /init behaves like an
 # installer (see init). Only Debian packages are used, fetched with apt-get download, so the
 # build needs no network but the Debian mirror. The result is cached in OUT, keyed by the
-# package versions and the hash of this directory: a second run is a no-op.
+# package versions and the hash of this directory's files: a second run is a no-op, so OUT may
+# live outside the checkout and serve every run on one machine (`make it` keeps it in
+# ~/.cache/provision-tests).
 #
 # usage: build.sh OUT     → OUT/vmlinuz, OUT/initrd.img
 set -euo pipefail
 OUT=${1:?usage: build.sh OUTDIR}
 HERE=$(cd "$(dirname "$0")" && pwd)
+
+# One build at a time per OUT: `make it` builds it before the tests, and a test that finds it
+# missing (cargo test run by hand) builds it too; a second builder waits, then finds it done.
+mkdir -p "$(dirname "$OUT")"
+exec 9>"$OUT.lock"
+flock 9
 
 
 # The kernel flavour package depends on the versioned image package; resolve it.
@@ -18,8 +26,8 @@ if [[ -z "$KPKG" ]]; then
     KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
 fi
 [[ -n "$KPKG" ]] || { echo "build.sh: no linux-image-amd64 in the Debian package lists" >&2; exit 1; }
-versions=$(for p in "$KPKG" busybox-static dropbear-bin libtomcrypt1 libtommath1 jq libjq1 libonig5; do apt-cache policy "$p" | awk -v p="$p" '/Candidate/ {print p"="$2}'; done)
-key=$( (echo "$versions"; cat "$HERE/build.sh" "$HERE/init") | sha256sum | cut -c1-16)
+versions=$(for p in "$KPKG" busybox-static dropbear-bin libtomcrypt1 libtommath1 jq libjq1 libonig5 nasm grub-efi-amd64-bin mtools; do apt-cache policy "$p" | awk -v p="$p" '/Candidate/ {print p"="$2}'; done)
+key=$( (echo "$versions"; cat "$HERE/build.sh" "$HERE/init" "$HERE"/disk/*) | sha256sum | cut -c1-16)
 if [[ -f "$OUT/key" && "$(cat "$OUT/key")" == "$key" && -f "$OUT/vmlinuz" && -f "$OUT/initrd.img" ]]; then
     echo "test installer up to date in $OUT"
     exit 0
@@ -76,6 +84,25 @@ copy_with_libs "$work/x/usr/bin/dropbearkey" bin/dropbearkey
 copy_with_libs "$work/x/usr/bin/jq" bin/jq
 mkdir -p "$r/lib64"
 cp -L /lib64/ld-linux-x86-64.so.2 "$r/lib64/"
+
+# The disk the installer writes (/disk.img, 3 MiB): an MBR whose boot code prints a marker
+# (disk/boot-sector.asm, for SeaBIOS) and one EFI system partition (type 0xef, 2 MiB at 1 MiB,
+# FAT made with mtools: no loop device or mount needed) holding a GRUB that prints the same kind
+# of marker (disk/grub.cfg, for OVMF). The lab test asserts the marker after the local boot.
+nasm -f bin -o "$work/boot-sector.bin" "$HERE/disk/boot-sector.asm"
+# GRUB's image with the config built in as its early config (grub-mkimage -c, which has no
+# timestamps, unlike grub-mkstandalone's memdisk): that parser knows no comments, so they go.
+grep -v '^#' "$HERE/disk/grub.cfg" > "$work/early.cfg"
+grub-mkimage -O x86_64-efi -p /EFI/BOOT -c "$work/early.cfg" -o "$work/BOOTX64.EFI" echo sleep halt
+touch -d @0 "$work/BOOTX64.EFI"
+truncate -s 3M "$r/disk.img"
+printf 'label: dos\nlabel-id: 0x50524f56\nstart=2048, size=4096, type=ef\n' | sfdisk -q "$r/disk.img"
+dd if="$work/boot-sector.bin" of="$r/disk.img" conv=notrunc status=none
+esp="$r/disk.img@@1M"
+export SOURCE_DATE_EPOCH=0   # mtools' directory entries: same inputs, same bytes
+mformat -i "$esp" -T 4096 -h 1 -s 32 -N 50524f56 -v PVTEST ::
+mmd -i "$esp" ::/EFI ::/EFI/BOOT
+mcopy -m -i "$esp" "$work/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
 
 cp "$HERE/init" "$r/init"
 chmod +x "$r/init"

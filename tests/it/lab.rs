@@ -43,6 +43,7 @@ impl Lab {
             unsafe { libc::geteuid() } == 0,
             "the firmware lab needs root (network namespaces and tap devices)"
         );
+        crate::support::sweep_stale_namespaces();
         let id = std::process::id();
         let lab = Lab {
             site: format!("pv{tag}s{id}"),
@@ -200,7 +201,7 @@ fn vm(
     if fw == Firmware::Uefi {
         std::fs::copy(provision::lab::OVMF_VARS, &vars).unwrap();
     }
-    provision::lab::qemu_args(&provision::lab::VmSpec {
+    let mut args = provision::lab::qemu_args(&provision::lab::VmSpec {
         uefi: fw == Firmware::Uefi,
         tap,
         mac,
@@ -209,7 +210,10 @@ fn vm(
         vars: (fw == Firmware::Uefi).then_some(vars.as_path()),
         console: &lab.path(&format!("{tap}.serial")),
         reboot,
-    })
+    });
+    let at = args.iter().position(|a| a == "-accel").unwrap() + 1;
+    args[at] = crate::support::accel();
+    args
 }
 
 /// VM tests share two cores: one lab at a time, so each gets the CPU its timeouts assume.
@@ -760,23 +764,21 @@ fn address_mode_answers_a_real_clients_release_decline_and_inform() {
     );
 }
 
-/// Builds (or reuses) the test installer: tests/installer/build.sh, cached in the target dir.
+/// Builds (or reuses) the test installer: tests/installer/build.sh, in `TEST_INSTALLER_DIR`
+/// (`make it` builds it there before any test) or the target dir.
 pub(crate) fn test_installer() -> PathBuf {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-installer");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/installer/build.sh");
-    let status = Command::new("bash")
-        .arg(&script)
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success(), "building the test installer failed");
-    out
+    crate::support::cached_build(
+        "tests/installer/build.sh",
+        "TEST_INSTALLER_DIR",
+        "test-installer",
+    )
 }
 
 /// The whole install loop, once per config kind, BIOS and UEFI in parallel: PXE → ProxyDHCP
 /// → (TFTP) → iPXE → /ipxe → kernel and initrd from /assets → config by install token →
 /// checked and written to disk → phone-home with a fresh SSH host key → `installed` → the
-/// VM reboots, and its next network boot is local: no second install.
+/// VM reboots, and its next network boot is local: no second install, and the firmware runs
+/// the boot code on the disk the installer wrote.
 #[test]
 fn vms_install_phone_home_and_then_boot_local() {
     let installer = test_installer();
@@ -929,6 +931,31 @@ fn vms_install_phone_home_and_then_boot_local() {
         std::thread::sleep(Duration::from_secs(3));
     };
 
+    // The local-boot answer really booted each VM's disk: the boot code the installer wrote
+    // prints its marker on the console (SeaBIOS runs the MBR, OVMF the ESP's GRUB) after the
+    // installer's last words. Shortly after the local boot event, so this waits for it.
+    for (tap, fw, mac, ..) in &machines {
+        let marker = match fw {
+            Firmware::Bios => "provision-test-disk: booted from disk (BIOS)",
+            Firmware::Uefi => "provision-test-disk: booted from disk (UEFI)",
+        };
+        let booted = Instant::now() + Duration::from_secs(180);
+        loop {
+            let console = lab.log(&format!("{tap}.serial"));
+            let after_install = console
+                .split_once("provision-test-installer: phoned home: installed")
+                .map(|(_, after)| after.to_string());
+            if after_install.is_some_and(|a| a.contains(marker)) {
+                break;
+            }
+            assert!(
+                Instant::now() < booted,
+                "{mac}: answered with a local boot, but its disk did not boot:\n{console}"
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
     for ((tap, fw, mac, profile, written), events) in machines.iter().zip(&timelines) {
         let k = kinds(events);
         let count = |kind: &str| k.iter().filter(|x| *x == kind).count();
@@ -955,9 +982,9 @@ fn vms_install_phone_home_and_then_boot_local() {
             console.contains("provision-test-installer: phoned home: installed"),
             "{console}"
         );
-        // The config really reached the disk (a tar stream at its start).
+        // The config really reached the disk (a tar stream at 4 MiB, past the boot files).
         let disk = std::fs::read(lab.path(&format!("{tap}.img"))).unwrap();
-        let head = String::from_utf8_lossy(&disk[..64 << 10]);
+        let head = String::from_utf8_lossy(&disk[4 << 20..(4 << 20) + (64 << 10)]);
         assert!(head.contains(written), "{mac}: {written} not on the disk");
         if *mac == RULED {
             assert!(
@@ -1024,6 +1051,7 @@ fn vms_install_phone_home_and_then_boot_local() {
 fn provision_lab_installs_vms_and_cleans_up() {
     let installer = test_installer();
     let _one_lab_at_a_time = vm_lock();
+    crate::support::sweep_stale_namespaces();
     let id = std::process::id();
     let host = format!("pvo{id}");
     ip(&["netns", "add", &host]);
@@ -1308,7 +1336,11 @@ fn virt_install_pxe_installs_a_vm() {
             "--vcpus",
             "1",
             "--virt-type",
-            "qemu",
+            if crate::support::accel() == "kvm" {
+                "kvm"
+            } else {
+                "qemu"
+            },
             "--pxe",
         ])
         .args([
