@@ -23,13 +23,17 @@
 # site-DHCP recipe for Kea (docs/site-dhcp.md) boots a VM in the firmware lab; man-db: the
 # unit's Documentation= pages are looked up by systemd-analyze verify; dhcpcd-base: a real DHCP
 # client that sends address mode the RELEASE, DECLINE and INFORM firmware never does; git: the
-# inventory-in-git example of docs/fleet.md.
+# inventory-in-git example of docs/fleet.md; nasm, grub-efi-amd64-bin (grub-mkimage), mtools,
+# fdisk (sfdisk): the bootable disk the test installer writes, whose boot code prints a marker
+# when a VM's local boot really runs it; python3-jsonschema, python3-yaml: rendered autoinstall
+# user-data checked against tests/schemas/autoinstall.json.
 DEBIAN_PACKAGES := cloud-init ignition debconf util-linux tftp-hpa atftp ipxe \
 	qemu-system-x86 ipxe-qemu ovmf dnsmasq-base iproute2 cpio e2fsprogs \
 	libvirt-daemon-system libvirt-daemon-driver-qemu virtinst \
 	openssh-server openssh-client openvswitch-switch ansible-core openssl curl \
 	chromium chromium-driver systemd prometheus dpkg-dev binutils lintian debootstrap \
-	kea-dhcp4-server man-db git dhcpcd-base
+	kea-dhcp4-server man-db git dhcpcd-base nasm grub-efi-amd64-bin mtools fdisk \
+	python3-jsonschema python3-yaml
 
 CARGO ?= cargo
 
@@ -65,9 +69,25 @@ unit:
 # test process they would hold both test threads while the second waits for the lock, and
 # every other test would wait behind them. So they run in a process of their own, beside one
 # running the rest a test at a time (QEMU without KVM needs the other CPU). Both must pass.
+#
+# The test installer (tests/installer/build.sh) and the d-i templates the preseed is checked
+# against (tests/d-i/templates.sh) are built while the tests compile, into TEST_CACHE outside
+# the checkout, so runs on one machine share them; each is keyed by its inputs, so a cached
+# copy is always of the same inputs. tests/installer/accel.sh then says whether KVM really runs
+# a guest here (LAB_ACCEL=kvm for the VM tests) or TCG it is.
+TEST_CACHE ?= $(HOME)/.cache/provision-tests
+export TEST_INSTALLER_DIR := $(TEST_CACHE)/test-installer
+export TEST_DI_TEMPLATES_DIR := $(TEST_CACHE)/d-i-templates
 it:
-	$(CARGO) test --locked --test it --no-run
-	@$(CARGO) test --locked --test it -- lab:: powercut:: & vm=$$!; \
+	@{ bash tests/installer/build.sh $(TEST_INSTALLER_DIR) && \
+	   bash tests/installer/accel.sh $(TEST_INSTALLER_DIR) > $(TEST_CACHE)/accel; } & installer=$$!; \
+	bash tests/d-i/templates.sh $(TEST_DI_TEMPLATES_DIR) & templates=$$!; \
+	$(CARGO) test --locked --test it --no-run; built=$$?; \
+	wait $$installer || { echo "building the test installer failed"; exit 1; }; \
+	wait $$templates || { echo "fetching the d-i templates failed"; exit 1; }; \
+	[ $$built -eq 0 ]
+	@export LAB_ACCEL=$$(cat $(TEST_CACHE)/accel); echo "VM tests accelerated by $$LAB_ACCEL"; \
+	$(CARGO) test --locked --test it -- lab:: powercut:: & vm=$$!; \
 	$(CARGO) test --locked --test it -- --skip lab:: --skip powercut:: --test-threads 1; rest=$$?; \
 	wait $$vm; vms=$$?; \
 	echo "integration tests: VM tests exit $$vms, the others exit $$rest"; \

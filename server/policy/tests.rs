@@ -54,7 +54,11 @@ fn transition_table() {
             other => panic!("unknown move {other:?} in the lifecycle table"),
         })
         .collect();
-    assert_eq!(moves.len(), ALL_TRANSITIONS.len(), "every move has a column");
+    assert_eq!(
+        moves.len(),
+        ALL_TRANSITIONS.len(),
+        "every move has a column"
+    );
     let mut seen = Vec::new();
     for row in rows.skip(1) {
         let row = cells(row);
@@ -66,7 +70,10 @@ fn transition_table() {
         }
         seen.push(from);
     }
-    assert_eq!(seen, ALL_STATES, "every state has a row, in lifecycle order");
+    assert_eq!(
+        seen, ALL_STATES,
+        "every state has a row, in lifecycle order"
+    );
 }
 
 #[test]

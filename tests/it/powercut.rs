@@ -112,6 +112,7 @@ struct Net {
 
 impl Net {
     fn new() -> Net {
+        crate::support::sweep_stale_namespaces();
         let ns = format!("pvpc{}", std::process::id());
         let ip = |args: &[&str]| run(Command::new(tool("ip")).args(args));
         ip(&["netns", "add", &ns]);
@@ -176,7 +177,7 @@ fn boot(net: &Net, kernel: &Path, initrd: &Path, disk: &Path, console: &Path) ->
         .arg(tool("qemu-system-x86_64"))
         .args([
             "-accel",
-            "tcg",
+            &crate::support::accel(),
             "-m",
             "512",
             "-smp",

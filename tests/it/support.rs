@@ -299,6 +299,70 @@ pub fn admin_agent(ca: &Path) -> ureq::Agent {
         .into()
 }
 
+/// Removes the network namespaces of the lab tests ("pv" + letters + the PID of the test
+/// process that made them: `pvil1234`, `pvo1234`, `pvpc1234`) whose test process is gone, with
+/// every process still in them: a run killed by SIGKILL or a timeout cannot run Drop, and its
+/// VMs would go on taking the CPU the next run's VMs need. Only for PIDs that no longer exist:
+/// a concurrent test binary's namespaces are left alone.
+pub fn sweep_stale_namespaces() {
+    for entry in std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("pv") else {
+            continue;
+        };
+        let digits = rest.trim_start_matches(|c: char| c.is_ascii_lowercase());
+        let Ok(pid) = digits.parse::<u32>() else {
+            continue;
+        };
+        if digits.len() == rest.len() || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        eprintln!("removing namespace {name}, left by test process {pid}, which is gone");
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &name]).output() {
+            for p in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(p) = p.parse::<i32>() {
+                    // SAFETY: kill(2) of a process left in a namespace only tests create.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+    }
+}
+
+/// The QEMU accelerator for the VM tests: `LAB_ACCEL` (`make it` sets it from
+/// tests/installer/accel.sh, which boots a guest with KVM to see whether it really runs), else
+/// TCG, which works everywhere.
+pub fn accel() -> String {
+    match std::env::var("LAB_ACCEL").as_deref() {
+        Ok("kvm") => "kvm".into(),
+        _ => "tcg".into(),
+    }
+}
+
+/// Runs a build script of the tests (`SCRIPT OUT`: the test installer, the d-i templates) and
+/// returns OUT: where the environment variable `var` says (`make it` builds there, outside the
+/// checkout, while the tests compile; not a `PROVISION_` name, which the daemons the tests
+/// start would refuse as unknown), else `name` in the target dir. The scripts key their output
+/// by their inputs and take a lock, so a reuse is always of the same inputs and two tests
+/// never build at once.
+pub fn cached_build(script: &str, var: &str, name: &str) -> PathBuf {
+    let out = std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join(name));
+    let status = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{script} {} failed", out.display());
+    out
+}
+
 /// The install token in an install script's config URL.
 pub fn token_of(script: &str) -> String {
     let i = script.find("/config/").expect("script has a config URL") + "/config/".len();
