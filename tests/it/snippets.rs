@@ -181,6 +181,15 @@ fn daemon_key(d: &Daemon) -> String {
         .join(" ")
 }
 
+/// A config's list of keys to trust (JSON or YAML read as JSON) holds the daemon's key.
+fn trusts_daemon(keys: &serde_json::Value, d: &Daemon) -> bool {
+    let key = daemon_key(d);
+    keys.as_array()
+        .unwrap_or_else(|| panic!("not a list of keys: {keys}"))
+        .iter()
+        .any(|k| k.as_str().is_some_and(|k| k.starts_with(&key)))
+}
+
 /// Debian: d-i runs `preseed/late_command` with `sh -c`; its `in-target` runs the rest inside
 /// the installed system, which the sandbox is.
 #[test]
@@ -250,12 +259,7 @@ fn the_ubuntu_autoinstall_late_commands_phone_home() {
         .as_array()
         .unwrap();
     for u in users {
-        let keys = u["ssh_authorized_keys"].as_array().unwrap();
-        assert!(
-            keys.iter()
-                .any(|k| k.as_str().is_some_and(|k| k.starts_with(&daemon_key(&d)))),
-            "{u}"
-        );
+        assert!(trusts_daemon(&u["ssh_authorized_keys"], &d), "{u}");
     }
 }
 
@@ -327,11 +331,7 @@ fn the_ignition_phone_home_service_phones_home_once() {
         run_phone_home_service(&d, mac, &files, unit["contents"].as_str().unwrap());
         let user = &ign["passwd"]["users"][0];
         assert!(
-            user["sshAuthorizedKeys"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|k| k.as_str().is_some_and(|k| k.starts_with(&daemon_key(&d)))),
+            trusts_daemon(&user["sshAuthorizedKeys"], &d),
             "{profile}: {user}"
         );
     }
@@ -366,12 +366,5 @@ fn the_cloud_config_phone_home_service_phones_home_once() {
         .unwrap_or_else(|| panic!("no phone-home unit in {cc}"));
     assert_eq!(unit["command"], "start");
     run_phone_home_service(&d, mac, &files, unit["content"].as_str().unwrap());
-    assert!(
-        cc["ssh_authorized_keys"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|k| k.as_str().is_some_and(|k| k.starts_with(&daemon_key(&d)))),
-        "{cc}"
-    );
+    assert!(trusts_daemon(&cc["ssh_authorized_keys"], &d), "{cc}");
 }
