@@ -30,6 +30,13 @@ use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::{Deserialize, Serialize};
 
 static BUILTIN_TEMPLATES: Dir = include_dir!("$CARGO_MANIFEST_DIR/templates");
+/// The iPXE scripts. They are served on every boot, so their comments are short; the why of
+/// the local boot lives here. A UEFI local boot is `exit` (status 0) from `local.ipxe` back to
+/// `boot.ipxe`'s `chain`, then `exit 1` from `boot.ipxe` to the firmware: a Boot#### option
+/// that returns EFI_SUCCESS may end the firmware's BootOrder processing (UEFI specification,
+/// "Boot Manager"), and EDK2 firmware (OVMF, and many vendors') then opens its boot menu
+/// instead of booting the disk — the lab test saw OVMF do it. The machine's own script must
+/// exit 0: a non-zero exit fails `boot.ipxe`'s `chain`, which retries the network forever.
 static BUILTIN_IPXE: Dir = include_dir!("$CARGO_MANIFEST_DIR/ipxe");
 
 /// A render or profile problem, in words for the operator.
