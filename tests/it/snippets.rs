@@ -17,7 +17,23 @@ use crate::support::{token_of, tool, Daemon};
 
 /// A stand-in for an installed system's root.
 struct Sandbox {
-    dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Sandbox {
+    /// The host's `/usr` and `/dev` are bound into the sandbox only inside the runs' private
+    /// mount namespaces. Should one ever be visible here, deleting the directory would go
+    /// through it into the host's files: keep the directory then, and say so.
+    fn drop(&mut self) {
+        let Some(dir) = self.dir.take() else { return };
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        if mounts.contains(dir.path().to_str().unwrap()) {
+            eprintln!(
+                "{} has mounts in the test's namespace: left in place",
+                dir.keep().display()
+            );
+        }
+    }
 }
 
 impl Sandbox {
@@ -27,7 +43,7 @@ impl Sandbox {
             "the phone-home snippets run in a chroot of their own: the test needs root"
         );
         let s = Sandbox {
-            dir: tempfile::tempdir().unwrap(),
+            dir: Some(tempfile::tempdir().unwrap()),
         };
         for d in [
             "usr", "dev", "etc/ssh", "root", "home", "tmp", "var/lib", "target",
@@ -45,8 +61,12 @@ impl Sandbox {
         s
     }
 
+    fn root(&self) -> &Path {
+        self.dir.as_ref().unwrap().path()
+    }
+
     fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p.trim_start_matches('/'))
+        self.root().join(p.trim_start_matches('/'))
     }
 
     /// Adds a user (the profile's admin user) with a home directory, as the installer would.
@@ -108,7 +128,7 @@ impl Sandbox {
                  exec chroot \"$r\" \"$@\"",
             )
             .arg("sh")
-            .arg(self.dir.path())
+            .arg(self.root())
             .args(argv)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")

@@ -300,7 +300,8 @@ pub fn admin_agent(ca: &Path) -> ureq::Agent {
 }
 
 /// Removes the network namespaces of the lab tests ("pv" + letters + the PID of the test
-/// process that made them: `pvil1234`, `pvo1234`, `pvpc1234`) whose test process is gone, with
+/// process that made them, maybe more after it: `pvil1234`, `pvdl1234eth1`, `pvo1234`,
+/// `pvpc1234`) whose test process is gone, with
 /// every process still in them: a run killed by SIGKILL or a timeout cannot run Drop, and its
 /// VMs would go on taking the CPU the next run's VMs need. Only for PIDs that no longer exist:
 /// a concurrent test binary's namespaces are left alone.
@@ -314,11 +315,15 @@ pub fn sweep_stale_namespaces() {
         let Some(rest) = name.strip_prefix("pv") else {
             continue;
         };
-        let digits = rest.trim_start_matches(|c: char| c.is_ascii_lowercase());
+        let after_letters = rest.trim_start_matches(|c: char| c.is_ascii_lowercase());
+        let digits: String = after_letters
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
         let Ok(pid) = digits.parse::<u32>() else {
             continue;
         };
-        if digits.len() == rest.len() || Path::new("/proc").join(pid.to_string()).exists() {
+        if after_letters.len() == rest.len() || Path::new("/proc").join(pid.to_string()).exists() {
             continue;
         }
         eprintln!("removing namespace {name}, left by test process {pid}, which is gone");
