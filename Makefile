@@ -26,14 +26,16 @@
 # inventory-in-git example of docs/fleet.md; nasm, grub-efi-amd64-bin (grub-mkimage), mtools,
 # fdisk (sfdisk): the bootable disk the test installer writes, whose boot code prints a marker
 # when a VM's local boot really runs it; python3-jsonschema, python3-yaml: rendered autoinstall
-# user-data checked against tests/schemas/autoinstall.json.
+# user-data checked against tests/schemas/autoinstall.json; postgresql: the store's tests run on
+# PostgreSQL too, on a cluster each test process starts unprivileged in a temporary directory
+# (tests/common/pg_cluster.rs), as do the tests of several daemons sharing one inventory.
 DEBIAN_PACKAGES := cloud-init ignition debconf util-linux tftp-hpa atftp ipxe \
 	qemu-system-x86 ipxe-qemu ovmf dnsmasq-base iproute2 cpio e2fsprogs \
 	libvirt-daemon-system libvirt-daemon-driver-qemu virtinst \
 	openssh-server openssh-client openvswitch-switch ansible-core openssl curl \
 	chromium chromium-driver systemd prometheus dpkg-dev binutils lintian debootstrap \
 	kea-dhcp4-server man-db git dhcpcd-base nasm grub-efi-amd64-bin mtools fdisk \
-	python3-jsonschema python3-yaml
+	python3-jsonschema python3-yaml postgresql
 
 CARGO ?= cargo
 

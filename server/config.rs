@@ -23,6 +23,11 @@ pub struct ServeArgs {
     /// Data directory: SQLite database, admin token, SSH key, assets [default: /var/lib/provision as root, else $XDG_DATA_HOME/provision or ~/.local/share/provision].
     #[arg(long, env = "PROVISION_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Where the inventory lives: `sqlite` (DATA_DIR/provision.db, this daemon's alone), or a
+    /// PostgreSQL database several daemons share, as a `postgres://user@host/db` URL or a
+    /// `host=… dbname=…` connection string [default: sqlite].
+    #[arg(long, env = "PROVISION_DATABASE", value_name = "sqlite|postgres://...")]
+    pub database: Option<String>,
     /// HTTP listen address; port 0 picks a free port [default: 0.0.0.0:8080].
     #[arg(long, env = "PROVISION_HTTP", value_name = "ADDR:PORT")]
     pub http: Option<String>,
@@ -155,6 +160,7 @@ pub struct ServeArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     data_dir: Option<PathBuf>,
+    database: Option<String>,
     http: Option<String>,
     admin: Option<String>,
     admin_tls: Option<String>,
@@ -195,6 +201,7 @@ struct FileConfig {
 const KNOWN_ENV: &[&str] = &[
     "PROVISION_CONFIG",
     "PROVISION_DATA_DIR",
+    "PROVISION_DATABASE",
     "PROVISION_HTTP",
     "PROVISION_ADMIN",
     "PROVISION_ADMIN_TLS",
@@ -243,6 +250,8 @@ const KNOWN_ENV: &[&str] = &[
 pub struct Config {
     /// Data directory.
     pub data_dir: PathBuf,
+    /// Where the inventory lives.
+    pub database: crate::store::Database,
     /// HTTP listen address.
     pub http: SocketAddr,
     /// The admin listener; `None` is off.
@@ -634,6 +643,13 @@ impl Config {
             .clone()
             .or(file.data_dir)
             .unwrap_or_else(default_data_dir);
+        let database = crate::store::Database::parse(
+            args.database
+                .as_deref()
+                .or(file.database.as_deref())
+                .unwrap_or("sqlite"),
+        )
+        .map_err(|e| anyhow::anyhow!("database: {e}"))?;
         let http_s = args
             .http
             .clone()
@@ -842,6 +858,7 @@ impl Config {
         served_dirs_hold_no_secrets(&data_dir, &assets_dir, &tftp_roots)?;
         Ok(Config {
             data_dir,
+            database,
             http,
             admin,
             metrics,

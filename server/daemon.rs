@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::http::{self, AppState};
 use crate::keys;
 use crate::render::{Catalog, Renderer, Sources};
-use crate::store::{Inventory, SqliteInventory};
+use crate::store::{Database, Inventory, SqlInventory};
 
 fn sources(cfg: &Config) -> Sources {
     Sources {
@@ -30,13 +30,23 @@ fn sources(cfg: &Config) -> Sources {
 }
 
 /// `--check-config`: validates configuration, profiles and templates without touching the
-/// data directory or binding anything; returns a summary for the operator.
+/// data directory or binding anything (on PostgreSQL it connects, and reads the schema
+/// version); returns a summary for the operator.
 pub fn check_config(cfg: &Config) -> anyhow::Result<String> {
     let cat = Catalog::load(sources(cfg))?;
     let names: Vec<_> = cat.profiles().keys().cloned().collect();
     Ok(format!(
-        "configuration OK\n  data dir: {}\n  http: {}\n  admin API: {}\n  dhcp: {}\n  tftp: {}\n  metrics: {}\n  advertise: {}\n  assets: {}\n  install token ttl: {}\n  discover: {:?}\n  claims: {}\n  profiles: {}\n",
+        "configuration OK\n  data dir: {}\n  database: {}\n  http: {}\n  admin API: {}\n  dhcp: {}\n  tftp: {}\n  metrics: {}\n  advertise: {}\n  assets: {}\n  install token ttl: {}\n  discover: {:?}\n  claims: {}\n  profiles: {}\n",
         cfg.data_dir.display(),
+        match &cfg.database {
+            Database::Sqlite => cfg.database.to_string(),
+            Database::Postgres(url) => format!(
+                "{}: {}",
+                cfg.database,
+                crate::store::postgres::check_connection(url)
+                    .with_context(|| format!("database {}", cfg.database))?
+            ),
+        },
         cfg.http,
         match &cfg.admin {
             None => "off".to_string(),
@@ -232,10 +242,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let _data_dir_lock = crate::backup::lock_data_dir(&cfg.data_dir)?;
     let db_path = cfg.data_dir.join("provision.db");
     make_private(&cfg.data_dir, &db_path)?;
-    let inv: Arc<dyn Inventory> = Arc::new(
-        SqliteInventory::open(&db_path, cfg.limits.clone())
+    let inv: Arc<dyn Inventory> = Arc::new(match &cfg.database {
+        Database::Sqlite => SqlInventory::open(&db_path, cfg.limits.clone())
             .with_context(|| format!("opening {}", db_path.display()))?,
-    );
+        Database::Postgres(url) => SqlInventory::connect(url, cfg.limits.clone())
+            .await
+            .with_context(|| format!("opening the inventory on {}", cfg.database))?,
+    });
     let token_path = cfg.data_dir.join("admin-token");
     let (admin_token, new_token) = keys::admin_token(&token_path)?;
     let (ssh_public_key, ssh_private) =

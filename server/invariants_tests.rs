@@ -55,6 +55,8 @@ fn each_crate_is_used_only_in_its_home() {
     let homes: &[(&str, &[&str])] = &[
         ("rusqlite", &["store/"]),
         ("rusqlite_migration", &["store/"]),
+        ("tokio_postgres", &["store/"]),
+        ("deadpool_postgres", &["store/"]),
         ("minijinja", &["render/"]),
         ("dhcproto", &["dhcp/"]),
         ("russh", &["registrar/"]),
@@ -147,7 +149,7 @@ fn the_ui_goes_through_the_admin_service() {
         "Inventory",
         "st.boot",
         ".boot.",
-        "SqliteInventory",
+        "SqlInventory",
         "registrar::Handle",
         "crate::render::Renderer",
     ];

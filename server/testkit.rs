@@ -9,7 +9,7 @@ use crate::boot::{BootService, Settings};
 use crate::policy::{ClaimPolicy, DiscoverAnswer};
 use crate::registrar;
 use crate::render::{Renderer, Sources};
-use crate::store::{Inventory, SqliteInventory};
+use crate::store::{Inventory, SqlInventory};
 
 /// The SSH public key test services render into installs.
 pub const TEST_KEY: &str =
@@ -38,7 +38,7 @@ pub fn stack(discover: DiscoverAnswer) -> Stack {
 /// `claims`.
 pub fn stack_with(discover: DiscoverAnswer, claims: ClaimPolicy) -> Stack {
     let inv: Arc<dyn Inventory> =
-        Arc::new(SqliteInventory::open_temp().expect("a temporary inventory"));
+        Arc::new(SqlInventory::open_temp().expect("a temporary inventory"));
     let renderer = Arc::new(
         Renderer::new(Sources::default(), TEST_KEY.into()).expect("the built-in profiles load"),
     );

@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
-use rusqlite::{params, Connection};
+use super::db::{args, Db, Dialect};
 use serde::{Deserialize, Serialize};
 
 use super::{EventKind, Result};
@@ -105,26 +105,26 @@ pub struct BindRequest {
 /// Takes `ip` for `mac` in `state` until `until`, unless someone else holds it live. A bound
 /// lease of the same MAC stays bound (an OFFER during renewal). Returns whether it took it.
 fn take(
-    c: &Connection,
+    c: &dyn Db,
     ip: Ipv4Addr,
     mac: &str,
     state: LeaseState,
     until: i64,
     now: i64,
 ) -> Result<bool> {
-    let n = c
-        .prepare_cached(
-            "INSERT INTO leases (ip, mac, state, expires_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (ip) DO UPDATE SET mac = ?2,
-               state = CASE WHEN ?3 = 'offered' AND leases.mac = ?2 AND leases.state = 'bound'
-                                 AND leases.expires_at > ?5
-                            THEN 'bound' ELSE ?3 END,
-               expires_at = CASE WHEN ?3 = 'offered' AND leases.mac = ?2
-                                 THEN MAX(?4, leases.expires_at) ELSE ?4 END,
-               updated_at = ?5
-             WHERE leases.mac = ?2 OR leases.expires_at <= ?5",
-        )?
-        .execute(params![ip.to_string(), mac, state_str(state), until, now])?;
+    let n = c.exec(
+        "INSERT INTO leases (ip, mac, state, expires_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (ip) DO UPDATE SET mac = ?2,
+           state = CASE WHEN ?3 = 'offered' AND leases.mac = ?2 AND leases.state = 'bound'
+                             AND leases.expires_at > ?5
+                        THEN 'bound' ELSE ?3 END,
+           expires_at = CASE WHEN ?3 = 'offered' AND leases.mac = ?2
+                                  AND leases.expires_at > ?4
+                             THEN leases.expires_at ELSE ?4 END,
+           updated_at = ?5
+         WHERE leases.mac = ?2 OR leases.expires_at <= ?5",
+        args![ip.to_string(), mac, state_str(state), until, now],
+    )?;
     Ok(n == 1)
 }
 
@@ -139,12 +139,16 @@ fn state_str(s: LeaseState) -> &'static str {
 /// Chooses an address for the client and holds it as `offered`: its reservation if it has
 /// one, else the address it already holds, else the one it asked for if free, else the lowest
 /// free address of the pool. `None` if the pool is exhausted.
-pub(super) fn offer(c: &Connection, r: &OfferRequest) -> Result<Option<Ipv4Addr>> {
+pub(super) fn offer(c: &dyn Db, r: &OfferRequest) -> Result<Option<Ipv4Addr>> {
     let mac_s = r.mac.to_string();
     let held: Vec<(String, String)> = c
-        .prepare_cached("SELECT ip, mac FROM leases WHERE expires_at > ?1")?
-        .query_map([r.now], |row| Ok((row.get(0)?, row.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
+        .query(
+            "SELECT ip, mac FROM leases WHERE expires_at > ?1",
+            args![r.now],
+        )?
+        .iter()
+        .map(|row| Ok((row.get(0)?, row.get(1)?)))
+        .collect::<Result<_>>()?;
     let mut taken = HashSet::new();
     let mut mine = None;
     for (ip, m) in held {
@@ -176,9 +180,9 @@ pub(super) fn offer(c: &Connection, r: &OfferRequest) -> Result<Option<Ipv4Addr>
     for ip in candidates {
         if take(c, ip, &mac_s, LeaseState::Offered, r.hold_until, r.now)? {
             // Anything else this MAC held is released: one address per client.
-            c.execute(
+            c.exec(
                 "DELETE FROM leases WHERE mac = ?1 AND ip != ?2 AND state != 'declined'",
-                params![mac_s, ip.to_string()],
+                args![mac_s, ip.to_string()],
             )?;
             return Ok(Some(ip));
         }
@@ -188,7 +192,7 @@ pub(super) fn offer(c: &Connection, r: &OfferRequest) -> Result<Option<Ipv4Addr>
 
 /// Confirms a REQUEST: `ip` becomes `bound` to the MAC if it is held by it (offered or
 /// bound), or free and allowed. Returns false for a NAK.
-pub(super) fn bind(c: &Connection, r: &BindRequest) -> Result<bool> {
+pub(super) fn bind(c: &dyn Db, r: &BindRequest) -> Result<bool> {
     let allowed = match r.reservation {
         Some(res) => res == r.ip,
         None => r.pool.contains(r.ip) && !r.pool.reserved_for_others.contains(&r.ip),
@@ -197,11 +201,11 @@ pub(super) fn bind(c: &Connection, r: &BindRequest) -> Result<bool> {
     if !allowed || !take(c, r.ip, &mac_s, LeaseState::Bound, r.until, r.now)? {
         return Ok(false);
     }
-    c.execute(
+    c.exec(
         "DELETE FROM leases WHERE mac = ?1 AND ip != ?2 AND state != 'declined'",
-        params![mac_s, r.ip.to_string()],
+        args![mac_s, r.ip.to_string()],
     )?;
-    super::sqlite::insert_event(
+    super::engine::insert_event(
         c,
         r.now,
         Some(r.mac),
@@ -214,16 +218,16 @@ pub(super) fn bind(c: &Connection, r: &BindRequest) -> Result<bool> {
 
 /// A DHCPRELEASE, or a client that chose another server: the MAC's lease on `ip` ends (with
 /// `ip` None: its offers end).
-pub(super) fn release(c: &Connection, mac: Mac, ip: Option<Ipv4Addr>) -> Result<()> {
+pub(super) fn release(c: &dyn Db, mac: Mac, ip: Option<Ipv4Addr>) -> Result<()> {
     let mac_s = mac.to_string();
     match ip {
-        Some(ip) => c.execute(
+        Some(ip) => c.exec(
             "DELETE FROM leases WHERE mac = ?1 AND ip = ?2 AND state != 'declined'",
-            params![mac_s, ip.to_string()],
+            args![mac_s, ip.to_string()],
         )?,
-        None => c.execute(
+        None => c.exec(
             "DELETE FROM leases WHERE mac = ?1 AND state = 'offered'",
-            [mac_s],
+            args![mac_s],
         )?,
     };
     Ok(())
@@ -232,20 +236,14 @@ pub(super) fn release(c: &Connection, mac: Mac, ip: Option<Ipv4Addr>) -> Result<
 /// A DHCPDECLINE from `mac`: it found `ip`, which we gave it, in use by someone else;
 /// quarantine the address until `until`. A DECLINE for an address the MAC does not hold
 /// changes nothing (any client could otherwise take addresses out of the pool).
-pub(super) fn decline(
-    c: &Connection,
-    mac: Mac,
-    ip: Ipv4Addr,
-    until: i64,
-    now: i64,
-) -> Result<bool> {
-    let n = c.execute(
+pub(super) fn decline(c: &dyn Db, mac: Mac, ip: Ipv4Addr, until: i64, now: i64) -> Result<bool> {
+    let n = c.exec(
         "UPDATE leases SET mac = '', state = 'declined', expires_at = ?3, updated_at = ?4
          WHERE ip = ?1 AND mac = ?2 AND expires_at > ?4",
-        params![ip.to_string(), mac.to_string(), until, now],
+        args![ip.to_string(), mac.to_string(), until, now],
     )?;
     if n == 1 {
-        super::sqlite::insert_event(
+        super::engine::insert_event(
             c,
             now,
             Some(mac),
@@ -261,13 +259,21 @@ pub(super) fn decline(
 }
 
 /// Every DHCP reservation in the inventory: machines whose `ip` variable is set.
-pub(super) fn reservations(c: &Connection) -> Result<Vec<(Mac, Ipv4Addr)>> {
-    let mut stmt = c.prepare_cached(
-        "SELECT mac, json_extract(vars, '$.ip') FROM machines WHERE json_extract(vars, '$.ip') IS NOT NULL",
-    )?;
-    let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+pub(super) fn reservations(c: &dyn Db) -> Result<Vec<(Mac, Ipv4Addr)>> {
+    let sql = match c.dialect() {
+        Dialect::Sqlite => {
+            "SELECT mac, json_extract(vars, '$.ip') FROM machines
+             WHERE json_extract(vars, '$.ip') IS NOT NULL"
+        }
+        Dialect::Postgres => {
+            "SELECT mac, vars::json->>'ip' FROM machines WHERE vars::json->>'ip' IS NOT NULL"
+        }
+    };
+    let rows = c
+        .query(sql, args![])?
+        .iter()
+        .map(|r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)))
+        .collect::<Result<Vec<_>>>()?;
     Ok(rows
         .into_iter()
         .filter_map(|(mac, ip)| Some((mac.parse().ok()?, ip.parse().ok()?)))
@@ -275,20 +281,22 @@ pub(super) fn reservations(c: &Connection) -> Result<Vec<(Mac, Ipv4Addr)>> {
 }
 
 /// Live leases, by address.
-pub(super) fn live(c: &Connection, now: i64) -> Result<Vec<Lease>> {
-    let mut stmt = c.prepare_cached(
-        "SELECT ip, mac, state, expires_at FROM leases WHERE expires_at > ?1 ORDER BY ip",
-    )?;
-    let rows = stmt
-        .query_map([now], |r| {
+pub(super) fn live(c: &dyn Db, now: i64) -> Result<Vec<Lease>> {
+    let rows = c
+        .query(
+            "SELECT ip, mac, state, expires_at FROM leases WHERE expires_at > ?1 ORDER BY ip",
+            args![now],
+        )?
+        .iter()
+        .map(|r| {
             Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get(3)?,
+                r.get::<String>(0)?,
+                r.get::<String>(1)?,
+                r.get::<String>(2)?,
+                r.get::<i64>(3)?,
             ))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(rows
         .into_iter()
         .filter_map(|(ip, mac, state, expires_at)| {
@@ -305,7 +313,7 @@ pub(super) fn live(c: &Connection, now: i64) -> Result<Vec<Lease>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Inventory, Limits, SqliteInventory};
+    use crate::store::{Inventory, Limits, SqlInventory};
 
     fn pool() -> Pool {
         Pool {
@@ -360,7 +368,7 @@ mod tests {
 
     #[tokio::test]
     async fn offers_are_stable_unique_and_exhaust() {
-        let s = SqliteInventory::open_temp().unwrap();
+        let s = SqlInventory::open_temp().unwrap();
         let p = pool();
         assert_eq!(
             s.lease_offer(offer(1, None, None, &p, 100, 0))
@@ -406,7 +414,7 @@ mod tests {
 
     #[tokio::test]
     async fn bind_nak_release_decline_and_reservations() {
-        let s = SqliteInventory::open_temp().unwrap();
+        let s = SqlInventory::open_temp().unwrap();
         let mut p = pool();
         let a = s
             .lease_offer(offer(1, None, None, &p, 100, 0))
@@ -480,7 +488,7 @@ mod tests {
     /// (as a second daemon on a shared database could).
     #[tokio::test]
     async fn taking_an_address_never_overwrites_a_live_holder() {
-        let s = SqliteInventory::open_temp().unwrap();
+        let s = SqlInventory::open_temp().unwrap();
         let p = pool();
         let a = s
             .lease_offer(offer(1, None, None, &p, 100, 0))
@@ -500,7 +508,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("p.db");
         {
-            let s = SqliteInventory::open(&path, Limits::default()).unwrap();
+            let s = SqlInventory::open(&path, Limits::default()).unwrap();
             let a = s
                 .lease_offer(offer(1, None, None, &pool(), 100, 0))
                 .await
@@ -508,7 +516,7 @@ mod tests {
                 .unwrap();
             s.lease_bind(bind(1, a, &pool(), None, 1)).await.unwrap();
         }
-        let s = SqliteInventory::open(&path, Limits::default()).unwrap();
+        let s = SqlInventory::open(&path, Limits::default()).unwrap();
         assert_eq!(s.leases(2).await.unwrap().len(), 1);
         assert_eq!(
             s.lease_offer(offer(2, None, None, &pool(), 100, 3))

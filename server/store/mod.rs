@@ -1,7 +1,7 @@
 //! The inventory boundary: domain operations, each one transaction, behind the async
 //! [`Inventory`] trait. This module (with its submodules) is the only place that speaks SQL.
 //!
-//! [`sqlite::SqliteInventory`] is the embedded implementation; a PostgreSQL backend (several
+//! [`sqlite::SqlInventory`] is the embedded implementation; a PostgreSQL backend (several
 //! daemons, one inventory) implements the same trait. Nothing above this boundary may rely on
 //! the database serialising writers, so every operation is written to stay correct when two
 //! daemons run it at once:
@@ -36,14 +36,59 @@ use crate::policy::{
     State, Transition,
 };
 
+pub(crate) mod db;
+mod engine;
 mod leases;
+#[cfg(test)]
+#[path = "../../tests/common/pg_cluster.rs"]
+pub(crate) mod pg_cluster;
 pub mod plan;
+pub(crate) mod postgres;
 pub mod sqlite;
 #[cfg(test)]
 mod tests;
 
+pub use engine::SqlInventory;
 pub use leases::{Lease, LeaseState, Pool};
-pub use sqlite::{snapshot, verify, SqliteInventory};
+pub use sqlite::{snapshot, verify};
+
+/// Where the inventory lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Database {
+    /// `DATA_DIR/provision.db`: the embedded default, one daemon's own.
+    Sqlite,
+    /// A PostgreSQL database several daemons share: a URL or a connection string.
+    Postgres(String),
+}
+
+impl Database {
+    /// `sqlite`, a `postgres://` (or `postgresql://`) URL, or a `key=value` connection
+    /// string; a connection string is checked here (its keys and values), not connected to.
+    pub fn parse(s: &str) -> std::result::Result<Database, String> {
+        let s = s.trim();
+        if s == "sqlite" {
+            return Ok(Database::Sqlite);
+        }
+        if !(s.starts_with("postgres://") || s.starts_with("postgresql://") || s.contains('=')) {
+            return Err(format!(
+                "{:?} is neither `sqlite` nor a PostgreSQL URL (postgres://user@host/db) or                  connection string (host=… dbname=…)",
+                postgres::redacted(s)
+            ));
+        }
+        postgres::check_url(s)?;
+        Ok(Database::Postgres(s.to_string()))
+    }
+}
+
+impl std::fmt::Display for Database {
+    /// For the operator: the file, or the database without its password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite => f.write_str("sqlite (DATA_DIR/provision.db)"),
+            Database::Postgres(url) => write!(f, "postgresql {}", postgres::redacted(url)),
+        }
+    }
+}
 
 /// How [`Inventory::apply_inventory`] runs.
 #[derive(Clone, Debug)]

@@ -28,16 +28,133 @@ fn new(m: &str) -> NewMachine {
     }
 }
 
-fn store() -> SqliteInventory {
-    SqliteInventory::open_temp().unwrap()
+/// The engine a store test runs on: each test that takes one runs on both (see [`on_both`]).
+#[derive(Clone, Copy, Debug)]
+enum Engine {
+    Sqlite,
+    Postgres,
 }
 
-async fn kinds(s: &SqliteInventory, m: Mac) -> Vec<String> {
+impl Engine {
+    /// A new, empty inventory on this engine.
+    async fn store(self) -> SqlInventory {
+        self.open(Limits::default()).await
+    }
+
+    /// A new, empty inventory with `limits`: a temporary SQLite file, or a new database in
+    /// the test process's PostgreSQL cluster (dropped with the store).
+    async fn open(self, limits: Limits) -> SqlInventory {
+        match self {
+            Engine::Sqlite => SqlInventory::open_temp_with(limits).unwrap(),
+            Engine::Postgres => {
+                let cluster = crate::store::pg_cluster::shared();
+                let db = cluster.create_db();
+                let url = cluster.url(&db);
+                let drop_db = Box::new(move || crate::store::pg_cluster::shared().drop_db(&db));
+                SqlInventory::connect_test(&url, limits, drop_db)
+                    .await
+                    .unwrap()
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// A second inventory on what `s` holds: a copy of its file (SQLite, whose file one
+    /// inventory owns at a time), or a second connection to its database (PostgreSQL).
+    async fn reopen(self, s: &SqlInventory) -> (SqlInventory, Option<tempfile::TempDir>) {
+        match (s.path(), s.postgres_url()) {
+            (Some(path), _) => {
+                let dir = tempfile::tempdir().unwrap();
+                let copy = dir.path().join("p.db");
+                crate::store::snapshot(path, &copy).unwrap();
+                let s2 = SqlInventory::open(&copy, Limits::default()).unwrap();
+                (s2, Some(dir))
+            }
+            (None, Some(url)) => {
+                let s2 = SqlInventory::connect(url, Limits::default()).await.unwrap();
+                (s2, None)
+            }
+            (None, None) => unreachable!("a store is on SQLite or PostgreSQL"),
+        }
+    }
+}
+
+/// `on_both!(name, ...)`: a test module per name, running `name(engine)` on SQLite and on
+/// PostgreSQL (`store::tests::name::sqlite`, `…::postgres`); `multi_thread:` before the names
+/// runs them on tokio's multi-threaded runtime.
+macro_rules! on_both {
+    (multi_thread: $($name:ident),+ $(,)?) => {
+        $(mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name(super::Engine::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$name(super::Engine::Postgres).await
+            }
+        })+
+    };
+    ($($name:ident),+ $(,)?) => {
+        $(mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name(super::Engine::Sqlite).await
+            }
+            #[tokio::test]
+            async fn postgres() {
+                super::$name(super::Engine::Postgres).await
+            }
+        })+
+    };
+}
+
+on_both!(
+    enroll_creates_and_refuses_twice,
+    discovered_then_enrolled,
+    token_lifecycle,
+    a_token_is_bound_to_the_address_it_was_issued_to,
+    boot_requests_set_the_boot_address_never_the_ssh_address,
+    reprovision_kills_token_and_keys,
+    a_node_certificate_is_revoked_on_reprovision_delete_and_replacement,
+    illegal_transitions_change_nothing,
+    expired_installs_fail_with_step_and_reason,
+    update_delete_and_history_survives,
+    boot_facts_are_the_decision_inputs,
+    observations_are_coalesced_and_written_in_order,
+    dhcp_sightings_discover_unknown_machines_in_the_batch,
+    observation_drops_are_counted,
+    discovered_machines_stay_under_the_cap,
+    retention_keeps_transitions_longest,
+    a_retention_run_is_spread_over_batches,
+    pages_of_machines_and_events,
+    reads_between_repeats_do_not_split_their_row,
+    repeats_within_a_minute_add_to_the_newest_row,
+    a_durable_write_writes_its_own_machines_repeats_first_and_only_those,
+    a_machine_seen_again_within_a_minute_is_not_rewritten,
+    machine_searches_filter_sort_and_count,
+    the_event_feed_moves_with_each_commit_and_token_info_never_shows_the_token,
+    a_sighting_that_writes_what_selectors_read_is_seen_by_the_next_boot_facts,
+    group_changes_keep_resolution_unambiguous_and_every_install_with_a_profile,
+    concurrent_discoveries_never_share_an_index_or_pass_the_count,
+    proposals_wait_for_confirmation_and_go_with_their_rule,
+    a_rule_that_cannot_enroll_a_machine_changes_nothing,
+    an_apply_is_all_or_nothing_and_a_dry_run_is_its_plan,
+    an_apply_is_checked_as_a_whole
+);
+on_both!(multi_thread:
+    concurrent_writes_are_group_committed_and_isolated,
+    cached_boot_facts_follow_every_write,
+    racing_read_then_write_calls_take_effect_once
+);
+
+async fn kinds(s: &SqlInventory, m: Mac) -> Vec<String> {
     counts(s, m).await.into_iter().map(|(k, _)| k).collect()
 }
 
 /// A machine's timeline (up to 1000 events), after a flush.
-async fn timeline(s: &SqliteInventory, m: Mac) -> Vec<Event> {
+async fn timeline(s: &SqlInventory, m: Mac) -> Vec<Event> {
     s.flush().await.unwrap();
     s.events(EventQuery {
         mac: Some(m),
@@ -49,7 +166,7 @@ async fn timeline(s: &SqliteInventory, m: Mac) -> Vec<Event> {
 }
 
 /// A machine's timeline as (kind, count), after a flush.
-async fn counts(s: &SqliteInventory, m: Mac) -> Vec<(String, i64)> {
+async fn counts(s: &SqlInventory, m: Mac) -> Vec<(String, i64)> {
     timeline(s, m)
         .await
         .into_iter()
@@ -61,9 +178,8 @@ fn key() -> Vec<(String, String)> {
     vec![("ssh-ed25519".to_string(), "ssh-ed25519 AAAA k".to_string())]
 }
 
-#[tokio::test]
-async fn enroll_creates_and_refuses_twice() {
-    let s = store();
+async fn enroll_creates_and_refuses_twice(engine: Engine) {
+    let s = engine.store().await;
     let m = s.enroll(new("52:54:00:00:00:01"), 1).await.unwrap();
     assert_eq!(m.state, State::Enrolled);
     assert_eq!(m.vars["ntp"], "pool.ntp.org");
@@ -76,9 +192,8 @@ async fn enroll_creates_and_refuses_twice() {
     assert_eq!(kinds(&s, m.mac).await, ["enrolled"]);
 }
 
-#[tokio::test]
-async fn discovered_then_enrolled() {
-    let s = store();
+async fn discovered_then_enrolled(engine: Engine) {
+    let s = engine.store().await;
     let m = mac("52:54:00:00:00:02");
     let sighting = Sighting {
         uuid: Some("4c4c4544-0038-4410-8051-b4c04f4d4e32".into()),
@@ -122,9 +237,8 @@ async fn discovered_then_enrolled() {
     assert_eq!(ev[1].to_state, Some(State::Enrolled));
 }
 
-#[tokio::test]
-async fn token_lifecycle() {
-    let s = store();
+async fn token_lifecycle(engine: Engine) {
+    let s = engine.store().await;
     let m = s.enroll(new("52:54:00:00:00:03"), 1).await.unwrap().mac;
     assert!(matches!(
         s.machine_by_token("h1", FROM, 2).await,
@@ -203,9 +317,8 @@ async fn token_lifecycle() {
     );
 }
 
-#[tokio::test]
-async fn a_token_is_bound_to_the_address_it_was_issued_to() {
-    let s = store();
+async fn a_token_is_bound_to_the_address_it_was_issued_to(engine: Engine) {
+    let s = engine.store().await;
     let m = s.enroll(new("52:54:00:00:00:33"), 1).await.unwrap().mac;
     s.start_install(
         m,
@@ -293,9 +406,8 @@ async fn a_token_is_bound_to_the_address_it_was_issued_to() {
     );
 }
 
-#[tokio::test]
-async fn boot_requests_set_the_boot_address_never_the_ssh_address() {
-    let s = store();
+async fn boot_requests_set_the_boot_address_never_the_ssh_address(engine: Engine) {
+    let s = engine.store().await;
     let m = s.enroll(new("52:54:00:00:00:34"), 1).await.unwrap().mac;
     let at = |ip: &str| Sighting {
         ip: Some(ip.into()),
@@ -336,9 +448,8 @@ async fn boot_requests_set_the_boot_address_never_the_ssh_address() {
     );
 }
 
-#[tokio::test]
-async fn reprovision_kills_token_and_keys() {
-    let s = store();
+async fn reprovision_kills_token_and_keys(engine: Engine) {
+    let s = engine.store().await;
     let m = s.enroll(new("52:54:00:00:00:04"), 1).await.unwrap().mac;
     s.start_install(
         m,
@@ -387,9 +498,8 @@ async fn reprovision_kills_token_and_keys() {
     ));
 }
 
-#[tokio::test]
-async fn a_node_certificate_is_revoked_on_reprovision_delete_and_replacement() {
-    let s = store();
+async fn a_node_certificate_is_revoked_on_reprovision_delete_and_replacement(engine: Engine) {
+    let s = engine.store().await;
     let day = 86_400_000;
     let m = s.enroll(new("52:54:00:00:00:14"), 1).await.unwrap().mac;
     let save =
@@ -429,9 +539,8 @@ async fn a_node_certificate_is_revoked_on_reprovision_delete_and_replacement() {
     assert_eq!(got, [("CC".to_string(), "deleted".to_string())]);
 }
 
-#[tokio::test]
-async fn illegal_transitions_change_nothing() {
-    let s = store();
+async fn illegal_transitions_change_nothing(engine: Engine) {
+    let s = engine.store().await;
     let m = mac("52:54:00:00:00:05");
     s.discover(m, Sighting::default(), 1).await.unwrap();
     let err = s.reprovision(m, 2).await.unwrap_err();
@@ -441,9 +550,8 @@ async fn illegal_transitions_change_nothing() {
     assert_eq!(kinds(&s, m).await, ["discovered"]);
 }
 
-#[tokio::test]
-async fn expired_installs_fail_with_step_and_reason() {
-    let s = store();
+async fn expired_installs_fail_with_step_and_reason(engine: Engine) {
+    let s = engine.store().await;
     let a = s.enroll(new("52:54:00:00:00:06"), 1).await.unwrap().mac;
     let b = s.enroll(new("52:54:00:00:00:07"), 1).await.unwrap().mac;
     s.start_install(
@@ -480,9 +588,8 @@ async fn expired_installs_fail_with_step_and_reason() {
     );
 }
 
-#[tokio::test]
-async fn update_delete_and_history_survives() {
-    let s = store();
+async fn update_delete_and_history_survives(engine: Engine) {
+    let s = engine.store().await;
     let m = s.enroll(new("52:54:00:00:00:08"), 1).await.unwrap().mac;
     let patch = MachinePatch {
         hostname: Some(Some("node9".into())),
@@ -503,11 +610,11 @@ async fn file_database_keeps_writes_across_reopen_with_durable_settings() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("provision.db");
     {
-        let s = SqliteInventory::open(&path, Limits::default()).unwrap();
+        let s = SqlInventory::open(&path, Limits::default()).unwrap();
         s.enroll(new("52:54:00:00:00:09"), 1).await.unwrap();
         assert_eq!(s.writer_pragmas().await.unwrap(), ("wal".into(), 2, 1));
     }
-    let s = SqliteInventory::open(&path, Limits::default()).unwrap();
+    let s = SqlInventory::open(&path, Limits::default()).unwrap();
     let q = |state| MachineQuery {
         state: Some(state),
         ..Default::default()
@@ -521,7 +628,7 @@ async fn a_database_from_a_newer_provision_is_refused_with_what_to_do_and_left_a
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("provision.db");
     {
-        let s = SqliteInventory::open(&path, Limits::default()).unwrap();
+        let s = SqlInventory::open(&path, Limits::default()).unwrap();
         s.enroll(new("52:54:00:00:00:0a"), 1).await.unwrap();
     }
     let newer = {
@@ -532,7 +639,7 @@ async fn a_database_from_a_newer_provision_is_refused_with_what_to_do_and_left_a
         c.pragma_update(None, "user_version", v + 1).unwrap();
         v + 1
     };
-    let e = SqliteInventory::open(&path, Limits::default())
+    let e = SqlInventory::open(&path, Limits::default())
         .err()
         .expect("a newer schema is refused")
         .to_string();
@@ -560,9 +667,8 @@ async fn a_database_from_a_newer_provision_is_refused_with_what_to_do_and_left_a
     assert_eq!(n, 1);
 }
 
-#[tokio::test]
-async fn boot_facts_are_the_decision_inputs() {
-    let s = store();
+async fn boot_facts_are_the_decision_inputs(engine: Engine) {
+    let s = engine.store().await;
     let m = s.enroll(new("52:54:00:00:00:0a"), 1).await.unwrap().mac;
     assert_eq!(s.boot_facts(mac("52:54:00:00:00:0b")).await.unwrap(), None);
     let f = s.boot_facts(m).await.unwrap().unwrap();
@@ -611,9 +717,8 @@ async fn boot_facts_are_the_decision_inputs() {
 /// Concurrent durable writes share commits (fewer commits than writes), and every caller is
 /// answered with its own result after its commit; a failing request in a batch rolls back only
 /// its own changes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_writes_are_group_committed_and_isolated() {
-    let s = Arc::new(store());
+async fn concurrent_writes_are_group_committed_and_isolated(engine: Engine) {
+    let s = Arc::new(engine.store().await);
     let mut tasks = Vec::new();
     for i in 0..200u32 {
         let s = s.clone();
@@ -660,9 +765,8 @@ async fn concurrent_writes_are_group_committed_and_isolated() {
     assert_eq!(kinds(&s, nth(0)).await, ["enrolled"]);
 }
 
-#[tokio::test]
-async fn observations_are_coalesced_and_written_in_order() {
-    let s = store();
+async fn observations_are_coalesced_and_written_in_order(engine: Engine) {
+    let s = engine.store().await;
     let m = s.enroll(new("52:54:00:00:00:0c"), 1).await.unwrap().mac;
     for at in 10..15 {
         s.observe(Observation::Event {
@@ -709,9 +813,8 @@ async fn observations_are_coalesced_and_written_in_order() {
     assert_eq!(s.stats().observations_written, 10);
 }
 
-#[tokio::test]
-async fn dhcp_sightings_discover_unknown_machines_in_the_batch() {
-    let s = store();
+async fn dhcp_sightings_discover_unknown_machines_in_the_batch(engine: Engine) {
+    let s = engine.store().await;
     let m = mac("52:54:00:00:00:0d");
     s.observe(Observation::Seen {
         mac: m,
@@ -738,13 +841,13 @@ async fn dhcp_sightings_discover_unknown_machines_in_the_batch() {
     assert_eq!(kinds(&s, m).await, ["discovered"]);
 }
 
-#[tokio::test]
-async fn observation_drops_are_counted() {
-    let s = SqliteInventory::open_temp_with(Limits {
-        observation_queue: 4,
-        ..Limits::default()
-    })
-    .unwrap();
+async fn observation_drops_are_counted(engine: Engine) {
+    let s = engine
+        .open(Limits {
+            observation_queue: 4,
+            ..Limits::default()
+        })
+        .await;
     let m = s.enroll(new("52:54:00:00:00:0f"), 1).await.unwrap().mac;
     for i in 0..50 {
         s.observe(Observation::Event {
@@ -763,13 +866,13 @@ async fn observation_drops_are_counted() {
     );
 }
 
-#[tokio::test]
-async fn discovered_machines_stay_under_the_cap() {
-    let s = SqliteInventory::open_temp_with(Limits {
-        max_discovered: 50,
-        ..Limits::default()
-    })
-    .unwrap();
+async fn discovered_machines_stay_under_the_cap(engine: Engine) {
+    let s = engine
+        .open(Limits {
+            max_discovered: 50,
+            ..Limits::default()
+        })
+        .await;
     let enrolled = s.enroll(new("52:54:00:00:00:10"), 0).await.unwrap().mac;
     // A flood of unknown MACs in DHCP: recorded up to the cap, the rest shed (and counted),
     // with no event left behind for a MAC that was not recorded.
@@ -825,13 +928,13 @@ async fn discovered_machines_stay_under_the_cap() {
     assert_eq!(kinds(&s, enrolled).await, ["enrolled"]);
 }
 
-#[tokio::test]
-async fn retention_keeps_transitions_longest() {
-    let s = SqliteInventory::open_temp_with(Limits {
-        events_per_machine: 10,
-        ..Limits::default()
-    })
-    .unwrap();
+async fn retention_keeps_transitions_longest(engine: Engine) {
+    let s = engine
+        .open(Limits {
+            events_per_machine: 10,
+            ..Limits::default()
+        })
+        .await;
     let m = s.enroll(new("52:54:00:00:00:11"), 1).await.unwrap().mac;
     s.start_install(
         m,
@@ -859,14 +962,14 @@ async fn retention_keeps_transitions_longest() {
     assert_eq!(s.stats().events_pruned, 22);
 }
 
-#[tokio::test]
-async fn a_retention_run_is_spread_over_batches() {
-    let s = SqliteInventory::open_temp_with(Limits {
-        events_per_machine: 3,
-        ..Limits::default()
-    })
-    .unwrap();
-    let n = super::sqlite::RETENTION_CHUNK as u32 * 2 + 88;
+async fn a_retention_run_is_spread_over_batches(engine: Engine) {
+    let s = engine
+        .open(Limits {
+            events_per_machine: 3,
+            ..Limits::default()
+        })
+        .await;
+    let n = super::engine::RETENTION_CHUNK as u32 * 2 + 88;
     let mut enrolls = tokio::task::JoinSet::new();
     for i in 0..n {
         let s = s.clone();
@@ -889,7 +992,7 @@ async fn a_retention_run_is_spread_over_batches() {
     s.maintain_observations_only().await;
     assert_eq!(s.stats().events_pruned, 0);
     // One chunk of machines per batch, until the run is done.
-    let chunk = super::sqlite::RETENTION_CHUNK as u64;
+    let chunk = super::engine::RETENTION_CHUNK as u64;
     s.start_retention_run().await;
     assert_eq!(s.stats().events_pruned, 3 * chunk);
     s.maintain_observations_only().await;
@@ -904,9 +1007,8 @@ async fn a_retention_run_is_spread_over_batches() {
     }
 }
 
-#[tokio::test]
-async fn pages_of_machines_and_events() {
-    let s = store();
+async fn pages_of_machines_and_events(engine: Engine) {
+    let s = engine.store().await;
     for i in 0..25u32 {
         let mut n = new("52:54:00:00:00:00");
         n.mac = nth(i);
@@ -951,11 +1053,10 @@ async fn pages_of_machines_and_events() {
     assert_eq!(ev.iter().map(|e| e.id).collect::<Vec<_>>(), [23, 24, 25]);
 }
 
-#[tokio::test]
-async fn reads_between_repeats_do_not_split_their_row() {
+async fn reads_between_repeats_do_not_split_their_row(engine: Engine) {
     // An admin polling the API flushes before every read: the repeats it makes visible still
     // add to one row, not a row per poll.
-    let s = store();
+    let s = engine.store().await;
     let m = s.enroll(new("52:54:00:00:00:13"), 1).await.unwrap().mac;
     let t0 = now_ms();
     for dt in [0, 1_000, 2_000, 3_000] {
@@ -975,9 +1076,8 @@ async fn reads_between_repeats_do_not_split_their_row() {
     }
 }
 
-#[tokio::test]
-async fn repeats_within_a_minute_add_to_the_newest_row() {
-    let s = store();
+async fn repeats_within_a_minute_add_to_the_newest_row(engine: Engine) {
+    let s = engine.store().await;
     let m = s.enroll(new("52:54:00:00:00:12"), 1).await.unwrap().mac;
     let t0 = now_ms();
     let served = |at| Observation::Event {
@@ -1036,12 +1136,11 @@ async fn repeats_within_a_minute_add_to_the_newest_row() {
     );
 }
 
-#[tokio::test]
-async fn a_durable_write_writes_its_own_machines_repeats_first_and_only_those() {
+async fn a_durable_write_writes_its_own_machines_repeats_first_and_only_those(engine: Engine) {
     // After a burst of local boots every machine has repeats counted in memory; an install
     // of one machine must put that machine's before its install_started (its timeline's
     // order) and need not write everybody else's in its commit.
-    let s = store();
+    let s = engine.store().await;
     let a = s.enroll(new("52:54:00:00:00:21"), 1).await.unwrap().mac;
     let b = s.enroll(new("52:54:00:00:00:22"), 1).await.unwrap().mac;
     let t0 = now_ms();
@@ -1121,9 +1220,8 @@ async fn a_durable_write_writes_its_own_machines_repeats_first_and_only_those() 
     );
 }
 
-#[tokio::test]
-async fn a_machine_seen_again_within_a_minute_is_not_rewritten() {
-    let s = store();
+async fn a_machine_seen_again_within_a_minute_is_not_rewritten(engine: Engine) {
+    let s = engine.store().await;
     let m = s.enroll(new("52:54:00:00:00:13"), 1).await.unwrap().mac;
     let seen = |at, ip: &str| Observation::Seen {
         mac: m,
@@ -1157,9 +1255,8 @@ async fn a_machine_seen_again_within_a_minute_is_not_rewritten() {
 
 /// The cached boot facts never show what was true before a write that has returned, even
 /// with readers filling the cache while the writes commit.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn cached_boot_facts_follow_every_write() {
-    let s = Arc::new(store());
+async fn cached_boot_facts_follow_every_write(engine: Engine) {
+    let s = Arc::new(engine.store().await);
     let m = mac("52:54:00:00:00:14");
     assert_eq!(
         s.boot_facts(m).await.unwrap(),
@@ -1267,7 +1364,7 @@ async fn a_clean_close_writes_what_is_still_counted_in_memory() {
     let m = mac("52:54:00:00:00:16");
     let t0 = now_ms();
     {
-        let s = SqliteInventory::open(&path, Limits::default()).unwrap();
+        let s = SqlInventory::open(&path, Limits::default()).unwrap();
         s.enroll(new("52:54:00:00:00:16"), 1).await.unwrap();
         for dt in [0, 1_000, 2_000] {
             s.observe(Observation::Event {
@@ -1279,7 +1376,7 @@ async fn a_clean_close_writes_what_is_still_counted_in_memory() {
             s.maintain_observations_only().await;
         }
     }
-    let s = SqliteInventory::open(&path, Limits::default()).unwrap();
+    let s = SqlInventory::open(&path, Limits::default()).unwrap();
     let ev = s
         .events(EventQuery {
             mac: Some(m),
@@ -1293,9 +1390,8 @@ async fn a_clean_close_writes_what_is_still_counted_in_memory() {
     );
 }
 
-#[tokio::test]
-async fn machine_searches_filter_sort_and_count() {
-    let s = store();
+async fn machine_searches_filter_sort_and_count(engine: Engine) {
+    let s = engine.store().await;
     for i in 0..30u32 {
         let mut n = new("52:54:00:00:00:00");
         n.mac = nth(i);
@@ -1414,9 +1510,10 @@ async fn machine_searches_filter_sort_and_count() {
     assert_eq!(m.state_at, 950);
 }
 
-#[tokio::test]
-async fn the_event_feed_moves_with_each_commit_and_token_info_never_shows_the_token() {
-    let s = store();
+async fn the_event_feed_moves_with_each_commit_and_token_info_never_shows_the_token(
+    engine: Engine,
+) {
+    let s = engine.store().await;
     let mut feed = s.event_feed();
     let before = *feed.borrow_and_update();
     let m = s.enroll(new("52:54:00:00:00:51"), 1).await.unwrap().mac;
@@ -1457,9 +1554,8 @@ async fn the_event_feed_moves_with_each_commit_and_token_info_never_shows_the_to
 
 /// What group selectors read (uuid, serial, arch, platform) is in the cached boot facts, so a
 /// sighting that writes them forgets them at its commit, as any write does.
-#[tokio::test]
-async fn a_sighting_that_writes_what_selectors_read_is_seen_by_the_next_boot_facts() {
-    let s = store();
+async fn a_sighting_that_writes_what_selectors_read_is_seen_by_the_next_boot_facts(engine: Engine) {
+    let s = engine.store().await;
     let m = mac("52:54:00:00:00:31");
     s.observe(Observation::Seen {
         mac: m,
@@ -1525,7 +1621,7 @@ async fn the_groups_migration_keeps_every_machine_and_what_refers_to_it() {
         )
         .unwrap();
     }
-    let s = SqliteInventory::open(&path, Limits::default()).unwrap();
+    let s = SqlInventory::open(&path, Limits::default()).unwrap();
     let m = s.machine(mac("52:54:00:00:00:41")).await.unwrap().unwrap();
     assert_eq!(
         (m.state, m.profile.as_deref(), m.hostname.as_deref()),
@@ -1563,9 +1659,10 @@ async fn the_groups_migration_keeps_every_machine_and_what_refers_to_it() {
 
 /// Group changes are refused inside the writer's transaction, against the groups as
 /// committed: a tie, and a change that leaves a machine past discovery without a profile.
-#[tokio::test]
-async fn group_changes_keep_resolution_unambiguous_and_every_install_with_a_profile() {
-    let s = store();
+async fn group_changes_keep_resolution_unambiguous_and_every_install_with_a_profile(
+    engine: Engine,
+) {
+    let s = engine.store().await;
     let g = |name: &str, sel: &[(&str, &str)], profile: Option<&str>| Group {
         name: name.into(),
         selector: sel
@@ -1614,11 +1711,7 @@ async fn group_changes_keep_resolution_unambiguous_and_every_install_with_a_prof
     assert!(groups[0].starts_with("group rack3 created"), "{groups:?}");
     assert!(groups[1].starts_with("group rack3 updated"), "{groups:?}");
     // The groups survive a reopen.
-    let path = s.path().to_path_buf();
-    let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join("p.db");
-    crate::store::snapshot(&path, &copy).unwrap();
-    let s2 = SqliteInventory::open(&copy, Limits::default()).unwrap();
+    let (s2, _dir) = engine.reopen(&s).await;
     assert_eq!(
         s2.groups().get("rack3").unwrap().profile.as_deref(),
         Some("debian-12")
@@ -1640,9 +1733,8 @@ fn oui_rule(max: Option<u64>) -> crate::policy::Rule {
 
 /// Forty machines discovered at once race for a rule's five places: exactly five are
 /// enrolled, with the indexes 1 to 5 once each, and the count stops at five.
-#[tokio::test]
-async fn concurrent_discoveries_never_share_an_index_or_pass_the_count() {
-    let s = Arc::new(store());
+async fn concurrent_discoveries_never_share_an_index_or_pass_the_count(engine: Engine) {
+    let s = Arc::new(engine.store().await);
     assert!(s.put_rule(oui_rule(Some(5)), true, 1).await.unwrap());
     let macs: Vec<Mac> = (0..40).map(|i| nth(0x7700 + i)).collect();
     for m in &macs {
@@ -1716,9 +1808,8 @@ async fn concurrent_discoveries_never_share_an_index_or_pass_the_count() {
 
 /// A propose-mode rule marks the machine once; confirming enrolls it; a disabled or deleted
 /// rule withdraws what it proposed; a machine that no longer matches is skipped.
-#[tokio::test]
-async fn proposals_wait_for_confirmation_and_go_with_their_rule() {
-    let s = store();
+async fn proposals_wait_for_confirmation_and_go_with_their_rule(engine: Engine) {
+    let s = engine.store().await;
     let m = nth(0x7800);
     s.discover(m, Sighting::default(), 1).await.unwrap();
     let propose = crate::policy::Rule {
@@ -1823,9 +1914,8 @@ async fn proposals_wait_for_confirmation_and_go_with_their_rule() {
 
 /// A rule whose pattern gives no valid hostname for this machine, or that gives no profile
 /// a group does not fill, enrolls nothing and takes no index.
-#[tokio::test]
-async fn a_rule_that_cannot_enroll_a_machine_changes_nothing() {
-    let s = store();
+async fn a_rule_that_cannot_enroll_a_machine_changes_nothing(engine: Engine) {
+    let s = engine.store().await;
     let m = nth(0x7900);
     s.discover(m, Sighting::default(), 1).await.unwrap();
     s.put_rule(
@@ -1873,7 +1963,7 @@ fn labelled_group(name: &str, key: &str, value: &str, profile: Option<&str>) -> 
 }
 
 /// The events of the whole inventory, after a flush.
-async fn all_events(s: &SqliteInventory) -> Vec<Event> {
+async fn all_events(s: &SqlInventory) -> Vec<Event> {
     s.flush().await.unwrap();
     s.events(EventQuery {
         limit: 1000,
@@ -1886,10 +1976,9 @@ async fn all_events(s: &SqliteInventory) -> Vec<Event> {
 /// An apply is one transaction: a dry run leaves nothing (rows, events, groups and rules in
 /// memory) and plans what the apply then does; a refusal found at its end (a machine no group
 /// gives a profile, once the file's groups are written) undoes the groups written before it.
-#[tokio::test]
-async fn an_apply_is_all_or_nothing_and_a_dry_run_is_its_plan() {
+async fn an_apply_is_all_or_nothing_and_a_dry_run_is_its_plan(engine: Engine) {
     use plan::{Action, Desired};
-    let s = store();
+    let s = engine.store().await;
     s.enroll(new("52:54:00:00:00:01"), 1).await.unwrap();
     let before = all_events(&s).await;
     let mut rackless = new("52:54:00:00:00:02");
@@ -2017,10 +2106,9 @@ async fn an_apply_is_all_or_nothing_and_a_dry_run_is_its_plan() {
 /// The result of an apply is checked whole: a tie between two of its groups, or one DHCP
 /// reservation for two machines, is refused even though each change alone would do; a
 /// value moved from one group to another in one file is no tie on the way.
-#[tokio::test]
-async fn an_apply_is_checked_as_a_whole() {
+async fn an_apply_is_checked_as_a_whole(engine: Engine) {
     use plan::Desired;
-    let s = store();
+    let s = engine.store().await;
     let mut a = labelled_group("a", "rack", "3", Some("debian-12"));
     let b = labelled_group("b", "row", "b", None);
     let run = || ApplyRun::Apply { expect: None };
@@ -2100,9 +2188,8 @@ async fn an_apply_is_checked_as_a_whole() {
 /// tokens that ran out by its clock) racing them: per machine exactly one phone-home succeeds
 /// and the sweep leaves it alone, or the sweep fails it and every phone-home is refused — never
 /// both, never two.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn racing_read_then_write_calls_take_effect_once() {
-    let s = Arc::new(store());
+async fn racing_read_then_write_calls_take_effect_once(engine: Engine) {
+    let s = Arc::new(engine.store().await);
     let mut macs = Vec::new();
     for i in 0..20u32 {
         let mut n = new("52:54:00:00:00:00");
@@ -2185,4 +2272,213 @@ async fn racing_read_then_write_calls_take_effect_once() {
             );
         }
     }
+}
+
+/// A table's shape, as both engines can say it: its columns in order (name, `integer` or
+/// `text`, NOT NULL, default, part of the primary key) and its indexes made by a migration
+/// (name, columns or `expr`, unique).
+type Shape = BTreeMap<
+    String,
+    (
+        Vec<(String, String, bool, Option<String>, bool)>,
+        BTreeSet<String>,
+    ),
+>;
+
+fn sqlite_shape(c: &rusqlite::Connection) -> Shape {
+    let tables: Vec<String> = c
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table'
+             AND name NOT LIKE 'sqlite_%' ORDER BY name",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    let mut shape = Shape::new();
+    for t in tables {
+        let cols = c
+            .prepare(&format!("PRAGMA table_info({t})"))
+            .unwrap()
+            .query_map([], |r| {
+                let ty: String = r.get(2)?;
+                let pk: i64 = r.get(5)?;
+                Ok((
+                    r.get::<_, String>(1)?,
+                    ty.to_lowercase(),
+                    r.get::<_, i64>(3)? == 1 || pk > 0,
+                    r.get::<_, Option<String>>(4)?,
+                    pk > 0,
+                ))
+            })
+            .unwrap()
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .unwrap();
+        let indexes: Vec<(String, bool, String)> = c
+            .prepare(&format!("PRAGMA index_list({t})"))
+            .unwrap()
+            .query_map([], |r| Ok((r.get(1)?, r.get::<_, i64>(2)? == 1, r.get(3)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let mut idx = BTreeSet::new();
+        for (name, unique, origin) in indexes {
+            let cols: Vec<Option<String>> = c
+                .prepare(&format!("PRAGMA index_info({name})"))
+                .unwrap()
+                .query_map([], |r| r.get(2))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            let cols = cols
+                .into_iter()
+                .map(|c| c.unwrap_or_else(|| "expr".into()))
+                .collect::<Vec<_>>()
+                .join(",");
+            // SQLite names the indexes of UNIQUE and PRIMARY KEY constraints itself.
+            let name = if origin == "c" { name } else { origin };
+            idx.insert(format!(
+                "{name}({cols}){}",
+                if unique { " unique" } else { "" }
+            ));
+        }
+        // An INTEGER PRIMARY KEY is SQLite's rowid, with no index of its own.
+        let pk: Vec<&(String, String, bool, Option<String>, bool)> =
+            cols.iter().filter(|c| c.4).collect();
+        if let [only] = pk[..] {
+            if only.1 == "integer" {
+                idx.insert(format!("pk({}) unique", only.0));
+            }
+        }
+        shape.insert(t, (cols, idx));
+    }
+    shape
+}
+
+fn postgres_shape(cluster: &crate::store::pg_cluster::Cluster, db: &str) -> Shape {
+    let psql = |sql: &str| -> Vec<Vec<String>> {
+        cluster
+            .psql(db, sql)
+            .lines()
+            .map(|l| l.split('|').map(str::to_string).collect())
+            .collect()
+    };
+    let mut shape = Shape::new();
+    for t in psql(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'
+         AND table_name <> 'schema_version' ORDER BY 1",
+    ) {
+        let t = &t[0];
+        let pk: BTreeSet<String> = psql(&format!(
+            "SELECT a.attname FROM pg_index i JOIN pg_attribute a
+             ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+             WHERE i.indrelid = '{t}'::regclass AND i.indisprimary"
+        ))
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
+        let cols = psql(&format!(
+            "SELECT column_name, data_type, is_nullable, coalesce(column_default, '<none>')
+             FROM information_schema.columns WHERE table_name = '{t}' ORDER BY ordinal_position"
+        ))
+        .into_iter()
+        .map(|r| {
+            let ty = match r[1].as_str() {
+                "bigint" => "integer".to_string(),
+                other => other.to_string(),
+            };
+            let default = (r[3] != "<none>").then(|| {
+                r[3].trim_end_matches("::text")
+                    .trim_end_matches("::bigint")
+                    .to_string()
+            });
+            (r[0].clone(), ty, r[2] == "NO", default, pk.contains(&r[0]))
+        })
+        .collect();
+        let idx = psql(&format!(
+            "SELECT c.relname, i.indisunique, i.indisprimary,
+                    con.contype IS NOT NULL,
+                    (SELECT string_agg(coalesce(a.attname, 'expr'), ',' ORDER BY k.n)
+                     FROM unnest(i.indkey) WITH ORDINALITY k(att, n)
+                     LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.att
+                                              AND k.att <> 0)
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid
+             WHERE i.indrelid = '{t}'::regclass"
+        ))
+        .into_iter()
+        .map(|r| {
+            let (unique, primary, constraint) = (r[1] == "t", r[2] == "t", r[3] == "t");
+            let name = if primary {
+                "pk".to_string()
+            } else if constraint {
+                "u".to_string()
+            } else {
+                r[0].clone()
+            };
+            format!("{name}({}){}", r[4], if unique { " unique" } else { "" })
+        })
+        .collect();
+        shape.insert(t.clone(), (cols, idx));
+    }
+    shape
+}
+
+/// Both engines' migrations make the same tables, columns (types, NOT NULL, defaults, keys)
+/// and indexes, so a store test passing on one says the same of the other.
+#[tokio::test]
+async fn the_postgres_migrations_make_the_same_schema_as_sqlites() {
+    let sqlite = Engine::Sqlite.store().await;
+    let path = sqlite.path().unwrap().to_path_buf();
+    let lite = sqlite_shape(&rusqlite::Connection::open(&path).unwrap());
+    let cluster = crate::store::pg_cluster::shared();
+    let db = cluster.create_db();
+    let pg = SqlInventory::connect(&cluster.url(&db), Limits::default())
+        .await
+        .unwrap();
+    let post = postgres_shape(cluster, &db);
+    drop(pg);
+    cluster.drop_db(&db);
+    assert_eq!(
+        lite.keys().collect::<Vec<_>>(),
+        post.keys().collect::<Vec<_>>(),
+        "the same tables"
+    );
+    for (table, (cols, idx)) in &lite {
+        let (pcols, pidx) = &post[table];
+        assert_eq!(cols, pcols, "the columns of {table}");
+        assert_eq!(idx, pidx, "the indexes of {table}");
+    }
+    assert!(lite["machines"].1.contains("machines_reservation(expr)"));
+}
+
+/// Daemons starting together on a new database migrate it once (an advisory lock), and each
+/// then runs on the whole schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn daemons_starting_together_migrate_once() {
+    let cluster = crate::store::pg_cluster::shared();
+    let db = cluster.create_db();
+    let url = cluster.url(&db);
+    let mut opens = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        opens.spawn(async move { SqlInventory::connect(&url, Limits::default()).await });
+    }
+    let stores: Vec<SqlInventory> = opens
+        .join_all()
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(stores.len(), 4);
+    assert_eq!(
+        cluster.psql(&db, "SELECT version FROM schema_version"),
+        crate::store::postgres::known_version().to_string()
+    );
+    stores[0].enroll(new("52:54:00:00:00:71"), 1).await.unwrap();
+    let seen = stores[3].machine(mac("52:54:00:00:00:71")).await.unwrap();
+    assert_eq!(seen.map(|m| m.state), Some(State::Enrolled));
+    drop(stores);
+    cluster.drop_db(&db);
 }
