@@ -2,6 +2,8 @@
 //! and HTTP, with rendered configs checked by the real validators (cloud-init, Ignition,
 //! debconf).
 
+#[path = "../common/pg_cluster.rs"]
+mod pg_cluster;
 mod support;
 
 mod admin;
@@ -17,6 +19,7 @@ pub mod metrics;
 mod nodes;
 mod powercut;
 mod register;
+mod scaleout;
 mod snippets;
 mod systemd;
 mod tftp;
