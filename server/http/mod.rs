@@ -223,7 +223,10 @@ fn status_of(e: &Error) -> StatusCode {
             StatusCode::FORBIDDEN
         }
         Error::Store(StoreError::Token(_, _)) => StatusCode::GONE,
-        Error::Store(StoreError::Closed) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Store(StoreError::Closed | StoreError::Unavailable(_)) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        Error::Store(StoreError::Contended(_)) => StatusCode::CONFLICT,
         Error::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         Error::Render(crate::render::RenderError::NoProfile(_))
         | Error::Render(crate::render::RenderError::NoArtifact { .. }) => StatusCode::NOT_FOUND,

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -95,8 +95,14 @@ impl Conn {
 
     /// Begins the batch's transaction. SQLite: IMMEDIATE takes the write lock now, so a
     /// batch never fails halfway for want of it. PostgreSQL: READ COMMITTED, the default;
-    /// each operation's own compare-and-set or upsert decides a race (see the store's
-    /// module words), and a connection the server closed is replaced first.
+    /// each operation's own compare-and-set or upsert decides a race with what other daemons
+    /// read and decided outside the batch (see the store's module words), and a connection
+    /// the server closed is replaced first. The batch then takes the events lock
+    /// ([`postgres::EVENTS_LOCK`]) until it commits: batches of several daemons commit one
+    /// at a time, so event ids grow in the order their rows become visible, and a reader that
+    /// resumes after an id never skips one committed later (a sequence alone hands out ids in
+    /// the order they are asked for, not committed). Taken first, before any row lock, it
+    /// cannot deadlock with them.
     fn begin(&mut self) -> Result<()> {
         match self {
             Conn::Sqlite(c) => Ok(c.execute_batch("BEGIN IMMEDIATE")?),
@@ -106,13 +112,19 @@ impl Conn {
                     match PgConn::take(pool) {
                         Ok(c) => *conn = Some(c),
                         Err(e) => {
-                            down.0 = e.to_string();
+                            down.0 = match &e {
+                                StoreError::Unavailable(why) => why.clone(),
+                                e => e.to_string(),
+                            };
                             return Err(e);
                         }
                     }
                 }
                 let c = conn.as_ref().expect("taken above");
-                let began = c.batch("BEGIN");
+                let began = c.batch(&format!(
+                    "BEGIN; SELECT pg_advisory_xact_lock({})",
+                    postgres::EVENTS_LOCK
+                ));
                 if let Err(e) = &began {
                     down.0 = e.to_string();
                     *conn = None;
@@ -132,16 +144,16 @@ impl Db for Unavailable {
         Dialect::Postgres
     }
     fn exec(&self, _: &str, _: &[Arg<'_>]) -> Result<u64> {
-        Err(StoreError::Database(self.0.clone()))
+        Err(StoreError::Unavailable(self.0.clone()))
     }
     fn query(&self, _: &str, _: &[Arg<'_>]) -> Result<Vec<SqlRow>> {
-        Err(StoreError::Database(self.0.clone()))
+        Err(StoreError::Unavailable(self.0.clone()))
     }
     fn query_once(&self, _: &str, _: &[Arg<'_>]) -> Result<Vec<SqlRow>> {
-        Err(StoreError::Database(self.0.clone()))
+        Err(StoreError::Unavailable(self.0.clone()))
     }
     fn batch(&self, _: &str) -> Result<()> {
-        Err(StoreError::Database(self.0.clone()))
+        Err(StoreError::Unavailable(self.0.clone()))
     }
 }
 
@@ -170,11 +182,15 @@ struct Shared {
     facts: Arc<FactsCache>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The newest committed event id (see [`Inventory::event_feed`]).
-    events: tokio::sync::watch::Receiver<i64>,
+    events: Arc<tokio::sync::watch::Sender<i64>>,
     /// Every group, replaced whole after a group change commits.
     groups: Arc<RwLock<Arc<GroupSet>>>,
     /// Every discovery rule with its count, replaced whole after a commit that changed one.
     rules: Arc<RwLock<Arc<RuleSet>>>,
+    /// Orders the replacements of `groups` and `rules` (see [`Catalog`]).
+    catalog: Arc<Catalog>,
+    /// Stops the PostgreSQL watcher (dropped with the store).
+    watcher: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
     /// Keeps a test database's directory alive as long as the store.
     _dir: Option<tempfile::TempDir>,
     /// Runs once the writer has stopped (tests: drops a test's PostgreSQL database).
@@ -189,6 +205,15 @@ impl Drop for Shared {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(h) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+        if let Some((stop, h)) = self
+            .watcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            drop(stop);
             let _ = h.join();
         }
         if let Some(f) = self.on_drop.take() {
@@ -236,7 +261,106 @@ struct Counters {
 }
 
 /// Called with the batch's commit result (`None`: durable) to answer one request.
-type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
+type Completion = Box<dyn FnOnce(Option<&Failed>) + Send>;
+
+/// When the groups and rules in memory were last replaced, as an event id: after a commit
+/// of this daemon's (`committed`, kept before its requests are answered), or from a snapshot
+/// the PostgreSQL watcher read. A replacement older than the one in memory is not made, so a
+/// watcher's read that raced a change of this daemon's never puts the old sets back.
+struct Catalog {
+    at: Mutex<i64>,
+    committed: AtomicI64,
+}
+
+/// Moves the event feed forward to `id` (never back: the writer and the watcher both tell it).
+fn publish_event_id(events: &tokio::sync::watch::Sender<i64>, id: i64) {
+    events.send_if_modified(|last| {
+        let newer = id > *last;
+        if newer {
+            *last = id;
+        }
+        newer
+    });
+}
+
+/// How often the PostgreSQL watcher looks for other daemons' writes.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What one PostgreSQL daemon learns of the others' writes, by polling the newest event id
+/// every [`WATCH_INTERVAL`] (one index lookup): a newer id moves this daemon's event feed
+/// (live views, `events --follow`, the web UI), and makes it read the groups and rules again
+/// in one snapshot, since another daemon may have changed them. Polling rather than
+/// LISTEN/NOTIFY: a dedicated listening connection would need its own reconnects and would
+/// still have to read after a reconnect what it missed; the pool reconnects already.
+struct Watcher {
+    pool: deadpool_postgres::Pool,
+    events: Arc<tokio::sync::watch::Sender<i64>>,
+    groups: Arc<RwLock<Arc<GroupSet>>>,
+    rules: Arc<RwLock<Arc<RuleSet>>>,
+    catalog: Arc<Catalog>,
+}
+
+impl Watcher {
+    fn run(self, stop: mpsc::Receiver<()>) {
+        let mut seen = *self.events.borrow();
+        loop {
+            match stop.recv_timeout(WATCH_INTERVAL) {
+                Err(RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+            match self.look(seen) {
+                Ok(id) => seen = id,
+                // The database is away: the writer and the readers say so to their callers;
+                // here there is nothing to do but look again.
+                Err(e) => tracing::debug!("watching for other daemons' writes: {e}"),
+            }
+        }
+    }
+
+    /// One look: returns the newest event id.
+    fn look(&self, seen: i64) -> Result<i64> {
+        let c = PgConn::take(&self.pool)?;
+        let db: &dyn Db = &c;
+        let newest: i64 = db.scalar("SELECT coalesce(max(id), 0) FROM events", args![])?;
+        if newest <= seen {
+            return Ok(seen);
+        }
+        db.batch("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+        let snapshot = (|| {
+            let at: i64 = db.scalar("SELECT coalesce(max(id), 0) FROM events", args![])?;
+            Ok::<_, StoreError>((at, load_groups(db)?, load_rules(db)?))
+        })();
+        let _ = db.batch("COMMIT");
+        let (at, groups, rules) = snapshot?;
+        {
+            let mut current = self.catalog.at.lock().unwrap_or_else(|p| p.into_inner());
+            if at > *current {
+                *self.groups.write().unwrap_or_else(|p| p.into_inner()) =
+                    Arc::new(GroupSet::new(groups));
+                *self.rules.write().unwrap_or_else(|p| p.into_inner()) =
+                    Arc::new(RuleSet::new(rules));
+                *current = at;
+            }
+        }
+        publish_event_id(&self.events, at);
+        Ok(at)
+    }
+}
+
+/// Why a batch did not commit, told to each of its requests.
+struct Failed(StoreError);
+
+impl Failed {
+    /// The error a request of the batch answers with: the database unreachable says so (the
+    /// request may be tried again once it is back); any other failure of the commit is a
+    /// database error.
+    fn error(&self) -> StoreError {
+        match &self.0 {
+            StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
+            e => StoreError::Database(format!("commit failed: {e}")),
+        }
+    }
+}
 /// A durable request's work.
 type JobFn = Box<dyn FnOnce(&dyn Db) -> Completion + Send>;
 /// One durable request: runs inside the batch's transaction, returns how to answer.
@@ -456,11 +580,24 @@ impl SqlInventory {
             limits,
             None,
         )?;
-        if let Some(f) = on_drop {
-            Arc::get_mut(&mut store.shared)
-                .expect("a new store is not shared yet")
-                .on_drop = Some(f);
-        }
+        let shared = Arc::get_mut(&mut store.shared).expect("a new store is not shared yet");
+        shared.on_drop = on_drop;
+        let Readers::Postgres { pool, .. } = &shared.readers else {
+            unreachable!("started on PostgreSQL")
+        };
+        let watcher = Watcher {
+            pool: pool.clone(),
+            events: shared.events.clone(),
+            groups: shared.groups.clone(),
+            rules: shared.rules.clone(),
+            catalog: shared.catalog.clone(),
+        };
+        let (stop, stopped) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("inventory-watch".into())
+            .spawn(move || watcher.run(stopped))
+            .map_err(|e| StoreError::Database(format!("starting the watcher thread: {e}")))?;
+        *shared.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some((stop, handle));
         Ok(store)
     }
 
@@ -479,7 +616,11 @@ impl SqlInventory {
         let last_event: i64 = c.scalar("SELECT coalesce(max(id), 0) FROM events", args![])?;
         let groups = Arc::new(RwLock::new(Arc::new(GroupSet::new(load_groups(c)?))));
         let rules = Arc::new(RwLock::new(Arc::new(RuleSet::new(load_rules(c)?))));
-        let (events_tx, events_rx) = tokio::sync::watch::channel(last_event);
+        let events_tx = Arc::new(tokio::sync::watch::Sender::new(last_event));
+        let catalog = Arc::new(Catalog {
+            at: Mutex::new(last_event),
+            committed: AtomicI64::new(last_event),
+        });
         let (tx, rx) = mpsc::channel();
         let queue = Arc::new(ObservationQueue {
             items: Mutex::new(VecDeque::new()),
@@ -495,7 +636,8 @@ impl SqlInventory {
             queue: queue.clone(),
             counters: counters.clone(),
             facts: facts.clone(),
-            events: events_tx,
+            events: events_tx.clone(),
+            catalog: catalog.clone(),
             touched: HashSet::new(),
             retention_queue: Vec::new(),
             retention_total: false,
@@ -522,9 +664,11 @@ impl SqlInventory {
                 counters,
                 facts,
                 writer: Mutex::new(Some(handle)),
-                events: events_rx,
+                events: events_tx,
                 groups,
                 rules,
+                catalog,
+                watcher: Mutex::new(None),
                 _dir: dir,
                 on_drop: None,
             }),
@@ -616,10 +760,10 @@ impl SqlInventory {
         let (tx, rx) = oneshot::channel();
         let run: JobFn = Box::new(move |conn| {
             let out = in_savepoint(conn, f);
-            Box::new(move |commit_error: Option<&str>| {
-                let _ = tx.send(match commit_error {
+            Box::new(move |failed: Option<&Failed>| {
+                let _ = tx.send(match failed {
                     None => out,
-                    Some(e) => Err(StoreError::Database(format!("commit failed: {e}"))),
+                    Some(f) => Err(f.error()),
                 });
             })
         });
@@ -638,11 +782,15 @@ impl SqlInventory {
     ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         let (groups, rules) = (self.shared.groups.clone(), self.shared.rules.clone());
+        let catalog = self.shared.catalog.clone();
         let run: JobFn = Box::new(move |conn| {
             let out = in_savepoint(conn, f);
-            Box::new(move |commit_error: Option<&str>| {
-                let _ = tx.send(match (commit_error, out) {
+            Box::new(move |failed: Option<&Failed>| {
+                let _ = tx.send(match (failed, out) {
                     (None, Ok((t, publish))) => {
+                        // As of this commit (its id was kept before anyone was answered).
+                        let mut at = catalog.at.lock().unwrap_or_else(|p| p.into_inner());
+                        *at = (*at).max(catalog.committed.load(Ordering::Relaxed));
                         match publish {
                             Publish::Groups(set) => {
                                 *groups.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set)
@@ -659,7 +807,7 @@ impl SqlInventory {
                         Ok(t)
                     }
                     (None, Err(e)) => Err(e),
-                    (Some(e), _) => Err(StoreError::Database(format!("commit failed: {e}"))),
+                    (Some(f), _) => Err(f.error()),
                 });
             })
         });
@@ -817,7 +965,10 @@ struct Writer {
     counters: Arc<Counters>,
     facts: Arc<FactsCache>,
     /// Tells live views the newest committed event id.
-    events: tokio::sync::watch::Sender<i64>,
+    events: Arc<tokio::sync::watch::Sender<i64>>,
+    /// Where the newest committed event id is kept for the groups and rules published after
+    /// the commit.
+    catalog: Arc<Catalog>,
     /// Machines that received observation events since the last retention run.
     touched: HashSet<String>,
     /// Machines of the current retention run not checked yet (see [`RETENTION_CHUNK`]), and
@@ -1055,7 +1206,10 @@ impl Writer {
             self.retention_drain = false;
         } else if let Err(e) = &began {
             // Each request is answered with why (the database is unreachable), not dropped.
-            let down = Unavailable(e.to_string());
+            let down = Unavailable(match e {
+                StoreError::Unavailable(why) => why.clone(),
+                e => e.to_string(),
+            });
             for (_, job) in jobs {
                 completions.push(job(&down));
             }
@@ -1077,11 +1231,14 @@ impl Writer {
             Err(e) => {
                 tracing::error!("inventory commit failed: {e}");
                 let _ = self.conn.db().batch("ROLLBACK");
-                Some(e.to_string())
+                Some(Failed(match e {
+                    StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
+                    e => StoreError::Database(e.to_string()),
+                }))
             }
         };
         for done in completions {
-            done(error.as_deref());
+            done(error.as_ref());
         }
         for f in flushes {
             let _ = f.send(());
@@ -1096,11 +1253,8 @@ impl Writer {
             .scalar::<i64>("SELECT coalesce(max(id), 0) FROM events", args![])
         {
             Ok(id) => {
-                self.events.send_if_modified(|last| {
-                    let newer = id != *last;
-                    *last = id;
-                    newer
-                });
+                self.catalog.committed.store(id, Ordering::Relaxed);
+                publish_event_id(&self.events, id);
             }
             Err(e) => tracing::error!("reading the newest event id failed: {e}"),
         }
@@ -1817,7 +1971,13 @@ fn enroll_in(
                     map_json(&new.labels),
                     now
                 ],
-            )?;
+            )
+            // Another daemon created the row since our read (PostgreSQL): a conflict, and the
+            // request made again finds it.
+            .map_err(|e| match e {
+                StoreError::Contended(_) => StoreError::Conflict(mac),
+                e => e,
+            })?;
         }
     }
     let m = must_load(c, mac)?.resolve(groups);
@@ -3322,6 +3482,11 @@ impl Inventory for SqlInventory {
                     continue;
                 };
                 let m = must_load(c, mac)?;
+                if m.state != State::Installing {
+                    // Another daemon's sweeper (or a phone-home) moved it after the query
+                    // above: on PostgreSQL each statement sees what committed before it.
+                    continue;
+                }
                 match apply(c, now, &m, &fail, &detail) {
                     Ok(_) => out.push(mac),
                     // Another daemon moved it first (phone-home won the race): skip it.
@@ -3525,7 +3690,7 @@ impl Inventory for SqlInventory {
     }
 
     fn event_feed(&self) -> tokio::sync::watch::Receiver<i64> {
-        self.shared.events.clone()
+        self.shared.events.subscribe()
     }
 }
 

@@ -144,6 +144,15 @@ pub enum StoreError {
     /// The database itself failed.
     #[error("database error: {0}")]
     Database(String),
+    /// The database cannot be reached (PostgreSQL down, restarting, failing over, or the
+    /// network to it): nothing was changed; the same request can be made again once it is
+    /// back.
+    #[error("the inventory's database is unreachable: {0}")]
+    Unavailable(String),
+    /// Another daemon changed the same rows at the same moment (PostgreSQL: a unique key
+    /// taken first, a serialization failure, a deadlock): nothing was changed; try again.
+    #[error("another provision daemon changed the same inventory rows at the same time; try again ({0})")]
+    Contended(String),
     /// The schema could not be brought up to date.
     #[error("database migration failed: {0}")]
     Migration(String),

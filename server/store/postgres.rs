@@ -31,6 +31,9 @@ const POOL_SIZE: usize = 16;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The advisory lock that serialises migrations: daemons starting together migrate once.
 const MIGRATION_LOCK: i64 = 0x7072_6f76_6973_696f; // "provisio"
+/// The advisory lock each daemon's write batch holds until it commits, so event ids grow in
+/// commit order across daemons (see the writer's `Conn::begin`).
+pub(super) const EVENTS_LOCK: i64 = 0x7072_6f76_6576_7473; // "provevts"
 
 /// The runtime PostgreSQL connections run on (see the module's words).
 pub(super) fn io() -> &'static tokio::runtime::Runtime {
@@ -46,22 +49,41 @@ pub(super) fn io() -> &'static tokio::runtime::Runtime {
 }
 
 impl From<tokio_postgres::Error> for StoreError {
+    /// By SQLSTATE: a lost connection or a server shutting down is [`StoreError::Unavailable`]
+    /// (class 08, class 57P, or no server answer at all); a race lost to another daemon (a
+    /// unique key, a serialization failure, a deadlock) is [`StoreError::Contended`].
     fn from(e: tokio_postgres::Error) -> Self {
-        match e.as_db_error() {
-            Some(db) => StoreError::Database(format!(
-                "PostgreSQL: {} (SQLSTATE {}){}",
-                db.message(),
-                db.code().code(),
-                db.detail().map(|d| format!(": {d}")).unwrap_or_default()
-            )),
-            None => StoreError::Database(format!("PostgreSQL: {e}")),
+        use tokio_postgres::error::SqlState;
+        let Some(db) = e.as_db_error() else {
+            // No answer from a server: refused, reset, closed, timed out.
+            return StoreError::Unavailable(format!("PostgreSQL: {e}"));
+        };
+        let code = db.code();
+        let message = format!(
+            "PostgreSQL: {} (SQLSTATE {}){}",
+            db.message(),
+            code.code(),
+            db.detail().map(|d| format!(": {d}")).unwrap_or_default()
+        );
+        if code.code().starts_with("08") || code.code().starts_with("57P") {
+            StoreError::Unavailable(message)
+        } else if [
+            SqlState::UNIQUE_VIOLATION,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+        ]
+        .contains(code)
+        {
+            StoreError::Contended(message)
+        } else {
+            StoreError::Database(message)
         }
     }
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        StoreError::Database(format!("PostgreSQL: no connection: {e}"))
+        StoreError::Unavailable(format!("PostgreSQL: no connection: {e}"))
     }
 }
 

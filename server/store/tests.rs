@@ -1,5 +1,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::*;
 use crate::store::now_ms;
@@ -2481,4 +2482,248 @@ async fn daemons_starting_together_migrate_once() {
     assert_eq!(seen.map(|m| m.state), Some(State::Enrolled));
     drop(stores);
     cluster.drop_db(&db);
+}
+
+// --- Several daemons on one PostgreSQL database ---
+//
+// Each test opens two inventories on one database, as two daemons do, and races them: the
+// outcome must be what one inventory doing both would give.
+
+/// Two inventories on one new PostgreSQL database (the second opens it migrated).
+async fn two_daemons() -> (Arc<SqlInventory>, Arc<SqlInventory>) {
+    let a = Engine::Postgres.store().await;
+    let url = a.postgres_url().expect("a PostgreSQL store").to_string();
+    let b = SqlInventory::connect(&url, Limits::default())
+        .await
+        .unwrap();
+    (Arc::new(a), Arc::new(b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_daemons_never_lease_one_address_twice() {
+    let (a, b) = two_daemons().await;
+    let pool = Pool {
+        start: "10.9.0.10".parse().unwrap(),
+        end: "10.9.0.39".parse().unwrap(),
+        reserved_for_others: Default::default(),
+    };
+    // 50 clients for 30 addresses, each asking both daemons at once (as two ProxyDHCP
+    // servers on one segment hear one broadcast), then binding what it was offered.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50u32 {
+        for s in [a.clone(), b.clone()] {
+            let pool = pool.clone();
+            tasks.spawn(async move {
+                let mac = nth(0x5000 + i);
+                let offered = s
+                    .lease_offer(OfferRequest {
+                        mac,
+                        reservation: None,
+                        requested: None,
+                        pool: pool.clone(),
+                        hold_until: 10_000,
+                        now: 1,
+                    })
+                    .await
+                    .unwrap();
+                let Some(ip) = offered else {
+                    return (mac, None);
+                };
+                let bound = s
+                    .lease_bind(BindRequest {
+                        mac,
+                        ip,
+                        pool,
+                        reservation: None,
+                        until: 100_000,
+                        now: 2,
+                    })
+                    .await
+                    .unwrap();
+                (mac, bound.then_some(ip))
+            });
+        }
+    }
+    let mut bound: BTreeMap<Ipv4Addr, BTreeSet<Mac>> = BTreeMap::new();
+    while let Some(r) = tasks.join_next().await {
+        if let (mac, Some(ip)) = r.unwrap() {
+            bound.entry(ip).or_default().insert(mac);
+        }
+    }
+    assert!(
+        bound.values().all(|macs| macs.len() == 1),
+        "an address bound to two machines: {bound:?}"
+    );
+    let live = b.leases(3).await.unwrap();
+    let ips: BTreeSet<Ipv4Addr> = live.iter().map(|l| l.ip).collect();
+    assert_eq!(ips.len(), live.len(), "one row per address");
+    assert_eq!(live.len(), 30, "the whole pool is leased, once: {live:?}");
+    let macs: BTreeSet<Option<Mac>> = live.iter().map(|l| l.mac).collect();
+    assert_eq!(macs.len(), 30, "one address per machine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_daemons_burn_a_token_once_and_sweep_an_expiry_once() {
+    let (a, b) = two_daemons().await;
+    let macs: Vec<Mac> = (0..20).map(|i| nth(0x5100 + i)).collect();
+    for (i, m) in macs.iter().enumerate() {
+        let mut n = new(&m.to_string());
+        n.hostname = None;
+        a.enroll(n, 1).await.unwrap();
+        // Half expire at 50, half live until 500.
+        let expires = if i % 2 == 0 { 50 } else { 500 };
+        b.start_install(
+            *m,
+            format!("tok{i}"),
+            expires,
+            Sighting::default(),
+            FROM.into(),
+            None,
+            2,
+        )
+        .await
+        .unwrap();
+    }
+    // The live half phones home through both daemons at once.
+    let mut homes = tokio::task::JoinSet::new();
+    for i in (1..20).step_by(2) {
+        for s in [a.clone(), b.clone()] {
+            homes.spawn(async move {
+                let r = s
+                    .phone_home(
+                        format!("tok{i}"),
+                        key(),
+                        FROM.into(),
+                        BTreeSet::new(),
+                        "1 host key".into(),
+                        10,
+                    )
+                    .await;
+                (i, r.is_ok())
+            });
+        }
+    }
+    let mut installed = BTreeMap::new();
+    while let Some(r) = homes.join_next().await {
+        let (i, ok) = r.unwrap();
+        *installed.entry(i).or_insert(0) += ok as u32;
+    }
+    assert!(
+        installed.values().all(|n| *n == 1),
+        "each token burnt by exactly one phone-home: {installed:?}"
+    );
+    // Both sweepers run at once, past the first half's expiry.
+    let (x, y) = tokio::join!(a.expire_installs(100), b.expire_installs(100));
+    let mut failed: Vec<Mac> = x.unwrap();
+    failed.extend(y.unwrap());
+    failed.sort();
+    let expected: Vec<Mac> = macs.iter().step_by(2).copied().collect();
+    assert_eq!(failed, expected, "each expiry failed once, by one sweeper");
+    for (i, m) in macs.iter().enumerate() {
+        let kinds = kinds(&a, *m).await;
+        let want = if i % 2 == 0 { "failed" } else { "phoned_home" };
+        assert_eq!(
+            kinds.iter().filter(|k| k.as_str() == want).count(),
+            1,
+            "{m}: {kinds:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_daemons_enrolling_one_machine_enroll_it_once() {
+    let (a, b) = two_daemons().await;
+    for i in 0..20 {
+        let m = nth(0x5200 + i).to_string();
+        let (x, y) = tokio::join!(a.enroll(new(&m), 1), b.enroll(new(&m), 1));
+        let oks = [&x, &y].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(oks, 1, "{m}: {x:?} {y:?}");
+        let err = if x.is_err() { x } else { y }.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::AlreadyEnrolled(..) | StoreError::Conflict(_)
+            ),
+            "the loser is told the machine is taken or changed: {err:?}"
+        );
+        assert_eq!(kinds(&b, nth(0x5200 + i)).await, ["enrolled"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_daemons_never_give_a_rule_index_twice() {
+    let (a, b) = two_daemons().await;
+    assert!(a.put_rule(oui_rule(Some(5)), true, 1).await.unwrap());
+    let macs: Vec<Mac> = (0..30).map(|i| nth(0x7700 + i)).collect();
+    for m in &macs {
+        a.discover(*m, Sighting::default(), 2).await.unwrap();
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, m) in macs.iter().enumerate() {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let m = *m;
+        tasks.spawn(async move {
+            s.apply_rule(m, "rack7".into(), Sighting::default(), false, 3)
+                .await
+                .unwrap()
+        });
+    }
+    let mut hostnames = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        if let RuleOutcome::Enrolled(m) = r.unwrap() {
+            hostnames.push(m.hostname.unwrap());
+        }
+    }
+    hostnames.sort();
+    assert_eq!(
+        hostnames,
+        ["rack7-01", "rack7-02", "rack7-03", "rack7-04", "rack7-05"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_daemons_see_each_others_events_and_groups_within_a_second() {
+    let (a, b) = two_daemons().await;
+    let mut feed = b.event_feed();
+    let before = *feed.borrow_and_update();
+    let m = a.enroll(new("52:54:00:53:00:01"), 1).await.unwrap().mac;
+    let newest = a
+        .events(EventQuery {
+            tail: true,
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()[0]
+        .id;
+    assert!(newest > before);
+    // b's feed moves to a's event: its live views wake.
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while *feed.borrow_and_update() < newest {
+            feed.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("b's event feed reaches a's event within a second");
+    assert_eq!(kinds(&b, m).await, ["enrolled"]);
+    // A group a makes is b's to resolve machines with, within a second.
+    let group = labelled_group("rack9", "rack", "9", Some("ubuntu-24.04"));
+    a.put_group(group, true, 2).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while b.groups().get("rack9").is_none() {
+            feed.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("b holds a's group within a second");
+    // And a group b deletes is gone from a's.
+    b.delete_group("rack9".into(), 3).await.unwrap();
+    let mut afeed = a.event_feed();
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while a.groups().get("rack9").is_some() {
+            afeed.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("a drops b's deleted group within a second");
 }
