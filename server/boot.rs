@@ -168,7 +168,15 @@ impl BootService {
         let now = store::now_ms();
         // The three columns the decision needs (usually cached): a local boot, by far the
         // most common answer, never reads the whole machine.
-        let (facts, machine) = match self.inv.boot_facts(mac).await? {
+        let facts = match self.inv.boot_facts(mac).await {
+            Err(StoreError::Unavailable(why)) => {
+                return self
+                    .unreachable(mac, req.platform, base_url, &why)
+                    .map(Some)
+            }
+            other => other?,
+        };
+        let (facts, machine) = match facts {
             Some(f) => {
                 self.inv.observe(Observation::Seen {
                     mac,
@@ -438,6 +446,34 @@ impl BootService {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The answer while the inventory's database cannot be read: the machine's own disk
+    /// (see [`policy::LocalReason::InventoryUnreachable`]); its event is queued and written once the
+    /// database is back.
+    fn unreachable(
+        &self,
+        mac: Mac,
+        platform: Platform,
+        base_url: &str,
+        why: &str,
+    ) -> Result<Script> {
+        let word = policy::LocalReason::InventoryUnreachable.as_str();
+        let cat = self.renderer.catalog();
+        let body = self
+            .renderer
+            .local_script(&cat, mac, platform, word, base_url)?;
+        tracing::debug!(%mac, "inventory unreachable ({why}): local boot");
+        self.metrics.boot_decision(metrics::BootDecision::LocalBoot);
+        self.observe(
+            Some(mac),
+            EventKind::IpxeServed,
+            format!("local boot ({word}, {})", platform.as_str()),
+        );
+        Ok(Script {
+            body,
+            install: false,
+        })
     }
 
     /// DHCP asks whether a boot client gets an answer at all. The request is observed (an

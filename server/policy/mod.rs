@@ -361,6 +361,10 @@ pub enum LocalReason {
     /// Still `installing`, but the installer has written the disk; the installed OS will
     /// phone home from its first boot.
     InstallerDone,
+    /// The inventory's database cannot be read (PostgreSQL down or unreachable): what the
+    /// machine should boot is unknown, and the one answer that never wipes a disk and lets
+    /// installed machines come up is its disk.
+    InventoryUnreachable,
 }
 
 impl LocalReason {
@@ -371,6 +375,7 @@ impl LocalReason {
             LocalReason::Installed => "installed",
             LocalReason::Failed => "failed",
             LocalReason::InstallerDone => "installer-done",
+            LocalReason::InventoryUnreachable => "inventory-unreachable",
         }
     }
 }

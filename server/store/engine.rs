@@ -494,6 +494,17 @@ impl ObservationQueue {
         self.nudged.store(false, Ordering::Relaxed);
         std::mem::take(&mut *self.items.lock().unwrap_or_else(|p| p.into_inner()))
     }
+
+    /// Puts back what was taken and could not be written, before what came since, dropping
+    /// the oldest past the bound; returns how many it dropped.
+    fn put_back(&self, mut older: VecDeque<Observation>) -> u64 {
+        let mut q = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        older.append(&mut q);
+        let excess = older.len().saturating_sub(self.cap);
+        older.drain(..excess);
+        *q = older;
+        excess as u64
+    }
 }
 
 impl SqlInventory {
@@ -638,6 +649,7 @@ impl SqlInventory {
             facts: facts.clone(),
             events: events_tx.clone(),
             catalog: catalog.clone(),
+            unreachable: false,
             touched: HashSet::new(),
             retention_queue: Vec::new(),
             retention_total: false,
@@ -969,6 +981,8 @@ struct Writer {
     /// Where the newest committed event id is kept for the groups and rules published after
     /// the commit.
     catalog: Arc<Catalog>,
+    /// The last batch could not reach the database (PostgreSQL), and that was logged.
+    unreachable: bool,
     /// Machines that received observation events since the last retention run.
     touched: HashSet<String>,
     /// Machines of the current retention run not checked yet (see [`RETENTION_CHUNK`]), and
@@ -1213,8 +1227,23 @@ impl Writer {
             for (_, job) in jobs {
                 completions.push(job(&down));
             }
+            // The observations wait for the next batch (the queue's bound still holds).
+            let dropped = self.queue.put_back(observations);
+            self.counters
+                .observations_dropped
+                .fetch_add(dropped, Ordering::Relaxed);
         }
-        let result = began.and_then(|()| self.conn.db().batch("COMMIT"));
+        let result = began.and_then(|()| {
+            self.conn.db().batch("COMMIT").map_err(|e| match e {
+                // Lost while committing: the transaction may or may not have committed, so
+                // this is not "nothing was changed".
+                StoreError::Unavailable(why) => StoreError::Database(format!(
+                    "the connection to the database was lost while committing ({why}): the \
+                     change may or may not have been made; look before trying again"
+                )),
+                e => e,
+            })
+        });
         let discoveries = log_changes(result.is_ok());
         self.counters
             .discoveries
@@ -1223,18 +1252,32 @@ impl Writer {
         self.facts.committed(&touched, &created);
         let error = match &result {
             Ok(()) => {
+                if std::mem::take(&mut self.unreachable) {
+                    tracing::info!("the inventory's database is reachable again");
+                }
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
                 self.counters.writes.fetch_add(n_jobs, Ordering::Relaxed);
                 self.publish_last_event();
                 None
             }
+            Err(StoreError::Unavailable(why)) => {
+                // Said once an outage, not once a batch (observations are written every
+                // quarter second): the requests of each batch are told, and the watcher and
+                // readers fail alike until the database is back.
+                if !self.unreachable {
+                    self.unreachable = true;
+                    tracing::warn!(
+                        "the inventory's database is unreachable: {why}; writes fail, and \
+                         machine-facing answers that need it degrade, until it is back"
+                    );
+                }
+                let _ = self.conn.db().batch("ROLLBACK");
+                Some(Failed(StoreError::Unavailable(why.clone())))
+            }
             Err(e) => {
                 tracing::error!("inventory commit failed: {e}");
                 let _ = self.conn.db().batch("ROLLBACK");
-                Some(Failed(match e {
-                    StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
-                    e => StoreError::Database(e.to_string()),
-                }))
+                Some(Failed(StoreError::Database(e.to_string())))
             }
         };
         for done in completions {
@@ -3838,5 +3881,12 @@ mod queue_tests {
         let left: Vec<Observation> = q.take().into_iter().collect();
         assert_eq!(left, (2..6).map(ev).collect::<Vec<_>>());
         assert!(!q.nudged.load(Ordering::Relaxed), "taking resets the nudge");
+        // What a batch could not write goes back before what came since, within the bound.
+        q.push(ev(6));
+        q.push(ev(7));
+        let dropped = q.put_back(left.into_iter().collect());
+        assert_eq!(dropped, 2);
+        let back: Vec<Observation> = q.take().into_iter().collect();
+        assert_eq!(back, (4..8).map(ev).collect::<Vec<_>>());
     }
 }

@@ -234,7 +234,9 @@ impl Cluster {
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
         std::thread::spawn(move || {
             let mut cmd = Command::new(bin);
+            // A process group of its own: a crash kills the postmaster and its backends at once.
             as_server_user(&mut cmd)
+                .process_group(0)
                 .args(&args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -275,13 +277,15 @@ impl Cluster {
             .unwrap_or_else(|log| panic!("postgres did not start:\n{log}"));
     }
 
-    /// Stops the server at once (SIGKILL of the postmaster: a crash), and waits for it.
+    /// Stops the server at once: SIGKILL to the postmaster and every backend (a crash; a
+    /// postmaster killed alone leaves its backends finishing their sessions), and waits.
     pub fn kill(&self) {
         if let Some(mut c) = self.child.lock().unwrap().take() {
-            let _ = c.kill();
+            // SAFETY: signalling the server's own process group.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
             let _ = c.wait();
-            // Its backends notice the postmaster is gone and exit; wait until the port is
-            // free so a restart can bind it.
+            // The backends are gone with the group; the port is free once the kernel has
+            // closed their sockets.
             for _ in 0..500 {
                 if TcpListener::bind(("127.0.0.1", self.port)).is_ok() {
                     break;

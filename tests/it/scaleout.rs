@@ -201,3 +201,111 @@ fn a_daemon_reconnects_after_postgres_restarts_and_loses_no_acknowledged_write()
         acknowledged.len()
     );
 }
+
+/// While PostgreSQL is down, machine-facing answers that need the inventory degrade: every
+/// machine's iPXE asks get its disk (an installed machine comes up; nothing is wiped), configs
+/// and phone-homes are refused with 503; once it is back, the daemon answers as before and
+/// the local boots it served meanwhile are in the machines' timelines.
+#[test]
+fn installed_machines_boot_locally_while_postgres_is_down() {
+    let cluster = Cluster::start(&[]);
+    let d = daemon_on(&cluster.url("postgres"));
+    let (installed, enrolled) = ("52:54:00:5c:02:01", "52:54:00:5c:02:02");
+    d.cli_ok(&["enroll", installed, "--profile", "debian-12"]);
+    d.cli_ok(&["enroll", enrolled, "--profile", "debian-12"]);
+    let (_, script) = d.get(&format!("/ipxe?mac={installed}&platform=pcbios"));
+    let token = token_of(&script);
+    let (s, _) = d.post(
+        &format!("/phone-home/{token}"),
+        "text/plain",
+        &format!("{HOST_KEY}\n"),
+    );
+    assert_eq!(s, 200);
+    let (_, script) = d.get(&format!("/ipxe?mac={enrolled}&platform=efi"));
+    let pending = token_of(&script);
+
+    cluster.kill();
+    for (mac, platform) in [
+        (installed, "pcbios"),
+        (enrolled, "efi"),
+        ("52:54:00:5c:02:03", "pcbios"),
+    ] {
+        let (s, body) = d.get(&format!("/ipxe?mac={mac}&platform={platform}"));
+        assert_eq!(s, 200, "{mac}: {body}");
+        assert!(
+            !body.contains("kernel") && body.contains("inventory-unreachable"),
+            "{mac} boots its disk: {body}"
+        );
+    }
+    let (s, body) = d.get(&format!("/config/{pending}/preseed.cfg"));
+    assert_eq!(s, 503, "{body}");
+    assert!(body.contains("unreachable"), "{body}");
+
+    cluster.restart();
+    // Back: the enrolled machine installs on its next boot, the installed one boots locally
+    // for its own reason again.
+    let (s, body) = d.get(&format!("/ipxe?mac={enrolled}&platform=efi"));
+    assert!(s == 200 && body.contains("kernel"), "{s}: {body}");
+    let (_, body) = d.get(&format!("/ipxe?mac={installed}&platform=pcbios"));
+    assert!(
+        body.contains("sanboot") && !body.contains("inventory-unreachable"),
+        "{body}"
+    );
+    let events = d.cli_ok(&["events", installed]);
+    assert!(
+        events.contains("local boot (inventory-unreachable, pcbios)"),
+        "the outage's answer is in the timeline: {events}"
+    );
+}
+
+/// A primary with a synchronous streaming standby, both Debian's PostgreSQL started here: the
+/// primary dies, the standby is promoted, and the daemon, given both hosts, follows it
+/// (`target_session_attrs=read-write`) without a restart; every enroll it acknowledged before
+/// is on the new primary (a synchronous standby has each commit before it is acknowledged).
+#[test]
+fn a_daemon_follows_a_promoted_standby_and_loses_no_acknowledged_write() {
+    let primary = Cluster::start(&["wal_level=replica"]);
+    let standby = Cluster::standby_of(&primary, "s1", &[]);
+    primary.psql(
+        "postgres",
+        "ALTER SYSTEM SET synchronous_standby_names = 's1'",
+    );
+    primary.psql("postgres", "SELECT pg_reload_conf()");
+    // A commit now returns only once the standby has it: this one waits for it to stream.
+    primary.psql(
+        "postgres",
+        "CREATE TABLE sync_probe (); DROP TABLE sync_probe",
+    );
+    let streaming = primary.psql(
+        "postgres",
+        "SELECT sync_state FROM pg_stat_replication WHERE application_name = 's1'",
+    );
+    assert_eq!(streaming, "sync", "the standby is synchronous");
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write",
+        primary.port, standby.port
+    );
+    let d = daemon_on(&url);
+    let mut acknowledged = Vec::new();
+    for i in 0..10 {
+        let mac = format!("52:54:00:5c:03:{i:02x}");
+        d.cli_ok(&["enroll", &mac, "--profile", "debian-12"]);
+        acknowledged.push(mac);
+    }
+    primary.kill();
+    standby.promote();
+    for i in 10..15 {
+        let mac = format!("52:54:00:5c:03:{i:02x}");
+        d.cli_ok(&["enroll", &mac, "--profile", "debian-12"]);
+        acknowledged.push(mac);
+    }
+    let on_new_primary = standby.psql(
+        "postgres",
+        "SELECT string_agg(mac, ' ' ORDER BY mac) FROM machines",
+    );
+    assert_eq!(on_new_primary, acknowledged.join(" "));
+    let list = d.cli_ok(&["machines", "list"]);
+    for mac in &acknowledged {
+        assert!(list.contains(mac.as_str()), "{mac} missing from {list}");
+    }
+}
