@@ -28,6 +28,11 @@ pub struct ServeArgs {
     /// `host=… dbname=…` connection string [default: sqlite].
     #[arg(long, env = "PROVISION_DATABASE", value_name = "sqlite|postgres://...")]
     pub database: Option<String>,
+    /// With a PostgreSQL database: the key (a file of 64 hex digits, mode 0600) the daemons
+    /// sharing it seal their shared node CA, SSH key and admin token with; every daemon
+    /// must be given the same one.
+    #[arg(long, env = "PROVISION_SECRET_KEY_FILE", value_name = "PATH")]
+    pub secret_key_file: Option<PathBuf>,
     /// HTTP listen address; port 0 picks a free port [default: 0.0.0.0:8080].
     #[arg(long, env = "PROVISION_HTTP", value_name = "ADDR:PORT")]
     pub http: Option<String>,
@@ -161,6 +166,7 @@ pub struct ServeArgs {
 struct FileConfig {
     data_dir: Option<PathBuf>,
     database: Option<String>,
+    secret_key_file: Option<PathBuf>,
     http: Option<String>,
     admin: Option<String>,
     admin_tls: Option<String>,
@@ -202,6 +208,7 @@ const KNOWN_ENV: &[&str] = &[
     "PROVISION_CONFIG",
     "PROVISION_DATA_DIR",
     "PROVISION_DATABASE",
+    "PROVISION_SECRET_KEY_FILE",
     "PROVISION_HTTP",
     "PROVISION_ADMIN",
     "PROVISION_ADMIN_TLS",
@@ -252,6 +259,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Where the inventory lives.
     pub database: crate::store::Database,
+    /// The key shared files are sealed with (PostgreSQL).
+    pub secret_key_file: Option<PathBuf>,
     /// HTTP listen address.
     pub http: SocketAddr,
     /// The admin listener; `None` is off.
@@ -650,6 +659,21 @@ impl Config {
                 .unwrap_or("sqlite"),
         )
         .map_err(|e| anyhow::anyhow!("database: {e}"))?;
+        let secret_key_file = args.secret_key_file.clone().or(file.secret_key_file);
+        match (&database, &secret_key_file) {
+            (crate::store::Database::Postgres(_), None) => bail!(
+                "a PostgreSQL database needs --secret-key-file: the daemons sharing it share the \
+                 node CA, their SSH key and the admin token through it, sealed with that key. \
+                 Make one with `head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > \
+                 /etc/provision/secret.key; chmod 600 /etc/provision/secret.key` and give every \
+                 daemon the same file"
+            ),
+            (crate::store::Database::Sqlite, Some(_)) => bail!(
+                "--secret-key-file is for a PostgreSQL database several daemons share; with \
+                 SQLite the daemon's secrets stay in its data directory"
+            ),
+            _ => {}
+        }
         let http_s = args
             .http
             .clone()
@@ -859,6 +883,7 @@ impl Config {
         Ok(Config {
             data_dir,
             database,
+            secret_key_file,
             http,
             admin,
             metrics,

@@ -101,12 +101,93 @@ pub fn check_config(cfg: &Config) -> anyhow::Result<String> {
     ))
 }
 
+/// The files of the data directory every daemon sharing one inventory holds the same copy
+/// of, with their modes: one node CA (nodes trust one chain), one SSH key (every installed
+/// node authorises it), one admin token (the CLI works against any daemon).
+const SHARED_FILES: &[(&str, u32)] = &[
+    ("admin-token", 0o600),
+    ("ssh/id_ed25519", 0o600),
+    ("pki/ca-key.pem", 0o600),
+    ("pki/ca-cert.pem", 0o644),
+];
+
+/// Makes this daemon's shared files the ones in the database (PostgreSQL): the database's
+/// copies, opened with `key`, replace the data directory's; what the database does not have
+/// yet (the first daemon) is made here as a lone daemon makes it, or taken from the data
+/// directory (a SQLite daemon moving to PostgreSQL keeps its CA and key), and shared. Of two
+/// daemons sharing at once, the first row written stays and both take it.
+async fn share_identity(
+    store: &SqlInventory,
+    data_dir: &std::path::Path,
+    key: &keys::SecretKey,
+) -> anyhow::Result<()> {
+    let take = |shared: Vec<(String, Vec<u8>)>| -> anyhow::Result<()> {
+        for (name, sealed) in shared {
+            let Some((_, mode)) = SHARED_FILES.iter().find(|(n, _)| *n == name) else {
+                continue;
+            };
+            let plain = key.open(&name, &sealed)?;
+            let path = data_dir.join(&name);
+            if fs::read(&path).ok().as_deref() == Some(&plain[..]) {
+                continue;
+            }
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir)?;
+                fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+            }
+            keys::replace_file(&path, &plain, *mode)?;
+            if name == "ssh/id_ed25519" {
+                // Made again from the private key by the next load.
+                let _ = fs::remove_file(data_dir.join("ssh/id_ed25519.pub"));
+            }
+            tracing::info!(file = %path.display(), "took the shared copy from the database");
+        }
+        Ok(())
+    };
+    take(store.shared_files().await?)?;
+    // What the database did not have: made (or kept) here, then offered.
+    keys::admin_token(&data_dir.join("admin-token"))?;
+    crate::registrar::ssh::daemon_key(&data_dir.join("ssh"))?;
+    crate::pki::Ca::load_or_create(&data_dir.join("pki"))?;
+    let have: Vec<String> = store
+        .shared_files()
+        .await?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for (name, _) in SHARED_FILES {
+        if have.iter().any(|h| h == name) {
+            continue;
+        }
+        let plain = fs::read(data_dir.join(name))
+            .with_context(|| format!("reading {}", data_dir.join(name).display()))?;
+        if store
+            .share_file(
+                name.to_string(),
+                key.seal(name, &plain),
+                crate::store::now_ms(),
+            )
+            .await?
+        {
+            tracing::info!(
+                file = name,
+                "shared with the other daemons through the database"
+            );
+        }
+    }
+    // Another daemon may have shared first.
+    take(store.shared_files().await?)
+}
+
 /// The data directory holds the admin token, the SSH and CA private keys and the inventory
 /// (install token hashes, host keys): on every start it is made 0700 and the database files
 /// 0600, whatever an earlier version, a restore or an operator left. The database file is
 /// created 0600 before SQLite opens it, because SQLite gives its -wal and -shm files the
 /// database file's mode.
-fn make_private(data_dir: &std::path::Path, db_path: &std::path::Path) -> anyhow::Result<()> {
+fn make_private(
+    data_dir: &std::path::Path,
+    db_path: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tighten = |p: &std::path::Path, mode: u32| -> anyhow::Result<()> {
         let now = match fs::metadata(p) {
@@ -126,6 +207,9 @@ fn make_private(data_dir: &std::path::Path, db_path: &std::path::Path) -> anyhow
         Ok(())
     };
     tighten(data_dir, 0o700)?;
+    let Some(db_path) = db_path else {
+        return Ok(());
+    };
     fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -241,14 +325,27 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     // Held until the daemon ends: a second daemon, or a restore, on this directory is refused.
     let _data_dir_lock = crate::backup::lock_data_dir(&cfg.data_dir)?;
     let db_path = cfg.data_dir.join("provision.db");
-    make_private(&cfg.data_dir, &db_path)?;
-    let inv: Arc<dyn Inventory> = Arc::new(match &cfg.database {
-        Database::Sqlite => SqlInventory::open(&db_path, cfg.limits.clone())
-            .with_context(|| format!("opening {}", db_path.display()))?,
-        Database::Postgres(url) => SqlInventory::connect(url, cfg.limits.clone())
-            .await
-            .with_context(|| format!("opening the inventory on {}", cfg.database))?,
-    });
+    let store = match &cfg.database {
+        Database::Sqlite => {
+            make_private(&cfg.data_dir, Some(&db_path))?;
+            SqlInventory::open(&db_path, cfg.limits.clone())
+                .with_context(|| format!("opening {}", db_path.display()))?
+        }
+        Database::Postgres(url) => {
+            make_private(&cfg.data_dir, None)?;
+            let key_file = cfg
+                .secret_key_file
+                .as_deref()
+                .context("a PostgreSQL database needs --secret-key-file")?;
+            let key = keys::SecretKey::load(key_file)?;
+            let store = SqlInventory::connect(url, cfg.limits.clone())
+                .await
+                .with_context(|| format!("opening the inventory on {}", cfg.database))?;
+            share_identity(&store, &cfg.data_dir, &key).await?;
+            store
+        }
+    };
+    let inv: Arc<dyn Inventory> = Arc::new(store);
     let token_path = cfg.data_dir.join("admin-token");
     let (admin_token, new_token) = keys::admin_token(&token_path)?;
     let (ssh_public_key, ssh_private) =

@@ -222,6 +222,27 @@ impl FromVal for String {
     }
 }
 
+impl FromVal for Vec<u8> {
+    fn from_val(v: &Val) -> Option<Self> {
+        match v {
+            Val::Blob(b) => Some(b.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl ToArg for [u8] {
+    fn to_arg(&self) -> Arg<'_> {
+        Arg::Blob(Cow::Borrowed(self))
+    }
+}
+
+impl ToArg for Vec<u8> {
+    fn to_arg(&self) -> Arg<'_> {
+        Arg::Blob(Cow::Borrowed(self))
+    }
+}
+
 impl FromVal for Val {
     fn from_val(v: &Val) -> Option<Self> {
         Some(v.clone())

@@ -695,6 +695,33 @@ impl SqlInventory {
         }
     }
 
+    /// Every shared file, sealed: (its path under the data directory, its sealed bytes).
+    pub async fn shared_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        self.read(|c| {
+            c.query(
+                "SELECT name, sealed FROM shared_files ORDER BY name",
+                args![],
+            )?
+            .iter()
+            .map(|r| Ok((r.get(0)?, r.get(1)?)))
+            .collect()
+        })
+        .await
+    }
+
+    /// Shares `name` (sealed) unless a file of that name is shared already: the first
+    /// daemon's copy stays, and the others take it. Returns whether this one was kept.
+    pub async fn share_file(&self, name: String, sealed: Vec<u8>, now: i64) -> Result<bool> {
+        self.write(move |c| {
+            Ok(c.exec(
+                "INSERT INTO shared_files (name, sealed, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO NOTHING",
+                args![name, sealed, now],
+            )? == 1)
+        })
+        .await
+    }
+
     /// The PostgreSQL database's URL or connection string (`None` on SQLite).
     pub fn postgres_url(&self) -> Option<&str> {
         match &self.shared.readers {

@@ -2387,6 +2387,7 @@ fn postgres_shape(cluster: &crate::store::pg_cluster::Cluster, db: &str) -> Shap
         .map(|r| {
             let ty = match r[1].as_str() {
                 "bigint" => "integer".to_string(),
+                "bytea" => "blob".to_string(),
                 other => other.to_string(),
             };
             let default = (r[3] != "<none>").then(|| {

@@ -11,8 +11,37 @@ use crate::support::{token_of, Daemon, BIN};
 const HOST_KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBDcYs+DzqLkjzv07CZc5geeLA8TcqMARj0QTSQzawr2 root@so";
 
+/// A secret key file (mode 0600), as an operator makes one.
+fn secret_key(dir: &std::path::Path, byte: u8) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("secret-{byte}.key"));
+    std::fs::write(&path, format!("{byte:02x}").repeat(32)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// The key every daemon of these tests is given.
+fn the_key() -> &'static std::path::Path {
+    static KEY: std::sync::OnceLock<(tempfile::TempDir, std::path::PathBuf)> =
+        std::sync::OnceLock::new();
+    &KEY.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        let p = secret_key(d.path(), 0x5c);
+        (d, p)
+    })
+    .1
+}
+
 fn daemon_on(url: &str) -> Daemon {
-    Daemon::start_in(tempfile::tempdir().unwrap(), &["--database", url])
+    Daemon::start_in(
+        tempfile::tempdir().unwrap(),
+        &[
+            "--database",
+            url,
+            "--secret-key-file",
+            the_key().to_str().unwrap(),
+        ],
+    )
 }
 
 /// An install begun through one daemon is finished through the other: the machine, its
@@ -91,6 +120,8 @@ fn check_config_connects_and_reads_the_schema_version() {
                 "--data-dir",
             ])
             .arg(dir.path().join("data"))
+            .arg("--secret-key-file")
+            .arg(the_key())
             .output()
             .unwrap();
         (
@@ -134,6 +165,18 @@ fn check_config_connects_and_reads_the_schema_version() {
     assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("neither `sqlite` nor a PostgreSQL URL"),
+        "{err}"
+    );
+    // PostgreSQL without the key the daemons share their secrets with: refused, with how
+    // to make one.
+    let out = Command::new(BIN)
+        .args(["serve", "--check-config", "--database", &url])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("needs --secret-key-file") && err.contains("/dev/urandom"),
         "{err}"
     );
     cluster.drop_db(&db);
@@ -308,4 +351,89 @@ fn a_daemon_follows_a_promoted_standby_and_loses_no_acknowledged_write() {
     for mac in &acknowledged {
         assert!(list.contains(mac.as_str()), "{mac} missing from {list}");
     }
+}
+
+/// The daemons sharing one database share one identity, through it and sealed: the node CA,
+/// the SSH key every node trusts and the admin token. The first daemon's (here, a SQLite
+/// daemon's data directory moved to PostgreSQL) are kept; a daemon given another key is
+/// refused before it serves anything.
+#[test]
+fn daemons_share_one_ca_one_ssh_key_and_one_admin_token_sealed_in_the_database() {
+    let cluster = pg_cluster::shared();
+    let db = cluster.create_db();
+    let url = cluster.url(&db);
+    // A lone SQLite daemon's data directory, with its CA, key and token.
+    let mut lone = Daemon::start();
+    lone.terminate();
+    let first_dir = lone.take_dir();
+    let read = |dir: &std::path::Path, f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let ca = read(first_dir.path(), "pki/ca-cert.pem");
+    let token = read(first_dir.path(), "admin-token");
+    let ssh = read(first_dir.path(), "ssh/id_ed25519.pub");
+    let key = the_key().to_str().unwrap();
+    let a = Daemon::start_in(first_dir, &["--database", &url, "--secret-key-file", key]);
+    let b = daemon_on(&url);
+    for d in [&a, &b] {
+        assert_eq!(read(d.dir.path(), "pki/ca-cert.pem"), ca);
+        assert_eq!(read(d.dir.path(), "admin-token"), token);
+        assert_eq!(read(d.dir.path(), "ssh/id_ed25519.pub"), ssh);
+        // What nodes are handed: the one CA.
+        let (s, pem) = d.get("/pki/ca.pem");
+        assert_eq!((s, pem), (200, ca.clone()));
+    }
+    // a's token opens b's admin API (whose TLS certificate is b's own: it names b's host).
+    let out = Command::new(BIN)
+        .args(["machines", "list"])
+        .env("PROVISION_URL", b.admin_url())
+        .env("PROVISION_TOKEN_FILE", a.token_file())
+        .env("PROVISION_FINGERPRINT", b.fingerprint())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Sealed: neither the CA key nor the token is in the database in clear.
+    let ca_key = read(a.dir.path(), "pki/ca-key.pem");
+    let body = ca_key.lines().nth(1).unwrap();
+    let dump = cluster.psql(&db, "SELECT encode(sealed, 'escape') FROM shared_files");
+    assert!(
+        !dump.contains(body) && !dump.contains(token.trim()),
+        "sealed, not plain"
+    );
+    assert_eq!(
+        cluster.psql(
+            &db,
+            "SELECT string_agg(name, ' ' ORDER BY name) FROM shared_files"
+        ),
+        "admin-token pki/ca-cert.pem pki/ca-key.pem ssh/id_ed25519"
+    );
+    // Another key: refused at start, saying why.
+    let other = tempfile::tempdir().unwrap();
+    let wrong = secret_key(other.path(), 0x99);
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--tftp",
+            "off",
+        ])
+        .args(["--dhcp", "off", "--database", &url, "--secret-key-file"])
+        .arg(&wrong)
+        .arg("--data-dir")
+        .arg(other.path().join("data"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("does not open with this --secret-key-file"),
+        "{err}"
+    );
+    drop((a, b));
+    cluster.drop_db(&db);
 }
