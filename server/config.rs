@@ -143,6 +143,11 @@ pub struct ServeArgs {
     /// How long a profile's hand-off hook may run, e.g. 10m [default: 10m].
     #[arg(long, env = "PROVISION_HANDOFF_TIMEOUT", value_name = "DURATION")]
     pub handoff_timeout: Option<String>,
+    /// How long a daemon's claim on a registration run lasts without renewal: when daemons
+    /// share a PostgreSQL inventory, how soon another takes over the runs of one that died
+    /// [default: 60s].
+    #[arg(long, env = "PROVISION_REGISTER_CLAIM", value_name = "DURATION")]
+    pub register_claim: Option<String>,
     /// Discovered machines kept (never enrolled); past this the least recently seen are
     /// evicted [default: 10000].
     #[arg(long, env = "PROVISION_MAX_DISCOVERED", value_name = "N")]
@@ -198,6 +203,7 @@ struct FileConfig {
     register_attempts: Option<u32>,
     ssh_timeout: Option<String>,
     handoff_timeout: Option<String>,
+    register_claim: Option<String>,
     max_discovered: Option<u64>,
     events_per_machine: Option<u64>,
     max_events: Option<u64>,
@@ -225,6 +231,7 @@ const KNOWN_ENV: &[&str] = &[
     "PROVISION_REGISTER_ATTEMPTS",
     "PROVISION_SSH_TIMEOUT",
     "PROVISION_HANDOFF_TIMEOUT",
+    "PROVISION_REGISTER_CLAIM",
     "PROVISION_DHCP",
     "PROVISION_DHCP_PORT",
     "PROVISION_DHCP_INTERFACE",
@@ -839,6 +846,16 @@ impl Config {
                     .unwrap_or_else(|| "10m".into()),
                 Duration::from_secs(1),
                 Duration::from_secs(86_400),
+            )?,
+            claim: parse_bounded(
+                "register_claim",
+                &args
+                    .register_claim
+                    .clone()
+                    .or(file.register_claim)
+                    .unwrap_or_else(|| "60s".into()),
+                Duration::from_secs(3),
+                Duration::from_secs(3_600),
             )?,
         };
         let defaults = crate::store::Limits::default();

@@ -6,7 +6,6 @@ use std::fs;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -518,6 +517,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     });
     let mut tasks = JoinSet::new();
 
+    // This daemon, as its registration claims name it: its host and data directory. One
+    // daemon holds a data directory at a time (its lock), so a restarted daemon takes its own
+    // interrupted runs back at once, and two daemons never share a name.
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into());
+    let claimer = format!("{host}:{}", cfg.data_dir.display());
     let registrar = crate::registrar::Registrar::new(
         inv.clone(),
         renderer.clone(),
@@ -525,6 +532,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         ssh_private,
         cfg.register.clone(),
         metrics.clone(),
+        claimer,
     );
     let sd = shutdown.clone();
     tasks.spawn(async move {
@@ -618,19 +626,28 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         }
     }
 
-    // Sweeper: no machine stays `installing` past its token's lifetime.
-    let (i, sd) = (inv.clone(), shutdown.clone());
+    // Sweeper: no machine stays `installing` past its token's lifetime, and no registration
+    // stays without a daemon running it (another daemon's claim ran out: it stopped or died).
+    let (i, sd, reg) = (inv.clone(), shutdown.clone(), registrar_handle.clone());
+    let every = cfg.register.sweep_every();
     tasks.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        let mut tick = tokio::time::interval(every);
         loop {
             tokio::select! {
                 _ = sd.cancelled() => return Ok(()),
-                _ = tick.tick() => match i.expire_installs(crate::store::now_ms()).await {
-                    Ok(macs) => for mac in macs {
-                        tracing::warn!(%mac, "install token expired before phone-home: machine failed");
-                    },
-                    Err(e) => tracing::error!("expiring installs: {e}"),
-                },
+                _ = tick.tick() => {
+                    match i.expire_installs(crate::store::now_ms()).await {
+                        Ok(macs) => for mac in macs {
+                            tracing::warn!(%mac, "install token expired before phone-home: machine failed");
+                        },
+                        Err(e) => tracing::error!("expiring installs: {e}"),
+                    }
+                    match reg.sweep().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!("took over {n} registration(s) nobody was running"),
+                        Err(e) => tracing::error!("looking for unclaimed registrations: {e}"),
+                    }
+                }
             }
         }
     });

@@ -699,6 +699,12 @@ impl Metrics {
         self.registrations_running.inc();
     }
 
+    /// A started run that was not this daemon's to do: another daemon holds its claim, or
+    /// this one runs it already.
+    pub fn registration_skipped(&self) {
+        self.registrations_running.dec();
+    }
+
     /// A registration run of `role` ended (`role` is `None` when the run stopped before it
     /// knew one: the machine was gone or changed).
     pub fn registration_ended(&self, role: Option<&str>, result: Registration, took: Duration) {

@@ -7,12 +7,20 @@
 //! unfinished step. Steps are idempotent anyway (the role files make sure of it); resuming
 //! only avoids doing work twice. Nothing stays `registering` without a worker: either it
 //! finishes, or it fails with the step and the reason.
+//!
+//! Several daemons may share one inventory (PostgreSQL), and each may be handed the same
+//! machine (its phone-home reached one, another restarted and resumed it). A run therefore
+//! begins by claiming the machine's registration in the inventory for a while
+//! ([`Settings::claim`], a minute by default), renewed while it goes on: of several daemons exactly one runs it. A daemon that dies
+//! holding a claim stops renewing it; once it runs out, the others' sweep
+//! ([`Handle::sweep`]) finds the run unclaimed and one of them takes it over, at its first
+//! unfinished step.
 
 mod output;
 pub mod ssh;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use russh::keys::PrivateKey;
@@ -39,6 +47,16 @@ pub struct Settings {
     pub attempts: u32,
     /// How long a hand-off hook may run.
     pub handoff_timeout: Duration,
+    /// How long a claim on a run lasts unless renewed (renewed every third of it).
+    pub claim: Duration,
+}
+
+impl Settings {
+    /// How often the sweep looks for runs nobody holds: twice a claim, at most every half
+    /// minute.
+    pub fn sweep_every(&self) -> Duration {
+        (self.claim / 2).min(Duration::from_secs(30))
+    }
 }
 
 /// The registrar's inbox, handed to the services at construction: they start runs through
@@ -124,6 +142,18 @@ impl Handle {
         })
     }
 
+    /// Queues the runs nobody holds a claim on: interrupted by a daemon that stopped or died
+    /// (its claim ran out). Returns how many it queued. Run every half minute.
+    pub async fn sweep(&self) -> Result<usize, Error> {
+        let mut n = 0;
+        for mac in self.inv.unclaimed_registrations(store::now_ms()).await? {
+            if self.queue(mac).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// At daemon start: re-queues runs a stop or crash interrupted (they resume at their
     /// first unfinished step) and starts the ones phone-home could not queue.
     pub async fn resume(&self) -> Result<usize, Error> {
@@ -151,6 +181,10 @@ pub struct Registrar {
     key: Arc<PrivateKey>,
     settings: Settings,
     metrics: Arc<Metrics>,
+    /// This daemon, as its claims name it (the same across its restarts: see `daemon.rs`).
+    daemon: String,
+    /// The runs this daemon has in progress: one per machine, whatever the queue holds.
+    running: Mutex<HashSet<Mac>>,
 }
 
 fn fail(step: &str, reason: impl Into<String>) -> Failure {
@@ -230,7 +264,8 @@ fn ssh_addr(m: &Machine) -> Result<String, String> {
 }
 
 impl Registrar {
-    /// A registrar over `inv`, signing with `ca` and logging in with `key`.
+    /// A registrar over `inv`, signing with `ca` and logging in with `key`; its claims on
+    /// runs name it `daemon`.
     pub fn new(
         inv: Arc<dyn Inventory>,
         renderer: Arc<Renderer>,
@@ -238,6 +273,7 @@ impl Registrar {
         key: Arc<PrivateKey>,
         settings: Settings,
         metrics: Arc<Metrics>,
+        daemon: String,
     ) -> Registrar {
         Registrar {
             inv,
@@ -246,6 +282,8 @@ impl Registrar {
             key,
             settings,
             metrics,
+            daemon,
+            running: Mutex::new(HashSet::new()),
         }
     }
 
@@ -266,9 +304,16 @@ impl Registrar {
                     me.metrics.registration_started();
                     tasks.spawn(async move {
                         let began = std::time::Instant::now();
-                        let (role, result) = match me.register(mac).await {
-                            Some((role, result)) => (Some(role), result),
-                            None => (None, Registration::Failed),
+                        let ran = me.claimed(mac, me.register(mac)).await;
+                        let (role, result) = match ran {
+                            Some(Some((role, result))) => (Some(role), result),
+                            Some(None) => (None, Registration::Failed),
+                            None => {
+                                // Another daemon (or this one) has it: not a run of ours.
+                                me.metrics.registration_skipped();
+                                drop(slot);
+                                return;
+                            }
                         };
                         me.metrics
                             .registration_ended(role.as_deref(), result, began.elapsed());
@@ -278,6 +323,75 @@ impl Registrar {
             }
         }
         tasks.shutdown().await;
+    }
+
+    /// Runs `run` holding the claim on `mac`'s registration, renewed every third of the
+    /// claim's length (so one renewal delayed by a slow database does not lose it) and given
+    /// up at its end; `None`, without running it, if another daemon holds the
+    /// claim or this one already runs it.
+    async fn claimed<T>(&self, mac: Mac, run: impl std::future::Future<Output = T>) -> Option<T> {
+        if !self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(mac)
+        {
+            return None;
+        }
+        let claim = |now: i64| {
+            self.inv.claim_registration(
+                mac,
+                self.daemon.clone(),
+                now + self.settings.claim.as_millis() as i64,
+                now,
+            )
+        };
+        let out = match claim(store::now_ms()).await {
+            Ok(true) => {
+                let renew = async {
+                    let mut tick = tokio::time::interval(self.settings.claim / 3);
+                    tick.tick().await;
+                    loop {
+                        tick.tick().await;
+                        match claim(store::now_ms()).await {
+                            Ok(true) => {}
+                            // Lost (the database was away past the lease, and another daemon
+                            // took it over) or not renewable now: the run goes on, its steps
+                            // are idempotent; the log says so.
+                            Ok(false) => {
+                                tracing::warn!(%mac, "registration claim lost to another daemon")
+                            }
+                            Err(e) => tracing::warn!(%mac, "renewing the registration claim: {e}"),
+                        }
+                    }
+                };
+                let out = tokio::select! {
+                    out = run => Some(out),
+                    _ = renew => None,
+                };
+                if let Err(e) = self
+                    .inv
+                    .release_registration(mac, self.daemon.clone())
+                    .await
+                {
+                    tracing::info!(%mac, "releasing the registration claim: {e} (it runs out by itself)");
+                }
+                out
+            }
+            Ok(false) => {
+                tracing::info!(%mac, "registration is run by another daemon (it holds the claim)");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(%mac, "claiming the registration: {e}; the sweep tries again");
+                None
+            }
+        };
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&mac);
+        out
     }
 
     /// Runs `mac`'s registration; returns its role and how it ended, or `None` for a run

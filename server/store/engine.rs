@@ -3228,6 +3228,11 @@ impl Inventory for SqlInventory {
         self.write_touching(Touch::One(mac), move |c| {
             let m = must_load(c, mac)?;
             apply(c, now, &m, &Transition::StartRegistration, &detail)?;
+            // A fresh run: an old run's claim (its daemon died holding it) is moot.
+            c.exec(
+                "DELETE FROM register_claims WHERE mac = ?1",
+                args![mac.to_string()],
+            )?;
             c.exec(
                 "DELETE FROM register_steps WHERE mac = ?1",
                 args![mac.to_string()],
@@ -3265,6 +3270,53 @@ impl Inventory for SqlInventory {
                 StepStatus::Failed => EventKind::RegisterStepFailed,
             };
             insert_event(c, step.at, Some(mac), kind, &detail, 1)
+        })
+        .await
+    }
+
+    async fn claim_registration(
+        &self,
+        mac: Mac,
+        daemon: String,
+        until: i64,
+        now: i64,
+    ) -> Result<bool> {
+        self.write(move |c| {
+            // The row's own condition decides, not a read made earlier: of two daemons
+            // claiming at once, one upsert goes through.
+            Ok(c.exec(
+                "INSERT INTO register_claims (mac, daemon, until)
+                 SELECT mac, ?2, ?3 FROM machines WHERE mac = ?1 AND state = 'registering'
+                 ON CONFLICT (mac) DO UPDATE SET daemon = ?2, until = ?3
+                 WHERE register_claims.daemon = ?2 OR register_claims.until <= ?4",
+                args![mac.to_string(), daemon, until, now],
+            )? == 1)
+        })
+        .await
+    }
+
+    async fn release_registration(&self, mac: Mac, daemon: String) -> Result<()> {
+        self.write(move |c| {
+            c.exec(
+                "DELETE FROM register_claims WHERE mac = ?1 AND daemon = ?2",
+                args![mac.to_string(), daemon],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn unclaimed_registrations(&self, now: i64) -> Result<Vec<Mac>> {
+        self.read(move |c| {
+            c.query(
+                "SELECT m.mac FROM machines m LEFT JOIN register_claims r ON r.mac = m.mac
+                 WHERE m.state = 'registering' AND (r.mac IS NULL OR r.until <= ?1)
+                 ORDER BY m.mac",
+                args![now],
+            )?
+            .iter()
+            .map(|r| r.parsed(0, "mac"))
+            .collect()
         })
         .await
     }

@@ -991,6 +991,22 @@ pub trait Inventory: Send + Sync + 'static {
     /// Records a finished registration step and its event. Refused unless the machine is
     /// still `registering`.
     async fn record_step(&self, mac: Mac, step: StepRecord, detail: String) -> Result<()>;
+    /// Claims the run of `mac`'s registration for `daemon` until `until` (Unix ms): taken if
+    /// nobody holds it, if its holder's claim ran out by `now`, or if it is `daemon`'s already
+    /// (a renewal). Returns whether `daemon` holds it now. Of several daemons sharing the
+    /// inventory, exactly one runs a registration at a time.
+    async fn claim_registration(
+        &self,
+        mac: Mac,
+        daemon: String,
+        until: i64,
+        now: i64,
+    ) -> Result<bool>;
+    /// Gives up `daemon`'s claim on `mac`'s registration (its run ended).
+    async fn release_registration(&self, mac: Mac, daemon: String) -> Result<()>;
+    /// Machines `registering` whose run nobody holds a live claim on at `now`: interrupted
+    /// runs of a daemon that stopped or died, for another to take over.
+    async fn unclaimed_registrations(&self, now: i64) -> Result<Vec<Mac>>;
     /// Keeps the node certificate signed for `mac`; one it replaces with another key is
     /// revoked (`superseded`). Reprovision and delete revoke the machine's certificate too.
     async fn save_node_cert(

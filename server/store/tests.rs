@@ -2728,3 +2728,99 @@ async fn two_daemons_see_each_others_events_and_groups_within_a_second() {
     .await
     .expect("a drops b's deleted group within a second");
 }
+
+/// A machine enrolled, installed (phoned home with a host key) and `registering`.
+async fn registering(s: &SqlInventory, m: &str, token: &str) -> Mac {
+    let mac = s.enroll(new(m), 1).await.unwrap().mac;
+    s.start_install(
+        mac,
+        token.into(),
+        1_000_000,
+        Sighting::default(),
+        FROM.into(),
+        None,
+        2,
+    )
+    .await
+    .unwrap();
+    s.phone_home(
+        token.into(),
+        key(),
+        FROM.into(),
+        BTreeSet::new(),
+        "1 host key".into(),
+        3,
+    )
+    .await
+    .unwrap();
+    s.start_registration(mac, "queued".into(), 4).await.unwrap();
+    mac
+}
+
+async fn registration_claims_go_to_one_daemon_and_run_out(engine: Engine) {
+    let s = engine.store().await;
+    let m = registering(&s, "52:54:00:00:00:81", "rc1").await;
+    let claim = |d: &str, until: i64, now: i64| s.claim_registration(m, d.into(), until, now);
+    assert!(claim("d1", 100, 10).await.unwrap());
+    assert!(!claim("d2", 100, 20).await.unwrap(), "held by d1");
+    assert!(claim("d1", 200, 50).await.unwrap(), "d1 renews");
+    assert!(s.unclaimed_registrations(150).await.unwrap().is_empty());
+    assert_eq!(
+        s.unclaimed_registrations(250).await.unwrap(),
+        [m],
+        "ran out"
+    );
+    assert!(claim("d2", 400, 250).await.unwrap(), "d2 takes it over");
+    assert!(!claim("d1", 500, 260).await.unwrap(), "d1 lost it");
+    s.release_registration(m, "d1".into()).await.unwrap();
+    assert!(
+        s.unclaimed_registrations(260).await.unwrap().is_empty(),
+        "not d1's to give up"
+    );
+    s.release_registration(m, "d2".into()).await.unwrap();
+    assert_eq!(s.unclaimed_registrations(260).await.unwrap(), [m]);
+    // Only a registering machine's run can be claimed; a fresh run drops an old claim.
+    assert!(claim("d1", 1_000, 300).await.unwrap());
+    s.transition(m, Transition::FinishRegistration, "done".into(), 310)
+        .await
+        .unwrap();
+    assert!(
+        !claim("d2", 2_000, 2_000).await.unwrap(),
+        "registered: nothing to run"
+    );
+    let other = s.enroll(new("52:54:00:00:00:82"), 1).await.unwrap().mac;
+    assert!(!s
+        .claim_registration(other, "d1".into(), 100, 10)
+        .await
+        .unwrap());
+}
+on_both!(registration_claims_go_to_one_daemon_and_run_out);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_daemons_claim_each_registration_once() {
+    let (a, b) = two_daemons().await;
+    let mut macs = Vec::new();
+    for i in 0..10 {
+        macs.push(registering(&a, &nth(0x5300 + i).to_string(), &format!("rt{i}")).await);
+    }
+    let mut claims = tokio::task::JoinSet::new();
+    for m in &macs {
+        for (name, s) in [("a", a.clone()), ("b", b.clone())] {
+            let m = *m;
+            claims.spawn(async move {
+                let won = s
+                    .claim_registration(m, name.into(), 10_000, 5)
+                    .await
+                    .unwrap();
+                (m, won)
+            });
+        }
+    }
+    let mut held: BTreeMap<Mac, u32> = BTreeMap::new();
+    while let Some(r) = claims.join_next().await {
+        let (m, won) = r.unwrap();
+        *held.entry(m).or_default() += won as u32;
+    }
+    assert_eq!(held.len(), 10);
+    assert!(held.values().all(|n| *n == 1), "{held:?}");
+}

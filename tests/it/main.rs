@@ -19,7 +19,7 @@ pub mod metrics;
 mod nodes;
 mod powercut;
 mod register;
-mod scaleout;
+pub mod scaleout;
 mod snippets;
 mod systemd;
 mod tftp;

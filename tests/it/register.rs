@@ -63,7 +63,7 @@ name = "first"
 run = "echo ran >> /etc/openvswitch/first.log"
 [[steps]]
 name = "pause"
-run = "touch /etc/openvswitch/pause-started; while [ ! -e /etc/openvswitch/go ]; do sleep 0.2; done"
+run = "echo ran >> /etc/openvswitch/pause.log; touch /etc/openvswitch/pause-started; while [ ! -e /etc/openvswitch/go ]; do sleep 0.2; done"
 [[steps]]
 name = "last"
 run = "echo ran >> /etc/openvswitch/last.log"
@@ -72,21 +72,24 @@ run = "echo ran >> /etc/openvswitch/last.log"
 }
 
 fn start_daemon(dir: tempfile::TempDir, templates_dir: &Path) -> Daemon {
-    Daemon::start_in(
-        dir,
-        &[
-            "--http",
-            "0.0.0.0:0",
-            "--tftp",
-            "off",
-            "--templates-dir",
-            templates_dir.to_str().unwrap(),
-            "--register-attempts",
-            "2",
-            "--ssh-timeout",
-            "3s",
-        ],
-    )
+    start_daemon_with(dir, templates_dir, &[])
+}
+
+fn start_daemon_with(dir: tempfile::TempDir, templates_dir: &Path, extra: &[&str]) -> Daemon {
+    let mut args = vec![
+        "--http",
+        "0.0.0.0:0",
+        "--tftp",
+        "off",
+        "--templates-dir",
+        templates_dir.to_str().unwrap(),
+        "--register-attempts",
+        "2",
+        "--ssh-timeout",
+        "3s",
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start_in(dir, &args)
 }
 
 fn machine(d: &Daemon, mac: &str) -> Value {
@@ -608,4 +611,67 @@ fn a_registration_interrupted_by_a_crash_resumes_at_the_next_step() {
         1,
         "{events}"
     );
+}
+
+/// Two daemons share one inventory (PostgreSQL): the one the node phoned home to registers
+/// it, the other (which resumes every `registering` machine at its start) leaves the run to
+/// the claim's holder; when the holder dies mid-run, its claim runs out and the other takes
+/// the run over at its first unfinished step.
+#[test]
+fn of_two_daemons_one_registers_and_the_other_takes_over_when_it_dies() {
+    let _g = nodes::lock();
+    let fabric = Fabric::new();
+    let work = tempfile::tempdir().unwrap();
+    let templates_dir = work.path().join("templates");
+    templates(&templates_dir, &work.path().join("handoff.log"));
+    let cluster = crate::pg_cluster::shared();
+    let db = cluster.create_db();
+    let url = cluster.url(&db);
+    let shared = [
+        "--database",
+        &url,
+        "--secret-key-file",
+        crate::scaleout::the_key().to_str().unwrap(),
+        "--register-claim",
+        "3s",
+    ];
+    let a = start_daemon_with(tempfile::tempdir().unwrap(), &templates_dir, &shared);
+    // The daemons share one SSH key: the node authorises it once.
+    let key = std::fs::read_to_string(a.dir.path().join("ssh/id_ed25519.pub")).unwrap();
+    let node = Node::start(&fabric, 5, key.trim());
+    let mac = "52:54:00:79:00:07";
+    install(&a, &node, mac, "test-pause", &node.host_key, &[]);
+    let start = Instant::now();
+    while !node
+        .sh("test -e /etc/openvswitch/pause-started")
+        .status
+        .success()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the pause step never started"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // b starts mid-run and resumes what is registering: a holds the claim, so b leaves it.
+    let b = start_daemon_with(tempfile::tempdir().unwrap(), &templates_dir, &shared);
+    b.wait_log("registration is run by another daemon");
+    assert_eq!(sh_ok(&node, "cat /etc/openvswitch/pause.log"), "ran\n");
+    // a dies; once its claim has run out, b's sweep takes the run over.
+    let _ = a.crash();
+    sh_ok(&node, "touch /etc/openvswitch/go");
+    let m = wait_state(&b, mac, "registered");
+    let names: Vec<_> = m["register_steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["first", "pause", "last"]);
+    // The first step ran once, by a; the pause ran again (b resumed at it), then the last.
+    assert_eq!(sh_ok(&node, "cat /etc/openvswitch/first.log"), "ran\n");
+    assert_eq!(sh_ok(&node, "cat /etc/openvswitch/pause.log"), "ran\nran\n");
+    assert_eq!(sh_ok(&node, "cat /etc/openvswitch/last.log"), "ran\n");
+    drop(b);
+    cluster.drop_db(&db);
 }

@@ -21,7 +21,7 @@ fn secret_key(dir: &std::path::Path, byte: u8) -> std::path::PathBuf {
 }
 
 /// The key every daemon of these tests is given.
-fn the_key() -> &'static std::path::Path {
+pub fn the_key() -> &'static std::path::Path {
     static KEY: std::sync::OnceLock<(tempfile::TempDir, std::path::PathBuf)> =
         std::sync::OnceLock::new();
     &KEY.get_or_init(|| {
