@@ -437,3 +437,48 @@ fn daemons_share_one_ca_one_ssh_key_and_one_admin_token_sealed_in_the_database()
     drop((a, b));
     cluster.drop_db(&db);
 }
+
+/// A daemon killed (SIGKILL) in the middle of an install loses nothing: the token it issued
+/// is the database's, so the installer finishes against the other daemon of its segment; and
+/// the killed daemon, restarted, answers the machine as the inventory says.
+#[test]
+fn a_daemon_killed_mid_install_loses_nothing() {
+    let cluster = pg_cluster::shared();
+    let db = cluster.create_db();
+    let url = cluster.url(&db);
+    let a = daemon_on(&url);
+    let b = daemon_on(&url);
+    let mac = "52:54:00:5c:04:01";
+    a.cli_ok(&["enroll", mac, "--profile", "debian-12"]);
+    let (s, script) = a.get(&format!("/ipxe?mac={mac}&platform=pcbios"));
+    assert_eq!(s, 200, "{script}");
+    let token = token_of(&script);
+    let (s, _) = a.get(&format!("/config/{token}/preseed.cfg"));
+    assert_eq!(s, 200);
+    let a_dir = a.crash();
+    let (s, preseed) = b.get(&format!("/config/{token}/preseed.cfg"));
+    assert_eq!(s, 200, "{preseed}");
+    let (s, body) = b.post(
+        &format!("/phone-home/{token}"),
+        "text/plain",
+        &format!("{HOST_KEY}\n"),
+    );
+    assert_eq!(s, 200, "{body}");
+    let a = Daemon::start_in(
+        a_dir,
+        &[
+            "--database",
+            &url,
+            "--secret-key-file",
+            the_key().to_str().unwrap(),
+        ],
+    );
+    let (s, local) = a.get(&format!("/ipxe?mac={mac}&platform=pcbios"));
+    assert_eq!(s, 200);
+    assert!(local.contains("sanboot"), "{local}");
+    let events = a.cli_ok(&["events", mac]);
+    assert_eq!(events.matches("config_served").count(), 2, "{events}");
+    assert!(events.contains("phoned_home"), "{events}");
+    drop((a, b));
+    cluster.drop_db(&db);
+}
