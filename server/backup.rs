@@ -81,7 +81,10 @@ pub fn backup(data_dir: &Path, file: &Path) -> anyhow::Result<Summary> {
     let db = data_dir.join(DB);
     if !db.exists() {
         bail!(
-            "{} has no {DB}: is it provision's data directory? (--data-dir)",
+            "{} has no {DB}: is it provision's data directory (--data-dir)? A daemon whose \
+             inventory is on PostgreSQL (--database) keeps none here: back the database up \
+             with PostgreSQL's own tools (pg_dump, or a base backup with WAL archiving; see \
+             docs/scale-out.md)",
             data_dir.display()
         );
     }

@@ -47,6 +47,15 @@ fn row_of(r: &rusqlite::Row<'_>, n: usize) -> rusqlite::Result<SqlRow> {
         .map(SqlRow)
 }
 
+/// Every row of `stmt` run with `args`.
+fn rows(stmt: &mut rusqlite::Statement<'_>, args: &[Arg<'_>]) -> Result<Vec<SqlRow>> {
+    let n = stmt.column_count();
+    let rows = stmt
+        .query_map(rusqlite::params_from_iter(args.iter()), |r| row_of(r, n))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
 impl Db for Connection {
     fn dialect(&self) -> Dialect {
         Dialect::Sqlite
@@ -59,21 +68,11 @@ impl Db for Connection {
     }
 
     fn query(&self, sql: &str, args: &[Arg<'_>]) -> Result<Vec<SqlRow>> {
-        let mut stmt = self.prepare_cached(sql)?;
-        let n = stmt.column_count();
-        let rows = stmt
-            .query_map(rusqlite::params_from_iter(args.iter()), |r| row_of(r, n))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
+        rows(&mut *self.prepare_cached(sql)?, args)
     }
 
     fn query_once(&self, sql: &str, args: &[Arg<'_>]) -> Result<Vec<SqlRow>> {
-        let mut stmt = self.prepare(sql)?;
-        let n = stmt.column_count();
-        let rows = stmt
-            .query_map(rusqlite::params_from_iter(args.iter()), |r| row_of(r, n))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
+        rows(&mut self.prepare(sql)?, args)
     }
 
     fn batch(&self, sql: &str) -> Result<()> {

@@ -115,20 +115,26 @@ fn sweep_stale() {
     }
 }
 
+/// A new cluster directory (0700, the server's), with its socket directory.
+fn new_dir() -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "{PREFIX}{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(dir.join("sock")).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    chown(&dir);
+    chown(&dir.join("sock"));
+    dir
+}
+
 impl Cluster {
     /// initdb and start a new cluster with `settings` (`name=value`, as `-c` takes them).
     pub fn start(settings: &[&str]) -> Cluster {
-        static N: AtomicU32 = AtomicU32::new(0);
         sweep_stale();
-        let dir = std::env::temp_dir().join(format!(
-            "{PREFIX}{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(dir.join("sock")).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-        chown(&dir);
-        chown(&dir.join("sock"));
+        let dir = new_dir();
         let bin = bin_dir();
         let out = as_server_user(Command::new(bin.join("initdb")).args([
             "-D",
@@ -163,16 +169,7 @@ impl Cluster {
     /// A new cluster that streams from `primary` as its standby (`pg_basebackup -R`: the
     /// standby signal and primary_conninfo written for it), started.
     pub fn standby_of(primary: &Cluster, name: &str, settings: &[&str]) -> Cluster {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "{PREFIX}{}-s{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(dir.join("sock")).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-        chown(&dir);
-        chown(&dir.join("sock"));
+        let dir = new_dir();
         let out = as_server_user(Command::new(primary.bin.join("pg_basebackup")).args([
             "-h",
             "127.0.0.1",

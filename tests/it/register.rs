@@ -151,6 +151,22 @@ fn install(d: &Daemon, node: &Node, mac: &str, profile: &str, host_key: &str, ex
     );
 }
 
+/// Waits until the test-pause role's pause step has started on `node`.
+fn wait_paused(node: &Node) {
+    let start = Instant::now();
+    while !node
+        .sh("test -e /etc/openvswitch/pause-started")
+        .status
+        .success()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the pause step never started"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("command runs");
     assert!(
@@ -578,18 +594,7 @@ fn a_registration_interrupted_by_a_crash_resumes_at_the_next_step() {
     let node = Node::start(&fabric, 4, key.trim());
     let mac = "52:54:00:79:00:06";
     install(&d, &node, mac, "test-pause", &node.host_key, &[]);
-    let start = Instant::now();
-    while !node
-        .sh("test -e /etc/openvswitch/pause-started")
-        .status
-        .success()
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the pause step never started"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_paused(&node);
     assert_eq!(machine(&d, mac)["state"], "registering");
     let data = d.crash();
     sh_ok(&node, "touch /etc/openvswitch/go");
@@ -641,18 +646,7 @@ fn of_two_daemons_one_registers_and_the_other_takes_over_when_it_dies() {
     let node = Node::start(&fabric, 5, key.trim());
     let mac = "52:54:00:79:00:07";
     install(&a, &node, mac, "test-pause", &node.host_key, &[]);
-    let start = Instant::now();
-    while !node
-        .sh("test -e /etc/openvswitch/pause-started")
-        .status
-        .success()
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the pause step never started"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_paused(&node);
     // b starts mid-run and resumes what is registering: a holds the claim, so b leaves it.
     let b = start_daemon_with(tempfile::tempdir().unwrap(), &templates_dir, &shared);
     b.wait_log("registration is run by another daemon");
