@@ -71,7 +71,8 @@ impl Database {
         }
         if !(s.starts_with("postgres://") || s.starts_with("postgresql://") || s.contains('=')) {
             return Err(format!(
-                "{:?} is neither `sqlite` nor a PostgreSQL URL (postgres://user@host/db) or                  connection string (host=… dbname=…)",
+                "{:?} is neither `sqlite` nor a PostgreSQL URL (postgres://user@host/db) or \
+                 connection string (host=… dbname=…)",
                 postgres::redacted(s)
             ));
         }

@@ -50,13 +50,19 @@ pub(super) fn io() -> &'static tokio::runtime::Runtime {
 
 impl From<tokio_postgres::Error> for StoreError {
     /// By SQLSTATE: a lost connection or a server shutting down is [`StoreError::Unavailable`]
-    /// (class 08, class 57P, or no server answer at all); a race lost to another daemon (a
+    /// (class 08, class 57P, or a closed or failed connection); a race lost to another daemon (a
     /// unique key, a serialization failure, a deadlock) is [`StoreError::Contended`].
     fn from(e: tokio_postgres::Error) -> Self {
         use tokio_postgres::error::SqlState;
         let Some(db) = e.as_db_error() else {
-            // No answer from a server: refused, reset, closed, timed out.
-            return StoreError::Unavailable(format!("PostgreSQL: {e}"));
+            // No answer from a server (the connection closed, reset, refused) is the
+            // database away; anything else (a value that does not convert) is an error.
+            let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+            return if e.is_closed() || io {
+                StoreError::Unavailable(format!("PostgreSQL: {e}"))
+            } else {
+                StoreError::Database(format!("PostgreSQL: {e}"))
+            };
         };
         let code = db.code();
         let message = format!(
@@ -146,7 +152,8 @@ pub fn check_connection(url: &str) -> Result<String> {
         v if v < known => format!("schema {v}; the first daemon to start migrates it to {known}"),
         v => {
             return Err(StoreError::Migration(format!(
-                "the database has schema version {v}, newer than this provision's {known}: it                  was written by a newer provision. Run that version"
+                "the database has schema version {v}, newer than this provision's {known}: it \
+                 was written by a newer provision. Run that version"
             )))
         }
     };
@@ -155,11 +162,13 @@ pub fn check_connection(url: &str) -> Result<String> {
 
 /// `url` without its password, for messages.
 pub fn redacted(url: &str) -> Cow<'_, str> {
-    // postgres://user:password@host/... → postgres://user:***@host/...
-    if let Some(rest) = url.split_once("://") {
-        if let Some((auth, host)) = rest.1.split_once('@') {
+    // postgres://user:password@host/... → postgres://user:***@host/... (the user and
+    // password end at the authority's last '@', which ends before the first '/').
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        if let Some((auth, host)) = authority.rsplit_once('@') {
             if let Some((user, _)) = auth.split_once(':') {
-                return Cow::Owned(format!("{}://{user}:***@{host}", rest.0));
+                return Cow::Owned(format!("{scheme}://{user}:***@{host}{path}"));
             }
         }
     }
@@ -417,5 +426,9 @@ mod tests {
             "host=db user=prov password=*** dbname=inv"
         );
         assert_eq!(redacted("postgres://prov@db/inv"), "postgres://prov@db/inv");
+        assert_eq!(
+            redacted("postgres://prov:p@ss@db1,db2/inv?x=@"),
+            "postgres://prov:***@db1,db2/inv?x=@"
+        );
     }
 }
