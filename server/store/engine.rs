@@ -126,6 +126,8 @@ impl Conn {
                     postgres::EVENTS_LOCK
                 ));
                 if let Err(e) = &began {
+                    // Not handed back to the pool inside a transaction it may have begun.
+                    let _ = c.batch("ROLLBACK");
                     down.0 = e.to_string();
                     *conn = None;
                 }

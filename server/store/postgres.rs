@@ -29,6 +29,9 @@ const POOL_SIZE: usize = 16;
 /// before it fails (the database is down or unreachable): the machine-facing paths answer
 /// what they can without it rather than hang.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a session may sit idle inside a transaction before the server ends it (a batch
+/// never waits on anything but the database between its statements).
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(30);
 /// The advisory lock that serialises migrations: daemons starting together migrate once.
 const MIGRATION_LOCK: i64 = 0x7072_6f76_6973_696f; // "provisio"
 /// The advisory lock each daemon's write batch holds until it commits, so event ids grow in
@@ -105,6 +108,17 @@ pub(super) fn pool(url: &str) -> Result<Pool> {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
+    // A daemon that stops answering inside a transaction (a network partition, a hung
+    // process) holds the write batches' lock (`EVENTS_LOCK`), and every other daemon's writes
+    // wait behind it: the server ends such a session after this long, and TCP keepalives
+    // notice a peer gone without a word well before the kernel's two hours.
+    let options = format!(
+        "{} -c idle_in_transaction_session_timeout={}",
+        config.get_options().unwrap_or_default(),
+        IDLE_IN_TRANSACTION.as_millis()
+    );
+    config.options(options.trim());
+    config.keepalives_idle(Duration::from_secs(30));
     let manager = Manager::from_config(
         config,
         NoTls,
