@@ -169,10 +169,14 @@ impl BootService {
         // The three columns the decision needs (usually cached): a local boot, by far the
         // most common answer, never reads the whole machine.
         let facts = match self.inv.boot_facts(mac).await {
+            // The database cannot be read: what the machine should boot is unknown, and its
+            // disk is the answer that wipes nothing (its event is written once it is back).
             Err(StoreError::Unavailable(why)) => {
+                tracing::debug!(%mac, "inventory unreachable ({why}): local boot");
+                let reason = policy::LocalReason::InventoryUnreachable;
                 return self
-                    .unreachable(mac, req.platform, base_url, &why)
-                    .map(Some)
+                    .local_boot(mac, req.platform, reason, base_url)
+                    .map(Some);
             }
             other => other?,
         };
@@ -222,33 +226,7 @@ impl BootService {
                 Ok(None)
             }
             BootDecision::LocalBoot { platform, reason } => {
-                let word = reason.as_str();
-                let cat = self.renderer.catalog();
-                match self
-                    .renderer
-                    .local_script(&cat, mac, platform, word, base_url)
-                {
-                    Ok(body) => {
-                        self.metrics.boot_decision(metrics::BootDecision::LocalBoot);
-                        self.observe(
-                            Some(mac),
-                            EventKind::IpxeServed,
-                            format!("local boot ({word}, {})", platform.as_str()),
-                        );
-                        Ok(Some(Script {
-                            body,
-                            install: false,
-                        }))
-                    }
-                    Err(e) => {
-                        self.observe(
-                            Some(mac),
-                            EventKind::RenderFailed,
-                            format!("local.ipxe: {e}"),
-                        );
-                        Err(e.into())
-                    }
-                }
+                self.local_boot(mac, platform, reason, base_url).map(Some)
             }
             BootDecision::Install { profile } => {
                 let from = from.to_canonical();
@@ -448,32 +426,42 @@ impl BootService {
         }
     }
 
-    /// The answer while the inventory's database cannot be read: the machine's own disk
-    /// (see [`policy::LocalReason::InventoryUnreachable`]); its event is queued and written once the
-    /// database is back.
-    fn unreachable(
+    /// The local-boot script for `mac`, said to be for `reason`, with its event (a render
+    /// that fails is an event too).
+    fn local_boot(
         &self,
         mac: Mac,
         platform: Platform,
+        reason: policy::LocalReason,
         base_url: &str,
-        why: &str,
     ) -> Result<Script> {
-        let word = policy::LocalReason::InventoryUnreachable.as_str();
+        let word = reason.as_str();
         let cat = self.renderer.catalog();
-        let body = self
+        match self
             .renderer
-            .local_script(&cat, mac, platform, word, base_url)?;
-        tracing::debug!(%mac, "inventory unreachable ({why}): local boot");
-        self.metrics.boot_decision(metrics::BootDecision::LocalBoot);
-        self.observe(
-            Some(mac),
-            EventKind::IpxeServed,
-            format!("local boot ({word}, {})", platform.as_str()),
-        );
-        Ok(Script {
-            body,
-            install: false,
-        })
+            .local_script(&cat, mac, platform, word, base_url)
+        {
+            Ok(body) => {
+                self.metrics.boot_decision(metrics::BootDecision::LocalBoot);
+                self.observe(
+                    Some(mac),
+                    EventKind::IpxeServed,
+                    format!("local boot ({word}, {})", platform.as_str()),
+                );
+                Ok(Script {
+                    body,
+                    install: false,
+                })
+            }
+            Err(e) => {
+                self.observe(
+                    Some(mac),
+                    EventKind::RenderFailed,
+                    format!("local.ipxe: {e}"),
+                );
+                Err(e.into())
+            }
+        }
     }
 
     /// DHCP asks whether a boot client gets an answer at all. The request is observed (an
