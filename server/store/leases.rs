@@ -313,7 +313,14 @@ pub(super) fn live(c: &dyn Db, now: i64) -> Result<Vec<Lease>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::tests::{on_both, Engine};
     use crate::store::{Inventory, Limits, SqlInventory};
+
+    on_both!(
+        offers_are_stable_unique_and_exhaust,
+        bind_nak_release_decline_and_reservations,
+        taking_an_address_never_overwrites_a_live_holder
+    );
 
     fn pool() -> Pool {
         Pool {
@@ -366,9 +373,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn offers_are_stable_unique_and_exhaust() {
-        let s = SqlInventory::open_temp().unwrap();
+    async fn offers_are_stable_unique_and_exhaust(engine: Engine) {
+        let s = engine.store().await;
         let p = pool();
         assert_eq!(
             s.lease_offer(offer(1, None, None, &p, 100, 0))
@@ -412,9 +418,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn bind_nak_release_decline_and_reservations() {
-        let s = SqlInventory::open_temp().unwrap();
+    async fn bind_nak_release_decline_and_reservations(engine: Engine) {
+        let s = engine.store().await;
         let mut p = pool();
         let a = s
             .lease_offer(offer(1, None, None, &p, 100, 0))
@@ -486,9 +491,8 @@ mod tests {
     /// The upsert that takes an address checks the holder itself: a row another client holds
     /// live is never overwritten, even by an offer that chose the address from a stale read
     /// (as a second daemon on a shared database could).
-    #[tokio::test]
-    async fn taking_an_address_never_overwrites_a_live_holder() {
-        let s = SqlInventory::open_temp().unwrap();
+    async fn taking_an_address_never_overwrites_a_live_holder(engine: Engine) {
+        let s = engine.store().await;
         let p = pool();
         let a = s
             .lease_offer(offer(1, None, None, &p, 100, 0))

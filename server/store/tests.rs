@@ -31,14 +31,14 @@ fn new(m: &str) -> NewMachine {
 
 /// The engine a store test runs on: each test that takes one runs on both (see [`on_both`]).
 #[derive(Clone, Copy, Debug)]
-enum Engine {
+pub(super) enum Engine {
     Sqlite,
     Postgres,
 }
 
 impl Engine {
     /// A new, empty inventory on this engine.
-    async fn store(self) -> SqlInventory {
+    pub(super) async fn store(self) -> SqlInventory {
         self.open(Limits::default()).await
     }
 
@@ -110,6 +110,8 @@ macro_rules! on_both {
         })+
     };
 }
+
+pub(super) use on_both;
 
 on_both!(
     enroll_creates_and_refuses_twice,
