@@ -5,7 +5,8 @@
 //! MAC. Needs root (namespaces, taps); CI runs as root.
 //!
 //! Topology: namespace `site` (dnsmasq on 10.77.0.2) — veth — namespace `lab` (bridge br0,
-//! 10.77.0.1, provision, and one tap per VM).
+//! 10.77.0.1, provision, and one tap per VM). A test of two segments makes two such labs,
+//! the second on 10.77.1.0/24.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,6 +26,8 @@ struct Lab {
     hosts: Vec<String>,
     children: Vec<Child>,
     dir: tempfile::TempDir,
+    /// The third octet of the lab's subnet, 10.77.N.0/24.
+    net: u8,
 }
 
 fn ip(args: &[&str]) {
@@ -39,6 +42,11 @@ fn ip(args: &[&str]) {
 impl Lab {
     /// The lab; with `site`, a second namespace for the site's DHCP server.
     fn new(tag: &str, site: bool) -> Lab {
+        Lab::on(tag, site, 0)
+    }
+
+    /// The lab on subnet 10.77.`net`.0/24 (provision on .1, the site's DHCP server on .2).
+    fn on(tag: &str, site: bool, net: u8) -> Lab {
         assert!(
             unsafe { libc::geteuid() } == 0,
             "the firmware lab needs root (network namespaces and tap devices)"
@@ -51,11 +59,12 @@ impl Lab {
             hosts: Vec::new(),
             children: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
+            net,
         };
         let (s, l) = (lab.site.as_str(), lab.lab.as_str());
         ip(&["netns", "add", l]);
         ip(&["-n", l, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", l, "addr", "add", "10.77.0.1/24", "dev", "br0"]);
+        ip(&["-n", l, "addr", "add", &lab.ip4(1, "/24"), "dev", "br0"]);
         ip(&["-n", l, "link", "set", "br0", "up"]);
         ip(&["-n", l, "link", "set", "lo", "up"]);
         if site {
@@ -64,7 +73,7 @@ impl Lab {
             ip(&[
                 "link", "add", "vs0", "netns", s, "type", "veth", "peer", "name", "vs1", "netns", l,
             ]);
-            ip(&["-n", s, "addr", "add", "10.77.0.2/24", "dev", "vs0"]);
+            ip(&["-n", s, "addr", "add", &lab.ip4(2, "/24"), "dev", "vs0"]);
             ip(&["-n", s, "link", "set", "vs0", "up"]);
             ip(&["-n", l, "link", "set", "vs1", "master", "br0"]);
             ip(&["-n", l, "link", "set", "vs1", "up"]);
@@ -79,6 +88,11 @@ impl Lab {
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// Address `host` of the lab's subnet, followed by `suffix` (a port or a prefix length).
+    fn ip4(&self, host: u8, suffix: &str) -> String {
+        format!("10.77.{}.{host}{suffix}", self.net)
     }
 
     /// A namespace plugged into the lab's bridge by a veth whose end in it is `ifname`, with
@@ -99,8 +113,9 @@ impl Lab {
         ns
     }
 
-    /// Starts a process inside namespace `ns`, its output in `log`.
-    fn spawn(&mut self, ns: &str, log: &str, program: &Path, args: &[&str]) {
+    /// Starts a process inside namespace `ns`, its output in `log`; returns its index for
+    /// `Lab::stop`.
+    fn spawn(&mut self, ns: &str, log: &str, program: &Path, args: &[&str]) -> usize {
         let out = std::fs::File::create(self.path(log)).unwrap();
         let child = Command::new(tool("ip"))
             .args(["netns", "exec", ns])
@@ -112,9 +127,18 @@ impl Lab {
             .spawn()
             .unwrap();
         self.children.push(child);
+        self.children.len() - 1
+    }
+
+    /// Stops (SIGKILL) the process `Lab::spawn` returned `index` for, and reaps it.
+    fn stop(&mut self, index: usize) {
+        let c = &mut self.children[index];
+        let _ = c.kill();
+        let _ = c.wait();
     }
 
     fn cli(&self, args: &[&str]) -> String {
+        let server = format!("https://{}", self.ip4(1, ":8443"));
         let out = Command::new(tool("ip"))
             .args([
                 "netns",
@@ -122,7 +146,7 @@ impl Lab {
                 &self.lab,
                 BIN,
                 "--server",
-                "https://10.77.0.1:8443",
+                &server,
                 "--token-file",
             ])
             .arg(self.path("data/admin-token"))
@@ -160,14 +184,15 @@ impl Drop for Lab {
 fn start_provision(lab: &mut Lab, extra: &[&str]) {
     let data = lab.path("data").to_str().unwrap().to_string();
     let ns = lab.lab.clone();
+    let (http, admin) = (lab.ip4(1, ":8080"), lab.ip4(1, ":8443"));
     let mut args = vec![
         "serve",
         "--data-dir",
         &data,
         "--http",
-        "10.77.0.1:8080",
+        &http,
         "--admin",
-        "10.77.0.1:8443",
+        &admin,
     ];
     args.extend_from_slice(extra);
     lab.spawn(&ns, "provision.log", Path::new(BIN), &args);
@@ -263,7 +288,8 @@ fn start_site_dhcp(lab: &mut Lab) {
         "dnsmasq",
         "/var/lib/misc/dnsmasq.leases",
         &lab.path("leases"),
-    );
+    )
+    .replace("10.77.0.", &format!("10.77.{}.", lab.net));
     std::fs::write(&conf, text).unwrap();
     let site = lab.site.clone();
     let conf = format!("--conf-file={}", conf.display());
@@ -774,6 +800,55 @@ pub(crate) fn test_installer() -> PathBuf {
     )
 }
 
+/// The arguments that serve the test installer (its kernel and initrd copied into the lab's
+/// assets directory) with its templates (tests/installer/templates).
+fn installer_args(lab: &Lab, installer: &Path) -> Vec<String> {
+    let assets = lab.path("assets");
+    std::fs::create_dir_all(assets.join("test-installer")).unwrap();
+    for f in ["vmlinuz", "initrd.img"] {
+        std::fs::copy(installer.join(f), assets.join("test-installer").join(f)).unwrap();
+    }
+    let templates = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/installer/templates");
+    vec![
+        "--assets-dir".into(),
+        assets.to_str().unwrap().into(),
+        "--templates-dir".into(),
+        templates.to_str().unwrap().into(),
+    ]
+}
+
+/// Whether a machine's timeline (`provision events MAC`) has a local boot after its phone-home.
+fn booted_local_after_install(events: &str) -> bool {
+    events
+        .split_once("phoned_home")
+        .is_some_and(|(_, after)| after.contains("local boot (installed"))
+}
+
+/// Waits until the VM on `tap` ran the boot code the test installer wrote to its disk: the
+/// code prints its marker on the console (SeaBIOS runs the MBR, OVMF the ESP's GRUB), after
+/// `after` (what the console said before that boot).
+fn wait_disk_boot(lab: &Lab, tap: &str, fw: Firmware, mac: &str, after: &str) {
+    let marker = match fw {
+        Firmware::Bios => "provision-test-disk: booted from disk (BIOS)",
+        Firmware::Uefi => "provision-test-disk: booted from disk (UEFI)",
+    };
+    let booted = Instant::now() + Duration::from_secs(180);
+    loop {
+        let console = lab.log(&format!("{tap}.serial"));
+        if console
+            .split_once(after)
+            .is_some_and(|(_, rest)| rest.contains(marker))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < booted,
+            "{mac}: answered with a local boot, but its disk did not boot:\n{console}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// The whole install loop, once per config kind, BIOS and UEFI in parallel: PXE → ProxyDHCP
 /// → (TFTP) → iPXE → /ipxe → kernel and initrd from /assets → config by install token →
 /// checked and written to disk → phone-home with a fresh SSH host key → `installed` → the
@@ -786,20 +861,8 @@ fn vms_install_phone_home_and_then_boot_local() {
     let mut lab = Lab::new("i", true);
     let ns = lab.lab.clone();
     start_site_dhcp(&mut lab);
-    let assets = lab.path("assets");
-    std::fs::create_dir_all(assets.join("test-installer")).unwrap();
-    for f in ["vmlinuz", "initrd.img"] {
-        std::fs::copy(installer.join(f), assets.join("test-installer").join(f)).unwrap();
-    }
-    let templates = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/installer/templates");
-    let (assets_s, templates_s) = (
-        assets.to_str().unwrap().to_string(),
-        templates.to_str().unwrap().to_string(),
-    );
-    start_provision(
-        &mut lab,
-        &["--assets-dir", &assets_s, "--templates-dir", &templates_s],
-    );
+    let serve = installer_args(&lab, &installer);
+    start_provision(&mut lab, &refs(&serve));
 
     // (tap, firmware, MAC, profile, what the installer wrote to disk)
     let machines = [
@@ -902,14 +965,9 @@ fn vms_install_phone_home_and_then_boot_local() {
 
     // Done when each machine's timeline has a local boot after its phone-home.
     let deadline = Instant::now() + Duration::from_secs(900);
-    let done = |events: &str| {
-        events
-            .split_once("phoned_home")
-            .is_some_and(|(_, after)| after.contains("local boot (installed"))
-    };
     let timelines = loop {
         let t: Vec<String> = machines.iter().map(|m| lab.cli(&["events", m.2])).collect();
-        if t.iter().all(|e| done(e)) {
+        if t.iter().all(|e| booted_local_after_install(e)) {
             break t;
         }
         if Instant::now() > deadline {
@@ -935,25 +993,13 @@ fn vms_install_phone_home_and_then_boot_local() {
     // prints its marker on the console (SeaBIOS runs the MBR, OVMF the ESP's GRUB) after the
     // installer's last words. Shortly after the local boot event, so this waits for it.
     for (tap, fw, mac, ..) in &machines {
-        let marker = match fw {
-            Firmware::Bios => "provision-test-disk: booted from disk (BIOS)",
-            Firmware::Uefi => "provision-test-disk: booted from disk (UEFI)",
-        };
-        let booted = Instant::now() + Duration::from_secs(180);
-        loop {
-            let console = lab.log(&format!("{tap}.serial"));
-            let after_install = console
-                .split_once("provision-test-installer: phoned home: installed")
-                .map(|(_, after)| after.to_string());
-            if after_install.is_some_and(|a| a.contains(marker)) {
-                break;
-            }
-            assert!(
-                Instant::now() < booted,
-                "{mac}: answered with a local boot, but its disk did not boot:\n{console}"
-            );
-            std::thread::sleep(Duration::from_secs(1));
-        }
+        wait_disk_boot(
+            &lab,
+            tap,
+            *fw,
+            mac,
+            "provision-test-installer: phoned home: installed",
+        );
     }
 
     for ((tap, fw, mac, profile, written), events) in machines.iter().zip(&timelines) {
@@ -1042,6 +1088,157 @@ fn vms_install_phone_home_and_then_boot_local() {
         rules.contains("lab-range") && rules.contains("1/1"),
         "{rules}"
     );
+}
+
+/// Two segments, two daemons, one inventory on PostgreSQL (docs/scale-out.md): each daemon
+/// in its own namespace on its own subnet answers only its segment and advertises its own URL;
+/// a BIOS VM installs on one, a UEFI VM on the other, and either daemon's CLI shows both
+/// installed with their whole timelines. Then the BIOS VM is moved, disk and all, to the other
+/// segment: the other daemon answers it as installed (a local boot, no second install), and
+/// it keeps its one inventory row and its history.
+#[test]
+fn two_segments_two_daemons_one_inventory_on_postgres() {
+    const BIOS: &str = "52:54:00:77:05:01";
+    const UEFI: &str = "52:54:00:77:05:02";
+    let installer = test_installer();
+    let _one_lab_at_a_time = vm_lock();
+    let cluster = crate::pg_cluster::shared();
+    let db = cluster.create_db();
+    // Over the cluster's Unix socket: the daemons run in namespaces of their own.
+    let url = cluster.socket_url(&db);
+    let key = crate::scaleout::the_key().to_str().unwrap();
+    let mut a = Lab::on("sa", true, 0);
+    let mut b = Lab::on("sb", true, 1);
+    for lab in [&mut a, &mut b] {
+        start_site_dhcp(lab);
+        let mut serve = installer_args(lab, &installer);
+        serve.extend([
+            "--database".into(),
+            url.clone(),
+            "--secret-key-file".into(),
+            key.into(),
+        ]);
+        start_provision(lab, &refs(&serve));
+    }
+    a.cli(&[
+        "enroll",
+        BIOS,
+        "--profile",
+        "test-nocloud",
+        "--hostname",
+        "seg-a",
+    ]);
+    b.cli(&[
+        "enroll",
+        UEFI,
+        "--profile",
+        "test-ignition",
+        "--hostname",
+        "seg-b",
+    ]);
+    let qemu = tool("qemu-system-x86_64");
+    let disk_of = |lab: &Lab| {
+        let disk = lab.path("tap0.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        disk
+    };
+    let bios_disk = disk_of(&a);
+    let args = vm(&a, Firmware::Bios, "tap0", BIOS, Some(&bios_disk), true);
+    let (ns_a, ns_b) = (a.lab.clone(), b.lab.clone());
+    let bios_vm = a.spawn(&ns_a, "tap0.log", &qemu, &refs(&args));
+    let uefi_disk = disk_of(&b);
+    let args = vm(&b, Firmware::Uefi, "tap0", UEFI, Some(&uefi_disk), true);
+    b.spawn(&ns_b, "tap0.log", &qemu, &refs(&args));
+
+    // Each installs through its own segment's daemon; the other daemon's CLI sees it happen.
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while ![b.cli(&["events", BIOS]), a.cli(&["events", UEFI])]
+        .iter()
+        .all(|e| booted_local_after_install(e))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not both VMs installed and booted local in time:\n{}\n{}\n--- BIOS console ---\n{}\n--- UEFI console ---\n{}",
+            b.cli(&["events", BIOS]),
+            a.cli(&["events", UEFI]),
+            a.log("tap0.serial"),
+            b.log("tap0.serial")
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let installed = "provision-test-installer: phoned home: installed";
+    wait_disk_boot(&a, "tap0", Firmware::Bios, BIOS, installed);
+    wait_disk_boot(&b, "tap0", Firmware::Uefi, UEFI, installed);
+    for (mac, hostname, daemon) in [(BIOS, "seg-a", "10.77.0.1"), (UEFI, "seg-b", "10.77.1.1")] {
+        for lab in [&a, &b] {
+            let show = lab.cli(&["machines", "show", mac]);
+            assert!(
+                show.contains("state       installed")
+                    && show.contains(&format!("hostname    {hostname}"))
+                    && show.contains("host key   ssh-ed25519 "),
+                "{show}"
+            );
+            let events = lab.cli(&["events", mac]);
+            let k = kinds(&events);
+            for kind in ["enrolled", "install_started", "phoned_home"] {
+                assert_eq!(
+                    k.iter().filter(|x| *x == kind).count(),
+                    1,
+                    "{kind}:\n{events}"
+                );
+            }
+            assert!(k.iter().any(|x| x == "config_served"), "{events}");
+            // Offered by its own segment's daemon only: the other never heard it.
+            assert!(
+                events
+                    .lines()
+                    .filter(|l| l.contains("dhcp_offered"))
+                    .all(|l| l.contains(&format!("from {daemon} "))),
+                "{events}"
+            );
+        }
+    }
+
+    // Moved: the BIOS VM is powered off on segment a and its disk boots on segment b.
+    a.stop(bios_vm);
+    let before = b.cli(&["events", BIOS]);
+    let args = vm(&b, Firmware::Bios, "tap1", BIOS, Some(&bios_disk), true);
+    b.spawn(&ns_b, "tap1.log", &qemu, &refs(&args));
+    let moved = Instant::now() + Duration::from_secs(300);
+    let events = loop {
+        let e = a.cli(&["events", BIOS]);
+        let new = e
+            .strip_prefix(before.as_str())
+            .unwrap_or_else(|| panic!("the timeline before the move changed:\n{before}\n---\n{e}"));
+        if new.contains("local boot (installed") {
+            break e;
+        }
+        assert!(
+            Instant::now() < moved,
+            "{BIOS} on segment b was not answered with a local boot:\n{e}\n--- console ---\n{}",
+            b.log("tap1.serial")
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let new = &events[before.len()..];
+    assert!(
+        new.contains("dhcp_offered: http://10.77.1.1:8080/boot.ipxe via proxy offer from 10.77.1.1 (x86 BIOS iPXE)"),
+        "segment b's daemon answered it:\n{events}"
+    );
+    assert!(
+        !new.contains("install_started") && !new.contains("config_served"),
+        "no second install:\n{events}"
+    );
+    wait_disk_boot(&b, "tap1", Firmware::Bios, BIOS, "");
+    let list = b.cli(&["machines", "list"]);
+    assert_eq!(list.matches(BIOS).count(), 1, "one row:\n{list}");
+    let show = a.cli(&["machines", "show", BIOS]);
+    assert!(show.contains("state       installed"), "{show}");
+    drop((a, b));
+    cluster.drop_db(&db);
 }
 
 /// `provision lab` as an operator runs it: in an "operator host" namespace with a running
