@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what `make bench` runs against: the peers (dnsmasq, atftpd, tftpd-hpa, nginx), the
 # load generators and clients (perfdhcp from kea-admin, wrk, atftp, tftp-hpa, curl), ipxe (the
-# undionly.kpxe the end-to-end storm serves), iproute2, python3 and GNU time (the peak memory
-# of a CLI command). Missing Debian packages are
+# undionly.kpxe the end-to-end storm serves), iproute2, python3, GNU time (the peak memory
+# of a CLI command) and postgresql (the `pg` section starts a cluster of its own from its
+# binaries; the packaged service is not used). Missing Debian packages are
 # installed by tests/deps.sh (the same script as `make deps`: apt only when something is
 # missing, loud failures).
 #
@@ -14,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(dnsmasq-base atftpd nginx-light kea-admin wrk hyperfine atftp tftp-hpa iproute2
-    python3 curl ipxe openssh-client libwrap0 util-linux time)
+    python3 curl ipxe openssh-client libwrap0 util-linux time postgresql)
 bash tests/deps.sh "${packages[@]}" >/tmp/provision-bench-deps.$$ 2>&1 || {
     cat /tmp/provision-bench-deps.$$ >&2
     rm -f /tmp/provision-bench-deps.$$

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """provision benchmark harness (`make bench`). See bench/README.md for what each row means.
 
-    bench/run.py [--quick] [--only dhcp,ipxe,ui,tftp,storm,e2e,rss] [--bin PATH] [--rounds N]
+    bench/run.py [--quick] [--only dhcp,ipxe,pg,ui,tftp,storm,e2e,fleet,rss] [--bin PATH]
+                 [--rounds N]
                  [--no-append] [--note TEXT] [--keep]
 
 Runs provision and its peers (dnsmasq, atftpd, tftpd-hpa, nginx) alternately (A B A B ...),
@@ -39,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PY = "/usr/bin/python3"
 CLK = os.sysconf("SC_CLK_TCK")
-SECTIONS = ["dhcp", "ipxe", "ui", "tftp", "storm", "e2e", "fleet", "rss"]
+SECTIONS = ["dhcp", "ipxe", "pg", "ui", "tftp", "storm", "e2e", "fleet", "rss"]
 
 FULL = dict(
     rounds=3,
@@ -61,6 +62,9 @@ FULL = dict(
     e2e_machines=500,
     ui_requests=30,
     fleet_machines=10000,
+    pg_installed=10000,
+    pg_enrolled=5000,
+    pg_dhcp_macs=[1000, 1000000],
 )
 QUICK = dict(
     FULL,
@@ -78,6 +82,9 @@ QUICK = dict(
     storm_clients=50,
     e2e_machines=100,
     ui_requests=10,
+    pg_installed=1000,
+    pg_enrolled=500,
+    pg_dhcp_macs=[1000],
 )
 
 # The ProxyDHCP test's PXE client options (perfdhcp -o CODE,HEX): vendor class, arch 0
@@ -291,9 +298,14 @@ def udp_stats(ns=None):
 
 def udp_bound(port):
     """Whether a UDP socket in this namespace is bound to `port`."""
+    return udp_bound_count(port) > 0
+
+
+def udp_bound_count(port):
+    """How many UDP sockets in this namespace are bound to `port`."""
     with open("/proc/net/udp") as f:
         next(f)
-        return any(int(line.split()[1].split(":")[1], 16) == port for line in f)
+        return sum(int(line.split()[1].split(":")[1], 16) == port for line in f)
 
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -396,13 +408,16 @@ class Bench:
         log(f"ROW | {work} | {f(prov)} | {f(peer)} | {ratio} | {notes}")
 
     def provision(self, name, data_dir, http="127.0.0.1:8080", tftp="off", dhcp="off",
-                  extra=()):
+                  extra=(), admin=ADMIN):
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISION_")}
         # The admin API only seeds machines here; plain HTTP on loopback (which provision
         # allows without --insecure-admin) keeps seed.py on the standard library.
         argv = self.pin_s() + [self.bin, "serve", "--data-dir", data_dir, "--http", http,
-                               "--admin", ADMIN, "--admin-tls", "off",
+                               "--admin", admin, "--admin-tls", "off",
                                "--tftp", tftp, "--dhcp", dhcp, *extra]
+        # Daemons sharing a database may share port 67 (each on its own interface): this
+        # one is up when one more socket is bound to it than before it started.
+        on67 = udp_bound_count(67)
         d = Daemon(name, argv, self.work, env=env)
 
         def ready():
@@ -410,7 +425,7 @@ class Bench:
             if tftp != "off":
                 ok = ok and udp_bound(int(tftp.rsplit(":", 1)[1]))
             if dhcp != "off":
-                ok = ok and udp_bound(67)
+                ok = ok and udp_bound_count(67) > on67
             return ok
 
         return d.wait_ready(ready)
@@ -463,14 +478,21 @@ def mb(nbytes):
 # 1. ProxyDHCP DISCOVER -> OFFER (perfdhcp) vs dnsmasq in proxy mode.
 
 
-def perfdhcp(b, rate, secs, nmacs, seed):
-    argv = in_client_ns(b.pin_c() + [
-        "perfdhcp", "-4", "-l", VC, "-i", "-g", "single", "-r", rate, "-p", secs,
+def perfdhcp_argv(b, rate, secs, nmacs, seed, iface=None):
+    return in_client_ns(b.pin_c() + [
+        "perfdhcp", "-4", "-l", iface or VC, "-i", "-g", "single", "-r", rate, "-p", secs,
         "-R", nmacs, "-s", seed, "-d", "1", "-W", "500000", *PERFDHCP_OPTS])
-    r = run(argv, timeout=secs + 30, check=False)
-    out = r.stdout + r.stderr
-    if r.returncode not in (0, 3):
-        raise BenchError(f"perfdhcp exited {r.returncode}: {out[-400:]}")
+
+
+def perfdhcp(b, rate, secs, nmacs, seed):
+    r = run(perfdhcp_argv(b, rate, secs, nmacs, seed), timeout=secs + 30, check=False)
+    return perfdhcp_counts(r.returncode, r.stdout + r.stderr)
+
+
+def perfdhcp_counts(returncode, out):
+    """perfdhcp's sent and received packet counts, from its report."""
+    if returncode not in (0, 3):
+        raise BenchError(f"perfdhcp exited {returncode}: {out[-400:]}")
 
     def num(label):
         m = re.search(rf"{label}:\s*([0-9.]+)", out)
@@ -519,11 +541,13 @@ def dhcp_step(b, d, rate, nmacs, seed):
     return r
 
 
-def dhcp_ladder(b, d, nmacs, seed):
+def dhcp_ladder(b, d, nmacs, seed, step=None, rates=None):
     """Steps the offered rate up until more than 1 % go unanswered (or the generator cannot
-    offer more), then bisects (geometrically) between the last good and the first bad rate."""
+    offer more), then bisects (geometrically) between the last good and the first bad rate.
+    `step` (default dhcp_step) measures one rate; `rates` replaces cfg dhcp_rates."""
+    dhcp_step = step or globals()["dhcp_step"]
     steps = []
-    for rate in b.cfg["dhcp_rates"]:
+    for rate in rates or b.cfg["dhcp_rates"]:
         r = dhcp_step(b, d, rate, nmacs, seed)
         steps.append(r)
         if r.get("died") or r["loss"] > 0.01 or r["gen_bound"]:
@@ -913,6 +937,269 @@ def section_ipxe(b):
                                    f"{med('p', 'boot', 'p99_us') / 1000:.2f} vs "
                                    f"{med('n', 'boot', 'p99_us') / 1000:.2f} ms"]))
     b.notes.append(f"Seeding {inventory} through the API took {b.seed_s:.0f} s (not measured).")
+
+
+# =============================================================================================
+# 2b. The inventory on PostgreSQL next to SQLite (scale-out): one daemon, the same requests,
+# the database the only difference; then ProxyDHCP with three daemons sharing one database.
+
+
+def pg_bin():
+    """The newest PostgreSQL server binaries Debian installed."""
+    found = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb")]
+    if not found:
+        raise BenchError("no PostgreSQL server under /usr/lib/postgresql: apt-get install "
+                         "postgresql (bench/peers.sh installs it)")
+    return max(found, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+
+
+def tree_cpu(pid):
+    """CPU seconds of `pid` and its children (PostgreSQL: the postmaster and its backends)."""
+    total = proc_cpu(pid)
+    for e in os.listdir("/proc"):
+        if not e.isdigit():
+            continue
+        try:
+            with open(f"/proc/{e}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            try:
+                total += proc_cpu(int(e))
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
+class Postgres:
+    """A PostgreSQL cluster of the bench's own: initdb'd into a directory under /var/tmp as
+    the `postgres` user, on a Unix socket only (no TCP listener), with PostgreSQL's durable
+    defaults (fsync, synchronous_commit and full_page_writes on), pinned to the server CPU:
+    the database is part of the server under test, so it shares that CPU with the daemons."""
+
+    def __init__(self, b):
+        import pwd
+        pw = pwd.getpwnam("postgres")
+        self.bin = pg_bin()
+        # Not under the bench's work dir, which only root may enter.
+        self.dir = Path(tempfile.mkdtemp(prefix="provision-bench-pg-", dir="/var/tmp"))
+        os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+        self.as_pg = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups"]
+        self.dbs = 0
+        try:
+            run(self.as_pg + [self.bin / "initdb", "-D", self.dir / "data", "-U", "postgres",
+                              "--auth=trust", "-E", "UTF8", "--locale=C"], 120)
+            self.daemon = Daemon("postgres", b.pin_s() + self.as_pg + [
+                self.bin / "postgres", "-D", self.dir / "data", "-c", "listen_addresses=",
+                "-c", f"unix_socket_directories={self.dir}", "-c", "max_connections=200"],
+                b.work)
+            self.daemon.wait_ready(lambda: run(self.as_pg + [
+                self.bin / "pg_isready", "-q", "-h", self.dir], 10, check=False).returncode == 0)
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        self.version = run([self.bin / "postgres", "--version"], 10).stdout.strip()
+
+    def new_db(self):
+        """A new, empty database; returns the connection string provision is given."""
+        self.dbs += 1
+        name = f"bench{self.dbs}"
+        run(self.as_pg + [self.bin / "psql", "-X", "-q", "-h", self.dir, "-U", "postgres",
+                          "-d", "postgres", "-c", f"CREATE DATABASE {name}"], 60)
+        return f"host={self.dir} user=postgres dbname={name}"
+
+    def cpu(self):
+        return tree_cpu(self.daemon.pid)
+
+    def stop(self):
+        # Fast shutdown (SIGINT): it does not wait for clients, and its checkpoint is quick.
+        if self.daemon.alive():
+            os.kill(self.daemon.pid, signal.SIGINT)
+        self.daemon.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class WithDatabase:
+    """A daemon and the database cluster it writes to, as one server for wrk's CPU figures."""
+
+    def __init__(self, d, pg):
+        self.d, self.pg = d, pg
+        self.pid = d.pid
+
+    def cpu(self):
+        return self.d.cpu() + (self.pg.cpu() if self.pg else 0)
+
+    def alive(self):
+        return self.d.alive()
+
+
+def pg_provision(b, name, data, backend, pg, url, key, **kw):
+    """provision on `backend` ("sqlite", or "postgres" at `url` with secret key file `key`)."""
+    extra = list(kw.pop("extra", ()))
+    if backend == "postgres":
+        extra += ["--database", url, "--secret-key-file", key]
+    return b.provision(name, data, extra=extra, **kw)
+
+
+PG_DAEMONS = 3
+
+
+def pg_links():
+    """Two more veth pairs between the namespaces, for the second and third daemon's segments:
+    10.203.N.1 (server) — 10.203.N.2 (client). Returns [(server if, client if, server ip)],
+    the bench's own pair first."""
+    links = [(VS, VC, SRV_IP)]
+    for n in range(1, PG_DAEMONS):
+        vs, vc = f"{VS[:-1]}{n}", f"{VC[:-1]}{n}"
+        sh("ip", "-n", NS, "link", "add", vs, "type", "veth", "peer", "name", vc, "netns", NSC)
+        sh("ip", "-n", NS, "addr", "add", f"10.203.{n}.1/24", "dev", vs)
+        sh("ip", "-n", NSC, "addr", "add", f"10.203.{n}.2/24", "dev", vc)
+        sh("ip", "-n", NS, "link", "set", vs, "up")
+        sh("ip", "-n", NSC, "link", "set", vc, "up")
+        links.append((vs, vc, f"10.203.{n}.1"))
+    return links
+
+
+def pg_dhcp_step(b, servers, rate, nmacs, seed):
+    """One rate step against several daemons at once, each on its own segment with its own
+    perfdhcp (its own MACs) at rate/N; counts and CPU summed (with the database's)."""
+    ds, pg, links = servers
+    secs = b.cfg["dhcp_step_s"]
+    each = max(1, rate // len(ds))
+    cpu0 = sum(task_cpu(d.pid) for d in ds) + (pg.cpu() if pg else 0)
+    s0, c0 = udp_stats(), udp_stats(NSC)
+    wall, outs = run_many([perfdhcp_argv(b, each, secs, nmacs, seed * 10 + i, links[i][1])
+                           for i in range(len(ds))], timeout=secs + 30)
+    counts = [perfdhcp_counts(rc, out) for rc, out in outs]
+    sent = sum(c["sent"] for c in counts)
+    got = sum(c["received"] for c in counts)
+    r = {"sent": sent, "received": got, "rate": each * len(ds), "offered": sent / secs,
+         "loss": (1 - got / sent) if sent else 1.0, "gen_bound": sent / secs < 0.9 * each * len(ds)}
+    if not all(d.alive() for d in ds):
+        r.update(died=True, loss=1.0, srv_drop=0, cli_drop=0, cpu_us=None)
+        return r
+    cpu1 = sum(task_cpu(d.pid) for d in ds) + (pg.cpu() if pg else 0)
+    s1, c1 = udp_stats(), udp_stats(NSC)
+    r.update(cpu_us=((cpu1 - cpu0) / got * 1e6) if got else None,
+             srv_drop=s1["RcvbufErrors"] - s0["RcvbufErrors"],
+             cli_drop=c1["RcvbufErrors"] - c0["RcvbufErrors"])
+    log(f"  {len(ds)} daemon(s) {nmacs} MACs @ {r['rate']}/s: sent {sent:.0f} "
+        f"({r['offered']:.0f}/s), answered {got:.0f}, unanswered {r['loss']:.2%}, server "
+        f"RcvbufErrors {r['srv_drop']}, {r['cpu_us'] or 0:.1f} µs CPU/offer (daemons + "
+        f"database){' GENERATOR-BOUND' if r['gen_bound'] else ''}")
+    return r
+
+
+def section_pg(b):
+    cfg = b.cfg
+    pg = Postgres(b)
+    key = b.work / "secret.key"
+    key.write_text(os.urandom(32).hex())
+    os.chmod(key, 0o600)
+    hostkey = b.work / "pg-hostkey"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f", hostkey], 30)
+    try:
+        # --- the HTTP hot path and enrolment, one daemon, SQLite vs PostgreSQL -------------
+        backends = ("sqlite", "postgres")
+        res = {(k, be): [] for k in ("full", "enroll", "local", "install") for be in backends}
+        for rnd in range(cfg["rounds"]):
+            for be in backends:
+                log(f"pg: round {rnd + 1}, one daemon on {be}")
+                data, out = b.fresh("pg-data"), b.fresh("pg-macs")
+                url = pg.new_db() if be == "postgres" else None
+                d = pg_provision(b, f"provision-{be}", data, be, pg, url, key,
+                                 extra=LOOPBACK_CLAIMS)
+                server = WithDatabase(d, pg if be == "postgres" else None)
+                try:
+                    r = run(b.pin_c() + [
+                        PY, HERE / "seed.py", "--url", "http://127.0.0.1:8080",
+                        "--admin-url", f"http://{ADMIN}", "--token-file", data / "admin-token",
+                        "--installed", cfg["pg_installed"], "--enrolled", cfg["pg_enrolled"],
+                        "--pubkey", f"{hostkey}.pub", "--out", out, "--workers", 32],
+                        timeout=cfg["seed_timeout"], show_stderr=True)
+                    j = json.loads(r.stdout.strip().splitlines()[-1])
+                    res[("full", be)].append(j["installed"] / j["seconds_installed"])
+                    res[("enroll", be)].append(
+                        j["enrolled"] / max(1e-9, j["seconds"] - j["seconds_installed"]))
+                    installed, enrolled = out / "macs-installed.txt", out / "macs-enrolled.txt"
+                    wrk(b, 1, 1, "/ipxe", installed, server)  # warm-up, not counted
+                    res[("local", be)].append(wrk(b, 2, 50, "/ipxe", installed, server))
+                    res[("install", be)].append(wrk(b, 2, 50, "/ipxe", enrolled, server))
+                finally:
+                    d.stop()
+        sizes = f"{cfg['pg_installed']:,} installed + {cfg['pg_enrolled']:,} enrolled"
+        b.row("[pg] enrol + install + phone-home through the API, 32 workers [machines/s] "
+              "PostgreSQL vs SQLite", median(res[("full", "postgres")]),
+              median(res[("full", "sqlite")]),
+              notes=f"{sizes} machines seeded by bench/seed.py; per machine: POST "
+                    "/api/v1/machines, GET /ipxe (mints a token), POST /phone-home")
+        b.row("[pg] enrol through the API, 32 workers [machines/s] PostgreSQL vs SQLite",
+              median(res[("enroll", "postgres")]), median(res[("enroll", "sqlite")]),
+              notes=f"the {cfg['pg_enrolled']:,} enrolled-only machines of the same seeding")
+        for k, what in (("local", "/ipxe local boot"), ("install", "/ipxe install answer")):
+            p, q = res[(k, "postgres")], res[(k, "sqlite")]
+            errors = sum(j["errors"] for j in p + q)
+            b.row(f"[pg] {what} -t2 -c50 [req/s] PostgreSQL vs SQLite",
+                  median([j["rps"] for j in p]), median([j["rps"] for j in q]),
+                  notes=f"p99 {median([j['p99_us'] for j in p]) / 1000:.2f} vs "
+                        f"{median([j['p99_us'] for j in q]) / 1000:.2f} ms; server CPU "
+                        f"{median([j['cpu_us'] for j in p]):,.0f} vs "
+                        f"{median([j['cpu_us'] for j in q]):,.0f} µs/req (daemon + "
+                        "PostgreSQL's processes)" + (f"; errors {errors:,}" if errors else ""))
+
+        # --- ProxyDHCP: one daemon on SQLite, one on PostgreSQL, three on one database -----
+        links = pg_links()
+        configs = (("sqlite", 1), ("postgres", 1), ("postgres", PG_DAEMONS))
+        rates = [1000, 3000, 10000, 20000, 30000, 45000, 60000]
+        for nmacs in cfg["pg_dhcp_macs"]:
+            got = {c: [] for c in configs}
+            for rnd in range(cfg["rounds"]):
+                for be, n in configs:
+                    log(f"pg: ProxyDHCP {nmacs} MACs, round {rnd + 1}, {n} daemon(s) on {be}")
+                    url = pg.new_db() if be == "postgres" else None
+                    ds = []
+                    try:
+                        for i in range(n):
+                            vs, _, ip = links[i]
+                            ds.append(pg_provision(
+                                b, f"provision-dhcp-{be}-{i}", b.fresh("pg-dhcp-data"), be, pg,
+                                url, key, http=f"{ip}:8080", dhcp="0.0.0.0",
+                                admin=f"127.0.0.1:{8443 + i}",
+                                extra=["--dhcp-interface", vs]))
+                        got[(be, n)].append(dhcp_ladder(
+                            b, (ds, pg if be == "postgres" else None, links), nmacs, rnd + 1,
+                            step=pg_dhcp_step, rates=rates))
+                    finally:
+                        for d in ds:
+                            d.stop()
+            label = f"{nmacs // 1000}k" if nmacs < 10**6 else f"{nmacs // 10**6}M"
+            base = median([x["max"] for x in got[("sqlite", 1)]])
+            for be, n in configs[1:]:
+                xs = got[(be, n)]
+                notes = ([f"each daemon on its own segment with its own perfdhcp at 1/{n} "
+                          "of the rate"] if n > 1 else [])
+                if any(x["gen_bound"] for x in xs):
+                    notes.append("generator-bound in "
+                                 f"{sum(x['gen_bound'] for x in xs)} of {len(xs)} rounds")
+                if any(x["died"] for x in xs):
+                    notes.append("a daemon DIED during the test")
+                cc = [max((s for s in x["steps"] if s["loss"] <= 0.01 and s.get("cpu_us")),
+                          key=lambda s: s["offered"], default=None) for x in xs]
+                cpu = median([c["cpu_us"] for c in cc if c])
+                if cpu:
+                    notes.append(f"{cpu:,.1f} µs CPU per offer at the best rate (daemons + "
+                                 "database)")
+                b.row(f"[pg] ProxyDHCP max rate ≤1% unanswered, {label} MACs, {n} "
+                      f"daemon{'s' if n > 1 else ''} on PostgreSQL [offers/s] vs one on SQLite",
+                      median([x["max"] for x in xs]), base, notes="; ".join(notes))
+        b.notes.append(f"PostgreSQL section: {pg.version}, a cluster of the bench's own on a "
+                       "Unix socket with durable defaults, pinned with the daemons to the "
+                       "server CPU; a new database for each daemon start (three daemons share "
+                       "one); ProxyDHCP rates "
+                       f"{', '.join(f'{r:,}' for r in rates)}/s in all, split over the daemons.")
+    finally:
+        pg.stop()
 
 
 # =============================================================================================
