@@ -1025,7 +1025,6 @@ class WithDatabase:
 
     def __init__(self, d, pg):
         self.d, self.pg = d, pg
-        self.pid = d.pid
 
     def cpu(self):
         return self.d.cpu() + (self.pg.cpu() if self.pg else 0)
