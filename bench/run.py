@@ -545,10 +545,10 @@ def dhcp_ladder(b, d, nmacs, seed, step=None, rates=None):
     """Steps the offered rate up until more than 1 % go unanswered (or the generator cannot
     offer more), then bisects (geometrically) between the last good and the first bad rate.
     `step` (default dhcp_step) measures one rate; `rates` replaces cfg dhcp_rates."""
-    dhcp_step = step or globals()["dhcp_step"]
+    measure = step or dhcp_step
     steps = []
     for rate in rates or b.cfg["dhcp_rates"]:
-        r = dhcp_step(b, d, rate, nmacs, seed)
+        r = measure(b, d, rate, nmacs, seed)
         steps.append(r)
         if r.get("died") or r["loss"] > 0.01 or r["gen_bound"]:
             break
@@ -566,7 +566,7 @@ def dhcp_ladder(b, d, nmacs, seed, step=None, rates=None):
         if mid <= lo or mid >= hi:
             break
         time.sleep(0.3)
-        steps.append(dhcp_step(b, d, mid, nmacs, seed))
+        steps.append(measure(b, d, mid, nmacs, seed))
     ok = [s for s in steps if s["loss"] <= 0.01]
     best = max(ok, key=lambda s: s["offered"]) if ok else None
     first_bad = min((s for s in steps if s["loss"] > 0.01), key=lambda s: s["rate"], default=None)
@@ -730,6 +730,15 @@ def wrk(b, threads, conns, path, macs=None, d=None):
 LOOPBACK_CLAIMS = ["--claims", "any"]
 
 
+def host_key(b):
+    """The ed25519 key pair (private key path; `.pub` beside it) machines phone home with,
+    made once per run."""
+    key = b.work / "hostkey"
+    if not key.exists():
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench-host-key", "-f", key], 30)
+    return key
+
+
 def seeded(b):
     """The data dir seeded through the API with cfg seed_installed installed and
     seed_enrolled enrolled machines, and the dir of their MAC files; seeded once per run and
@@ -737,9 +746,7 @@ def seeded(b):
     if getattr(b, "seed", None):
         return b.seed
     cfg = b.cfg
-    key = b.work / "hostkey"
-    if not key.exists():
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench-host-key", "-f", key], 30)
+    key = host_key(b)
     seed_dir = b.work / "ipxe-seed"
     out = b.fresh("ipxe-macs")
     log(f"seeding {cfg['seed_installed']:,} installed + {cfg['seed_enrolled']:,} "
@@ -1068,7 +1075,7 @@ def pg_dhcp_step(b, servers, rate, nmacs, seed):
     each = max(1, rate // len(ds))
     cpu0 = sum(task_cpu(d.pid) for d in ds) + (pg.cpu() if pg else 0)
     s0, c0 = udp_stats(), udp_stats(NSC)
-    wall, outs = run_many([perfdhcp_argv(b, each, secs, nmacs, seed * 10 + i, links[i][1])
+    _, outs = run_many([perfdhcp_argv(b, each, secs, nmacs, seed * 10 + i, links[i][1])
                            for i in range(len(ds))], timeout=secs + 30)
     counts = [perfdhcp_counts(rc, out) for rc, out in outs]
     sent = sum(c["sent"] for c in counts)
@@ -1096,8 +1103,7 @@ def section_pg(b):
     key = b.work / "secret.key"
     key.write_text(os.urandom(32).hex())
     os.chmod(key, 0o600)
-    hostkey = b.work / "pg-hostkey"
-    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f", hostkey], 30)
+    hostkey = host_key(b)
     try:
         # --- the HTTP hot path and enrolment, one daemon, SQLite vs PostgreSQL -------------
         backends = ("sqlite", "postgres")
@@ -1409,7 +1415,7 @@ def section_tftp(b):
             d = tftp_server(b, s, root)
             try:
                 cpu0 = d.cpu()
-                wall, outs = run_many([atftp_argv(b, "conc", w)] * n, timeout=600)
+                _, outs = run_many([atftp_argv(b, "conc", w)] * n, timeout=600)
                 cpu1 = d.cpu()
                 hwm = d.kb("VmHWM")
                 alive = d.alive()
@@ -1496,7 +1502,7 @@ def section_storm(b):
                 if s == "provision":
                     b.idle_rss.append(idle)
                 cpu0 = d.cpu()
-                wall, outs = run_many([argv] * n, timeout=600)
+                _, outs = run_many([argv] * n, timeout=600)
                 cpu1 = d.cpu()
                 rss, hwm, alive = d.kb("VmRSS"), d.kb("VmHWM"), d.alive()
             finally:
@@ -1550,9 +1556,7 @@ def section_storm(b):
 def section_e2e(b):
     cfg = b.cfg
     n = cfg["e2e_machines"]
-    key = b.work / "hostkey"
-    if not key.exists():
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench-host-key", "-f", key], 30)
+    key = host_key(b)
     root = b.fresh("e2e-tftp")
     os.chmod(root, 0o755)
     src = Path("/usr/lib/ipxe/undionly.kpxe")
