@@ -25,7 +25,8 @@ pub struct ServeArgs {
     pub data_dir: Option<PathBuf>,
     /// Where the inventory lives: `sqlite` (DATA_DIR/provision.db, this daemon's alone), or a
     /// PostgreSQL database several daemons share, as a `postgres://user@host/db` URL or a
-    /// `host=… dbname=…` connection string [default: sqlite].
+    /// `host=… dbname=…` connection string, with libpq's TLS keys (`sslmode=verify-full
+    /// sslrootcert=CA.pem`) [default: sqlite].
     #[arg(long, env = "PROVISION_DATABASE", value_name = "sqlite|postgres://...")]
     pub database: Option<String>,
     /// With a PostgreSQL database: the key (a file of 64 hex digits, mode 0600) the daemons

@@ -42,6 +42,7 @@ mod leases;
 #[cfg(test)]
 #[path = "../../tests/common/pg_cluster.rs"]
 pub(crate) mod pg_cluster;
+mod pg_tls;
 pub mod plan;
 pub(crate) mod postgres;
 pub mod sqlite;

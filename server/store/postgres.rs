@@ -18,8 +18,10 @@ use bytes::BytesMut;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::db::{numbered, Arg, Db, Dialect, SqlRow, Val};
+use super::pg_tls;
 use super::sqlite::MIGRATIONS_DIR;
 use super::{Result, StoreError};
 
@@ -62,9 +64,9 @@ impl From<tokio_postgres::Error> for StoreError {
             // database away; anything else (a value that does not convert) is an error.
             let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
             return if e.is_closed() || io {
-                StoreError::Unavailable(format!("PostgreSQL: {e}"))
+                StoreError::Unavailable(format!("PostgreSQL: {}", with_causes(&e)))
             } else {
-                StoreError::Database(format!("PostgreSQL: {e}"))
+                StoreError::Database(format!("PostgreSQL: {}", with_causes(&e)))
             };
         };
         let code = db.code();
@@ -92,16 +94,30 @@ impl From<tokio_postgres::Error> for StoreError {
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        StoreError::Unavailable(format!("PostgreSQL: no connection: {e}"))
+        StoreError::Unavailable(format!("PostgreSQL: no connection: {}", with_causes(&e)))
     }
 }
 
-/// The pool for `url` (a `postgres://` URL or `key=value` connection string). Connects
-/// nothing yet.
+/// `e` and the errors under it: tokio-postgres writes only its own layer ("error performing
+/// TLS handshake"), and the reason ("invalid peer certificate: UnknownIssuer") is its source.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text = format!("{text}: {c}");
+        }
+        next = cause.source();
+    }
+    text
+}
+
+/// The pool for `url` (a `postgres://` URL or `key=value` connection string, with libpq's TLS
+/// keys: see `pg_tls`). Connects nothing yet; reads the TLS files now.
 pub(super) fn pool(url: &str) -> Result<Pool> {
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| StoreError::Database(format!("database {}: {e}", redacted(url))))?;
+    let bad = |e: String| StoreError::Database(format!("database {}: {e}", redacted(url)));
+    let (mut config, tls) = pg_tls::parse(url).map_err(bad)?;
     if config.get_application_name().is_none() {
         config.application_name("provision");
     }
@@ -119,15 +135,17 @@ pub(super) fn pool(url: &str) -> Result<Pool> {
     );
     config.options(options.trim());
     config.keepalives_idle(Duration::from_secs(30));
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            // A connection the server dropped (a restart, a failover) is replaced, not handed
-            // out: `Fast` checks that the connection is still open.
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager_config = || ManagerConfig {
+        // A connection the server dropped (a restart, a failover) is replaced, not handed
+        // out: `Fast` checks that the connection is still open.
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = if tls.wanted() {
+        let client = tls.client_config().map_err(bad)?;
+        Manager::from_config(config, MakeRustlsConnect::new(client), manager_config())
+    } else {
+        Manager::from_config(config, NoTls, manager_config())
+    };
     Pool::builder(manager)
         .max_size(POOL_SIZE)
         .runtime(Runtime::Tokio1)
@@ -137,11 +155,10 @@ pub(super) fn pool(url: &str) -> Result<Pool> {
         .map_err(|e| StoreError::Database(format!("database pool: {e}")))
 }
 
-/// Checks a URL or connection string without connecting: its keys and values, and that it
-/// names a host.
+/// Checks a URL or connection string without connecting: its keys and values, that it names
+/// a host, and that the TLS files it names are there.
 pub fn check_url(url: &str) -> std::result::Result<(), String> {
-    let config: tokio_postgres::Config =
-        url.parse().map_err(|e| format!("{}: {e}", redacted(url)))?;
+    let (config, _) = pg_tls::parse(url).map_err(|e| format!("{}: {e}", redacted(url)))?;
     if config.get_hosts().is_empty() {
         return Err(format!(
             "{} names no host: add one (postgres://user@HOST/db, or host=HOST)",
@@ -155,9 +172,30 @@ pub fn check_url(url: &str) -> std::result::Result<(), String> {
 /// against this build's. Call from outside any runtime (it waits on [`io`]).
 pub fn check_connection(url: &str) -> Result<String> {
     let pool = pool(url)?;
-    let c = PgConn::take(&pool)?;
+    let tls = pg_tls::parse(url)
+        .map(|(_, tls)| tls.describe())
+        .unwrap_or_default();
+    // A refused certificate reads "error performing TLS handshake: invalid peer certificate:
+    // UnknownIssuer"; with the mode and the CA file beside it the operator sees which to fix.
+    let c = PgConn::take(&pool).map_err(|e| match e {
+        StoreError::Unavailable(m) if m.contains("TLS") => {
+            StoreError::Unavailable(format!("{m} ({tls})"))
+        }
+        e => e,
+    })?;
     let db: &dyn Db = &c;
     let server: String = db.scalar("SELECT current_setting('server_version')", &[])?;
+    // What this connection really is: `prefer` may have ended up unencrypted.
+    let transport: String = db.scalar(
+        "SELECT COALESCE((SELECT version FROM pg_stat_ssl \
+          WHERE pid = pg_backend_pid() AND ssl), '')",
+        &[],
+    )?;
+    let transport = if transport.is_empty() {
+        "not encrypted".to_string()
+    } else {
+        format!("{transport}, {tls}")
+    };
     let have = version(&c)?;
     let known = known_version();
     let schema = match have {
@@ -171,7 +209,7 @@ pub fn check_connection(url: &str) -> Result<String> {
             )))
         }
     };
-    Ok(format!("PostgreSQL {server}, {schema}"))
+    Ok(format!("PostgreSQL {server} ({transport}), {schema}"))
 }
 
 /// `url` without its password, for messages.

@@ -80,7 +80,9 @@ fn as_server_user(cmd: &mut Command) -> &mut Command {
     cmd
 }
 
-fn chown(path: &Path) {
+/// Gives `path` to the user the server runs as (a TLS key the server reads must be its own,
+/// mode 0600).
+pub fn chown(path: &Path) {
     if let Some((uid, gid)) = server_user() {
         std::os::unix::fs::chown(path, Some(uid), Some(gid)).expect("chown to postgres");
     }

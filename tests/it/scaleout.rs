@@ -482,3 +482,220 @@ fn a_daemon_killed_mid_install_loses_nothing() {
     drop((a, b));
     cluster.drop_db(&db);
 }
+
+/// A CA for the TLS test: signs a server certificate for some names, or a client's for a
+/// user (PostgreSQL's `cert` authentication takes the user from the CN).
+struct TestCa {
+    pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let pem = p.self_signed(&key).unwrap().pem();
+        TestCa {
+            pem,
+            issuer: rcgen::Issuer::new(p, key),
+        }
+    }
+
+    /// (certificate PEM, key PEM) for `cn`, naming `dns` (a server) or nothing (a client).
+    fn sign(&self, cn: &str, dns: &[&str]) -> (String, String) {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut p =
+            CertificateParams::new(dns.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.extended_key_usages = vec![if dns.is_empty() {
+            ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// TLS to PostgreSQL with libpq's keys, against a server that takes TLS only (`hostssl`):
+/// `verify-full` checks the chain and the name (`host` names the server, `hostaddr` is where
+/// it is), `verify-ca` the chain only, `prefer` encrypts without checking, `disable` really
+/// sends plaintext; a wrong CA or a wrong name is refused with what was checked; a client
+/// certificate logs in by `cert` authentication; a daemon on such a string keeps every
+/// connection encrypted. Settings that cannot work are refused before anything connects.
+#[test]
+fn postgres_over_tls_checks_what_libpq_would() {
+    use std::os::unix::fs::PermissionsExt;
+    let files = tempfile::tempdir().unwrap();
+    let dir = files.path();
+    // The server (user postgres) reads its files from here.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let write = |name: &str, text: &str, mode: u32| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let ca = TestCa::new("provision test database CA");
+    let ca_file = write("ca.pem", &ca.pem, 0o644);
+    let other_ca = write("other-ca.pem", &TestCa::new("someone else's CA").pem, 0o644);
+    let (cert, key) = ca.sign("db.provision.test", &["db.provision.test"]);
+    let server_cert = write("server.pem", &cert, 0o644);
+    let server_key = write("server.key", &key, 0o600);
+    pg_cluster::chown(std::path::Path::new(&server_key));
+    let (cert, key) = ca.sign("provcert", &[]);
+    let client_cert = write("client.pem", &cert, 0o644);
+    let client_key = write("client.key", &key, 0o600);
+    let hba = write(
+        "pg_hba.conf",
+        "local all all trust\n\
+         hostssl all postgres 127.0.0.1/32 trust\n\
+         hostssl all provcert 127.0.0.1/32 cert\n",
+        0o644,
+    );
+    let settings = [
+        "ssl=on".to_string(),
+        format!("ssl_cert_file={server_cert}"),
+        format!("ssl_key_file={server_key}"),
+        format!("ssl_ca_file={ca_file}"),
+        format!("hba_file={hba}"),
+    ];
+    let cluster = Cluster::start(&settings.iter().map(String::as_str).collect::<Vec<_>>());
+    let db = cluster.create_db();
+    cluster.psql(
+        "postgres",
+        &format!("CREATE ROLE provcert LOGIN; ALTER DATABASE {db} OWNER TO provcert"),
+    );
+    let port = cluster.port;
+    let at = |user: &str, extra: &str| {
+        format!(
+            "host=db.provision.test hostaddr=127.0.0.1 port={port} user={user} dbname={db} {extra}"
+        )
+    };
+    let check = |database: &str| {
+        let data = tempfile::tempdir().unwrap();
+        let out = Command::new(BIN)
+            .args(["serve", "--check-config", "--database", database])
+            .arg("--data-dir")
+            .arg(data.path().join("data"))
+            .arg("--secret-key-file")
+            .arg(the_key())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    // verify-full: the chain to our CA, and the name the certificate gives.
+    let (code, out, err) = check(&at(
+        "postgres",
+        &format!("sslmode=verify-full sslrootcert={ca_file}"),
+    ));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(&format!(
+            "(TLSv1.3, sslmode=verify-full, certificate and host name checked against {ca_file})"
+        )),
+        "{out}"
+    );
+    // The same server by its address: the certificate does not name it.
+    let by_address = format!(
+        "postgres://postgres@127.0.0.1:{port}/{db}?sslmode=verify-full&sslrootcert={ca_file}"
+    );
+    let (code, _, err) = check(&by_address);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("TLS handshake")
+            && err.contains("certificate not valid for name \"127.0.0.1\""),
+        "{err}"
+    );
+    // verify-ca checks the chain only: the address is fine.
+    let (code, out, err) = check(&by_address.replace("verify-full", "verify-ca"));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("host name not checked"), "{out}");
+    // Someone else's CA: refused, saying what was checked.
+    let (code, _, err) = check(&at(
+        "postgres",
+        &format!("sslmode=verify-full sslrootcert={other_ca}"),
+    ));
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("UnknownIssuer") && err.contains(&format!("checked against {other_ca}")),
+        "{err}"
+    );
+    // prefer (the default): encrypted, unchecked.
+    let (code, out, err) = check(&at("postgres", ""));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("(TLSv1.3, sslmode=prefer, server certificate not checked)"),
+        "{out}"
+    );
+    // disable really is plaintext: this server takes none.
+    let (code, _, err) = check(&at("postgres", "sslmode=disable"));
+    assert_ne!(code, Some(0));
+    assert!(err.contains("no encryption"), "{err}");
+    // A client certificate logs in; without it the server says so.
+    let client = format!(
+        "sslmode=verify-full sslrootcert={ca_file} sslcert={client_cert} sslkey={client_key}"
+    );
+    let (code, _, err) = check(&at("provcert", &client));
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = check(&at(
+        "provcert",
+        &format!("sslmode=verify-full sslrootcert={ca_file}"),
+    ));
+    assert_ne!(code, Some(0));
+    assert!(err.contains("certificate"), "{err}");
+    // Refused before connecting: verify-full with no CA, a CA file that is not there, a mode
+    // libpq does not have.
+    for (bad, why) in [
+        (
+            "sslmode=verify-full".to_string(),
+            "no sslrootcert names the CA",
+        ),
+        (
+            "sslmode=verify-ca sslrootcert=/nowhere/ca.pem".to_string(),
+            "/nowhere/ca.pem: no such file",
+        ),
+        ("sslmode=verify".to_string(), "is not one of disable"),
+    ] {
+        let (code, _, err) = check(&at("postgres", &bad));
+        assert_eq!(code, Some(2), "{bad}: {err}");
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+
+    // A daemon on TLS with its client certificate: it works, and every connection it holds
+    // is encrypted, as the server sees them.
+    let d = daemon_on(&at("provcert", &client));
+    let out = d.cli_ok(&["enroll", "52:54:00:5c:00:71", "--profile", "debian-12"]);
+    assert!(out.contains("enrolled 52:54:00:5c:00:71"), "{out}");
+    let seen = cluster.psql(
+        &db,
+        "SELECT count(*), count(*) FILTER (WHERE s.ssl AND s.client_dn = '/CN=provcert') \
+         FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+         WHERE a.application_name = 'provision'",
+    );
+    let (all, encrypted) = seen.split_once('|').unwrap();
+    assert!(all.parse::<u32>().unwrap() > 0, "{seen}");
+    assert_eq!(all, encrypted, "every connection encrypted: {seen}");
+    assert_eq!(
+        cluster.psql(
+            &db,
+            "SELECT state FROM machines WHERE mac = '52:54:00:5c:00:71'"
+        ),
+        "enrolled"
+    );
+    drop(d);
+}
