@@ -28,7 +28,6 @@ use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{
@@ -268,9 +267,13 @@ impl Tls {
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS protocol versions: {e}"))?;
         let builder = match &self.roots {
+            // libpq's `prefer` and `require` with no root file: encrypted, the certificate
+            // taken as it comes (the server still proves it holds its key).
             Roots::None => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Unchecked { provider })),
+                .with_custom_certificate_verifier(Arc::new(crate::tls::AnyCertificate {
+                    provider,
+                })),
             Roots::File(f) => {
                 let roots = Arc::new(roots_from_file(f)?);
                 if self.mode == Mode::VerifyFull {
@@ -430,61 +433,6 @@ fn strip_pairs(s: &str, keys: &mut Keys) -> Result<String, String> {
         }
     }
     Ok(kept.join(" "))
-}
-
-/// libpq's `prefer` and `require` with no root file: the connection is encrypted, the
-/// certificate taken as it comes. The handshake signatures are still checked, so the server
-/// at least holds the key of the certificate it shows.
-#[derive(Debug)]
-struct Unchecked {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for Unchecked {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 /// libpq's `verify-ca`: the chain must reach a root in the file, the name is not checked.

@@ -102,6 +102,24 @@ fn two_daemons_share_machines_tokens_and_history() {
     cluster.drop_db(&db);
 }
 
+/// `provision serve --check-config` on `database` with a fresh data directory and the shared
+/// key: (exit code, stdout, stderr).
+fn check(database: &str) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--check-config", "--database", database, "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--secret-key-file")
+        .arg(the_key())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `--check-config` connects and says what it found; a database it cannot use is an error
 /// that names it (without its password) and says what to do.
 #[test]
@@ -109,27 +127,6 @@ fn check_config_connects_and_reads_the_schema_version() {
     let cluster = pg_cluster::shared();
     let db = cluster.create_db();
     let url = cluster.url(&db);
-    let check = |database: &str| {
-        let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(BIN)
-            .args([
-                "serve",
-                "--check-config",
-                "--database",
-                database,
-                "--data-dir",
-            ])
-            .arg(dir.path().join("data"))
-            .arg("--secret-key-file")
-            .arg(the_key())
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
     let (code, out, err) = check(&url);
     assert_eq!(code, Some(0), "{err}");
     assert!(
@@ -579,22 +576,6 @@ fn postgres_over_tls_checks_what_libpq_would() {
     let at = |user: &str, extra: &str| {
         format!(
             "host=db.provision.test hostaddr=127.0.0.1 port={port} user={user} dbname={db} {extra}"
-        )
-    };
-    let check = |database: &str| {
-        let data = tempfile::tempdir().unwrap();
-        let out = Command::new(BIN)
-            .args(["serve", "--check-config", "--database", database])
-            .arg("--data-dir")
-            .arg(data.path().join("data"))
-            .arg("--secret-key-file")
-            .arg(the_key())
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
 
