@@ -72,21 +72,25 @@ unit:
 # every other test would wait behind them. So they run in a process of their own, beside one
 # running the rest a test at a time (QEMU without KVM needs the other CPU). Both must pass.
 #
-# The test installer (tests/installer/build.sh) and the d-i templates the preseed is checked
-# against (tests/d-i/templates.sh) are built while the tests compile, into TEST_CACHE outside
-# the checkout, so runs on one machine share them; each is keyed by its inputs, so a cached
-# copy is always of the same inputs. tests/installer/accel.sh then says whether KVM really runs
-# a guest here (LAB_ACCEL=kvm for the VM tests) or TCG it is.
+# The test installer (tests/installer/build.sh), the real-OS medium it installs on a real-OS
+# profile (tests/realos/build.sh: a Debian 12 made by debootstrap) and the d-i templates the
+# preseed is checked against (tests/d-i/templates.sh) are built while the tests compile, into
+# TEST_CACHE outside the checkout, so runs on one machine share them; each is keyed by its
+# inputs, so a cached copy is always of the same inputs. tests/installer/accel.sh then says
+# whether KVM really runs a guest here (LAB_ACCEL=kvm for the VM tests) or TCG it is.
 TEST_CACHE ?= $(HOME)/.cache/provision-tests
 export TEST_INSTALLER_DIR := $(TEST_CACHE)/test-installer
 export TEST_DI_TEMPLATES_DIR := $(TEST_CACHE)/d-i-templates
+export REALOS_DIR := $(TEST_CACHE)/realos
 it:
 	@{ bash tests/installer/build.sh $(TEST_INSTALLER_DIR) && \
 	   bash tests/installer/accel.sh $(TEST_INSTALLER_DIR) > $(TEST_CACHE)/accel; } & installer=$$!; \
 	bash tests/d-i/templates.sh $(TEST_DI_TEMPLATES_DIR) & templates=$$!; \
+	bash tests/realos/build.sh $(REALOS_DIR) & realos=$$!; \
 	$(CARGO) test --locked --test it --no-run; built=$$?; \
 	wait $$installer || { echo "building the test installer failed"; exit 1; }; \
 	wait $$templates || { echo "fetching the d-i templates failed"; exit 1; }; \
+	wait $$realos || { echo "building the real-OS medium failed"; exit 1; }; \
 	[ $$built -eq 0 ]
 	@export LAB_ACCEL=$$(cat $(TEST_CACHE)/accel); echo "VM tests accelerated by $$LAB_ACCEL"; \
 	$(CARGO) test --locked --test it -- lab:: powercut:: & vm=$$!; \

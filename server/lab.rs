@@ -196,8 +196,16 @@ pub struct VmSpec<'a> {
     pub mac: &'a str,
     /// Memory, MiB.
     pub memory: u32,
-    /// A raw virtio disk, if any.
+    /// A raw disk, if any: virtio, or SATA (below).
     pub disk: Option<&'a Path>,
+    /// The disk on a SATA (AHCI) controller instead of virtio. SeaBIOS serves a virtio disk to
+    /// a boot loader through int13 so slowly under TCG that GRUB takes minutes to read a
+    /// 14 MB kernel (seen with Debian's); its AHCI driver reads it in seconds. Real servers'
+    /// disks are SATA or NVMe anyway.
+    pub sata: bool,
+    /// A second disk, read-only and never booted: an install medium (the real-OS test
+    /// installer copies the system on it to `disk`).
+    pub medium: Option<&'a Path>,
     /// Its own copy of the OVMF variable store (UEFI only).
     pub vars: Option<&'a Path>,
     /// Where the serial console goes.
@@ -239,8 +247,27 @@ pub fn qemu_args(v: &VmSpec<'_>) -> Vec<String> {
         a.extend([
             "-drive".into(),
             format!("file={},if=none,id=d0,format=raw", d.display()),
+        ]);
+        if v.sata {
+            a.extend([
+                "-device".into(),
+                "ahci,id=sata0".into(),
+                "-device".into(),
+                "ide-hd,drive=d0,bus=sata0.0,bootindex=1".into(),
+            ]);
+        } else {
+            a.extend([
+                "-device".into(),
+                "virtio-blk-pci,drive=d0,bootindex=1".into(),
+            ]);
+        }
+    }
+    if let Some(m) = v.medium {
+        a.extend([
+            "-drive".into(),
+            format!("file={},if=none,id=m0,format=raw,readonly=on", m.display()),
             "-device".into(),
-            "virtio-blk-pci,drive=d0,bootindex=1".into(),
+            "virtio-blk-pci,drive=m0".into(),
         ]);
     }
     a.extend([
@@ -379,6 +406,8 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
             mac: &mac,
             memory: a.memory,
             disk: Some(&disk),
+            sata: false,
+            medium: None,
             vars: uefi.then_some(vars.as_path()),
             console: &console,
             reboot: true,

@@ -49,14 +49,23 @@ done
 # Virtio drivers (Debian builds them as modules; init loads them in dependency passes), and
 # ext4 with what it needs (crc32c for its metadata checksums): the power-cut test
 # (tests/it/powercut.rs) boots this kernel and these modules with its own /init and keeps the
-# daemon's data directory on an ext4 virtio disk.
+# daemon's data directory on an ext4 virtio disk. FAT (with the code page and character set
+# Debian's kernel mounts it with by default): the real-OS install mounts the EFI system
+# partition it makes, for grub-install. SATA (AHCI, and the SCSI disk driver): the real-OS
+# VMs' disks are SATA (provision::lab::VmSpec::sata says why).
 mods=(kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
       kernel/drivers/virtio/virtio_pci_legacy_dev.ko kernel/drivers/virtio/virtio_pci_modern_dev.ko
       kernel/drivers/virtio/virtio_pci.ko kernel/net/core/failover.ko
       kernel/drivers/net/net_failover.ko kernel/drivers/net/virtio_net.ko
       kernel/drivers/block/virtio_blk.ko
       kernel/crypto/crc32c_generic.ko kernel/lib/crc16.ko kernel/fs/mbcache.ko
-      kernel/fs/jbd2/jbd2.ko kernel/fs/ext4/ext4.ko)
+      kernel/fs/jbd2/jbd2.ko kernel/fs/ext4/ext4.ko
+      kernel/fs/fat/fat.ko kernel/fs/fat/vfat.ko kernel/fs/nls/nls_cp437.ko kernel/fs/nls/nls_ascii.ko
+      kernel/drivers/scsi/scsi_common.ko kernel/drivers/scsi/scsi_mod.ko kernel/lib/crc-t10dif.ko
+      kernel/crypto/crct10dif_common.ko kernel/lib/crc64.ko kernel/crypto/crc64_rocksoft_generic.ko
+      kernel/lib/crc64-rocksoft.ko kernel/block/t10-pi.ko
+      kernel/drivers/scsi/sd_mod.ko kernel/drivers/ata/libata.ko kernel/drivers/ata/libahci.ko
+      kernel/drivers/ata/ahci.ko)
 : > "$r/lib/modules/load-order"
 for m in "${mods[@]}"; do
     cp "$work/x/lib/modules/$kver/$m" "$r/lib/modules/"

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use crate::support::{tool, BIN};
 
+mod realos;
+
 const BIOS_MAC: &str = "52:54:00:77:00:01";
 const UEFI_MAC: &str = "52:54:00:77:00:02";
 
@@ -222,6 +224,22 @@ fn vm(
     disk: Option<&Path>,
     reboot: bool,
 ) -> Vec<String> {
+    vm_with(lab, fw, tap, mac, disk, None, 512, reboot)
+}
+
+/// [`vm`] with its disk on SATA and an install medium (a second, read-only virtio disk), and
+/// `memory` MiB: a VM that boots a real system from its disk.
+#[allow(clippy::too_many_arguments)]
+fn vm_with(
+    lab: &Lab,
+    fw: Firmware,
+    tap: &str,
+    mac: &str,
+    disk: Option<&Path>,
+    medium: Option<&Path>,
+    memory: u32,
+    reboot: bool,
+) -> Vec<String> {
     let vars = lab.path(&format!("OVMF_VARS-{tap}.fd"));
     if fw == Firmware::Uefi {
         std::fs::copy(provision::lab::OVMF_VARS, &vars).unwrap();
@@ -230,8 +248,10 @@ fn vm(
         uefi: fw == Firmware::Uefi,
         tap,
         mac,
-        memory: 512,
+        memory,
         disk,
+        sata: medium.is_some(),
+        medium,
         vars: (fw == Firmware::Uefi).then_some(vars.as_path()),
         console: &lab.path(&format!("{tap}.serial")),
         reboot,
@@ -817,6 +837,15 @@ fn installer_args(lab: &Lab, installer: &Path) -> Vec<String> {
     ]
 }
 
+/// A lab with the site's DHCP server, and provision serving the test installer.
+fn installer_lab(tag: &str, installer: &Path) -> Lab {
+    let mut lab = Lab::new(tag, true);
+    start_site_dhcp(&mut lab);
+    let serve = installer_args(&lab, installer);
+    start_provision(&mut lab, &refs(&serve));
+    lab
+}
+
 /// Whether a machine's timeline (`provision events MAC`) has a local boot after its phone-home.
 fn booted_local_after_install(events: &str) -> bool {
     events
@@ -858,11 +887,8 @@ fn wait_disk_boot(lab: &Lab, tap: &str, fw: Firmware, mac: &str, after: &str) {
 fn vms_install_phone_home_and_then_boot_local() {
     let installer = test_installer();
     let _one_lab_at_a_time = vm_lock();
-    let mut lab = Lab::new("i", true);
+    let mut lab = installer_lab("i", &installer);
     let ns = lab.lab.clone();
-    start_site_dhcp(&mut lab);
-    let serve = installer_args(&lab, &installer);
-    start_provision(&mut lab, &refs(&serve));
 
     // (tap, firmware, MAC, profile, what the installer wrote to disk)
     let machines = [

@@ -107,7 +107,13 @@ fn two_daemons_share_machines_tokens_and_history() {
 fn check(database: &str) -> (Option<i32>, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)
-        .args(["serve", "--check-config", "--database", database, "--data-dir"])
+        .args([
+            "serve",
+            "--check-config",
+            "--database",
+            database,
+            "--data-dir",
+        ])
         .arg(dir.path().join("data"))
         .arg("--secret-key-file")
         .arg(the_key())

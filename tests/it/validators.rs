@@ -43,7 +43,14 @@ fn every_builtin_artifact_passes_the_real_validator() {
     let cloud_init = tool("cloud-init");
     let ignition_validate = tool("ignition-validate");
     let debconf = tool("debconf-set-selections");
-    let d = Daemon::start();
+    // The shipped profiles, and the test installer's (which render shipped templates with
+    // their own values: the real-OS profile's runcmd, for one).
+    let test_templates =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/installer/templates");
+    let d = Daemon::start_in(
+        tempfile::tempdir().unwrap(),
+        &["--templates-dir", test_templates.to_str().unwrap()],
+    );
     let work = tempfile::tempdir().unwrap();
     let profiles = d.cli_ok(&["profiles", "--json"]);
     let profiles: Vec<serde_json::Value> = serde_json::from_str(&profiles).unwrap();
