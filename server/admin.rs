@@ -943,12 +943,25 @@ impl AdminService {
         Ok(out)
     }
 
-    /// Profile name → role name (`none` for no role), for inventories.
-    pub fn roles_by_profile(&self) -> BTreeMap<String, String> {
-        self.catalog()
-            .profiles()
+    /// Profile name → its role (`none` for no role) and its registration login, for
+    /// inventories.
+    pub fn profile_facts(&self) -> crate::inventory::Profiles {
+        let cat = self.catalog();
+        cat.profiles()
             .iter()
-            .map(|(n, p)| (n.clone(), p.role.clone().unwrap_or_else(|| NO_ROLE.into())))
+            .map(|(n, p)| {
+                // The login the registrar uses: the profile's `[register]` over the role's
+                // defaults (a machine's own `ssh_user` var is the inventory's to apply).
+                let ssh_user = cat.role_of(n).ok().flatten().and_then(|role| {
+                    p.register
+                        .get("ssh_user")
+                        .or_else(|| role.defaults.get("ssh_user"))
+                        .and_then(|v| v.as_str())
+                        .map(str::to_string)
+                });
+                let role = p.role.clone().unwrap_or_else(|| NO_ROLE.into());
+                (n.clone(), crate::inventory::ProfileFacts { role, ssh_user })
+            })
             .collect()
     }
 

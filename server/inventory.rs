@@ -12,6 +12,20 @@ use serde_json::{json, Map, Value};
 use crate::policy::State;
 use crate::store::Machine;
 
+/// What the inventory needs to know of a profile: its role (for the `role_*` group), and the
+/// login its role's registration uses (`ssh_user`: the role's default, or the profile's
+/// `[register]` value), so that Ansible logs in as the registrar did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProfileFacts {
+    /// The role name, `none` for none.
+    pub role: String,
+    /// The registration login, if the profile has a role.
+    pub ssh_user: Option<String>,
+}
+
+/// Profile name → its [`ProfileFacts`].
+pub type Profiles = BTreeMap<String, ProfileFacts>;
+
 /// Machines that belong in an inventory: they have an installed OS (host keys pinned) and an
 /// address to reach it.
 fn listed(m: &Machine) -> bool {
@@ -51,14 +65,16 @@ fn group_name(prefix: &str, value: &str) -> String {
     format!("{prefix}_{clean}")
 }
 
-/// One host's variables. `roles` maps profile name → role name.
-pub fn hostvars(m: &Machine, roles: &BTreeMap<String, String>) -> Value {
+/// One host's variables, its profile's facts from `profiles`. `ansible_user` is the machine's
+/// `ssh_user` var, else its profile's registration login: who the registrar logged in as.
+pub fn hostvars(m: &Machine, profiles: &Profiles) -> Value {
     let profile = m.profile.clone().unwrap_or_default();
+    let facts = profiles.get(&profile);
     let mut v = json!({
         "ansible_host": address(m),
         "mac": m.mac.to_string(),
         "profile": profile,
-        "role": roles.get(&profile).cloned().unwrap_or_else(|| "none".into()),
+        "role": facts.map_or("none", |f| f.role.as_str()),
         "state": m.state.as_str(),
         "vars": m.vars,
         "labels": m.labels,
@@ -67,31 +83,32 @@ pub fn hostvars(m: &Machine, roles: &BTreeMap<String, String>) -> Value {
     if let Some(p) = m.vars.get("ssh_port") {
         v["ansible_port"] = json!(p.parse::<u16>().ok());
     }
-    if let Some(u) = m.vars.get("ssh_user") {
+    if let Some(u) = m
+        .vars
+        .get("ssh_user")
+        .or_else(|| facts.and_then(|f| f.ssh_user.as_ref()))
+    {
         v["ansible_user"] = json!(u);
     }
     v
 }
 
 /// The whole `--list` answer.
-pub fn ansible(machines: &[Machine], roles: &BTreeMap<String, String>) -> Value {
+pub fn ansible(machines: &[Machine], profiles: &Profiles) -> Value {
     let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut hostvars_map = Map::new();
     for m in machines.iter().filter(|m| listed(m)) {
         let name = host_name(m);
         let profile = m.profile.clone().unwrap_or_default();
-        let role = roles
-            .get(&profile)
-            .cloned()
-            .unwrap_or_else(|| "none".into());
+        let role = profiles.get(&profile).map_or("none", |f| f.role.as_str());
         for g in [
             group_name("profile", &profile),
-            group_name("role", &role),
+            group_name("role", role),
             group_name("state", m.state.as_str()),
         ] {
             groups.entry(g).or_default().push(name.clone());
         }
-        hostvars_map.insert(name, hostvars(m, roles));
+        hostvars_map.insert(name, hostvars(m, profiles));
     }
     let mut out = Map::new();
     out.insert(
@@ -106,12 +123,12 @@ pub fn ansible(machines: &[Machine], roles: &BTreeMap<String, String>) -> Value 
 }
 
 /// One host's variables by inventory name, for `--host H` (Ansible wants `{}` for unknown).
-pub fn ansible_host(machines: &[Machine], roles: &BTreeMap<String, String>, host: &str) -> Value {
+pub fn ansible_host(machines: &[Machine], profiles: &Profiles, host: &str) -> Value {
     machines
         .iter()
         .filter(|m| listed(m))
         .find(|m| host_name(m) == host)
-        .map(|m| hostvars(m, roles))
+        .map(|m| hostvars(m, profiles))
         .unwrap_or_else(|| json!({}))
 }
 
@@ -172,7 +189,13 @@ mod tests {
 
     #[test]
     fn groups_hostvars_and_known_hosts() {
-        let roles = BTreeMap::from([("hv-24.04".to_string(), "hypervisor".to_string())]);
+        let roles = Profiles::from([(
+            "hv-24.04".to_string(),
+            ProfileFacts {
+                role: "hypervisor".into(),
+                ssh_user: Some("core".into()),
+            },
+        )]);
         let mut b = machine(
             "52:54:00:00:00:02",
             State::Installed,
@@ -180,6 +203,7 @@ mod tests {
             Some("10.0.0.2"),
         );
         b.vars.insert("ssh_port".into(), "2222".into());
+        b.vars.insert("ssh_user".into(), "admin".into());
         let mut pending = machine(
             "52:54:00:00:00:03",
             State::Installing,
@@ -211,6 +235,13 @@ mod tests {
         assert_eq!(hv1["ansible_host"], "10.0.0.1");
         assert_eq!(hv1["cert_fingerprint"], "AB:CD");
         assert_eq!(hv1["role"], "hypervisor");
+        // Ansible logs in as the registrar did: the profile's login, or the machine's own.
+        assert_eq!(hv1["ansible_user"], "core");
+        let b = &inv["_meta"]["hostvars"]["node-525400000002"];
+        assert_eq!(
+            (&b["ansible_user"], &b["ansible_port"]),
+            (&json!("admin"), &json!(2222))
+        );
         assert!(inv["_meta"]["hostvars"].get("c").is_none());
         assert_eq!(ansible_host(&ms, &roles, "hv1"), *hv1);
         assert_eq!(ansible_host(&ms, &roles, "nope"), json!({}));

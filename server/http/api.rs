@@ -262,10 +262,10 @@ pub async fn inventory_ansible(
     Query(q): Query<InventoryQuery>,
 ) -> Result<Response, AppError> {
     let machines = st.admin.installed_machines().await?;
-    let roles = st.admin.roles_by_profile();
+    let profiles = st.admin.profile_facts();
     let v = match q.host {
-        Some(h) => crate::inventory::ansible_host(&machines, &roles, &h),
-        None => crate::inventory::ansible(&machines, &roles),
+        Some(h) => crate::inventory::ansible_host(&machines, &profiles, &h),
+        None => crate::inventory::ansible(&machines, &profiles),
     };
     Ok(Json(v).into_response())
 }

@@ -408,33 +408,19 @@ fn registers_ovs_nodes_over_ssh_hands_off_and_ansible_pings_them() {
 
     let known_hosts = work.path().join("known_hosts");
     std::fs::write(&known_hosts, d.cli_ok(&["inventory", "--known-hosts"])).unwrap();
-    let script = work.path().join("inventory.sh");
-    write(
-        &script,
-        &format!("#!/bin/sh\nexec {} inventory \"$@\"\n", crate::support::BIN),
-    );
-    run(Command::new("chmod").arg("755").arg(&script));
+    let token_file = d.token_file();
     let ansible = |kh: &Path| {
-        Command::new(tool("ansible"))
-            .args(["all", "-m", "ping", "-u", "root", "-i"])
-            .arg(&script)
-            .arg("--private-key")
-            .arg(data.join("ssh/id_ed25519"))
-            .env("PROVISION_URL", d.admin_url())
-            .env("PROVISION_TOKEN_FILE", d.token_file())
-            .env("HOME", work.path())
-            .env("ANSIBLE_HOST_KEY_CHECKING", "True")
-            .env(
-                "ANSIBLE_SSH_ARGS",
-                format!(
-                    "-o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o ControlMaster=no",
-                    kh.display()
-                ),
-            )
-            .env("ANSIBLE_PYTHON_INTERPRETER", "/usr/bin/python3")
-            .env("ANSIBLE_NOCOLOR", "1")
-            .output()
-            .expect("ansible runs")
+        crate::support::ansible(
+            "ansible",
+            None,
+            work.path(),
+            (&d.admin_url(), &token_file),
+            &data.join("ssh/id_ed25519"),
+            kh,
+        )
+        .args(["all", "-m", "ping"])
+        .output()
+        .expect("ansible runs")
     };
     let out = ansible(&known_hosts);
     let text = format!(

@@ -419,3 +419,52 @@ pub fn self_signed_pair(cert: &Path, key: &Path, subject: &str, san: Option<&str
     );
     std::fs::set_permissions(key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
 }
+
+/// Ansible (`program`: `ansible` or `ansible-playbook`, run in network namespace `netns` if
+/// given) as docs/registration.md runs it: provision's dynamic inventory (an executable script
+/// running `provision inventory` against `server` with `token_file`, written to `dir`), the
+/// daemon's SSH key `key`, and host-key checking on against `known_hosts` (provision's export).
+/// HOME is `dir`: nothing of this machine's own ~/.ansible or ~/.ssh takes part.
+pub fn ansible(
+    program: &str,
+    netns: Option<&str>,
+    dir: &Path,
+    (server, token_file): (&str, &Path),
+    key: &Path,
+    known_hosts: &Path,
+) -> Command {
+    let script = dir.join("inventory.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec {BIN} --server {server} --token-file {} inventory \"$@\"\n",
+            token_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new(tool("ip"));
+            c.args(["netns", "exec", ns]).arg(tool(program));
+            c
+        }
+        None => Command::new(tool(program)),
+    };
+    c.arg("-i")
+        .arg(&script)
+        .arg("--private-key")
+        .arg(key)
+        .env("HOME", dir)
+        .env("ANSIBLE_HOST_KEY_CHECKING", "True")
+        .env(
+            "ANSIBLE_SSH_ARGS",
+            format!(
+                "-o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o ControlMaster=no",
+                known_hosts.display()
+            ),
+        )
+        .env("ANSIBLE_PYTHON_INTERPRETER", "/usr/bin/python3")
+        .env("ANSIBLE_NOCOLOR", "1");
+    c
+}
