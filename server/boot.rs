@@ -637,16 +637,30 @@ impl BootService {
         key_lines: Vec<String>,
         from: IpAddr,
     ) -> Result<Machine> {
+        let ip = from.to_canonical().to_string();
+        let now = store::now_ms();
+        let hash = keys::token_hash(token);
         let keys = match host_keys(&key_lines) {
             Ok(k) => k,
             Err(e) => {
                 self.metrics.phone_home(metrics::PhoneHome::Invalid);
+                // The machine's timeline says so when the token is its own and used from its
+                // address: a real system whose phone-home carries no usable key (cloud-init
+                // posts `N/A` for a host key file it cannot read) otherwise fails only in its
+                // own logs, and provision just waits. Nobody else can write this event: it
+                // takes the live token, from the address it was issued to.
+                if let Ok(m) = self.inv.machine_by_token(&hash, &ip, now).await {
+                    self.observe(
+                        Some(m.mac),
+                        EventKind::PhoneHomeRefused,
+                        format!("from {ip}: {e}"),
+                    );
+                }
                 return Err(e);
             }
         };
         let algs: Vec<_> = keys.iter().map(|(a, _)| a.clone()).collect();
         let detail = format!("{} SSH host key(s) pinned: {}", keys.len(), algs.join(", "));
-        let ip = from.to_canonical().to_string();
         let any_address: std::collections::BTreeSet<String> = self
             .renderer
             .catalog()
@@ -655,8 +669,6 @@ impl BootService {
             .filter(|p| p.phone_home_any_address)
             .map(|p| p.name.clone())
             .collect();
-        let now = store::now_ms();
-        let hash = keys::token_hash(token);
         let home = |hash: String, keys| {
             self.inv.phone_home(
                 hash,

@@ -171,6 +171,28 @@ async fn install_then_phone_home_then_local_boot() {
         Err(Error::Invalid(_))
     ));
     assert_eq!(p.admin.machine(mac).await.unwrap().state, State::Installing);
+    // Each says so on the machine's timeline (the token is its own, from its address); from
+    // another address, or with a token that is no machine's, nothing is written.
+    let other: std::net::IpAddr = "10.9.9.9".parse().unwrap();
+    assert!(matches!(
+        p.boot.phone_home(&token, vec![], other).await,
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        p.boot.phone_home(&"0".repeat(64), vec![], PEER).await,
+        Err(Error::Invalid(_))
+    ));
+    let refused: Vec<String> = events_of(&p, mac)
+        .await
+        .into_iter()
+        .filter(|(k, _)| k == "phone_home_refused")
+        .map(|(_, d)| d)
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(
+        refused[1].ends_with("phone-home carried no SSH host public key: post the lines of /etc/ssh/ssh_host_*_key.pub (text/plain) or cloud-init's pub_key_* form fields"),
+        "{refused:?}"
+    );
 
     let m = p
         .boot
@@ -227,6 +249,8 @@ async fn install_then_phone_home_then_local_boot() {
             "install_started",
             "config_served",
             "config_refused",
+            "phone_home_refused",
+            "phone_home_refused",
             "phoned_home",
             "config_refused",
             "phone_home_refused",
