@@ -38,9 +38,26 @@ pub struct LabArgs {
     /// Give up after this long.
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
-    /// Memory per VM, MiB.
-    #[arg(long, default_value_t = 512)]
-    pub memory: u32,
+    /// Memory per VM, MiB [default: 512; 1024 with --real-os].
+    #[arg(long)]
+    pub memory: Option<u32>,
+    /// A real system to install: the root filesystem image `tests/realos/build.sh` makes (a
+    /// Debian 12 with its kernel, GRUB, cloud-init, Ignition, sshd and Open vSwitch). It is
+    /// attached read-only to every VM as a second disk, and each VM's own disk is then 4 GiB
+    /// on SATA, where a real-OS profile (tests/installer/templates/profiles/test-debian-*)
+    /// copies it and installs GRUB; the VMs then boot it, are configured by cloud-init or
+    /// Ignition and phone home. The lab waits until the profile's role has registered them.
+    #[arg(long, value_name = "ROOT_IMG")]
+    pub real_os: Option<PathBuf>,
+}
+
+impl LabArgs {
+    /// Memory per VM, MiB: a real Debian (systemd, cloud-init in Python) needs more than the
+    /// test installer.
+    pub fn memory(&self) -> u32 {
+        self.memory
+            .unwrap_or(if self.real_os.is_some() { 1024 } else { 512 })
+    }
 }
 
 /// Everything the lab created, removed on drop (in reverse order).
@@ -285,12 +302,16 @@ pub fn qemu_args(v: &VmSpec<'_>) -> Vec<String> {
     a
 }
 
-const DONE: [crate::policy::State; 4] = [
-    crate::policy::State::Installed,
-    crate::policy::State::Registering,
-    crate::policy::State::Registered,
-    crate::policy::State::HandedOff,
-];
+/// The states a lab VM is done in: installed, or, when its profile registers machines (a
+/// role), registered by it.
+fn done_states(registers: bool) -> &'static [crate::policy::State] {
+    use crate::policy::State::*;
+    if registers {
+        &[Registered, HandedOff]
+    } else {
+        &[Installed, Registering, Registered, HandedOff]
+    }
+}
 
 /// Checks the options before anything is touched; the message is for the operator.
 pub fn check_args(a: &LabArgs) -> Result<(), String> {
@@ -303,6 +324,14 @@ pub fn check_args(a: &LabArgs) -> Result<(), String> {
     }
     if a.bios as usize + a.uefi as usize == 0 || a.bios as usize + a.uefi as usize > 16 {
         return Err("ask for 1 to 16 VMs with --bios N and --uefi N".into());
+    }
+    if let Some(m) = &a.real_os {
+        if !m.is_file() {
+            return Err(format!(
+                "--real-os {}: no such file; build the medium with `bash tests/realos/build.sh DIR` (as root, about 6 minutes) and pass DIR/root.img",
+                m.display()
+            ));
+        }
     }
     Ok(())
 }
@@ -321,8 +350,9 @@ fn consoles(dir: &Path, n: usize) -> String {
         .collect()
 }
 
-/// Runs the lab; returns when every VM is installed, one failed, the timeout passed, or the
-/// operator pressed Ctrl-C. Everything created on this host is removed before it returns.
+/// Runs the lab; returns when every VM is installed (registered, if its profile has a role),
+/// one failed, the timeout passed, or the operator pressed Ctrl-C. Everything created on this
+/// host is removed before it returns.
 pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -337,9 +367,12 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
         bail!("UEFI VMs need {OVMF_CODE} (Debian: apt-get install ovmf)");
     }
     // The profile must exist before anything is built.
-    client
+    let profile = client
         .profile(&a.profile)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let registers = profile.role.as_deref().is_some_and(|r| r != "none");
+    let done = done_states(registers);
+    let goal = if registers { "registered" } else { "installed" };
 
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
@@ -394,7 +427,13 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
             Err(e) => bail!("enrolling {mac}: {e}"),
         }
         let disk = lab.dir.path().join(format!("vm{i}.img"));
-        std::fs::File::create(&disk)?.set_len(1 << 30)?;
+        // Sparse: only what the installer writes takes space.
+        let size = if a.real_os.is_some() {
+            4 << 30
+        } else {
+            1 << 30
+        };
+        std::fs::File::create(&disk)?.set_len(size)?;
         let vars = lab.dir.path().join(format!("vm{i}-vars.fd"));
         if uefi {
             std::fs::copy(OVMF_VARS, &vars)?;
@@ -404,10 +443,10 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
             uefi,
             tap: &format!("tap{i}"),
             mac: &mac,
-            memory: a.memory,
+            memory: a.memory(),
             disk: Some(&disk),
-            sata: false,
-            medium: None,
+            sata: a.real_os.is_some(),
+            medium: a.real_os.as_deref(),
             vars: uefi.then_some(vars.as_path()),
             console: &console,
             reboot: true,
@@ -435,7 +474,7 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
                 .last()
                 .map(|e| format!("{}: {}", e.kind, e.detail))
                 .unwrap_or_default();
-            if DONE.contains(&state) {
+            if done.contains(&state) {
                 if !vm.bar.is_finished() {
                     vm.bar.finish_with_message(format!("{state} ({what})"));
                 }
@@ -466,7 +505,7 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
         }
         if start.elapsed() > a.timeout {
             bail!(
-                "not every VM installed within {}\n{}",
+                "not every VM {goal} within {}\n{}",
                 humantime::format_duration(a.timeout),
                 consoles(lab.dir.path(), vms.len())
             );
@@ -478,11 +517,75 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
         .map(|v| if v.uefi { "UEFI" } else { "BIOS" })
         .collect();
     println!(
-        "all {} VMs installed ({}) in {}; removing the lab",
+        "all {} VMs {goal} ({}) in {}; removing the lab",
         vms.len(),
         kinds.join(", "),
         humantime::format_duration(Duration::from_secs(start.elapsed().as_secs()))
     );
     drop(lab);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real-OS VM: its own disk on SATA at boot index 1 (SeaBIOS's AHCI driver loads GRUB's
+    /// kernel and initrd in seconds, its virtio int13 in minutes), the medium a read-only
+    /// virtio disk that is never booted, and the NIC still first.
+    #[test]
+    fn a_real_os_vm_boots_the_network_then_its_sata_disk_with_the_medium_read_only() {
+        let (disk, medium, console) = (
+            Path::new("/l/vm0.img"),
+            Path::new("/m/root.img"),
+            Path::new("/l/vm0.console"),
+        );
+        let args = qemu_args(&VmSpec {
+            uefi: false,
+            tap: "tap0",
+            mac: "52:54:00:00:00:01",
+            memory: 1024,
+            disk: Some(disk),
+            sata: true,
+            medium: Some(medium),
+            vars: None,
+            console,
+            reboot: true,
+        })
+        .join(" ");
+        for want in [
+            "-m 1024",
+            "-drive file=/l/vm0.img,if=none,id=d0,format=raw",
+            "-device ahci,id=sata0 -device ide-hd,drive=d0,bus=sata0.0,bootindex=1",
+            "-drive file=/m/root.img,if=none,id=m0,format=raw,readonly=on -device virtio-blk-pci,drive=m0 ",
+            "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,bootindex=0",
+        ] {
+            assert!(args.contains(want), "{want} not in {args}");
+        }
+        assert!(!args.contains("-no-reboot"), "{args}");
+        assert_eq!(args.matches("bootindex").count(), 2, "{args}");
+    }
+
+    #[test]
+    fn real_os_labs_get_more_memory_and_wait_for_registration_when_there_is_a_role() {
+        let mut a = LabArgs {
+            profile: "p".into(),
+            bios: 1,
+            uefi: 1,
+            subnet: "10.77.0".into(),
+            timeout: Duration::from_secs(60),
+            memory: None,
+            real_os: None,
+        };
+        assert_eq!(a.memory(), 512);
+        a.real_os = Some("/m/root.img".into());
+        assert_eq!(a.memory(), 1024);
+        a.memory = Some(2048);
+        assert_eq!(a.memory(), 2048);
+        use crate::policy::State::*;
+        assert!(done_states(false).contains(&Installed));
+        assert!(!done_states(true).contains(&Installed));
+        assert!(!done_states(true).contains(&Registering));
+        assert!(done_states(true).contains(&Registered));
+    }
 }

@@ -301,6 +301,16 @@ fn bad_input_gets_a_message_and_exit_code_2() {
             ],
             "ask for 1 to 16 VMs",
         ),
+        (
+            &[
+                "lab",
+                "--profile",
+                "test-debian-nocloud",
+                "--real-os",
+                "/nonexistent/root.img",
+            ],
+            "--real-os /nonexistent/root.img: no such file; build the medium with `bash tests/realos/build.sh DIR`",
+        ),
     ];
     for (args, want) in cases {
         let out = d.cli(args);
