@@ -85,6 +85,8 @@ in_root apt-get install -y -q --no-install-recommends "${PACKAGES[@]}" > "$work/
 
 # The system's own configuration (rootfs/), then what makes the image generic.
 cp -r "$HERE"/rootfs/etc/. "$root/etc/"
+chmod 0440 "$root/etc/sudoers.d/provision-sudo-group"
+in_root visudo -c -q || { echo "build.sh: rootfs/etc/sudoers.d does not parse" >&2; exit 1; }
 # cloud-init's default locale (en_US.UTF-8) must exist for its locale module to set it.
 sed -i 's/^# *\(en_US.UTF-8 UTF-8\)/\1/' "$root/etc/locale.gen"
 in_root locale-gen >/dev/null
