@@ -217,6 +217,16 @@ fn sh_ok(node: &Node, cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The hypervisor role's steps (templates/roles/hypervisor.toml), in order.
+pub(crate) const HYPERVISOR_STEPS: [&str; 6] = [
+    "pki-request",
+    "pki-install",
+    "ssl",
+    "bridges",
+    "manager",
+    "verify",
+];
+
 #[test]
 fn registers_ovs_nodes_over_ssh_hands_off_and_ansible_pings_them() {
     let _g = nodes::lock();
@@ -252,17 +262,7 @@ fn registers_ovs_nodes_over_ssh_hands_off_and_ansible_pings_them() {
             .map(|s| (s["name"].as_str().unwrap().to_string(), s["status"].clone()))
             .collect();
         let names: Vec<_> = steps.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "pki-request",
-                "pki-install",
-                "ssl",
-                "bridges",
-                "manager",
-                "verify"
-            ]
-        );
+        assert_eq!(names, HYPERVISOR_STEPS);
         assert!(steps.iter().all(|(_, s)| s == "ok"), "{steps:?}");
 
         // What an operator on the node sees.

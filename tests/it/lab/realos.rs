@@ -382,15 +382,7 @@ fn real_debian_boots_from_disk_configured_by_cloud_init_and_by_ignition() {
             .collect();
         assert_eq!(
             steps,
-            [
-                "pki-request",
-                "pki-install",
-                "ssl",
-                "bridges",
-                "manager",
-                "verify"
-            ]
-            .map(|n| (n, "ok")),
+            crate::register::HYPERVISOR_STEPS.map(|n| (n, "ok")),
             "{mac}: {json}"
         );
         // What an operator on the node sees: the integration bridge on the kernel datapath.
