@@ -41,7 +41,18 @@ CARGO ?= cargo
 
 .PHONY: test deps lint unit it bench fuzz deb
 
-test: deps lint unit it
+# The VM tests' artifacts (below) are started in the background first, while lint and unit
+# compile: on a machine where they are not cached yet, the real-OS medium alone takes about six
+# minutes, mostly downloads and unpacking. `it` runs the same scripts again; each takes its
+# output's lock, so they wait for the background build and then find it up to date (or, if it
+# failed, build again and report why).
+test: deps
+	@mkdir -p $(TEST_CACHE); \
+	for b in "tests/installer/build.sh $(TEST_INSTALLER_DIR)" "tests/realos/build.sh $(REALOS_DIR)" \
+	         "tests/d-i/templates.sh $(TEST_DI_TEMPLATES_DIR)"; do \
+	    nohup bash $$b > $(TEST_CACHE)/$$(basename $${b##* }).early.log 2>&1 & \
+	done
+	@$(MAKE) --no-print-directory lint unit it
 
 # tests/deps.sh installs what is missing (apt-get update + install only then, so a machine
 # where the tests already ran is done in about a second), fails with the package names and
@@ -74,8 +85,9 @@ unit:
 #
 # The test installer (tests/installer/build.sh), the real-OS medium it installs on a real-OS
 # profile (tests/realos/build.sh: a Debian 12 made by debootstrap) and the d-i templates the
-# preseed is checked against (tests/d-i/templates.sh) are built while the tests compile, into
-# TEST_CACHE outside the checkout, so runs on one machine share them; each is keyed by its
+# preseed is checked against (tests/d-i/templates.sh) are built while the tests compile (`make
+# test` starts them earlier still, and here they wait for that), into TEST_CACHE outside the
+# checkout, so runs on one machine share them; each is keyed by its
 # inputs, so a cached copy is always of the same inputs. tests/installer/accel.sh then says
 # whether KVM really runs a guest here (LAB_ACCEL=kvm for the VM tests) or TCG it is.
 TEST_CACHE ?= $(HOME)/.cache/provision-tests
