@@ -415,7 +415,9 @@ pub fn lab(client: &Client, a: &LabArgs) -> anyhow::Result<()> {
         let req = crate::dto::EnrollRequest {
             mac: mac.clone(),
             profile: Some(a.profile.clone()),
-            hostname: Some(format!("lab-{i}")),
+            // The PID too, like the MAC: two labs at once must not give two machines one
+            // name (the inventory's host name, and Ansible's).
+            hostname: Some(format!("lab-{id}-{i}")),
             ..Default::default()
         };
         match client.enroll(&req) {
